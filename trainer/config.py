@@ -1,0 +1,514 @@
+"""The one config tree. The CLI flags, the UI form and the TOML presets are all derived from these dataclasses.
+
+Stdlib only, so the UI and the CLI can import it without loading torch.
+Each field carries its help text (and choices, bounds, whether it is a basic field) in `dataclasses.field` metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` lists every reason in plain words."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"config problems{where}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, basic=False, label=None):
+    """A config field: its default plus the help text and bounds that the CLI, the form and validate() read."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "basic": basic, "label": label}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+UNET_TARGET_GROUPS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "feed_forward": ["ff.net.0.proj", "ff.net.2"],
+    "projections": ["proj_in", "proj_out"],
+}
+TEXT_ENCODER_TARGET_GROUPS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "mlp": ["fc1", "fc2"],
+}
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+@dataclass
+class RunSection:
+    name: str = opt("lora", "Name of the run and of the exported adapter file (letters, digits, - and _).", basic=True)
+    seed: int = opt(42, "Seed for every random choice; the same config and seed give the same adapter on the CPU.",
+                    min=0)
+
+
+@dataclass
+class ModelSection:
+    path: str = opt("", "Base model: a diffusers folder, a single .safetensors checkpoint, or a hub id (needs "
+                        "network). Empty means the tiny built-in model.", basic=True, label="Base model")
+    family: str = opt("auto", "Model family; 'auto' reads it from the checkpoint.", choices=["auto", "sd1"])
+    trust_pickle: bool = opt(False, "Allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True). Only for "
+                                    "files you trust; prefer .safetensors.")
+
+
+@dataclass
+class DatasetSection:
+    path: str = opt("", "Folder of images with same-name .txt or .caption files. Subfolders named like 10_name "
+                        "repeat their images 10 times per epoch.", basic=True, label="Dataset folder")
+    trigger: str = opt("", "Trigger word put in front of every caption (and used alone for images without one).",
+                       basic=True)
+    resolution: int = opt(512, "Training resolution in pixels (the shorter side for buckets).", min=32, max=4096,
+                          basic=True)
+    batch_size: int = opt(1, "Images per step. Lower it first if you run out of memory.", min=1, max=256,
+                          basic=True)
+    repeats: int = opt(1, "Repeats per epoch for images in folders without an N_ prefix.", min=1)
+    crop: str = opt("center", "How images are cropped to the bucket size.", choices=["center", "random"])
+    bucketing: bool = opt(True, "Aspect-ratio buckets: each batch holds images of one shape, none squashed.")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8)
+    flip: bool = opt(False, "Random horizontal flip (off for subjects that are not symmetric, such as text).")
+    caption_dropout: float = opt(0.0, "Share of steps trained with an empty caption (helps guidance).", min=0.0,
+                                 max=1.0)
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated tags in each caption.")
+    keep_tokens: int = opt(1, "Tags at the start of a caption kept in place when shuffling (the trigger).", min=0)
+    cache_latents: str = opt("memory", "Cache VAE latents when no random augmentation needs fresh pixels.",
+                             choices=["off", "memory", "disk"])
+    cache_text: bool = opt(True, "Cache text-encoder outputs when the text encoder is not trained.")
+
+
+@dataclass
+class NetworkSection:
+    rank: int = opt(8, "LoRA rank r: the size of the low-rank update. 4 to 32 is typical.", min=1, max=1024,
+                    basic=True)
+    alpha: float = opt(8.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank means scale 1; a lower "
+                            "alpha needs a higher learning rate.", min=0.0, basic=True)
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=1.0)
+    unet_targets: list = opt(["attention"], "UNet modules to adapt: groups 'attention' (to_q, to_k, to_v, "
+                                            "to_out.0), 'feed_forward' (ff.net.0.proj, ff.net.2), 'projections' "
+                                            "(proj_in, proj_out), or module names.")
+    text_encoder: bool = opt(True, "Also train a LoRA on the text encoder.", basic=True,
+                             label="Train text encoder")
+    text_encoder_targets: list = opt(["attention"], "Text-encoder modules: groups 'attention' (q/k/v/out_proj), "
+                                                    "'mlp' (fc1, fc2), or module names.")
+    init: str = opt("gaussian", "Initialisation of A (B starts at zero, so step 0 is the base model).",
+                    choices=["gaussian", "kaiming"])
+
+
+@dataclass
+class OptimizerSection:
+    name: str = opt("adamw", "Optimizer. adamw8bit needs CUDA and bitsandbytes; prodigy needs the prodigy extra.",
+                    choices=["adamw", "adamw8bit", "adafactor", "prodigy"], basic=True)
+    unet_lr: float = opt(1e-4, "Learning rate of the UNet LoRA (use 1.0 with prodigy).", min=0.0, basic=True,
+                         label="UNet learning rate")
+    text_encoder_lr: float = opt(5e-5, "Learning rate of the text-encoder LoRA.", min=0.0, basic=True,
+                                 label="Text encoder learning rate")
+    weight_decay: float = opt(0.01, "Decoupled weight decay.", min=0.0)
+    beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=1.0)
+    beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=1.0)
+    eps: float = opt(1e-8, "Adam epsilon.", min=0.0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).", min=0.0)
+
+
+@dataclass
+class ScheduleSection:
+    max_steps: int = opt(1000, "Optimizer steps to train (ignored when epochs > 0).", min=1, basic=True)
+    epochs: int = opt(0, "Train this many passes over the dataset instead of max_steps (0 = use max_steps).", min=0,
+                      basic=True)
+    lr_scheduler: str = opt("constant_with_warmup", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    warmup_steps: int = opt(0, "Steps of linear warmup at the start.", min=0)
+    gradient_accumulation: int = opt(1, "Batches accumulated per optimizer step (a larger effective batch).",
+                                     min=1)
+
+
+@dataclass
+class LossSection:
+    prediction: str = opt("auto", "What the UNet predicts; 'auto' reads the scheduler config.",
+                          choices=["auto", "epsilon", "v_prediction"])
+    noise_offset: float = opt(0.0, "Noise offset (helps very dark or bright images); 0.05 to 0.1 is typical.",
+                              min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 = off.",
+                               min=0.0)
+
+
+@dataclass
+class PrecisionSection:
+    mixed: str = opt("no", "Mixed precision: fp16 needs CUDA; bf16 works on recent GPUs and on the CPU.",
+                     choices=["no", "fp16", "bf16"], basic=True)
+    device: str = opt("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less memory, "
+                                              "about 20% slower.")
+
+
+@dataclass
+class SamplingSection:
+    every_n_steps: int = opt(0, "Render sample images every N steps (0 = off).", min=0, basic=True)
+    prompts: list = opt([], "Sample prompts; empty means the trigger word alone.", basic=True, label="Sample prompts")
+    negative_prompt: str = opt("", "Negative prompt for samples.")
+    seed: int = opt(1234, "Seed of the first sample prompt; each next prompt uses seed + 1.", min=0)
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=200)
+    guidance: float = opt(7.5, "Classifier-free guidance scale for samples.", min=0.0)
+
+
+@dataclass
+class SavingSection:
+    runs_dir: str = opt("runs", "Folder that holds the run folders.")
+    every_n_steps: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0)
+    keep_last: int = opt(3, "Checkpoints kept; older ones are deleted.", min=1)
+    format: str = opt("kohya", "Layout of the final adapter: kohya (A1111, ComfyUI, diffusers) or diffusers/peft.",
+                      choices=["kohya", "diffusers"])
+    dtype: str = opt("fp16", "Precision of the final adapter file.", choices=["fp16", "fp32", "bf16"])
+
+
+@dataclass
+class TrainConfig:
+    schema_version: int = SCHEMA_VERSION
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    loss: LossSection = field(default_factory=LossSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    saving: SavingSection = field(default_factory=SavingSection)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "schema_version"]
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One leaf of the tree as the CLI and the form see it."""
+    key: str  # "section.name"
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: list | None
+    min: float | None
+    max: float | None
+    basic: bool
+    label: str
+
+
+def fields() -> list[FieldInfo]:
+    """Every settable field, in declaration order."""
+    out = []
+    for section in SECTIONS:
+        cls = type(getattr(TrainConfig(), section))
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            label = m.get("label") or f.name.replace("_", " ").capitalize()
+            out.append(FieldInfo(f"{section}.{f.name}", section, f.name, hints[f.name], default, m["help"],
+                                 m.get("choices"), m.get("min"), m.get("max"), bool(m.get("basic")), label))
+    return out
+
+
+def field_info(key: str) -> FieldInfo:
+    for info in fields():
+        if info.key == key:
+            return info
+    raise KeyError(key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# values: coercion from TOML, CLI strings and form widgets
+
+def coerce(info: FieldInfo, value: Any) -> Any:
+    """Convert a value to the field's type or raise ValueError with a plain reason."""
+    t = info.type
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if t is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if t is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split("\n" if "\n" in value else ",") if v.strip()] if value else []
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected text, got {value!r}")
+    raise TypeError(f"unsupported field type {t}")
+
+
+def parse_cli_value(text: str) -> Any:
+    """`--set key=value`: read value as TOML (numbers, true/false, lists), else as plain text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set `section.name` on cfg, coercing the value; KeyError for an unknown key, ValueError for a bad value."""
+    info = field_info(key)
+    setattr(getattr(cfg, info.section), info.name, coerce(info, value))
+
+
+def get_value(cfg: TrainConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str], source: str = "--set") -> TrainConfig:
+    """Apply `section.key=value` strings; every bad one is reported at once."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"{source} {item!r}: expected section.key=value, for example network.rank=16")
+            continue
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            set_value(cfg, key, parse_cli_value(text.strip()))
+        except KeyError:
+            problems.append(f"{source}: unknown key '{key}'{_suggest(key)}")
+        except ValueError as e:
+            problems.append(f"{source} {key}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _suggest(key: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, [f.key for f in fields()], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TOML: sparse presets applied over the defaults
+
+def from_dict(data: dict, source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a nested dict (a parsed TOML file) over `base` (default: the defaults). Unknown keys are errors."""
+    cfg = base if base is not None else TrainConfig()
+    problems = []
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        problems.append(f"schema_version {version!r} is not supported (this loradesk reads 1 to {SCHEMA_VERSION}); "
+                        f"update loradesk or remove the line")
+    for section, values in data.items():
+        if section == "schema_version":
+            continue
+        if section not in SECTIONS:
+            problems.append(f"unknown section [{section}]{_suggest(section + '.')}: remove it or fix its name "
+                            f"(sections: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"'{section}' must be a [{section}] table")
+            continue
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            try:
+                set_value(cfg, key, value)
+            except KeyError:
+                problems.append(f"unknown key '{key}'{_suggest(key)}: remove it or fix its name")
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a (sparse) TOML config or preset over the defaults, then apply `--set` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist; give the path of a .toml file "
+                           f"(`python -m trainer presets` lists the shipped ones)"], str(path))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path} is not valid TOML: {e}"], str(path)) from None
+    cfg = from_dict(data, str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def to_dict(cfg: TrainConfig, sparse: bool = False) -> dict:
+    """Nested dict of the config; `sparse` keeps only values that differ from the defaults (for presets)."""
+    defaults = TrainConfig()
+    out: dict = {"schema_version": SCHEMA_VERSION}
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        if sparse:
+            base = dataclasses.asdict(getattr(defaults, section))
+            values = {k: v for k, v in values.items() if v != base[k]}
+        if values or not sparse:
+            out[section] = values
+    return out
+
+
+def dumps(cfg: TrainConfig, sparse: bool = False) -> str:
+    """TOML text of the config (a tiny writer: our values are only str, int, float, bool and lists of str)."""
+    data = to_dict(cfg, sparse)
+    lines = [f"schema_version = {data.pop('schema_version')}"]
+    for section, values in data.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        import json
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation: every problem at once, in plain words
+
+def validate(cfg: TrainConfig, check_paths: bool = True) -> list[str]:
+    """Return every problem with cfg (empty list = usable). Checks types, choices, bounds and cross-field rules."""
+    problems = []
+    for info in fields():
+        value = get_value(cfg, info.key)
+        try:
+            value = coerce(info, value)
+        except ValueError as e:
+            problems.append(f"{info.key}: {e}")
+            continue
+        if info.choices and value not in info.choices:
+            problems.append(f"{info.key} is {value!r}; choose one of: {', '.join(map(str, info.choices))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{info.key} must be a finite number, got {value}")
+            elif info.min is not None and value < info.min:
+                problems.append(f"{info.key} is {value}; it must be at least {info.min}")
+            elif info.max is not None and value > info.max:
+                problems.append(f"{info.key} is {value}; it must be at most {info.max}")
+    problems += _cross_field_problems(cfg, check_paths)
+    return problems
+
+
+def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
+    problems = []
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.run.name or ""):
+        problems.append(f"run.name {cfg.run.name!r} must start with a letter or digit and hold only letters, "
+                        f"digits, '-', '_' and '.' (it names the run folder and the adapter file)")
+    if cfg.network.alpha > 0 and cfg.network.rank > 0 and cfg.network.alpha / cfg.network.rank > 16:
+        problems.append(f"network.alpha/rank = {cfg.network.alpha / cfg.network.rank:g} scales the update by more "
+                        f"than 16x, which usually diverges; lower network.alpha")
+    unet_names = _expand_targets(cfg.network.unet_targets, UNET_TARGET_GROUPS)
+    if not unet_names and not (cfg.network.text_encoder and cfg.network.text_encoder_targets):
+        problems.append("network.unet_targets is empty and the text encoder is off: nothing would be trained")
+    for name in cfg.network.unet_targets:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            problems.append(f"network.unet_targets: {name!r} is not a group "
+                            f"({', '.join(UNET_TARGET_GROUPS)}) or a module name")
+    for name in cfg.network.text_encoder_targets:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            problems.append(f"network.text_encoder_targets: {name!r} is not a group "
+                            f"({', '.join(TEXT_ENCODER_TARGET_GROUPS)}) or a module name")
+    if cfg.network.text_encoder and not cfg.network.text_encoder_targets:
+        problems.append("network.text_encoder is on but network.text_encoder_targets is empty")
+    if cfg.optimizer.name == "prodigy" and cfg.optimizer.unet_lr < 0.1:
+        problems.append(f"optimizer.unet_lr is {cfg.optimizer.unet_lr:g} with prodigy, which sets its own step "
+                        f"size; use 1.0")
+    if cfg.optimizer.unet_lr == 0 and not (cfg.network.text_encoder and cfg.optimizer.text_encoder_lr > 0):
+        problems.append("optimizer.unet_lr is 0 and the text encoder is not trained: nothing would change")
+    if cfg.dataset.resolution % 8:
+        problems.append(f"dataset.resolution {cfg.dataset.resolution} must be a multiple of 8 (the VAE's factor)")
+    if cfg.schedule.warmup_steps and cfg.schedule.epochs == 0 and cfg.schedule.warmup_steps >= cfg.schedule.max_steps:
+        problems.append(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below schedule.max_steps "
+                        f"({cfg.schedule.max_steps})")
+    if check_paths:
+        if not cfg.dataset.path:
+            problems.append("dataset.path is empty: give the folder that holds your training images")
+        elif not Path(cfg.dataset.path).expanduser().is_dir():
+            problems.append(f"dataset.path {cfg.dataset.path} is not a folder; give the folder that holds your "
+                            f"training images")
+        mp = cfg.model.path
+        if mp and _looks_local(mp) and not Path(mp).expanduser().exists():
+            problems.append(f"model.path {mp} does not exist; give a diffusers folder or a .safetensors file "
+                            f"(empty = the built-in tiny model)")
+        if mp and Path(mp).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not cfg.model.trust_pickle:
+            problems.append(f"model.path {mp} is a pickle checkpoint, which can run code when loaded; convert it to "
+                            f".safetensors, or set model.trust_pickle=true if you trust the file")
+    return problems
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'owner/name'; anything else (absolute, ./, ~, a suffix, backslashes) is a local path."""
+    import re
+    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or Path(path).expanduser().exists()
+
+
+def _expand_targets(names: list[str], groups: dict[str, list[str]]) -> list[str]:
+    out = []
+    for name in names:
+        for module in groups.get(name, [name]):
+            if module not in out:
+                out.append(module)
+    return out
+
+
+def unet_target_modules(cfg: TrainConfig) -> list[str]:
+    """Module-name suffixes for the UNet LoRA, groups expanded."""
+    return _expand_targets(cfg.network.unet_targets, UNET_TARGET_GROUPS)
+
+
+def text_encoder_target_modules(cfg: TrainConfig) -> list[str]:
+    """Module-name suffixes for the text-encoder LoRA (empty when it is not trained)."""
+    if not cfg.network.text_encoder:
+        return []
+    return _expand_targets(cfg.network.text_encoder_targets, TEXT_ENCODER_TARGET_GROUPS)
+
+
+def check(cfg: TrainConfig, check_paths: bool = True, source: str | None = None) -> TrainConfig:
+    """validate() and raise ConfigError with every problem."""
+    problems = validate(cfg, check_paths)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
