@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny SD1.x diffusers folder built from configs (seed 0), shared by the whole session."""
+    from tiny import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    from tiny import make_images
+    return make_images(tmp_path / "data", n=4)

@@ -1,0 +1,104 @@
+"""Tiny SD-architecture components built from configs after a fixed seed (diffusers-test style), fully offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "an", "on", "the", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle",
+         "square", "triangle", "star", "background", "photo", "of", "zqx", "sks", "dog", "cat", "style", "painting"]
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """A valid CLIP BPE tokenizer: byte-level base vocab, merges that spell WORDS, CLIP's special tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base]
+    merges = []
+    for word in WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab:
+                    vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    return folder
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the base of a byte-level BPE vocab)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+    """unet, vae, text_encoder, tokenizer, scheduler: the SD1.x layout at toy size."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import tempfile
+    tok_dir = write_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"))
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=32)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=32)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny components as a standard diffusers StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    parts = tiny_components(seed)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_images(folder: str | Path, n: int = 4, size: int = 32, caption: str | None = "a red square") -> Path:
+    """n small PNGs of coloured squares with same-name .txt captions."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 30)]
+    for i in range(n):
+        img = Image.new("RGB", (size, size), (255, 255, 255))
+        ImageDraw.Draw(img).rectangle([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=colours[i % 4])
+        img.save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(caption, encoding="utf-8")
+    return folder
