@@ -1,0 +1,384 @@
+"""The training loop: noise, loss, optimizer, checkpoints, samples. Small functions; events out through callbacks.
+
+Randomness of optimizer step s comes only from generators seeded by (run.seed, s) and data order from
+(run.seed, epoch), so resuming at step s replays exactly what an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import config as C
+from . import runs
+from .checkpoint import load_training_state, save_training_state
+from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
+                     Started)
+from .network import LoraParams, inject_lora, trains_text_encoder
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, out of memory); `advice` says what to change."""
+
+    def __init__(self, message: str, advice: str = ""):
+        super().__init__(message)
+        self.advice = advice
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of ints is stable, but spell it out)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class Trainer:
+    cfg: C.TrainConfig
+    run_dir: Path
+    callbacks: list[Callable[[Event], None]] = field(default_factory=list)
+    inbox: CommandInbox | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        for cb in self.callbacks:
+            cb(event)
+
+    def run(self, resume: bool = False) -> Path | None:
+        """Train to the end (or to a stop request); returns the final adapter path, None after a failure."""
+        from .data import BatchPlan, scan_dataset
+        cfg = self.cfg
+        self.inbox = self.inbox or CommandInbox(self.run_dir)
+        self.scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
+        for warning in self.scan.warnings:
+            self.emit(Message(level="warning", text=warning))
+        self.plan = BatchPlan(self.scan, cfg.dataset, cfg.run.seed)
+        self._setup_model()
+        self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
+        self._setup_optimizer()
+        self.step = 0
+        if resume and runs.last_checkpoint(self.run_dir):
+            self.step = load_training_state(runs.last_checkpoint(self.run_dir), self.params, self.optimizer,
+                                            self.lr_scheduler)
+        self.started_at = time.time()
+        self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
+                          num_images=self.scan.num_images, pid=_pid()))
+        try:
+            stopped = self._loop()
+        except torch.OutOfMemoryError as e:
+            self.emit(Failed(step=self.step, error=f"out of memory: {e}", advice=oom_advice(),
+                             last_checkpoint=str(runs.last_checkpoint(self.run_dir) or "")))
+            return None
+        except TrainingError as e:
+            last = runs.last_checkpoint(self.run_dir)
+            self.emit(Failed(step=self.step, error=str(e), advice=e.advice, last_checkpoint=str(last or "")))
+            return None
+        path = self.export_final()
+        if stopped:
+            self.save_checkpoint()  # so a stopped run can be resumed where it stopped
+        self.emit(Finished(step=self.step, adapter_path=str(path), stopped=stopped))
+        return path
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        from accelerate import Accelerator
+        from .data import LatentCache, needs_fresh_pixels
+        from .models import load_base_model
+        cfg = self.cfg
+        device = resolve_device(cfg)
+        if cfg.precision.mixed == "fp16" and device != "cuda":
+            raise C.ConfigError(["precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no"])
+        self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu")
+        self.device = self.accelerator.device
+        self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
+        torch.manual_seed(cfg.run.seed)  # the LoRA A init
+        self.params = inject_lora(self.base, cfg)
+        self.train_te = trains_text_encoder(cfg)
+        self.weight_dtype = _frozen_dtype(cfg, device)
+        for module in (self.base.unet, self.base.vae, self.base.text_encoder):
+            module.to(self.device, dtype=self.weight_dtype)
+        for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
+            p.data = p.data.float()
+        if cfg.precision.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                self.base.text_encoder.gradient_checkpointing_enable()
+        self.base.unet.train()
+        self.base.text_encoder.train(self.train_te)
+        self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
+        use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
+        cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
+        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir) if use_cache else None
+        self.text_cache: dict[str, torch.Tensor] | None = {} if (cfg.dataset.cache_text and not self.train_te) \
+            else None
+
+    def _setup_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+        cfg = self.cfg
+        self.optimizer = make_optimizer(cfg, self.params.param_groups(cfg), self.device.type)
+        self.lr_scheduler = get_scheduler(cfg.schedule.lr_scheduler, self.optimizer,
+                                          num_warmup_steps=cfg.schedule.warmup_steps,
+                                          num_training_steps=self.total_steps)
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _loop(self) -> bool:
+        """Optimizer steps until the end; True if a stop request ended it early."""
+        cfg, start = self.cfg, self.step
+        t0 = time.time()
+        while self.step < self.total_steps:
+            for command in self.inbox.poll():
+                if command == "stop":
+                    return True
+                if command == "save":
+                    self.save_checkpoint()
+                if command == "sample":
+                    self.render_samples()
+            loss = self.optimizer_step()
+            self.step += 1
+            rate = (self.step - start) / max(time.time() - t0, 1e-9)
+            self.emit(Progress(step=self.step, total_steps=self.total_steps, loss=loss,
+                               lr=self.lr_scheduler.get_last_lr()[0], it_per_s=rate,
+                               eta_s=(self.total_steps - self.step) / max(rate, 1e-9),
+                               epoch=self._batch_index(0) // self.plan.steps_per_epoch))
+            if _every(cfg.saving.every_n_steps, self.step) and self.step < self.total_steps:
+                self.save_checkpoint()
+            if _every(cfg.sampling.every_n_steps, self.step):
+                self.render_samples()
+        return False
+
+    def _batch_index(self, micro: int) -> int:
+        return self.step * self.cfg.schedule.gradient_accumulation + micro
+
+    def optimizer_step(self) -> float:
+        """Accumulate gradients over micro-batches, clip, step; returns the mean loss."""
+        cfg, accum = self.cfg, self.cfg.schedule.gradient_accumulation
+        torch.manual_seed(_mix(cfg.run.seed, self.step, 1))  # LoRA dropout draws from the global generator
+        total = 0.0
+        for micro in range(accum):
+            latents, hidden = self.micro_batch(self._batch_index(micro))
+            gen = torch.Generator().manual_seed(_mix(cfg.run.seed, self._batch_index(micro), 2))
+            with self.accelerator.autocast():
+                loss = diffusion_loss(self.base, latents, hidden, gen, cfg, self.prediction)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped and "
+                                    f"the last good checkpoint is kept",
+                                    advice=nan_advice(cfg))
+            self.accelerator.backward(loss / accum)
+            total += loss.item() / accum
+        if cfg.optimizer.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(list(self.params.named().values()), cfg.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ------------------------------------------------------------------------------------------------------------
+    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and text conditioning of one batch, from the plan's deterministic order."""
+        from .data import build_caption
+        epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
+        indices = self._epoch_batches(epoch)[pos]
+        rng = random.Random(_mix(self.cfg.run.seed, batch_index, 3))
+        items = [self.scan.items[i] for i in indices]
+        latents = torch.cat([self.latents_of(i, rng) for i in indices])
+        captions = [build_caption(item, self.cfg.dataset, rng) for item in items]
+        return latents, self.encode_captions(captions)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_epoch_cache", (None,))[0] != epoch:
+            self._epoch_cache = (epoch, self.plan.epoch(epoch))
+        return self._epoch_cache[1]
+
+    def latents_of(self, index: int, rng: random.Random) -> torch.Tensor:
+        """VAE latents of one image, from the cache when no random augmentation needs fresh pixels."""
+        from .data import load_pixels
+        item, size, ds = self.scan.items[index], self.plan.bucket_of(index), self.cfg.dataset
+        if self.latent_cache is not None:
+            cached = self.latent_cache.get(item, size, ds.crop)
+            if cached is not None:
+                return cached.to(self.device)
+        flip = ds.flip and rng.random() < 0.5
+        pixels = load_pixels(item, size, ds.crop, flip, rng).unsqueeze(0)
+        latents = self.encode_pixels(pixels, seed=_mix(self.cfg.run.seed, index, 4))
+        if self.latent_cache is not None:
+            self.latent_cache.put(item, size, ds.crop, latents.cpu())
+        return latents
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        vae = self.base.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
+        return (latents * vae.config.scaling_factor).float()
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Text conditioning; cached per caption when the text encoder is frozen."""
+        if self.text_cache is None:
+            return self._encode(captions, grad=self.train_te)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+        if missing:
+            for c, h in zip(missing, self._encode(missing, grad=False)):
+                self.text_cache[c] = h
+        return torch.stack([self.text_cache[c] for c in captions])
+
+    def _encode(self, captions: list[str], grad: bool) -> torch.Tensor:
+        ids = self.base.tokenize(captions).to(self.device)
+        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+            return self.base.encode_text(ids).float()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from .formats import adapter_from_model, save_adapter
+        with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
+            save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
+            save_adapter(adapter_from_model(self.base.unet, self.base.text_encoders), tmp / "adapter.safetensors",
+                         format="kohya", dtype="fp32", metadata=self.metadata())
+        runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last)
+        path = runs.last_checkpoint(self.run_dir)
+        self.emit(CheckpointWritten(step=self.step, path=str(path)))
+        return path
+
+    def export_final(self) -> Path:
+        from .formats import adapter_from_model, save_adapter
+        path = runs.final_adapter_path(self.run_dir, self.cfg)
+        adapter = adapter_from_model(self.base.unet, self.base.text_encoders)
+        return save_adapter(adapter, path, format=self.cfg.saving.format, dtype=self.cfg.saving.dtype,
+                            metadata=self.metadata())
+
+    def metadata(self) -> dict[str, str]:
+        from .formats import build_metadata
+        return build_metadata(cfg=self.cfg, num_train_images=self.scan.num_images,
+                              tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
+                              finished_at=time.time(), base_model_version=f"{self.base.family}")
+
+    @torch.no_grad()
+    def render_samples(self) -> list[Path]:
+        """Sample prompts with the current adapter at fixed seeds, so steps are comparable."""
+        cfg = self.cfg
+        prompts = cfg.sampling.prompts or [cfg.dataset.trigger or "a photo"]
+        pipe = self.base.pipeline()
+        self.base.unet.eval()
+        self.base.text_encoder.eval()
+        paths = []
+        try:
+            for i, prompt in enumerate(prompts):
+                gen = torch.Generator().manual_seed(cfg.sampling.seed + i)
+                image = pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
+                             num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
+                             height=cfg.dataset.resolution, width=cfg.dataset.resolution, generator=gen).images[0]
+                paths.append(runs.save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png"))
+        finally:
+            self.base.unet.train()
+            self.base.text_encoder.train(self.train_te)
+        self.emit(SampleWritten(step=self.step, paths=[str(p) for p in paths], prompts=list(prompts)))
+        return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pieces with no state
+
+def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
+                   prediction: str) -> torch.Tensor:
+    """Noise-prediction loss (epsilon or v), with noise offset and min-SNR-gamma weighting."""
+    sched = base.noise_scheduler
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.loss.noise_offset:  # per-channel shift lets the model learn overall brightness (Guttenberg 2023)
+        noise = noise + cfg.loss.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    pred = base.unet(noisy.to(base.unet.dtype), timesteps, hidden.to(base.unet.dtype)).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.loss.min_snr_gamma:
+        loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
+    return loss.mean()
+
+
+def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, eq. 9): weight min(SNR, gamma)/SNR; for v-prediction divide by SNR + 1."""
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def total_steps(cfg: C.TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.schedule.epochs > 0:
+        return cfg.schedule.epochs * math.ceil(batches_per_epoch / cfg.schedule.gradient_accumulation)
+    return cfg.schedule.max_steps
+
+
+def make_optimizer(cfg: C.TrainConfig, groups: list[dict], device_type: str) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw8bit":
+        if device_type != "cuda":
+            raise C.ConfigError(["optimizer.name=adamw8bit needs a CUDA GPU (bitsandbytes); on the CPU use adamw"])
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise C.ConfigError(["optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'"])
+        return bnb.optim.AdamW8bit(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=o.weight_decay)
+    if o.name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise C.ConfigError(["optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'"])
+        return Prodigy(groups, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    raise C.ConfigError([f"optimizer.name {o.name!r} is unknown"])
+
+
+def resolve_device(cfg: C.TrainConfig) -> str:
+    wanted = cfg.precision.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError(["precision.device=cuda but no CUDA GPU is visible; use auto or cpu"])
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def _frozen_dtype(cfg: C.TrainConfig, device: str) -> torch.dtype:
+    """Frozen weights in half precision save memory on a GPU; on the CPU they stay fp32 (autocast does bf16)."""
+    if device == "cuda" and cfg.precision.mixed == "fp16":
+        return torch.float16
+    if device == "cuda" and cfg.precision.mixed == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def nan_advice(cfg: C.TrainConfig) -> str:
+    tips = ["lower optimizer.unet_lr (and text_encoder_lr)", "lower network.alpha"]
+    if cfg.precision.mixed == "fp16":
+        tips.insert(0, "use precision.mixed=bf16 (fp16 overflows on some cards) or no")
+    return "Try: " + "; ".join(tips) + "."
+
+
+def oom_advice() -> str:
+    return ("Out of memory. Try: lower dataset.batch_size or dataset.resolution; turn on "
+            "precision.gradient_checkpointing; keep dataset.cache_latents on (memory or disk); use "
+            "optimizer.name=adamw8bit on CUDA; precision.mixed=fp16 or bf16.")
+
+
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _pid() -> int:
+    import os
+    return os.getpid()
