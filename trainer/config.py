@@ -480,8 +480,10 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
 
 
 def _looks_local(path: str) -> bool:
-    """A hub id is 'owner/name'; anything else (absolute, ./, ~, a suffix, backslashes) is a local path."""
+    """A hub id is 'owner/name'; a checkpoint suffix, ./, ~, / or a backslash marks a local path."""
     import re
+    if Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return True
     return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or Path(path).expanduser().exists()
 
 

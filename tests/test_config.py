@@ -1,0 +1,147 @@
+"""The config tree: defaults, help text, sparse presets, every kind of config error, --set overrides."""
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from trainer import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = ["model.path", "dataset.path", "dataset.trigger", "dataset.resolution", "dataset.batch_size",
+                 "network.rank", "network.alpha", "network.text_encoder", "optimizer.unet_lr",
+                 "optimizer.text_encoder_lr", "schedule.max_steps", "sampling.every_n_steps", "saving.every_n_steps",
+                 "saving.runs_dir", "run.name", "precision.mixed", "run.seed"]
+
+
+def write(tmp_path, text, name="cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_required_keys_exist_with_help_and_defaults():
+    keys = {f.key: f for f in C.fields()}
+    for key in REQUIRED_KEYS:
+        assert key in keys, key
+    for info in keys.values():
+        assert len(info.help) > 10, f"{info.key} needs help text"
+    assert keys["network.text_encoder"].type is bool
+    assert keys["precision.mixed"].choices == ["no", "fp16", "bf16"]
+
+
+def test_dump_and_load_round_trip(tmp_path):
+    cfg = C.TrainConfig()
+    C.apply_overrides(cfg, ["network.rank=16", "sampling.prompts=['a b', 'c, d']", "dataset.trigger=zqx"])
+    again = C.load(write(tmp_path, C.dumps(cfg)))
+    assert again == cfg
+    sparse = tomllib.loads(C.dumps(cfg, sparse=True))
+    assert sparse == {"schema_version": 1, "dataset": {"trigger": "zqx"}, "network": {"rank": 16},
+                      "sampling": {"prompts": ["a b", "c, d"]}}
+
+
+def test_sparse_preset_applies_over_defaults(tmp_path):
+    cfg = C.load(write(tmp_path, "schema_version = 1\n[network]\nrank = 4\n"))
+    assert cfg.network.rank == 4
+    assert cfg.network.alpha == C.NetworkSection().alpha
+    assert cfg.optimizer == C.OptimizerSection()
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "[network]\nrnak = 4\n", "my-preset.toml")
+    with pytest.raises(C.ConfigError) as err:
+        C.load(path)
+    text = str(err.value)
+    assert "network.rnak" in text and "my-preset.toml" in text and "network.rank" in text
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"unknown section \[netwrok\]"):
+        C.load(write(tmp_path, "[netwrok]\nrank = 4\n"))
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    text = ("[network]\nrank = 'big'\n[optimizer]\nname = 'sgd'\n[dataset]\nbatch_size = 0\n"
+            "[precision]\nmixed = 'fp8'\n[run]\nname = '../evil'\n")
+    cfg = C.load(write(tmp_path, text.replace("rank = 'big'\n", "")))
+    problems = C.validate(cfg, check_paths=False)
+    joined = "\n".join(problems)
+    assert "optimizer.name" in joined and "sgd" in joined
+    assert "dataset.batch_size" in joined and "at least 1" in joined
+    assert "precision.mixed" in joined
+    assert "run.name" in joined
+    assert len(problems) >= 4
+    with pytest.raises(C.ConfigError) as err:  # a wrong type is reported together with other load problems
+        C.load(write(tmp_path, "[network]\nrank = 'big'\nalpah = 3\n"))
+    assert len(err.value.problems) == 2 and "whole number" in err.value.problems[0]
+
+
+def test_schema_version_too_new_and_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(C.ConfigError, match="schema_version 99"):
+        C.load(write(tmp_path, "schema_version = 99\n"))
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load(write(tmp_path, "[network\nrank = 4\n"))
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(tmp_path / "nope.toml")
+
+
+def test_path_checks(tmp_path):
+    cfg = C.TrainConfig()
+    assert any("dataset.path is empty" in p for p in C.validate(cfg))
+    cfg.dataset.path = str(tmp_path / "missing")
+    cfg.model.path = str(tmp_path / "model.ckpt")
+    problems = "\n".join(C.validate(cfg))
+    assert "is not a folder" in problems
+    assert "pickle" in problems and "model.trust_pickle" in problems
+
+
+def test_cross_field_rules():
+    cfg = C.TrainConfig()
+    cfg.network.text_encoder = False
+    cfg.network.unet_targets = []
+    cfg.network.alpha, cfg.network.rank = 512.0, 4
+    cfg.schedule.warmup_steps = 5000
+    problems = "\n".join(C.validate(cfg, check_paths=False))
+    assert "nothing would be trained" in problems
+    assert "alpha/rank" in problems
+    assert "warmup_steps" in problems
+
+
+def test_set_overrides_parse_types_and_report_bad_ones():
+    cfg = C.apply_overrides(C.TrainConfig(), ["network.text_encoder=false", "optimizer.unet_lr=3e-4",
+                                              "run.name=my-run", "dataset.resolution=768"])
+    assert cfg.network.text_encoder is False and cfg.optimizer.unet_lr == 3e-4
+    assert cfg.run.name == "my-run" and cfg.dataset.resolution == 768
+    with pytest.raises(C.ConfigError) as err:
+        C.apply_overrides(C.TrainConfig(), ["network.rnk=3", "network.rank=abc", "oops"])
+    assert len(err.value.problems) == 3
+
+
+def test_target_groups_expand():
+    cfg = C.TrainConfig()
+    cfg.network.unet_targets = ["attention", "feed_forward", "projections"]
+    cfg.network.text_encoder_targets = ["attention", "mlp"]
+    assert C.unet_target_modules(cfg) == ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                                          "proj_in", "proj_out"]
+    assert len(C.text_encoder_target_modules(cfg)) == 6
+    cfg.network.text_encoder = False
+    assert C.text_encoder_target_modules(cfg) == []
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_presets_load_and_only_miss_user_paths(preset):
+    cfg = C.load(preset)
+    assert tomllib.loads(preset.read_text())["schema_version"] == C.SCHEMA_VERSION
+    assert preset.read_text().startswith("#"), "the first line describes the preset for `presets`"
+    problems = C.validate(cfg, check_paths=False)
+    assert problems == [], problems
+
+
+def test_config_module_is_stdlib_only():
+    import ast
+    tree = ast.parse((ROOT / "trainer" / "config.py").read_text())
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "dataclasses", "math", "tomllib", "pathlib", "typing", "re", "difflib",
+                        "json"}, imported
+    assert dataclasses.is_dataclass(C.TrainConfig)
