@@ -1,0 +1,115 @@
+"""VAE latents cached in memory or on disk, keyed by the image's content and the transform that produced them."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+MODES = ("off", "memory", "disk")
+PIPELINE_VERSION = "1"  # bump when load_pixels changes what a (file, size, crop) gives, so old entries are not reused
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LatentCache:
+    """get/put latents for (item, size, crop_key, flip). `model_key` names the VAE (for example its folder or a
+    hash of its weights) so a disk cache shared between base models never mixes their latents. Disk entries are
+    safetensors files written atomically; an unreadable entry counts as a miss."""
+
+    def __init__(self, mode: str, folder: Path | str | None = None, model_key: str = ""):
+        if mode not in MODES:
+            raise ValueError(f"latent cache mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "disk" and folder is None:
+            raise ValueError("a disk latent cache needs a folder")
+        self.mode = mode
+        self.folder = Path(folder) if folder is not None else None
+        self.model_key = model_key
+        self.hits = 0
+        self.misses = 0
+        self._memory: dict[str, object] = {}
+        self._hashes: dict[tuple, str] = {}
+
+    def file_hash(self, path: Path) -> str:
+        """sha256 of the file bytes, computed once per file version (path, size, mtime)."""
+        stat = Path(path).stat()
+        memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if memo_key not in self._hashes:
+            self._hashes[memo_key] = file_sha256(path)
+        return self._hashes[memo_key]
+
+    def key(self, item, size: tuple[int, int], crop_key: str = "center", flip: bool = False) -> str:
+        parts = [PIPELINE_VERSION, self.model_key, self.file_hash(item.path), f"{size[0]}x{size[1]}", str(crop_key),
+                 "flip" if flip else "noflip"]
+        return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
+
+    def get(self, item, size: tuple[int, int], crop_key: str = "center", flip: bool = False):
+        """The cached latents or None. Disk entries come back on the CPU."""
+        if self.mode == "off":
+            return None
+        key = self.key(item, size, crop_key, flip)
+        latents = self._memory.get(key) if self.mode == "memory" else self._read(key)
+        if latents is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return latents
+
+    def put(self, item, size: tuple[int, int], crop_key: str, latents, flip: bool = False) -> None:
+        if self.mode == "off":
+            return
+        key = self.key(item, size, crop_key, flip)
+        if self.mode == "memory":
+            self._memory[key] = latents.detach()
+        else:
+            self._write(key, latents, item, size, crop_key, flip)
+
+    def get_or_compute(self, item, size: tuple[int, int], compute: Callable[[], object], crop_key: str = "center",
+                       flip: bool = False):
+        latents = self.get(item, size, crop_key, flip)
+        if latents is None:
+            latents = compute()
+            self.put(item, size, crop_key, latents, flip)
+        return latents
+
+    def __len__(self) -> int:
+        if self.mode == "disk":
+            return sum(1 for _ in self.folder.glob("*.safetensors")) if self.folder.is_dir() else 0
+        return len(self._memory)
+
+    def _entry(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def _read(self, key: str):
+        from safetensors.torch import load_file
+
+        path = self._entry(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))["latents"]
+        except Exception:  # a damaged entry (disk full, foreign file): recompute it rather than fail the run
+            path.unlink(missing_ok=True)
+            return None
+
+    def _write(self, key: str, latents, item, size, crop_key, flip) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"source": str(item.path), "size": f"{size[0]}x{size[1]}", "crop": str(crop_key),
+                    "flip": str(bool(flip)), "pipeline_version": PIPELINE_VERSION, "model_key": self.model_key}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"latents": latents.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, self._entry(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,207 @@
+"""Scan a dataset folder: images, captions, per-folder repeats, and the files that had to be skipped.
+
+Cheap to import (PIL and the stdlib; no torch, no diffusers) so a bad dataset is reported before any model loads.
+Layout (kohya's): images directly in the root repeat `dataset.repeats` times per epoch; images anywhere under a
+subfolder named like `10_name` repeat 10 times; other subfolders use `dataset.repeats`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .captions import read_caption, split_tags, with_trigger
+from .errors import DatasetError, ImageLoadError
+from .images import IMAGE_EXTENSIONS, is_image_file, probe_image
+
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
+_IGNORED_FOLDERS = {"__MACOSX"}
+_MAX_LISTED = 10  # file names listed in one warning before "and N more"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    caption: str          # as read from the caption file, without the trigger; "" when there is none
+    has_caption: bool
+    repeats: int
+    width: int            # after EXIF rotation
+    height: int
+    folder: str           # the subset: the top-level subfolder's name, or the root's name for images in the root
+    caption_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class DatasetScan:
+    root: Path
+    items: list[ImageItem]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    trigger: str = ""
+
+    @property
+    def num_images(self) -> int:
+        """Images per epoch, repeats included."""
+        return sum(item.repeats for item in self.items)
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_tag_frequency: folder -> tag -> images whose (trigger-prefixed) caption holds the tag."""
+        out: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            counts = out.setdefault(item.folder, {})
+            for tag in split_tags(with_trigger(item.caption, self.trigger)):
+                counts[tag] = counts.get(tag, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    folder: str
+    repeats: int
+
+
+def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
+    """Scan `ds.path` (a DatasetSection). Raises DatasetError when the folder is missing or holds no usable image."""
+    root = _dataset_root(ds.path)
+    warnings: list[str] = []
+    candidates = _find_candidates(root, ds.repeats, warnings)
+    probes = _probe_all([c.path for c in candidates], workers)
+    items, skipped, issues = [], [], {}
+    for candidate, probe in zip(candidates, probes):
+        if isinstance(probe, ImageLoadError):
+            skipped.append(Skipped(candidate.path, probe.reason))
+            continue
+        items.append(_make_item(candidate, probe, issues))
+    if not items:
+        raise DatasetError(_no_images_message(root, candidates, skipped, warnings))
+    warnings += _caption_warnings(root, items, issues, ds.trigger)
+    warnings += _size_warnings(root, items, ds.resolution)
+    return DatasetScan(root, items, skipped, warnings, ds.trigger.strip())
+
+
+def _dataset_root(path: str) -> Path:
+    if not str(path).strip():
+        raise DatasetError("dataset.path is empty: choose the folder that holds your training images")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset folder {root} does not exist: check dataset.path")
+    if not root.is_dir():
+        raise DatasetError(f"dataset.path {root} is a file, not a folder: give the folder that holds the images")
+    return root
+
+
+def _find_candidates(root: Path, default_repeats: int, warnings: list[str]) -> list[_Candidate]:
+    """Image files in a stable order, each with its subset folder and repeats."""
+    if _REPEATS_FOLDER.match(root.name) and any(is_image_file(p) for p in root.iterdir()):
+        warnings.append(f"the dataset folder itself is named {root.name}: images directly in it repeat "
+                        f"dataset.repeats ({default_repeats}) times, not {int(root.name.split('_')[0])}; to use "
+                        f"the folder's number, set dataset.path to its parent folder {root.parent}")
+    out = []
+    for entry in sorted(root.iterdir()):
+        if _hidden(entry):
+            continue
+        if entry.is_file() and is_image_file(entry):
+            out.append(_Candidate(entry, root.name, default_repeats))
+        elif entry.is_dir():
+            repeats = folder_repeats(entry.name, default_repeats)
+            if repeats == 0:
+                warnings.append(f"folder {entry.name} asks for 0 repeats, so its images are not used; rename it "
+                                f"(for example 1_{_REPEATS_FOLDER.match(entry.name).group(2)}) to train on them")
+                continue
+            out += [_Candidate(p, entry.name, repeats) for p in _walk_images(entry)]
+    return out
+
+
+def folder_repeats(name: str, default: int) -> int:
+    """10 for '10_name' (kohya's convention), else the default."""
+    match = _REPEATS_FOLDER.match(name)
+    return int(match.group(1)) if match else default
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
+        out += [Path(dirpath, f) for f in sorted(filenames) if is_image_file(Path(f))]
+    return out
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in _IGNORED_FOLDERS
+
+
+def _probe_all(paths: list[Path], workers: int | None) -> list:
+    """(width, height) or the ImageLoadError, per path, in order. Threads: PIL decodes without the GIL."""
+    def probe(path):
+        try:
+            return probe_image(path)
+        except ImageLoadError as e:
+            return e
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 8:
+        return [probe(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(probe, paths))
+
+
+def _make_item(candidate: _Candidate, size: tuple[int, int], issues: dict[str, list[Path]]) -> ImageItem:
+    caption = read_caption(candidate.path)
+    for issue in caption.issues:
+        issues.setdefault(issue, []).append(candidate.path)
+    return ImageItem(candidate.path, caption.text, bool(caption.text), candidate.repeats, size[0], size[1],
+                     candidate.folder, caption.path)
+
+
+def _names(root: Path, paths: list[Path]) -> str:
+    names = [p.relative_to(root).as_posix() for p in paths]
+    more = len(names) - _MAX_LISTED
+    return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _caption_warnings(root: Path, items: list[ImageItem], issues: dict, trigger: str) -> list[str]:
+    out = []
+    bare = [item.path for item in items if not item.has_caption]
+    if bare and trigger.strip():
+        out.append(f"{len(bare)} image{'s have' if len(bare) > 1 else ' has'} no caption and use the trigger word: "
+                   f"{_names(root, bare)}")
+    elif bare:
+        out.append(f"{len(bare)} image{'s have' if len(bare) > 1 else ' has'} no caption and no trigger word is "
+                   f"set, so they train with an empty caption: {_names(root, bare)}; add .txt captions or set "
+                   f"dataset.trigger")
+    if issues.get("both_caption_files"):
+        out.append(f"these images have both a .txt and a .caption file; the .txt is used: "
+                   f"{_names(root, issues['both_caption_files'])}")
+    if issues.get("not_utf8"):
+        out.append(f"the captions of these images are not UTF-8 and were read as Windows-1252; save them as UTF-8 "
+                   f"if they look wrong: {_names(root, issues['not_utf8'])}")
+    return out
+
+
+def _size_warnings(root: Path, items: list[ImageItem], resolution: int) -> list[str]:
+    small = [item.path for item in items if min(item.width, item.height) * 2 < resolution]
+    if not small:
+        return []
+    return [f"{len(small)} image{'s are' if len(small) > 1 else ' is'} less than half the training resolution "
+            f"({resolution}) on the short side and will be upscaled (blurry): {_names(root, small)}"]
+
+
+def _no_images_message(root: Path, candidates: list[_Candidate], skipped: list[Skipped], warnings: list[str]) -> str:
+    exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+    fix = (f"put images ({exts}) with same-name .txt captions in {root} or in subfolders named like 10_name "
+           f"(10 = repeats per epoch)")
+    if not candidates:
+        extra = f" ({'; '.join(warnings)})" if warnings else ""
+        return f"no image found in dataset folder {root}{extra}: {fix}"
+    reasons = "; ".join(f"{s.path.relative_to(root).as_posix()}: {s.reason}" for s in skipped[:_MAX_LISTED])
+    more = len(skipped) - _MAX_LISTED
+    return (f"no usable image in dataset folder {root}: all {len(skipped)} image files were skipped ({reasons}"
+            f"{f' and {more} more' if more > 0 else ''}); replace the damaged files, or {fix}")
