@@ -1,0 +1,1 @@
+"""loradesk's browser UI: Gradio only, over trainer's public API (never the reverse)."""

@@ -1,0 +1,51 @@
+"""The whole app: three tabs over trainer's public API. Nothing heavy is imported here (torch loads on first use)."""
+from __future__ import annotations
+
+import os
+
+from .settings import AppSettings
+
+TITLE = "loradesk"
+INTRO = ("## loradesk\nTrain a LoRA adapter for Stable Diffusion in three steps: **1. Dataset** (your images and "
+         "captions), **2. Train** (watch it learn), **3. Generate** (try it, blend it, export it).")
+CSS = """
+.ld-progress { position: relative; height: 26px; border-radius: 6px; background: var(--block-background-fill);
+               border: 1px solid var(--border-color-primary); overflow: hidden; }
+.ld-bar { height: 100%; transition: width .4s ease; }
+.ld-label { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center;
+            font-weight: 600; font-size: 0.9em; }
+.ld-field-error { color: #c0392b; font-size: 0.85em; margin-top: -6px; }
+.ld-failure h3 { color: #c0392b; }
+footer { display: none !important; }
+"""
+
+
+def build_app(settings: AppSettings | None = None):
+    """The Gradio Blocks of the app (not launched)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from .tabs import dataset, generate, train
+
+    settings = settings or AppSettings.from_env()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("1. Dataset", id="dataset"):
+                picker = dataset.build(settings, demo)
+            with gr.Tab("2. Train", id="train"):
+                train.build(settings, demo, picker)
+            with gr.Tab("3. Generate", id="generate"):
+                generate.build(settings, demo)
+    demo.loradesk_settings = settings
+    return demo
+
+
+def launch_options(settings: AppSettings) -> dict:
+    """Keyword arguments for Blocks.launch: look, and the folders whose files the page may show."""
+    import gradio as gr
+    folders = [settings.data_dir, settings.runs_dir, settings.adapters_dir]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS,
+            "allowed_paths": [str(f.resolve()) for f in folders], "footer_links": []}

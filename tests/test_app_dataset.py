@@ -1,0 +1,149 @@
+"""Dataset tab handlers, called directly (no server): uploads, captions, bulk edits, summary, persistence."""
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app import datasets as D
+from app.files import UploadError
+from app.settings import AppSettings
+from app.tabs import dataset as tab
+
+
+@pytest.fixture
+def settings(tmp_path) -> AppSettings:
+    return AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", adapters_dir=tmp_path / "ad")
+
+
+def png(path: Path, size=(48, 32), colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_create_then_upload_images_with_their_captions(settings, tmp_path):
+    name, choices = tab.create(settings, "My Dog!")
+    assert name == "My_Dog_" and choices == [name]
+    up = tmp_path / "upload"
+    files = [png(up / "a.png"), png(up / "b.jpg"), up / "a.txt", up / "readme.md"]
+    (up / "a.txt").write_text("a red box")
+    (up / "readme.md").write_text("hi")
+    text = tab.upload(settings, name, [str(f) for f in files])
+    assert text.startswith("Added 2 image(s), 1 caption(s), skipped 1: readme.md")
+    gallery = tab.gallery_value(settings, name)
+    assert [(Path(p).name, c) for p, c in gallery] == [("a.png", "a red box"), ("b.jpg", "(no caption)")]
+
+
+def test_uploads_never_overwrite_and_keep_captions_paired(settings, tmp_path):
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "a.png")
+    (folder / "a.txt").write_text("original")
+    up = tmp_path / "up"
+    png(up / "a.png", colour=(0, 0, 255))
+    (up / "a.txt").write_text("the new one")
+    report = D.add_uploads(folder, [up / "a.png", up / "a.txt"])
+    assert report.added == ["a-2.png"]
+    assert (folder / "a.txt").read_text() == "original"
+    assert (folder / "a-2.txt").read_text().strip() == "the new one"
+
+
+def test_a_zip_with_captions_is_extracted_safely(settings, tmp_path):
+    folder = D.create_dataset(settings.data_dir, "z")
+    src = png(tmp_path / "src" / "cat.png")
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(src, "../../../outside/cat.png")
+        z.writestr("cat.txt", "a cat")
+        z.writestr("__MACOSX/._cat.png", b"junk")
+        z.writestr("._cat.png", b"junk")
+        z.write(src, "b/cat.png")  # same name in another folder: kept, renamed with its own caption
+        z.writestr("b/cat.txt", "another cat")
+    report = D.add_uploads(folder, [archive])
+    assert sorted(report.added) == ["cat-2.png", "cat.png"] and len(report.captions) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["cat-2.png", "cat-2.txt", "cat.png", "cat.txt"]
+    assert {(folder / "cat.txt").read_text().strip(), (folder / "cat-2.txt").read_text().strip()} == {
+        "a cat", "another cat"}
+    assert not (tmp_path / "outside").exists()
+
+
+def test_caption_edits_are_saved_at_once_and_survive_a_restart(settings, tmp_path):
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "x.png")
+    png(folder / "y.png")
+    item, preview, caption = tab.select(settings, "d", 1)
+    assert item == "y.png" and Path(preview).name == "y.png" and caption == ""
+    assert tab.save_caption(settings, "d", item, "  a blue box \n") == "Saved the caption of y.png."
+    assert (folder / "y.txt").read_text() == "a blue box\n"
+    # a fresh "app" (new settings object, new listing) sees the edit
+    fresh = AppSettings(data_dir=settings.data_dir)
+    assert tab.select(fresh, "d", 1)[2] == "a blue box"
+    assert tab.next_index(fresh, "d", "y.png") == 0
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_caption_names_cannot_leave_the_dataset(settings, tmp_path):
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "x.png")
+    png(tmp_path / "secret.png")
+    with pytest.raises(UploadError, match="not an image of this dataset"):
+        D.save_caption(folder, "../../secret.png", "pwned")
+    assert not (tmp_path / "secret.txt").exists()
+    with pytest.raises(UploadError):
+        D.dataset_dir(settings.data_dir, "../..")
+
+
+def test_trigger_and_find_replace_edit_every_caption(settings):
+    folder = D.create_dataset(settings.data_dir, "d")
+    for n, cap in [("a", "a red dog"), ("b", "zqx, a red cat"), ("c", None)]:
+        png(folder / f"{n}.png")
+        if cap:
+            (folder / f"{n}.txt").write_text(cap)
+    assert tab.apply_trigger(settings, "d", "zqx") == "Put 'zqx' in front of 2 caption(s)."
+    assert [i.caption for i in D.load_items(folder)] == ["zqx, a red dog", "zqx, a red cat", "zqx"]
+    assert tab.find_replace(settings, "d", "red", "blue") == "Replaced 'red' in 2 caption(s)."
+    assert [i.caption for i in D.load_items(folder)] == ["zqx, a blue dog", "zqx, a blue cat", "zqx"]
+    with pytest.raises(UploadError, match="trigger word"):
+        D.apply_trigger(folder, " ")
+
+
+def test_summary_counts_buckets_and_skipped_files(settings):
+    folder = D.create_dataset(settings.data_dir, "d")
+    for i in range(3):
+        png(folder / f"wide{i}.png", size=(128, 64))
+        (folder / f"wide{i}.txt").write_text("wide")
+    png(folder / "tall.png", size=(64, 128))
+    (folder / "broken.png").write_bytes(b"not an image")
+    gallery, text, buckets, skipped = tab.refresh(settings, "d", 128)
+    assert len(gallery) == 5  # the broken file is still listed so it can be removed
+    assert "**4 images**" in text and "3 captioned, 1 without caption" in text
+    assert sum(n for _, n in buckets) == 4 and len(buckets) == 2
+    assert [row[0] for row in skipped] == ["broken.png"] and skipped[0][1]
+
+
+def test_remove_image_takes_its_caption(settings):
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "x.png")
+    (folder / "x.txt").write_text("x")
+    assert tab.remove(settings, "d", "x.png") == "Removed x.png and its caption."
+    assert list(folder.iterdir()) == []
+
+
+def test_import_folder_copies_images_captions_and_repeat_folders(settings, tmp_path):
+    src = tmp_path / "photos"
+    png(src / "10_dog" / "d.png")
+    (src / "10_dog" / "d.txt").write_text("a dog")
+    png(src / "e.webp")
+    (src / "notes.docx").write_text("x")
+    name, choices, text = tab.import_folder(settings, str(src))
+    assert name == "photos" and choices == ["photos"]
+    assert "Added 2 image(s), 1 caption(s), skipped 1" in text
+    assert [(i.name, i.caption) for i in D.load_items(settings.data_dir / name)] == [
+        ("10_dog/d.png", "a dog"), ("e.webp", "")]
+    with pytest.raises(UploadError, match="is not a folder"):
+        tab.import_folder(settings, str(tmp_path / "missing"))
+
+
+def test_upload_without_a_dataset_says_what_to_do(settings, tmp_path):
+    with pytest.raises(UploadError, match="Create or pick a dataset first"):
+        tab.upload(settings, None, [str(png(tmp_path / "a.png"))])

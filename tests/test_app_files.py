@@ -1,0 +1,63 @@
+"""Upload safety: sanitised names, no overwrites, atomic writes, zip-slip and zip-bomb refusal."""
+import zipfile
+
+import pytest
+
+from app import files as F
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../../etc/passwd", "passwd"),
+    ("..\\..\\windows\\evil.PNG", "evil.png"),
+    ("/abs/path/photo 1.jpg", "photo 1.jpg"),
+    ("..", "file"),
+    (".hidden", "hidden"),
+    ("we<ird>|na:me?.png", "we_ird__na_me_.png"),
+])
+def test_safe_filename_keeps_only_a_plain_last_component(name, expected):
+    assert F.safe_filename(name) == expected
+
+
+def test_unique_path_never_reuses_a_stem(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.txt").write_text("caption")
+    assert F.unique_path(tmp_path, "a.png").name == "a-2.png"
+    assert F.unique_path(tmp_path, "b.jpg").name == "b-2.jpg"  # would have adopted b.txt as its caption
+    taken = set()
+    assert [F.unique_path(tmp_path, "c.png", taken).name for _ in range(2)] == ["c.png", "c-2.png"]
+
+
+def test_write_text_atomic_leaves_no_temp_files(tmp_path):
+    F.write_text_atomic(tmp_path / "x.txt", "one")
+    F.write_text_atomic(tmp_path / "x.txt", "two")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+    assert (tmp_path / "x.txt").read_text() == "two"
+
+
+def test_extract_zip_flattens_member_paths_so_nothing_escapes(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../../escape.png", b"png")
+        z.writestr("/abs/root.png", b"png")
+        z.writestr("sub/dir/ok.png", b"png")
+        z.writestr("sub/ok.png", b"png2")
+        z.writestr("notes.exe", b"MZ")
+    dest = tmp_path / "out"
+    files, skipped = F.extract_zip(archive, dest, {".png"})
+    assert sorted(p.relative_to(dest).as_posix() for p in files) == [
+        "abs/root.png", "escape.png", "sub/dir/ok.png", "sub/ok.png"]
+    assert all(dest in p.resolve().parents for p in files)
+    assert not (tmp_path / "escape.png").exists()
+    assert skipped == [("notes.exe", "not an image or caption file")]
+
+
+def test_extract_zip_refuses_bombs_and_garbage(tmp_path, monkeypatch):
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.png", b"\0" * 2_000_000)
+    monkeypatch.setattr(F, "MAX_ZIP_BYTES", 1_000_000)
+    with pytest.raises(F.UploadError, match="unpacks to"):
+        F.extract_zip(archive, tmp_path / "out", {".png"})
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(F.UploadError, match="bad.zip is not a readable zip"):
+        F.extract_zip(tmp_path / "bad.zip", tmp_path / "out", {".png"})
