@@ -1,0 +1,22 @@
+"""The adapter toolkit: fused exact blending, merging, resizing, baking, analysis and generation.
+
+Everything works on `trainer.lora_state.Adapter` (layers keyed by kohya module name), so it does not care which
+file format an adapter came from. Imports are lazy so `import trainer.adapters` stays cheap for the CLI.
+"""
+from __future__ import annotations
+
+_EXPORTS = {
+    "FusedBlender": "blend", "merge_exact": "merge", "merge_svd": "merge", "resize": "resize",
+    "bake": "bake", "save_single_file": "bake", "save_diffusers": "bake", "fuse_into": "bake",
+    "analyze": "analyze", "spectrum": "analyze", "subspace_similarity": "analyze", "effective_rank": "analyze",
+    "Generator": "generate",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer.adapters' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,109 @@
+"""Bake adapters into a base model and save it as a diffusers folder or as one original-layout .safetensors file."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer.lora_state import Adapter
+
+from ._pending import load_adapter, load_base_model
+from .blend import FusedBlender
+from .original_layout import original_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def bake(model_path: str, pairs: list[tuple[Adapter | str | Path, float]], out: str | Path,
+         dtype: str | None = None) -> Path:
+    """Load the base model, fuse the weighted adapters into it and save it to `out`.
+
+    `out` ending in .safetensors: one file in the original single-file layout (A1111, ComfyUI; default fp16);
+    otherwise a diffusers folder (default: the model's own dtype).
+    """
+    out = Path(out)
+    base = load_base_model(model_path)
+    fuse_into(base, pairs)
+    if out.suffix.lower() == ".safetensors":
+        return save_single_file(base, out, dtype or "fp16", _baked_metadata(model_path, pairs))
+    return save_diffusers(base, out, dtype)
+
+
+def fuse_into(base, pairs: list[tuple[Adapter | str | Path, float]]) -> None:
+    """Fuse the adapters into base's weights for good (the blender's pristine copies are dropped)."""
+    blender = FusedBlender(base.unet, base.text_encoders)
+    for i, (adapter, weight) in enumerate(pairs):
+        blender.add(f"{i}:{adapter if not isinstance(adapter, Adapter) else 'adapter'}", _as_adapter(adapter),
+                    weight)
+
+
+def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
+    """UNet + VAE + text encoder as one original-layout .safetensors (written atomically)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    cast = _dtype(dtype)
+    state = original_checkpoint(base.unet, base.vae, base.text_encoder)
+    tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_diffusers(base, folder: str | Path, dtype: str | None = None) -> Path:
+    """`StableDiffusionPipeline.save_pretrained` (safetensors) into a temporary folder, then swapped in.
+
+    A given dtype casts base's modules in place (bake owns the model it loaded).
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "model_index.json").is_file():
+        raise FileExistsError(f"{folder} exists and is not a diffusers model folder; choose a new output path")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    pipe = base.pipeline()
+    if dtype:
+        pipe.to(dtype=_dtype(dtype))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _swap_in(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Replace folder by tmp with two renames, so a crash leaves either the old or the new model, never half."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_adapter(adapter: Adapter | str | Path) -> Adapter:
+    return adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _baked_metadata(model_path: str, pairs) -> dict[str, str]:
+    sources = [{"adapter": str(a) if not isinstance(a, Adapter) else "(in memory)", "weight": float(w)}
+               for a, w in pairs]
+    return {"loradesk.base_model": model_path or "tiny built-in", "loradesk.baked_adapters": json.dumps(sources)}

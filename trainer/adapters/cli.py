@@ -1,0 +1,239 @@
+"""CLI commands of the adapter toolkit: blend, resize, bake, analyze, generate.
+
+`trainer/__main__.py` calls `register(subparsers)`; each parser's `func` is a `cmd_<name>(args) -> int` that returns
+0 on success and 2 on a user error (message on stderr). `python -m trainer.adapters.cli ...` runs them alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ._pending import AdapterFormatError
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError)
+
+
+def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
+    """'FILE:WEIGHT' -> (FILE, WEIGHT); the last colon splits only if a number follows (C:\\x.safetensors works)."""
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
+
+
+def register(subparsers) -> None:
+    _blend_parser(subparsers)
+    _resize_parser(subparsers)
+    _bake_parser(subparsers)
+    _analyze_parser(subparsers)
+    _generate_parser(subparsers)
+
+
+# ---- parsers -----------------------------------------------------------------------------------------------------
+
+def _blend_parser(sub) -> None:
+    p = sub.add_parser("blend", help="Merge weighted adapters into one adapter file.",
+                       description="Merge adapters: exact (rank = sum of ranks) or SVD-compressed with --rank.")
+    p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files with weights (default 1)")
+    p.add_argument("--out", required=True, help="output .safetensors (kohya format)")
+    p.add_argument("--rank", type=int, help="compress every layer to this rank by SVD (default: exact)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
+    p.add_argument("--report", help="also write the per-layer kept-norm report as JSON here")
+    p.set_defaults(func=cmd_blend)
+
+
+def _resize_parser(sub) -> None:
+    p = sub.add_parser("resize", help="Change an adapter's rank by SVD.",
+                       description="Resize each layer to --rank, or to the smallest rank keeping --keep of its norm.")
+    p.add_argument("adapter", help="adapter .safetensors")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the new rank of every layer")
+    size.add_argument("--keep", type=float, help="share of each layer's Frobenius norm to keep, e.g. 0.95")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
+    p.add_argument("--report", help="also write the per-layer report as JSON here")
+    p.set_defaults(func=cmd_resize)
+
+
+def _bake_parser(sub) -> None:
+    p = sub.add_parser("bake", help="Merge adapters into the base model and save the model.",
+                       description="Bake adapters into a base model. --out ending in .safetensors writes one "
+                                   "original-layout checkpoint (A1111, ComfyUI); otherwise a diffusers folder.")
+    p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files with weights (default 1)")
+    p.add_argument("--model", default="", help="base model (empty: the tiny built-in model)")
+    p.add_argument("--out", required=True, help="a .safetensors file or a folder")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                   help="precision (default: fp16 for a single file, the model's own for a folder)")
+    p.set_defaults(func=cmd_bake)
+
+
+def _analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="Singular values, effective ranks and subspace similarity of adapters.",
+                       description="Per-layer spectrum of an adapter; with two adapters also the subspace "
+                                   "similarity heatmaps of Hu et al. 2021, Figure 3.")
+    p.add_argument("adapters", nargs="+", metavar="FILE", help="one or two adapter files")
+    p.add_argument("--out", required=True, help="output folder (analysis.json and heatmap PNGs)")
+    p.add_argument("--layers", nargs="*", help="kohya layer names for the heatmaps (default: up to 4 q/v layers)")
+    p.set_defaults(func=cmd_analyze)
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="Generate an image with adapters blended in.")
+    p.add_argument("--model", default="", help="base model (empty: the tiny built-in model)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--out", required=True, help="output .png")
+    p.set_defaults(func=cmd_generate)
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+
+def _user_errors(fn):
+    """Turn a user's mistake into its message on stderr and exit status 2."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+def _check_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist; check the path")
+
+
+def _load(path: str):
+    from ._pending import load_adapter
+    _check_file(path)
+    return load_adapter(path)
+
+
+@_user_errors
+def cmd_blend(args) -> int:
+    from ._pending import save_adapter
+    from .merge import merge_exact, merge_svd
+    specs = [parse_weighted(text) for text in args.adapters]
+    pairs = [(_load(path), weight) for path, weight in specs]
+    titles = [Path(path).stem for path, _ in specs]
+    if args.rank is None:
+        merged, report = merge_exact(pairs, titles), None
+    else:
+        merged, report = merge_svd(pairs, args.rank, titles)
+    save_adapter(merged, args.out, dtype=args.dtype)
+    ranks = sorted({layer.rank for layer in merged.layers.values()})
+    print(f"wrote {args.out}: {len(merged)} layers, rank {_span(ranks)}")
+    _print_report(report, args.report)
+    return 0
+
+
+@_user_errors
+def cmd_resize(args) -> int:
+    from ._pending import save_adapter
+    from .resize import resize
+    adapter = _load(args.adapter)
+    resized, report = resize(adapter, rank=args.rank, keep=args.keep)
+    save_adapter(resized, args.out, dtype=args.dtype)
+    ranks = sorted({layer.rank for layer in resized.layers.values()})
+    print(f"wrote {args.out}: {len(resized)} layers, rank {_span(ranks)}, "
+          f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters")
+    _print_report(report, args.report)
+    return 0
+
+
+@_user_errors
+def cmd_bake(args) -> int:
+    from .bake import bake
+    specs = [parse_weighted(text) for text in args.adapters]
+    for path, _ in specs:
+        _check_file(path)
+    out = bake(args.model, specs, args.out, args.dtype)  # paths, so the file names go into the metadata
+    print(f"wrote {out}")
+    return 0
+
+
+@_user_errors
+def cmd_analyze(args) -> int:
+    from .analyze import analyze
+    if len(args.adapters) > 2:
+        raise ValueError(f"analyze takes one or two adapter files, got {len(args.adapters)}")
+    adapters = [_load(path) for path in args.adapters]
+    stems = [Path(path).stem for path in args.adapters] + ["B"]
+    labels = (stems[0], stems[1]) if stems[0] != stems[1] else ("A", "B")
+    result = analyze(adapters[0], args.out, adapters[1] if len(adapters) > 1 else None, args.layers or None,
+                     labels=labels)
+    for label, summary in result["adapters"].items():
+        print(f"{label}: mean effective rank {summary['mean_effective_rank']:.2f}, mean rank for 90% / 99% of "
+              f"energy {summary['mean_rank_90']:.1f} / {summary['mean_rank_99']:.1f}")
+    for name in result.get("similarity", {}).get("heatmaps", {}):
+        print(f"heatmap: {Path(args.out) / result['similarity']['heatmaps'][name]['png']}")
+    print(f"wrote {Path(args.out) / 'analysis.json'}")
+    return 0
+
+
+@_user_errors
+def cmd_generate(args) -> int:
+    from .generate import Generator
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out {args.out} must end in .png")
+    specs = [parse_weighted(text) for text in args.lora]
+    for path, _ in specs:
+        _check_file(path)
+    generator = Generator(args.model)
+    generator.set_adapters([(path, weight, True) for path, weight in specs])
+    image = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width,
+                               args.height)[0]
+    _save_png(image, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _print_report(report: dict | None, path: str | None) -> None:
+    if report is None:
+        return
+    worst = min(report["layers"].items(), key=lambda kv: kv[1]["kept"])
+    print(f"kept {report['kept_overall']:.2%} of the norm overall; lowest layer {worst[1]['kept']:.2%} ({worst[0]})")
+    if path:
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+
+
+def _save_png(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.adapters.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

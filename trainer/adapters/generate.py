@@ -1,0 +1,178 @@
+"""Generate images from a base model with a live, fused blend of adapters (the app's Generate tab uses this)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.lora_state import Adapter
+
+from ._pending import load_adapter, load_base_model, save_adapter
+from .blend import FusedBlender
+from .grid import image_grid
+from .merge import merge_exact, merge_svd
+
+Source = Adapter | str | Path
+
+
+class Generator:
+    """Holds one base model (loaded on first use) and a FusedBlender over it; thread-safe."""
+
+    def __init__(self, model_path: str = "", device: str | None = None):
+        self.model_path = model_path
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._base = None
+        self._pipe = None
+        self._blender: FusedBlender | None = None
+        self._files: dict[str, tuple[tuple[int, int], Adapter]] = {}  # path -> ((mtime_ns, size), adapter)
+        self._lock = threading.RLock()
+
+    # ---- model and adapters --------------------------------------------------------------------------------------
+
+    @property
+    def base(self):
+        """The loaded base model (`BaseModel`), loaded on first use."""
+        self._load()
+        return self._base
+
+    @property
+    def blender(self) -> FusedBlender:
+        self._load()
+        return self._blender
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._base is not None:
+                return
+            # CUDA: half precision (the blender still sums deltas in fp32); CPU: fp32
+            dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+            base = load_base_model(self.model_path, dtype=dtype, device=self.device)
+            self._pipe = base.pipeline()
+            self._pipe.set_progress_bar_config(disable=True)
+            self._blender = FusedBlender(base.unet, base.text_encoders)
+            self._base = base
+
+    def set_adapters(self, specs: list[tuple]) -> None:
+        """specs: (path or Adapter, weight[, enabled]). Files are read once per (path, mtime); only adapters whose
+        file, weight or enabled flag changed are re-blended, and adapters not listed are removed."""
+        with self._lock:
+            wanted = {}
+            for spec in specs:
+                source, weight, enabled = (*spec, True)[:3]
+                name, adapter = self._resolve(source)
+                if name in wanted:
+                    raise ValueError(f"adapter {name} is listed twice; give each file once")
+                wanted[name] = (adapter, float(weight), bool(enabled))
+            blender = self.blender
+            for name in blender.names():
+                if name not in wanted:
+                    blender.remove(name)
+            for name, (adapter, weight, enabled) in wanted.items():
+                if name in blender.names() and blender.adapter(name) is adapter:
+                    blender.update(name, weight=weight, enabled=enabled)
+                else:
+                    blender.add(name, adapter, weight, enabled)
+
+    def _resolve(self, source: Source) -> tuple[str, Adapter]:
+        if isinstance(source, Adapter):
+            return f"adapter@{id(source):x}", source
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file {path} does not exist; check the path")
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._files.get(str(path))
+        if cached is None or cached[0] != stamp:
+            self._files[str(path)] = (stamp, load_adapter(path))
+        return str(path), self._files[str(path)][1]
+
+    # ---- images --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                 num_images: int = 1) -> list[Image.Image]:
+        """Image k is seeded with seed + k, so it is the same image whatever num_images is."""
+        self._load()
+        with self._lock:
+            generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
+            result = self._pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images,
+                                num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                                generator=generators, output_type="pil")
+            return list(result.images)
+
+    def comparison_grid(self, prompt: str, rows: list[float] | list[str | Path], seeds: list[int],
+                        adapter: str | None = None, **generate_kwargs) -> Image.Image:
+        """Rows: weights of one adapter (default: the first enabled) or checkpoint files that take its place
+        (each at that adapter's weight, or 1.0 with none in the blend); columns: seeds. The blend is restored after."""
+        if not rows or not seeds:
+            raise ValueError("comparison_grid needs at least one row and one seed")
+        with self._lock:
+            by_weight = all(isinstance(r, (int, float)) for r in rows)
+            target = adapter or self._default_target(required=by_weight)
+            images, labels = [], []
+            for row in rows:
+                with self._row(row, target, by_weight):
+                    images.append([self.generate(prompt, seed=s, **generate_kwargs)[0] for s in seeds])
+                labels.append(f"weight {row:g}" if by_weight else Path(row).stem)
+            return image_grid(images, labels, [f"seed {s}" for s in seeds])
+
+    def _default_target(self, required: bool) -> str | None:
+        active = list(self.blender.active())
+        if not active and required:
+            raise ValueError("comparison by weight needs an adapter in the blend; call set_adapters first")
+        return active[0] if active else None
+
+    def _row(self, row, target: str | None, by_weight: bool):
+        return _WeightRow(self.blender, target, row) if by_weight else _CheckpointRow(self, target, row)
+
+    def export_blend(self, path: str | Path, rank: int | None = None, dtype: str = "fp16") -> dict | None:
+        """Write the enabled adapters at their weights as one adapter: exact (rank = sum of ranks), or compressed to
+        `rank` by SVD (returns the report with the kept norm share)."""
+        with self._lock:
+            blender = self.blender
+            pairs = [(blender.adapter(name), weight) for name, weight in blender.active().items()]
+            if not pairs:
+                raise ValueError("the blend is empty; add at least one enabled adapter before exporting")
+            titles = [Path(name).stem if not name.startswith("adapter@") else None for name in blender.active()]
+            titles = titles if all(titles) else None
+            merged, report = (merge_exact(pairs, titles), None) if rank is None else merge_svd(pairs, rank, titles)
+            save_adapter(merged, path, dtype=dtype)
+            return report
+
+
+class _WeightRow:
+    """Within the block the target adapter has the row's weight; the old weight comes back after."""
+
+    def __init__(self, blender: FusedBlender, name: str, weight: float):
+        self.blender, self.name, self.weight = blender, name, weight
+
+    def __enter__(self):
+        self.old = self.blender.active()[self.name]
+        self.blender.set_weight(self.name, self.weight)
+
+    def __exit__(self, *exc):
+        self.blender.set_weight(self.name, self.old)
+
+
+class _CheckpointRow:
+    """Within the block a checkpoint file replaces the target adapter (disabled meanwhile, then put back)."""
+
+    def __init__(self, generator: Generator, target: str | None, path):
+        self.generator, self.target, self.path = generator, target, path
+
+    def __enter__(self):
+        blender = self.generator.blender
+        self.was_enabled = bool(self.target) and blender.is_enabled(self.target)
+        weight = blender.active().get(self.target, 1.0) if self.target else 1.0
+        if self.target:
+            blender.set_enabled(self.target, False)
+        blender.add("__checkpoint__", self.generator._resolve(self.path)[1], weight)
+
+    def __exit__(self, *exc):
+        blender = self.generator.blender
+        blender.remove("__checkpoint__")
+        if self.target:
+            blender.set_enabled(self.target, self.was_enabled)

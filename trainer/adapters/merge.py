@@ -1,0 +1,74 @@
+"""Merge several weighted adapters into one.
+
+Never average A and B separately: (sum w_i B_i)(sum w_i A_i) has cross terms B_i A_j that none of the adapters
+learnt. `merge_exact` stacks the ranks instead (the product of the stacked factors is exactly sum_i w_i s_i B_i A_i);
+`merge_svd` compresses that exact sum per layer by truncated SVD.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from trainer.lora_state import Adapter, LoraLayer
+
+from .resize import compress, rank_metadata
+
+# metadata every source must agree on to be carried over (which base model the adapter is for)
+_SHARED_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "ss_sd_model_name")
+
+
+def merge_exact(pairs: list[tuple[Adapter, float]], titles: list[str] | None = None) -> Adapter:
+    """One adapter whose delta on every layer is sum_i w_i * delta_i, exactly.
+
+    down = concat of the downs, up = concat of w_i * scale_i * up_i, alpha = total rank (scale 1); rank = sum of the
+    ranks of the adapters that have the layer; layers = the union. Zero weights are left out. `titles` (for
+    example the file names) go into the `loradesk.merged_from` metadata.
+    """
+    titles = list(titles) if titles else [_title(a, i) for i, (a, _) in enumerate(pairs)]
+    kept = [i for i, (_, w) in enumerate(pairs) if float(w) != 0.0]
+    sources = [{"title": titles[i], "weight": float(pairs[i][1])} for i in kept]
+    pairs = [(pairs[i][0], float(pairs[i][1])) for i in kept]
+    names = list(dict.fromkeys(name for adapter, _ in pairs for name in adapter.layers))
+    layers = {name: _stack(name, [(a.layers[name], w) for a, w in pairs if name in a.layers]) for name in names}
+    merged = Adapter(layers, _merged_metadata(pairs, sources))
+    merged.metadata.update(rank_metadata(merged))
+    return merged
+
+
+def merge_svd(pairs: list[tuple[Adapter, float]], rank: int,
+              titles: list[str] | None = None) -> tuple[Adapter, dict]:
+    """The exact merge compressed to `rank` per layer; the report gives each layer's kept share of the Frobenius
+    norm (`layers[name]["kept"]`) and the overall share (`kept_overall`)."""
+    if rank < 1:
+        raise ValueError(f"merge: rank must be at least 1, got {rank}")
+    return compress(merge_exact(pairs, titles), rank=rank)
+
+
+def _stack(name: str, parts: list[tuple[LoraLayer, float]]) -> LoraLayer:
+    tail = parts[0][0].down.shape[1:]  # [in] or [in, kh, kw]: every part is reshaped to the first one's layout
+    try:
+        downs = [layer.down.to(torch.float32).reshape(layer.rank, *tail) for layer, _ in parts]
+        ups = [(w * layer.scale * layer.up.to(torch.float32)).reshape(layer.up.shape[0], layer.rank,
+                                                                      *[1] * (len(tail) - 1))
+               for layer, w in parts]
+        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+    except RuntimeError as e:
+        shapes = ", ".join(f"{tuple(layer.up.shape)}x{tuple(layer.down.shape)}" for layer, _ in parts)
+        raise ValueError(f"layer {name}: the adapters' shapes ({shapes}) do not agree; they were trained for "
+                         f"different base models") from e
+    return LoraLayer(down.contiguous(), up.contiguous(), float(down.shape[0]))
+
+
+def _merged_metadata(pairs: list[tuple[Adapter, float]], sources: list[dict]) -> dict[str, str]:
+    meta = {"loradesk.merged_from": json.dumps(sources)}
+    for key in _SHARED_KEYS:
+        values = {a.metadata.get(key) for a, _ in pairs}
+        if len(values) == 1 and None not in values:
+            meta[key] = values.pop()
+    return meta
+
+
+def _title(adapter: Adapter, i: int) -> str:
+    m = adapter.metadata
+    return m.get("modelspec.title") or m.get("ss_output_name") or f"adapter {i + 1}"
