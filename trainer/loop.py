@@ -95,6 +95,8 @@ class Trainer:
         device = resolve_device(cfg)
         if cfg.precision.mixed == "fp16" and device != "cuda":
             raise C.ConfigError(["precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no"])
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a process-wide singleton
         self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu")
         self.device = self.accelerator.device
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
@@ -103,7 +105,9 @@ class Trainer:
         self.train_te = trains_text_encoder(cfg)
         self.weight_dtype = _frozen_dtype(cfg, device)
         for module in (self.base.unet, self.base.vae, self.base.text_encoder):
-            module.to(self.device, dtype=self.weight_dtype)
+            module.to(self.device)
+            if self.weight_dtype != torch.float32:
+                module.to(dtype=self.weight_dtype)
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:
@@ -115,7 +119,8 @@ class Trainer:
         self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
         cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
-        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir) if use_cache else None
+        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir, model_key=self.base.source) \
+            if use_cache else None
         self.text_cache: dict[str, torch.Tensor] | None = {} if (cfg.dataset.cache_text and not self.train_te) \
             else None
 

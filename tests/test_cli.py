@@ -1,0 +1,104 @@
+"""The CLI contract (exit codes, messages on stderr, run folder layout) and training in a child process."""
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer import config as C
+from trainer.__main__ import main
+from trainer.formats import load_adapter
+from trainer.job import JobError, active_job, start_job
+
+BASE_SETS = ["dataset.resolution=32", "dataset.batch_size=2", "network.rank=4", "schedule.max_steps=3",
+             "run.name=cli", "saving.dtype=fp32"]
+
+
+def sets(model_dir, data_dir, runs_dir, *extra):
+    out = []
+    for item in [f"model.path={model_dir}", f"dataset.path={data_dir}", f"saving.runs_dir={runs_dir}",
+                 *BASE_SETS, *extra]:
+        out += ["--set", item]
+    return out
+
+
+def test_presets_lists_the_shipped_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny-demo", "sd15-character", "sd15-style", "sd15-low-vram"):
+        assert name in out
+
+
+def test_config_errors_exit_2_with_the_message_on_stderr(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[network]\nrnak = 4\n")
+    assert main(["validate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "network.rnak" in err and "bad.toml" in err
+    assert main(["train", "--config", str(bad)]) == 2
+    assert main(["train", "--set", "network.rank=0"]) == 2
+    assert "network.rank" in capsys.readouterr().err
+
+
+def test_no_valid_image_stops_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    import trainer.models
+    monkeypatch.setattr(trainer.models, "load_base_model", lambda *a, **k: pytest.fail("model was loaded"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"not an image")
+    code = main(["train", *sets("", data, tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(data) in err and "broken.png" in err
+
+
+def test_train_then_export(tiny_model_dir, image_dir, tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    assert main(["train", "--quiet", *sets(tiny_model_dir, image_dir, runs_dir)]) == 0
+    run_dir, = runs_dir.iterdir()
+    assert run_dir.name.startswith("cli-")
+    adapter = run_dir / "cli.safetensors"
+    assert adapter.exists() and f"adapter: {adapter}" in capsys.readouterr().out
+    out = tmp_path / "out.safetensors"
+    assert main(["export", str(run_dir), "--format", "diffusers", "--dtype", "fp32", "--out", str(out)]) == 0
+    a, b = load_adapter(adapter), load_adapter(out)
+    assert a.layers.keys() == b.layers.keys()
+    for k in a.layers:
+        assert (a.layers[k].delta() - b.layers[k].delta()).abs().max() < 1e-6
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_job_runs_in_a_child_process_stops_and_resumes(tiny_model_dir, image_dir, tmp_path):
+    cfg = C.apply_overrides(C.TrainConfig(), sets(tiny_model_dir, image_dir, tmp_path / "runs")[1::2])
+    C.set_value(cfg, "schedule.max_steps", 400)
+    job = start_job(cfg)
+    assert job.process.pid != 0
+    assert wait_for(lambda: job.info().step >= 1), (job.run_dir / "train.log").read_text()
+    assert active_job(tmp_path / "runs").run_dir == job.run_dir
+    with pytest.raises(JobError, match="still training"):
+        start_job(cfg)
+    job.stop()
+    assert job.wait(60) == 0
+    info = job.info()
+    assert info.state == "stopped" and info.step < 400 and info.adapter_path.exists()
+    assert active_job(tmp_path / "runs") is None
+    C.set_value(cfg, "schedule.max_steps", info.step + 2)
+    from trainer.runs import write_text_atomic
+    write_text_atomic(job.run_dir / "config.toml", C.dumps(cfg))  # train two more steps on resume
+    resumed = start_job(cfg, resume=job.run_dir)
+    assert resumed.wait(60) == 0, (job.run_dir / "train.log").read_text()
+    assert resumed.info().state == "finished" and resumed.info().step == info.step + 2
+    assert Path(resumed.info().adapter_path).exists()

@@ -1,0 +1,194 @@
+"""The engine end to end on a tiny model: no-op init, falling loss, determinism, resume, stop, NaN, events."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import tiny_components
+from trainer import config as C
+from trainer import runs
+from trainer.events import EventLog, Failed, Finished, Progress, SampleWritten, Started, read_events
+from trainer.loop import Trainer
+from trainer.network import inject_lora
+
+
+def make_cfg(model_dir, data_dir, tmp_path, **overrides) -> C.TrainConfig:
+    cfg = C.TrainConfig()
+    values = {"model.path": str(model_dir), "dataset.path": str(data_dir), "dataset.resolution": 32,
+              "dataset.batch_size": 2, "dataset.trigger": "zqx", "network.rank": 4, "network.alpha": 4.0,
+              "optimizer.unet_lr": 1e-3, "optimizer.text_encoder_lr": 1e-3, "schedule.max_steps": 6,
+              "schedule.lr_scheduler": "constant", "saving.runs_dir": str(tmp_path / "runs"), "run.name": "t",
+              "saving.dtype": "fp32"}
+    values.update(overrides)
+    for key, value in values.items():
+        C.set_value(cfg, key, value)
+    return C.check(cfg)
+
+
+def train(cfg, run_dir=None, resume=False, on_event=None):
+    run_dir = run_dir or runs.create_run_dir(cfg)
+    events = []
+    trainer = Trainer(cfg, run_dir, callbacks=[EventLog(run_dir / "events.jsonl"), events.append])
+    if on_event:
+        trainer.callbacks.append(lambda e: on_event(trainer, e))
+    path = trainer.run(resume=resume)
+    return path, events, run_dir
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_lora_at_init_is_a_no_op():
+    parts = tiny_components(0)
+    unet, te, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    torch.manual_seed(1)
+    sample, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    ids = tok(["a red circle", "zqx"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = te(ids).last_hidden_state
+        before = unet(sample, t, hidden).sample
+    cfg = C.TrainConfig()
+    C.apply_overrides(cfg, ["network.unet_targets=['attention', 'feed_forward', 'projections']",
+                            "network.text_encoder_targets=['attention', 'mlp']"])
+    params = inject_lora(SimpleNamespace(unet=unet, text_encoder=te), cfg)
+    assert len(params.unet) > 0 and len(params.text_encoder) > 0
+    assert all(p.abs().sum() > 0 for n, p in params.unet.items() if "lora_A" in n), "A starts random"
+    assert all(p.abs().sum() == 0 for n, p in params.unet.items() if "lora_B" in n), "B starts at zero"
+    with torch.no_grad():
+        hidden_after = te(ids).last_hidden_state
+        after = unet(sample, t, hidden_after).sample
+    assert (hidden_after - hidden).abs().max() < 1e-6
+    assert (after - before).abs().max() < 1e-6
+    frozen = [n for n, p in unet.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert frozen == [], "every base weight is frozen"
+
+
+def test_loss_falls(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": 40, "optimizer.unet_lr": 3e-3,
+                                                           "network.text_encoder": False, "dataset.batch_size": 4})
+    path, events, _ = train(cfg)
+    losses = [e.loss for e in events if isinstance(e, Progress)]
+    assert len(losses) == 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    print(f"mean loss first 10 steps {first:.4f}, last 10 steps {last:.4f}")
+    assert last < first
+    assert path.exists()
+
+
+def test_same_config_and_seed_give_identical_adapters(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.caption_dropout": 0.3,
+                                                           "network.dropout": 0.1})
+    a, _, _ = train(cfg)
+    b, _, _ = train(cfg)
+    assert_same_tensors(tensors(a), tensors(b))
+    C.set_value(cfg, "run.seed", 7)
+    c, _, _ = train(cfg)
+    assert any(not torch.equal(x, tensors(c)[k]) for k, x in tensors(a).items()), "the seed matters"
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tiny_model_dir, image_dir, tmp_path):
+    overrides = {"schedule.max_steps": 8, "schedule.lr_scheduler": "cosine", "schedule.warmup_steps": 2,
+                 "dataset.flip": True, "dataset.crop": "random", "network.dropout": 0.1}
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **overrides)
+    full, _, _ = train(cfg)
+
+    def stop_at_3(trainer, event):
+        if isinstance(event, Progress) and event.step == 3:
+            trainer.inbox.request("stop")
+
+    stopped, events, run_dir = train(cfg, on_event=stop_at_3)
+    finished = [e for e in events if isinstance(e, Finished)][0]
+    assert finished.stopped and finished.step == 3, "the stop request ended the run within one step"
+    assert stopped.exists() and len(tensors(stopped)) > 0, "a stopped run still writes a usable adapter"
+    assert runs.last_checkpoint(run_dir).name == "step-000003"
+
+    resumed, events, _ = train(cfg, run_dir=run_dir, resume=True)
+    assert [e for e in events if isinstance(e, Started)][0].start_step == 3
+    assert [e.step for e in events if isinstance(e, Progress)] == [4, 5, 6, 7, 8]
+    assert_same_tensors(tensors(full), tensors(resumed))
+    assert runs.run_info(run_dir).state == "finished"
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_model_dir, image_dir, tmp_path,
+                                                                     monkeypatch):
+    import trainer.loop as loop
+    real = loop.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"saving.every_n_steps": 2})
+    path, events, run_dir = train(cfg)
+    assert path is None
+    failed = [e for e in events if isinstance(e, Failed)][0]
+    assert "nan" in failed.error.lower() and failed.step == 4 and "unet_lr" in failed.advice
+    assert failed.last_checkpoint.endswith("step-000004")
+    assert not runs.final_adapter_path(run_dir, cfg).exists()
+    assert runs.run_info(run_dir).state == "failed"
+
+
+def test_events_samples_checkpoints_and_metadata(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"sampling.every_n_steps": 3, "saving.every_n_steps": 2,
+                                                           "saving.keep_last": 2, "sampling.steps": 2,
+                                                           "sampling.prompts": ["zqx", "a red square"]})
+    run_dir = runs.create_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir, callbacks=[EventLog(run_dir / "events.jsonl")])
+    path = trainer.run()
+    logged = read_events(run_dir / "events.jsonl")
+    kinds = [e.kind for e in logged]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("progress") == 6
+    samples = [e for e in logged if isinstance(e, SampleWritten)]
+    assert [s.step for s in samples] == [3, 6] and all(len(s.paths) == 2 for s in samples)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step-000003-0.png", "step-000003-1.png", "step-000006-0.png", "step-000006-1.png"]
+    assert [p.name for p in runs.checkpoint_dirs(run_dir)] == ["step-000002", "step-000004"], "keep the last 2"
+    assert (run_dir / "config.toml").exists() and C.load(run_dir / "config.toml") == cfg
+    progress = [e for e in logged if isinstance(e, Progress)]
+    assert all(e.it_per_s > 0 and e.eta_s >= 0 and e.lr > 0 for e in progress)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "t" and meta["ss_seed"] == "42"
+    assert json.loads(meta["ss_tag_frequency"])
+    assert not list(run_dir.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"precision.mixed": "bf16", "schedule.max_steps": 2,
+                                                           "loss.min_snr_gamma": 5.0, "loss.noise_offset": 0.05,
+                                                           "schedule.gradient_accumulation": 2})
+    path, events, _ = train(cfg)
+    assert path is not None and path.exists()
+    assert all(torch.isfinite(t).all() for t in tensors(path).values())
+
+
+def test_fp16_and_8bit_need_cuda(tiny_model_dir, image_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for override in ({"precision.mixed": "fp16"}, {"optimizer.name": "adamw8bit"}):
+        cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **override)
+        with pytest.raises(C.ConfigError, match="CUDA"):
+            train(cfg)
+
+
+def test_adafactor_and_epochs(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"optimizer.name": "adafactor", "schedule.epochs": 2,
+                                                           "dataset.batch_size": 2})
+    path, events, _ = train(cfg)
+    assert [e for e in events if isinstance(e, Started)][0].total_steps == 4  # 4 images / batch 2 x 2 epochs
+    assert path.exists()
