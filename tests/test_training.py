@@ -192,3 +192,20 @@ def test_adafactor_and_epochs(tiny_model_dir, image_dir, tmp_path):
     path, events, _ = train(cfg)
     assert [e for e in events if isinstance(e, Started)][0].total_steps == 4  # 4 images / batch 2 x 2 epochs
     assert path.exists()
+
+
+def test_latents_and_text_are_cached_when_nothing_random_needs_fresh_pixels(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.cache_latents": "disk",
+                                                           "network.text_encoder": False,
+                                                           "precision.gradient_checkpointing": True})
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    assert trainer.run().exists()
+    assert trainer.latent_cache is not None and trainer.latent_cache.hits >= 8 and trainer.latent_cache.misses == 4
+    assert len(list((image_dir / ".loradesk-cache").rglob("*.safetensors"))) == 4, "one disk entry per image"
+    assert len(trainer.text_cache) == 1, "one caption, encoded once"
+    assert trainer.base.unet.is_gradient_checkpointing
+
+    C.set_value(cfg, "dataset.flip", True)  # random flips need fresh pixels: no latent cache
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    trainer.run()
+    assert trainer.latent_cache is None
