@@ -1,0 +1,25 @@
+"""LoRA files: kohya <-> diffusers <-> peft key maps, ss_*/modelspec metadata, reading foreign files, writing ours.
+
+Everything goes through `trainer.lora_state.Adapter` (layers keyed by kohya module name).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .check import align_to_model, check_against_model, delta_shape
+from .errors import AdapterFormatError
+from .from_model import adapter_from_model
+from .layout import DTYPES, FORMATS
+from .metadata import build_metadata
+from .names import kohya_name, module_index, normalise_kohya_name, split_kohya_name
+from .read import detect_format, load_adapter
+from .write import save_adapter, write_atomically
+
+__all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "build_metadata",
+           "check_against_model", "delta_shape", "detect_format", "export_file", "kohya_name", "load_adapter",
+           "module_index", "normalise_kohya_name", "save_adapter", "split_kohya_name", "write_atomically"]
+
+
+def export_file(src_adapter_path, out_path, format: str = "kohya", dtype: str = "fp16") -> Path:
+    """Re-write any readable LoRA file in our kohya or diffusers layout (metadata carried over)."""
+    return save_adapter(load_adapter(src_adapter_path), out_path, format=format, dtype=dtype)

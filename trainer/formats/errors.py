@@ -1,0 +1,5 @@
+"""The one error every adapter reader and writer raises for bad input."""
+
+
+class AdapterFormatError(ValueError):
+    """An adapter file or adapter that cannot be read, written or applied; the message names the file and the fix."""

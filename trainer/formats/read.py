@@ -1,0 +1,234 @@
+"""Read kohya, diffusers and peft LoRA files into an `Adapter` keyed by kohya names.
+
+Readers of pickles can run arbitrary code, so only .safetensors files are read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import safetensors
+import torch
+
+from trainer.lora_state import Adapter, LoraLayer
+
+from .errors import AdapterFormatError
+from .layout import DIFFUSERS_CONFIG_KEY, shape_problem
+from .names import UNET_PREFIX, kohya_name, normalise_kohya_name
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# module path + which tensor, for the layouts diffusers and peft have written over the years
+_MODULE_KEYS = [
+    (re.compile(r"^(.+?)\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$"), "down"),  # peft (optionally with adapter name)
+    (re.compile(r"^(.+?)\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$"), "up"),
+    (re.compile(r"^(.+?)\.lora(?:_linear_layer)?\.down\.weight$"), "down"),  # diffusers before peft
+    (re.compile(r"^(.+?)\.lora(?:_linear_layer)?\.up\.weight$"), "up"),
+    (re.compile(r"^(.+?)\.alpha$"), "alpha"),
+]
+# diffusers' attention-processor era: `attn1.processor.to_q_lora.down.weight`
+_OLD_PROCESSOR_KEY = re.compile(r"^(.+?)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_UNET_TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_OLD_TE_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_UNKNOWN_HINT = ("LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale), CP-decomposed conv (lora_mid) and "
+                 "full-weight diffs are not LoRA layers loradesk can read")
+
+
+def load_adapter(path) -> Adapter:
+    """Read a kohya, diffusers or peft .safetensors LoRA; every layer is keyed by its kohya name, tensors fp32."""
+    path = Path(path)
+    state, file_meta = _read_safetensors(path)
+    fmt = detect_format(state.keys())
+    if fmt == "kohya":
+        parts, unknown = _parse_kohya(state)
+    elif fmt in ("diffusers", "peft"):
+        configs = _diffusers_configs(file_meta) if fmt == "diffusers" else _peft_config(path)
+        parts, unknown = _parse_modules(state, configs)
+    else:
+        parts, unknown = {}, sorted(state)
+    if unknown:
+        raise AdapterFormatError(f"{path}: {len(unknown)} key(s) are not in a LoRA layout loradesk reads (kohya, "
+                                 f"diffusers, peft): {_listing(unknown, 10)}. {_UNKNOWN_HINT}; convert the file "
+                                 f"to a plain LoRA or use the tool that made it.")
+    if not parts:
+        raise AdapterFormatError(f"{path} holds no LoRA layers; is it an adapter file?")
+    return Adapter(layers=_assemble(parts, path), metadata=dict(file_meta))
+
+
+def detect_format(keys_or_path) -> str:
+    """The layout of a file (path) or state dict (its tensor names): kohya, diffusers, peft or unknown."""
+    if isinstance(keys_or_path, (str, Path)):
+        keys = list(_read_safetensors(Path(keys_or_path), tensors=False)[0])
+    else:
+        keys = list(keys_or_path)
+    if any(_KOHYA_KEY.match(k) for k in keys):
+        return "kohya"
+    stripped = [_strip_peft_root(k) for k in keys]
+    if not any(p.match(k) for k in stripped for p, part in _MODULE_KEYS if part != "alpha") \
+            and not any(_OLD_PROCESSOR_KEY.match(k) for k in stripped):
+        return "unknown"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in stripped):
+        return "diffusers"
+    return "peft"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the file
+
+def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict[str, str]]:
+    """name -> tensor (or None when only the names are wanted) and the file's metadata."""
+    _refuse_pickle(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) if tensors else None for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise AdapterFormatError(f"{path} is not a readable .safetensors file ({e}); re-download or re-export "
+                                 f"it") from None
+
+
+def _refuse_pickle(path: Path) -> None:
+    if not path.is_file():
+        raise AdapterFormatError(f"adapter file {path} does not exist; give the path of a .safetensors LoRA")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # pickle protocol 2+ starts with 0x80; torch.save writes a zip archive
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK\x03\x04":
+        raise AdapterFormatError(f"{path} is a pickle file (.ckpt/.pt/.bin); loading pickles can run arbitrary "
+                                 f"code, so loradesk reads only .safetensors. Get the .safetensors release of this "
+                                 f"LoRA, or convert it with a tool you trust.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya
+
+def _parse_kohya(state: dict) -> tuple[dict, list[str]]:
+    parts, unknown = {}, []
+    for key, tensor in state.items():
+        m = _KOHYA_KEY.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        name = normalise_kohya_name(key.split(".", 1)[0])
+        parts.setdefault(name, {})[_KOHYA_PART[m.group(3)]] = tensor
+    return parts, unknown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers / peft
+
+def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[str]]:
+    has_te2 = any(_strip_peft_root(k).startswith("text_encoder_2.") for k in state)
+    parts, unknown, paths = {}, [], {}
+    for key, tensor in state.items():
+        found = _module_and_part(_strip_peft_root(key).replace(".processor.", "."))
+        if found is None:
+            unknown.append(key)
+            continue
+        (component, path), part = found
+        prefix = _prefix_of(component, path, has_te2)
+        name = kohya_name(prefix, path)
+        paths[name] = (component, path)
+        parts.setdefault(name, {})[part] = tensor
+    for name, layer in parts.items():
+        if "alpha" not in layer and "down" in layer:
+            component, path = paths[name]
+            alpha = _config_alpha(configs.get(component), path, layer["down"].shape[0])
+            if alpha is not None:
+                layer["alpha"] = torch.tensor(alpha)
+    return parts, unknown
+
+
+def _module_and_part(key: str):
+    m = _OLD_PROCESSOR_KEY.match(key)
+    if m:
+        component, path = _split_component(m.group(1))
+        targets = _OLD_TE_TARGET if component.startswith("text_encoder") or "text_model" in path else _OLD_UNET_TARGET
+        return (component, f"{path}.{targets[m.group(2)]}"), m.group(3)
+    for pattern, part in _MODULE_KEYS:
+        m = pattern.match(key)
+        if m:
+            return _split_component(m.group(1)), part
+    return None
+
+
+def _split_component(path: str) -> tuple[str, str]:
+    for component in ("unet", "text_encoder_2", "text_encoder"):
+        if path.startswith(component + "."):
+            return component, path[len(component) + 1:]
+    return "", path  # a bare peft file: the component is guessed from the path
+
+
+def _prefix_of(component: str, path: str, has_te2: bool) -> str:
+    if component == "text_encoder_2":
+        return "lora_te2"
+    if component == "text_encoder" or (not component and path.startswith(("text_model.", "encoder.layers."))):
+        return "lora_te1" if has_te2 else "lora_te"
+    return UNET_PREFIX
+
+
+def _strip_peft_root(key: str) -> str:
+    while key.startswith("base_model.model."):
+        key = key[len("base_model.model."):]
+    return key
+
+
+def _diffusers_configs(file_meta: dict) -> dict[str, dict]:
+    """The per-component peft LoraConfig kwargs diffusers stores in the file's metadata ("unet.r", ...)."""
+    raw = file_meta.get(DIFFUSERS_CONFIG_KEY)
+    if not raw:
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in json.loads(raw).items():
+        component, _, field = key.rpartition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _peft_config(path: Path) -> dict[str, dict]:
+    """peft's save_pretrained writes the config (with lora_alpha) beside the weights."""
+    config_file = path.parent / "adapter_config.json"
+    if not config_file.is_file():
+        return {}
+    return {"": json.loads(config_file.read_text(encoding="utf-8"))}
+
+
+def _config_alpha(config: dict | None, path: str, rank: int) -> float | None:
+    """The alpha a peft LoraConfig gives this module (None without a config: diffusers/peft then mean scale 1)."""
+    if not config or config.get("lora_alpha") is None:
+        return None
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        # peft's own rule (get_pattern_key): the pattern matches a dotted suffix of the module path
+        if any(re.match(rf"(.*\.)?({pattern})$", p) for p in (path, path.removeprefix("text_model."))):
+            alpha = float(value)
+            break
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA's scale is alpha/sqrt(r); kohya's alpha/r needs alpha*sqrt(r)
+    return alpha
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _assemble(parts: dict[str, dict], path: Path) -> dict[str, LoraLayer]:
+    layers, problems = {}, []
+    for name in sorted(parts):
+        p = parts[name]
+        problem = shape_problem(name, p.get("down"), p.get("up"))
+        if problem:
+            problems.append(problem)
+            continue
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        layers[name] = LoraLayer(down=p["down"].float(), up=p["up"].float(), alpha=alpha)
+    if problems:
+        raise AdapterFormatError(f"{path}: {len(problems)} layer(s) are malformed: {_listing(problems, 10, '; ')}")
+    return layers
+
+
+def _listing(items: Iterable[str], limit: int, sep: str = ", ") -> str:
+    items = list(items)
+    more = f"{sep}... and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more

@@ -1,0 +1,125 @@
+"""Write an `Adapter` as a kohya or diffusers safetensors file, atomically."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from trainer.lora_state import Adapter
+
+from .errors import AdapterFormatError
+from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
+from .names import split_kohya_name
+
+
+def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp16",
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write `adapter` to `path` (.safetensors) in the kohya or diffusers layout; returns the path."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"adapter files are written as .safetensors; name {path} with that suffix")
+    if not adapter.layers:
+        raise AdapterFormatError(f"cannot write {path}: the adapter has no layers")
+    if format not in FORMATS:
+        raise ValueError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+    dt = torch_dtype(dtype)
+    problems = [p for n, layer in adapter.layers.items() if (p := shape_problem(n, layer.down, layer.up))]
+    if problems:
+        raise AdapterFormatError(f"cannot write {path}: " + "; ".join(problems[:10]))
+    meta = {"format": "pt", **adapter.metadata, **(metadata or {})}
+    # a config carried over from a diffusers file we read: diffusers refuses a kohya file that has one (it cannot
+    # take both network alphas and a config), and the diffusers writer makes a fresh one
+    meta.pop(DIFFUSERS_CONFIG_KEY, None)
+    if format == "kohya":
+        tensors = kohya_tensors(adapter, dt)
+    else:
+        tensors, configs = diffusers_tensors(adapter, dt)
+        meta[DIFFUSERS_CONFIG_KEY] = json.dumps(configs, sort_keys=True)
+    meta = check_metadata(meta, str(path))
+    write_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def kohya_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor]:
+    """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-d, in the save dtype as sd-scripts).
+
+    Every layer gets the same alpha: diffusers 0.42 applies only the most common alpha of a kohya file (the
+    alpha_pattern it builds never matches a module), so a layer whose alpha differs has the ratio folded into its
+    up weight instead. Each delta stays (alpha/r) * up @ down exactly, for diffusers, A1111 and ComfyUI alike.
+    """
+    alphas = {name: _alpha(layer) for name, layer in adapter.layers.items()}
+    # alpha 0 (a zero delta) cannot carry other layers' scales, so it never becomes the shared alpha of a mixed set
+    counts = collections.Counter(a for a in alphas.values() if a != 0 or len(set(alphas.values())) == 1)
+    common = counts.most_common(1)[0][0] if counts else 1.0
+    out = {}
+    for name in sorted(adapter.layers):
+        layer = adapter.layers[name]
+        up = layer.up if alphas[name] == common else layer.up.double() * (alphas[name] / common)
+        out[f"{name}.lora_down.weight"] = _copy(layer.down, dt)
+        out[f"{name}.lora_up.weight"] = _copy(up, dt)
+        out[f"{name}.alpha"] = torch.tensor(common, dtype=dt)
+    return out
+
+
+def _alpha(layer) -> float:
+    # a layer read without alpha means scale 1; alpha = rank says the same to every reader
+    return float(layer.alpha) if layer.alpha is not None else float(layer.rank)
+
+
+def diffusers_tensors(adapter: Adapter, dt: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """What `StableDiffusionPipeline.save_lora_weights` writes: `unet.<path>.lora_A.weight` / `.lora_B.weight`.
+
+    diffusers refuses tensor keys without 'lora' in them, so alphas cannot travel as `.alpha` keys; they go, as
+    diffusers itself stores them, into a peft LoraConfig per component under the `lora_adapter_metadata` key.
+    """
+    tensors, layers_by_component = {}, collections.defaultdict(dict)
+    for name in sorted(adapter.layers):
+        layer = adapter.layers[name]
+        prefix, path = split_kohya_name(name)
+        component = COMPONENTS[prefix]
+        tensors[f"{component}.{path}.lora_A.weight"] = _copy(layer.down, dt)
+        tensors[f"{component}.{path}.lora_B.weight"] = _copy(layer.up, dt)
+        alpha = _alpha(layer)
+        # config patterns are matched as path suffixes, so drop `text_model.` to fit both CLIP layouts
+        layers_by_component[component][path.removeprefix("text_model.")] = (layer.rank, alpha)
+    configs = {}
+    for component, layers in layers_by_component.items():
+        for key, value in lora_config(layers).items():
+            configs[f"{component}.{key}"] = value
+    return tensors, configs
+
+
+def lora_config(layers: dict[str, tuple[int, float]]) -> dict:
+    """peft LoraConfig kwargs: the most common rank/alpha, plus per-module patterns for the others."""
+    r = collections.Counter(rank for rank, _ in layers.values()).most_common(1)[0][0]
+    alpha = collections.Counter(a for _, a in layers.values()).most_common(1)[0][0]
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
+            "rank_pattern": {re.escape(p): rk for p, (rk, _) in layers.items() if rk != r},
+            "alpha_pattern": {re.escape(p): a for p, (_, a) in layers.items() if a != alpha}}
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp_path)` into a temporary file next to `path`, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _copy(tensor: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    # a fresh contiguous CPU tensor: safetensors refuses views that share storage
+    return tensor.detach().to("cpu", dtype=dt, copy=True).contiguous()
