@@ -123,6 +123,9 @@ def _train_run_dir(args) -> tuple[Path, bool]:
         if not runs.last_checkpoint(resume_dir):
             raise UserError(f"{resume_dir} has no checkpoint to resume from; set saving.every_n_steps to write "
                             f"checkpoints, or start a new run")
+        if args.set:  # e.g. --set schedule.max_steps=2000 to train a finished run longer
+            cfg = C.apply_overrides(runs.load_run_config(resume_dir), args.set)
+            runs.write_text_atomic(Path(resume_dir) / "config.toml", C.dumps(C.check(cfg)))
         return Path(resume_dir), True
     if args.run_dir:
         run_dir = Path(args.run_dir)

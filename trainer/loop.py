@@ -59,6 +59,8 @@ class Trainer:
         self.scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
         for warning in self.scan.warnings:
             self.emit(Message(level="warning", text=warning))
+        for skipped in self.scan.skipped:
+            self.emit(Message(level="warning", text=f"skipped {skipped.path}: {skipped.reason}"))
         self.plan = BatchPlan(self.scan, cfg.dataset, cfg.run.seed)
         self._setup_model()
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
