@@ -236,30 +236,8 @@ def coerce(info: FieldInfo, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             return value.strip().lower() in ("true", "1", "yes", "on")
         raise ValueError(f"expected true or false, got {value!r}")
-    if t is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"expected a whole number, got {value!r}")
-    if t is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {value!r}")
+    if t in (int, float):
+        return _number(value, t)
     if t is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split("\n" if "\n" in value else ",") if v.strip()] if value else []
@@ -271,6 +249,20 @@ def coerce(info: FieldInfo, value: Any) -> Any:
             return value
         raise ValueError(f"expected text, got {value!r}")
     raise TypeError(f"unsupported field type {t}")
+
+
+def _number(value: Any, kind: type) -> int | float:
+    """int or float from a number or its text; a bool or a fractional int is refused."""
+    word = "a whole number" if kind is int else "a number"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is float or isinstance(value, int) or value.is_integer():
+            return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"expected {word}, got {value!r}")
 
 
 def parse_cli_value(text: str) -> Any:
