@@ -209,3 +209,27 @@ def test_latents_and_text_are_cached_when_nothing_random_needs_fresh_pixels(tiny
     trainer = Trainer(cfg, runs.create_run_dir(cfg))
     trainer.run()
     assert trainer.latent_cache is None
+
+
+def test_v_prediction_is_read_from_the_scheduler_config(tiny_model_dir, image_dir, tmp_path):
+    import shutil
+    model = shutil.copytree(tiny_model_dir, tmp_path / "vpred")
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    cfg = make_cfg(model, image_dir, tmp_path, **{"schedule.max_steps": 2})
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    assert trainer.run().exists()
+    assert trainer.prediction == "v_prediction"
+    C.set_value(cfg, "model.path", str(tiny_model_dir))
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    trainer.run()
+    assert trainer.prediction == "epsilon"
+
+
+def test_prodigy_optimizer(tiny_model_dir, image_dir, tmp_path):
+    pytest.importorskip("prodigyopt", reason="the prodigy extra is not installed")
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"optimizer.name": "prodigy", "optimizer.unet_lr": 1.0,
+                                                           "optimizer.text_encoder_lr": 1.0,
+                                                           "schedule.max_steps": 2})
+    path, _, _ = train(cfg)
+    assert path.exists()

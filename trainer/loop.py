@@ -305,7 +305,7 @@ def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-    pred = base.unet(noisy.to(base.unet.dtype), timesteps, hidden.to(base.unet.dtype)).sample
+    pred = base.predict(noisy, timesteps, hidden)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.loss.min_snr_gamma:
         loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)

@@ -49,6 +49,11 @@ class BaseModel:
         """The UNet's encoder_hidden_states for these ids (gradients flow when the text encoder trains)."""
         return self._family().encode_text(self, input_ids)
 
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning) -> torch.Tensor:
+        """The UNet's prediction for noisy latents under `conditioning` (what encode_text returned).
+        SDXL will add its pooled embeddings and size/crop ids here, so the training loop stays family-free."""
+        return self._family().predict(self, noisy_latents, timesteps, conditioning)
+
     def pipeline(self, scheduler=None):
         """An inference pipeline sharing these very modules (no copy), no safety checker, progress bar off.
 

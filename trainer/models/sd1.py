@@ -199,6 +199,12 @@ def encode_text(base, input_ids: torch.LongTensor) -> torch.Tensor:
     return text_encoder(input_ids.to(text_encoder.device)).last_hidden_state
 
 
+def predict(base, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+    """SD 1.x conditions the UNet on the text encoder's last hidden state alone."""
+    dtype = base.unet.dtype
+    return base.unet(noisy_latents.to(dtype), timesteps, conditioning.to(dtype)).sample
+
+
 def pipeline(base, scheduler=None):
     from diffusers import StableDiffusionPipeline
 
