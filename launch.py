@@ -13,6 +13,7 @@ def free_port(host: str, start: int, tries: int = 100) -> int:
     """The first port from `start` on that nothing listens on."""
     for port in range(start, start + tries):
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
             try:
                 s.bind((host, port))
                 return port

@@ -119,8 +119,9 @@ def comparison_grid(settings: AppSettings, model_path: str, slots: list[Slot], p
         raise AppError("Another generation is running; try again when it is done.")
     try:
         gen = _prepare(settings, model_path, slots)
-        return gen.comparison_grid(prompt, rows, seeds, negative_prompt=negative_prompt, steps=int(steps),
-                                   guidance=float(guidance), width=int(width), height=int(height))
+        target = str(Path(slots[0].path).expanduser().resolve()) if slots and slots[0].path else None
+        return gen.comparison_grid(prompt, rows, seeds, adapter=target, negative_prompt=negative_prompt,
+                                   steps=int(steps), guidance=float(guidance), width=int(width), height=int(height))
     finally:
         _device_lock.release()
 
@@ -184,4 +185,5 @@ def export_blend(settings: AppSettings, model_path: str, slots: list[Slot], rank
         folder = Path(settings.adapters_dir)
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / f"blend-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-        return Path(gen.export_blend(out, rank=rank) or out)
+        gen.export_blend(out, rank=rank)
+        return out

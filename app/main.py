@@ -35,8 +35,8 @@ def build_app(settings: AppSettings | None = None):
                 picker = dataset.build(settings, demo)
             with gr.Tab("2. Train", id="train"):
                 train.build(settings, demo, picker)
-            with gr.Tab("3. Generate", id="generate"):
-                generate.build(settings, demo)
+            with gr.Tab("3. Generate", id="generate") as generate_tab:
+                generate.build(settings, demo, generate_tab)
     demo.loradesk_settings = settings
     return demo
 

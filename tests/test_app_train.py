@@ -89,6 +89,9 @@ def test_run_view_reads_progress_samples_and_oom_advice_from_the_folder(settings
     assert "gradient_checkpointing" in live["failure"] and "batch_size" in live["failure"]
     assert 'aria-valuenow="20"' in live["progress"]
     assert T.runs_table(settings)[0][:3] == ["demo-20260101-000000", "failed", "2/10"]
+    from app.generation import export_run_adapter
+    with pytest.raises(T.AppError, match="has no adapter yet"):
+        export_run_adapter(run_dir, settings.adapters_dir)
 
 
 def test_event_tail_reads_only_complete_new_lines(tmp_path):
@@ -122,6 +125,7 @@ def wait_for(predicate, timeout=180.0, what="condition"):
 @pytest.mark.slow
 def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tmp_path, tiny_model_dir,
                                                                               image_dir):
+    import torch
     from trainer.formats import load_adapter
     from app import generation as G
     s = AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", base_model=str(tiny_model_dir))
@@ -142,6 +146,13 @@ def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tm
     view = wait_for(lambda: (v := T.run_view(run_dir)).state != "running" and v, what="the stop")
     assert view.state == "stopped" and view.step < 200
     assert load_adapter(view.adapter_path).layers
+    exported = G.export_run_adapter(run_dir, tmp_path / "exports")  # the Download button: kohya, fp16
+    assert exported.name == "app-test-kohya-fp16.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(exported), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert any(k.endswith(".lora_down.weight") for k in f.keys())
+    assert load_adapter(exported).layers.keys() == load_adapter(view.adapter_path).layers.keys()
     stopped_at = view.step
     T.resume_run(s, run_dir)
     wait_for(lambda: T.run_view(run_dir).step > stopped_at, what="the resumed run's next step")

@@ -143,7 +143,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
             gallery = gr.Gallery(label="Images and captions (click one to edit its caption)", columns=4,
                                  height=420, allow_preview=False, object_fit="cover", elem_id="dataset-gallery")
             with gr.Row(equal_height=False):
-                preview = gr.Image(label="Selected", interactive=False, height=220, scale=1)
+                preview = gr.Image(label="Selected", interactive=False, height=220, scale=1, elem_id="caption-preview")
                 with gr.Column(scale=2):
                     caption = gr.Textbox(label="Caption", lines=4, elem_id="caption-box",
                                          info="Describe what should NOT become part of the concept (pose, "
@@ -189,10 +189,13 @@ def _wire(settings: AppSettings, c: dict) -> None:
                                  [c["status"]])
     uploaded.then(lambda: None, None, [c["files"]]).then(on_refresh, [c["picker"], c["resolution"]], views)
 
-    def on_select(name, evt: gr.SelectData):
-        return select(s, name, evt.index)
+    def on_select(name, evt: gr.SelectData):  # not wrapped: Gradio finds SelectData by this signature
+        try:
+            return select(s, name, evt.index)
+        except (UploadError, OSError) as e:
+            raise gr.Error(str(e)) from None
 
-    c["gallery"].select(_guard(on_select), [c["picker"]], [c["selected"], c["preview"], c["caption"]])
+    c["gallery"].select(on_select, [c["picker"]], [c["selected"], c["preview"], c["caption"]])
 
     def save_and_next(name, item, text):
         msg = save_caption(s, name, item, text)

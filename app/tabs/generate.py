@@ -20,7 +20,7 @@ def slots_from(values: list) -> list[G.Slot]:
     return [G.Slot(values[i] or "", float(values[i + 1] or 0), bool(values[i + 2])) for i in range(0, len(values), 3)]
 
 
-def build(settings: AppSettings, demo: gr.Blocks) -> None:
+def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
     s = settings
     choices = G.adapter_choices(s)
     gr.Markdown(HELP)
@@ -128,3 +128,4 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     upload.upload(guard(on_upload), [upload], path_widgets + [run, upload])
     refresh_btn.click(refresh, None, path_widgets + [run])
     demo.load(refresh, None, path_widgets + [run])
+    tab.select(refresh, None, path_widgets + [run])  # runs finished since the page loaded show up
