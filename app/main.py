@@ -16,6 +16,7 @@ CSS = """
             font-weight: 600; font-size: 0.9em; }
 .ld-field-error { color: #c0392b; font-size: 0.85em; margin-top: -6px; }
 .ld-failure h3 { color: #c0392b; }
+.ld-note { font-size: 0.85em; opacity: 0.8; }
 footer { display: none !important; }
 """
 

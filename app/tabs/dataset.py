@@ -121,7 +121,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
                 new_name = gr.Textbox(label="New dataset", placeholder="my-dog", scale=3, elem_id="new-dataset")
                 create_btn = gr.Button("Create", scale=1, elem_id="create-dataset")
             files = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
-                            elem_id="dataset-upload", height=140)
+                            elem_id="dataset-upload", height=150)
             with gr.Accordion("Import a folder from this computer", open=False):
                 folder = gr.Textbox(label="Folder path", placeholder="/home/me/pictures/dog")
                 import_btn = gr.Button("Copy into a new dataset")

@@ -38,8 +38,9 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
                         on = gr.Checkbox(True, label="On", scale=1, min_width=60, elem_id=f"slot-{i}-on")
                     weight = gr.Slider(-1, 2, value=1.0, step=0.05, label="Weight", elem_id=f"slot-{i}-weight")
                 slot_widgets += [path, weight, on]
-            upload = gr.File(label="Add an adapter (.safetensors, kohya or diffusers layout)",
-                             file_types=[".safetensors"], height=100, elem_id="adapter-upload")
+            upload = gr.File(label="Add an adapter file (.safetensors)", file_types=[".safetensors"], height=130,
+                             elem_id="adapter-upload")
+            gr.Markdown("kohya (A1111, ComfyUI) and diffusers layouts are both read.", elem_classes=["ld-note"])
             refresh_btn = gr.Button("Refresh adapter list", size="sm")
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
@@ -51,7 +52,7 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
             with gr.Row():
                 width = gr.Slider(64, 1536, value=512, step=8, label="Width", elem_id="gen-width")
                 height = gr.Slider(64, 1536, value=512, step=8, label="Height", elem_id="gen-height")
-                count = gr.Slider(1, 8, value=1, step=1, label="Images")
+                count = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
             gallery = gr.Gallery(label="Images", columns=4, height=360, elem_id="gen-gallery", format="png")
             with gr.Accordion("Comparison grid", open=False):
@@ -71,7 +72,7 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
                 with gr.Row():
                     rank = gr.Number(None, label="Rank (empty = exact)", precision=0, minimum=1)
                     blend_btn = gr.Button("Export blend", elem_id="blend-btn")
-                blend_file = gr.File(label="Blend file", interactive=False)
+                blend_file = gr.File(label="Blend file", interactive=False, visible=False)
     inputs = [model, *slot_widgets]
 
     def guard(fn):
@@ -107,7 +108,8 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
 
     def on_blend(model_path, *rest):
         slot_values, r = rest[:-1], rest[-1]
-        return str(G.export_blend(s, model_path, slots_from(list(slot_values)), int(r) if r else None))
+        path = G.export_blend(s, model_path, slots_from(list(slot_values)), int(r) if r else None)
+        return gr.update(value=str(path), visible=True)
 
     blend_btn.click(guard(on_blend), inputs + [rank], [blend_file], concurrency_limit=1, concurrency_id="device")
 

@@ -19,7 +19,10 @@ HELP = ("Pick a preset and a dataset, check the basic settings and press **Start
 SECTION_TITLES = {"run": "Run", "model": "Base model", "dataset": "Dataset and buckets", "network": "LoRA network",
                   "optimizer": "Optimizer", "schedule": "Schedule", "loss": "Loss", "precision": "Precision and memory",
                   "sampling": "Samples during training", "saving": "Saving and checkpoints"}
-FIELDS_PER_ROW = 3
+SECTION_WORDS = {"run": "Run", "model": "Model", "dataset": "Dataset", "network": "LoRA", "optimizer": "Optimizer",
+                 "schedule": "Schedule", "loss": "Loss", "precision": "Precision", "sampling": "Sample",
+                 "saving": "Checkpoint"}
+FIELDS_PER_ROW = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,9 +101,15 @@ def run_names(settings: AppSettings) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # layout
 
+def display_label(info: C.FieldInfo) -> str:
+    """The field's label, with its section in front where another section has the same one ("Name" twice)."""
+    same = [i for i in C.fields() if i.label == info.label]
+    return f"{SECTION_WORDS.get(info.section, info.section)} {info.label.lower()}" if len(same) > 1 else info.label
+
+
 def component_for(info: C.FieldInfo, value):
     """The widget of one config field: choices -> Dropdown, bool -> Checkbox, numbers -> Number, list -> Textbox."""
-    common = {"label": info.label, "info": info.help, "elem_id": "field-" + info.key.replace(".", "-")}
+    common = {"label": display_label(info), "info": info.help, "elem_id": "field-" + info.key.replace(".", "-")}
     if info.choices:
         return gr.Dropdown(info.choices, value=value, **common)
     if info.type is bool:
@@ -126,64 +135,69 @@ def _field_grid(infos: list[C.FieldInfo], values: dict) -> tuple[list, list]:
     return comps, errs
 
 
+def _form(infos: list[C.FieldInfo], values: dict) -> tuple[list, list, dict]:
+    """Basic fields in view, the rest in one collapsed group per section; returns widgets in fields() order."""
+    comps_by_key, errs_by_key = {}, {}
+    groups = [("", [i for i in infos if i.basic])]
+    groups += [(s, [i for i in infos if i.section == s and not i.basic]) for s in C.SECTIONS]
+    for section, members in groups:
+        if not members:
+            continue
+        if section:
+            with gr.Accordion(f"More: {SECTION_TITLES.get(section, section)}", open=False):
+                comps, errs = _field_grid(members, values)
+        else:
+            comps, errs = _field_grid(members, values)
+        comps_by_key.update(zip([i.key for i in members], comps))
+        errs_by_key.update(zip([i.key for i in members], errs))
+    return [comps_by_key[i.key] for i in infos], [errs_by_key[i.key] for i in infos], comps_by_key
+
+
 def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown) -> None:
     cfg = T.default_config(settings)
     infos = T.form_fields()
     values = dict(zip([i.key for i in infos], T.config_to_values(cfg)))
     presets = T.list_presets(settings)
     gr.Markdown(HELP)
-    with gr.Row():
-        preset = gr.Dropdown(presets, value=None, label="Preset", scale=2, elem_id="preset-picker",
-                             info="Start from tested settings (files in presets/); the fields below follow.")
-        dataset = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset", scale=2,
-                              elem_id="train-dataset", info="A dataset from the Dataset tab fills the dataset folder.")
-    basic = [i for i in infos if i.basic]
-    comps_by_key = {}
-    errs_by_key = {}
-    with gr.Group():
-        comps, errs = _field_grid(basic, values)
-        comps_by_key.update(zip([i.key for i in basic], comps))
-        errs_by_key.update(zip([i.key for i in basic], errs))
-    for section in C.SECTIONS:
-        rest = [i for i in infos if i.section == section and not i.basic]
-        if rest:
-            with gr.Accordion(f"More: {SECTION_TITLES.get(section, section)}", open=False):
-                comps, errs = _field_grid(rest, values)
-                comps_by_key.update(zip([i.key for i in rest], comps))
-                errs_by_key.update(zip([i.key for i in rest], errs))
-    form = [comps_by_key[i.key] for i in infos]
-    form_errs = [errs_by_key[i.key] for i in infos]
-    with gr.Row():
-        start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=2)
-        stop_btn = gr.Button("Stop (keeps the adapter)", variant="stop", elem_id="stop-btn")
-        save_btn = gr.Button("Save checkpoint now")
-        sample_btn = gr.Button("Render samples now")
-    form_status = gr.Markdown(elem_id="form-status")
-    gr.Markdown("### Live view")
-    progress = gr.HTML(progress_html(None), elem_id="train-progress")
-    status = gr.Markdown(elem_id="train-status")
-    failure = gr.Markdown(elem_id="train-failure", elem_classes=["ld-failure"])
     with gr.Row(equal_height=False):
-        loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=260, scale=1,
-                                elem_id="loss-plot")
-        samples = gr.Gallery(label="Latest samples", columns=3, height=260, scale=1, elem_id="train-samples")
-    with gr.Accordion("Training log", open=False) as log_box:
-        log = gr.Textbox(lines=14, max_lines=30, show_label=False, elem_id="train-log")
-        log_btn = gr.Button("Reload log")
-    gr.Markdown("### Runs")
-    runs = gr.Dataframe(T.runs_table(settings), headers=["run", "state", "step", "started", "adapter"],
-                        interactive=False, elem_id="runs-table")
-    with gr.Row():
-        picked = gr.Dropdown(run_names(settings), value=None, label="Run", scale=2, elem_id="run-picker",
-                             info="Follow a run in the live view, resume it, or download its adapter.")
-        fmt = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
-                          info="kohya: A1111, ComfyUI, Forge, diffusers.")
-        dtype = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
-    with gr.Row():
-        follow_btn = gr.Button("Follow in live view")
-        resume_btn = gr.Button("Resume", elem_id="resume-btn")
-        export_btn = gr.Button("Prepare download", elem_id="export-btn")
-    download = gr.File(label="Adapter file", interactive=False, elem_id="run-download")
+        with gr.Column(scale=3):
+            with gr.Row():
+                preset = gr.Dropdown(presets, value=None, label="Preset", elem_id="preset-picker",
+                                     info="Start from tested settings (files in presets/); the fields follow.")
+                dataset = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset",
+                                      elem_id="train-dataset", info="A dataset from the Dataset tab.")
+            form, form_errs, comps_by_key = _form(infos, values)
+        with gr.Column(scale=2):
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=2)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+            form_status = gr.Markdown(elem_id="form-status")
+            progress = gr.HTML(progress_html(None), elem_id="train-progress")
+            status = gr.Markdown(elem_id="train-status")
+            failure = gr.Markdown(elem_id="train-failure", elem_classes=["ld-failure"])
+            loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=220,
+                                    elem_id="loss-plot")
+            samples = gr.Gallery(label="Latest samples", columns=4, height=180, elem_id="train-samples")
+            with gr.Row():
+                save_btn = gr.Button("Save checkpoint now", size="sm")
+                sample_btn = gr.Button("Render samples now", size="sm")
+            with gr.Accordion("Training log", open=False) as log_box:
+                log = gr.Textbox(lines=14, max_lines=30, show_label=False, elem_id="train-log")
+                log_btn = gr.Button("Reload log", size="sm")
+            gr.Markdown("### Runs\nStopped or crashed runs can be resumed from their last checkpoint.")
+            runs = gr.Dataframe(T.runs_table(settings), headers=["run", "state", "step", "started", "adapter"],
+                                interactive=False, elem_id="runs-table", max_height=220)
+            picked = gr.Dropdown(run_names(settings), value=None, label="Run", elem_id="run-picker",
+                                 info="Follow it in the live view, resume it, or download its adapter.")
+            with gr.Row():
+                fmt = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
+                                  info="kohya: A1111, ComfyUI, Forge, diffusers.")
+                dtype = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
+            with gr.Row():
+                follow_btn = gr.Button("Follow", size="sm")
+                resume_btn = gr.Button("Resume", size="sm", elem_id="resume-btn")
+                export_btn = gr.Button("Download adapter", size="sm", elem_id="export-btn")
+            download = gr.File(label="Adapter file", interactive=False, elem_id="run-download", visible=False)
     followed = gr.State(None)
     timer = gr.Timer(1.0)
     slow_timer = gr.Timer(5.0)
@@ -269,7 +283,8 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown) -
     def on_export(name, format, precision):
         if not name:
             raise T.AppError("Pick a run first.")
-        return str(export_run_adapter(Path(s.runs_dir) / name, Path(s.adapters_dir) / "exports", format, precision))
+        path = export_run_adapter(Path(s.runs_dir) / name, Path(s.adapters_dir) / "exports", format, precision)
+        return gr.update(value=str(path), visible=True)
 
     export_btn.click(guard(on_export), [picked, fmt, dtype], [download])
     log_btn.click(lambda f: T.read_log(Path(s.runs_dir) / f if f else T.latest_run(s)), [followed], [log])

@@ -1,0 +1,139 @@
+"""Save a PNG of each tab (dataset.png, train.png, generate.png) for the README, from a real session.
+
+    python tools/screenshots.py [--out docs/screenshots] [--steps 60]
+
+Copies examples/demo-concept into a scratch workspace, trains a short run on the tiny built-in model (or a tiny
+model from configs when the built-in one is absent), starts launch.py and drives Debian's Chromium headless.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+PROMPT = "zqx, a red star on a blue background"
+
+
+def base_model(work: Path) -> str:
+    from trainer.assets import TINY_SD_PATH, tiny_model_available
+    if tiny_model_available():
+        return str(TINY_SD_PATH)
+    print("the tiny built-in model is absent; using a random tiny model from configs (samples will be noise)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import save_tiny_model
+    return str(save_tiny_model(work / "tiny-model"))
+
+
+def train(work: Path, model: str, steps: int) -> Path:
+    """A short run of the tiny-demo preset, through the app's own start_run, waited for to the end."""
+    from app import training as T
+    from app.settings import AppSettings
+    s = AppSettings(data_dir=work / "datasets", runs_dir=work / "runs", adapters_dir=work / "adapters",
+                    base_model=model)
+    cfg = T.load_preset(s, "tiny-demo", str(work / "datasets" / "demo-concept"))
+    cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
+    run_dir = T.start_run(s, cfg)
+    while T.active_run(s) is not None:
+        time.sleep(1)
+    view = T.run_view(run_dir)
+    if view.state != "finished":
+        sys.exit(f"the run {view.state}: {view.error}\n{T.read_log(run_dir)}")
+    return run_dir
+
+
+def serve(work: Path, model: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", "7870",
+                             "--base-model", model], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        match = re.search(r"Running on local URL:\s+(\S+)", (work / "server.log").read_text())
+        if match:
+            urllib.request.urlopen(match.group(1), timeout=10).read()
+            return proc, match.group(1)
+        time.sleep(0.2)
+    proc.terminate()
+    sys.exit("the app did not start:\n" + (work / "server.log").read_text())
+
+
+def pick(page, dropdown_id: str, text: str) -> None:
+    page.locator(f"#{dropdown_id} input").click()
+    page.get_by_role("option", name=re.compile(re.escape(text))).first.click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def shoot(url: str, out: Path, run_name: str) -> None:
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100}, device_scale_factor=1)
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.locator("#dataset-gallery .thumbnail-item").nth(3).wait_for()
+        page.locator("#dataset-gallery .thumbnail-item").nth(1).click()
+        page.locator("#caption-preview img").wait_for()
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(out / "dataset.png"), full_page=True)
+
+        page.get_by_role("tab", name="2. Train").click()
+        pick(page, "train-dataset", "demo-concept")
+        pick(page, "preset-picker", "tiny-demo")
+        pick(page, "run-picker", run_name)
+        page.get_by_role("button", name="Follow").click()
+        page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')")
+        page.locator("#train-samples img").first.wait_for()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "train.png"), full_page=True)
+
+        page.get_by_role("tab", name="3. Generate").click()
+        pick(page, "slot-0-adapter", "(final)")
+        page.locator("#gen-prompt textarea").fill(PROMPT)
+        for elem_id, value in [("gen-steps", 12), ("gen-width", 64), ("gen-height", 64), ("gen-count", 4)]:
+            set_number(page, elem_id, value)
+        page.locator("#gen-btn").click()
+        page.locator("#gen-gallery img").nth(3).wait_for(timeout=300_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(out / "generate.png"), full_page=True)
+        browser.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    ap.add_argument("--steps", type=int, default=60, help="training steps of the run shown in the Train tab")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loradesk-shots-") as tmp:
+        work = Path(tmp)
+        shutil.copytree(ROOT / "examples" / "demo-concept", work / "datasets" / "demo-concept")
+        model = base_model(work)
+        run_dir = train(work, model, args.steps)
+        proc, url = serve(work, model)
+        try:
+            shoot(url, args.out, run_dir.name)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    print(f"wrote {', '.join(p.name for p in sorted(args.out.glob('*.png')))} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
