@@ -53,8 +53,9 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     import tempfile
-    tok_dir = write_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"))
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="tiny-tok-") as tmp:  # the tokenizer is read into memory
+        tok_dir = write_tokenizer(tokenizer_dir or tmp)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
