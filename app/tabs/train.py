@@ -107,6 +107,14 @@ def display_label(info: C.FieldInfo) -> str:
     return f"{SECTION_WORDS.get(info.section, info.section)} {info.label.lower()}" if len(same) > 1 else info.label
 
 
+def bounds_text(info: C.FieldInfo) -> str:
+    if info.min is not None and info.max is not None:
+        return f" ({info.min:g} to {info.max:g})"
+    if info.min is not None and info.min != 0:
+        return f" (at least {info.min:g})"
+    return ""
+
+
 def component_for(info: C.FieldInfo, value):
     """The widget of one config field: choices -> Dropdown, bool -> Checkbox, numbers -> Number, list -> Textbox."""
     common = {"label": display_label(info), "info": info.help, "elem_id": "field-" + info.key.replace(".", "-")}
@@ -115,8 +123,10 @@ def component_for(info: C.FieldInfo, value):
     if info.type is bool:
         return gr.Checkbox(value=value, **common)
     if info.type in (int, float):
-        return gr.Number(value=value, minimum=info.min, maximum=info.max, precision=0 if info.type is int else None,
-                         **common)
+        # bounds go in the text, not the widget: Gradio would reject an out-of-range value with a toast, while
+        # validate() names the problem next to the field
+        common["info"] += bounds_text(info)
+        return gr.Number(value=value, precision=0 if info.type is int else None, **common)
     if info.type is list:
         common["info"] += " One per line."
         return gr.Textbox(value=value, lines=2, max_lines=8, **common)
