@@ -33,9 +33,9 @@ def build_app(settings: AppSettings | None = None):
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("1. Dataset", id="dataset"):
-                picker = dataset.build(settings, demo)
+                picker, bucket_resolution = dataset.build(settings, demo)
             with gr.Tab("2. Train", id="train"):
-                train.build(settings, demo, picker)
+                train.build(settings, demo, picker, bucket_resolution)
             with gr.Tab("3. Generate", id="generate") as generate_tab:
                 generate.build(settings, demo, generate_tab)
     demo.loradesk_settings = settings

@@ -26,7 +26,7 @@ def gallery_value(settings: AppSettings, name: str | None) -> list[tuple[str, st
 def summary_values(settings: AppSettings, name: str | None, resolution: int = 512) -> tuple[str, list, list]:
     if not name:
         return "Pick or create a dataset.", [], []
-    s = D.summarize(D.dataset_dir(settings.data_dir, name), int(resolution or 512))
+    s = D.summarize(D.dataset_dir(settings.data_dir, name), max(32, int(resolution or 512)))
     return s.text, s.buckets, s.skipped
 
 
@@ -109,8 +109,9 @@ def _guard(fn):
     return wrapper
 
 
-def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
-    """Lay out the tab inside the current Blocks; returns the dataset picker (the Train tab listens to it)."""
+def build(settings: AppSettings, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Number]:
+    """Lay out the tab inside the current Blocks; returns the dataset picker and the bucket resolution (the Train
+    tab follows the one and sets the other)."""
     datasets = D.list_datasets(settings.data_dir)
     gr.Markdown(HELP.format(data_dir=settings.data_dir))
     with gr.Row(equal_height=False):
@@ -120,8 +121,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
             with gr.Row():
                 new_name = gr.Textbox(label="New dataset", placeholder="my-dog", scale=3, elem_id="new-dataset")
                 create_btn = gr.Button("Create", scale=1, elem_id="create-dataset")
+            gr.Markdown("**Add images:** drop pictures, their `.txt` captions or a `.zip` of both below.")
             files = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
-                            elem_id="dataset-upload", height=150)
+                            elem_id="dataset-upload", height=130, show_label=False)
             with gr.Accordion("Import a folder from this computer", open=False):
                 folder = gr.Textbox(label="Folder path", placeholder="/home/me/pictures/dog")
                 import_btn = gr.Button("Copy into a new dataset")
@@ -135,8 +137,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
                 replace_btn = gr.Button("Replace in every caption")
             status = gr.Markdown(elem_id="dataset-status")
             summary = gr.Markdown()
-            resolution = gr.Number(512, label="Bucket resolution", precision=0, minimum=64, maximum=4096,
-                                   info="The training resolution the buckets below are computed for.")
+            resolution = gr.Number(512, label="Bucket resolution", precision=0,
+                                   info="The training resolution (set in the Train tab) the buckets are for.")
             buckets = gr.Dataframe(headers=["bucket (w x h)", "images"], label="Aspect buckets", interactive=False)
             skipped = gr.Dataframe(headers=["file", "reason"], label="Skipped files", interactive=False)
         with gr.Column(scale=2):
@@ -156,7 +158,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> gr.Dropdown:
     _wire(settings, locals())
     demo.load(_guard(lambda name, res: on_page_load(settings, name, res)), [picker, resolution],
               [picker, gallery, summary, buckets, skipped])
-    return picker
+    return picker, resolution
 
 
 def on_page_load(settings: AppSettings, name: str | None, resolution: int):
@@ -183,7 +185,7 @@ def _wire(settings: AppSettings, c: dict) -> None:
     c["new_name"].submit(_guard(after_create), [c["new_name"]], [c["picker"], c["status"]])
     c["import_btn"].click(_guard(after_import), [c["folder"], c["new_name"]], [c["picker"], c["status"]])
     c["picker"].change(on_refresh, [c["picker"], c["resolution"]], views)
-    c["resolution"].submit(on_refresh, [c["picker"], c["resolution"]], views)
+    c["resolution"].change(on_refresh, [c["picker"], c["resolution"]], views, trigger_mode="always_last")
 
     uploaded = c["files"].upload(_guard(lambda name, files: upload(s, name, files)), [c["picker"], c["files"]],
                                  [c["status"]])

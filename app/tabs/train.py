@@ -163,7 +163,7 @@ def _form(infos: list[C.FieldInfo], values: dict) -> tuple[list, list, dict]:
     return [comps_by_key[i.key] for i in infos], [errs_by_key[i.key] for i in infos], comps_by_key
 
 
-def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown) -> None:
+def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, bucket_resolution: gr.Number) -> None:
     cfg = T.default_config(settings)
     infos = T.form_fields()
     values = dict(zip([i.key for i in infos], T.config_to_values(cfg)))
@@ -242,6 +242,8 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown) -
         return str(D.dataset_dir(s.data_dir, name).resolve()) if name else gr.update()
 
     dataset.change(guard(on_dataset), [dataset], [comps_by_key["dataset.path"]])
+    comps_by_key["dataset.resolution"].change(lambda r: r if r else gr.update(), [comps_by_key["dataset.resolution"]],
+                                              [bucket_resolution], show_progress="hidden")
     dataset_picker.change(lambda name: gr.update(choices=D.list_datasets(s.data_dir), value=name),
                           [dataset_picker], [dataset])
 
