@@ -5,6 +5,7 @@ browser tabs never run the model at once either.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,25 @@ class Slot:
     path: str
     weight: float = 1.0
     enabled: bool = True
+
+
+def hold_device(timeout: float = 1.0) -> bool:
+    """Take the device for one job (a generation, or starting a training); False when something else has it."""
+    return _device_lock.acquire(timeout=timeout)
+
+
+def free_device() -> None:
+    _device_lock.release()
+
+
+def release_models() -> None:
+    """Drop the cached base models so a training that starts now has the device memory to itself."""
+    _generators.clear()
+    import gc
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def get_generator(model_path: str):
@@ -97,14 +117,14 @@ def generate(settings: AppSettings, model_path: str, slots: list[Slot], prompt: 
     """Images from the base model with the enabled adapters blended at their weights."""
     if not prompt.strip():
         raise AppError("Type a prompt first.")
-    if not _device_lock.acquire(timeout=1):
-        raise AppError("Another generation is running; try again when it is done.")
+    if not hold_device():
+        raise AppError("The device is busy (another generation, or a training starting); try again in a moment.")
     try:
         gen = _prepare(settings, model_path, slots)
         return gen.generate(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width),
                             int(height), int(num_images))
     finally:
-        _device_lock.release()
+        free_device()
 
 
 def comparison_grid(settings: AppSettings, model_path: str, slots: list[Slot], prompt: str, rows: list,
@@ -115,15 +135,15 @@ def comparison_grid(settings: AppSettings, model_path: str, slots: list[Slot], p
         raise AppError("Type a prompt first.")
     if not rows or not seeds:
         raise AppError("Give at least one row (weights or checkpoints) and one seed.")
-    if not _device_lock.acquire(timeout=1):
-        raise AppError("Another generation is running; try again when it is done.")
+    if not hold_device():
+        raise AppError("The device is busy (another generation, or a training starting); try again in a moment.")
     try:
         gen = _prepare(settings, model_path, slots)
         target = str(Path(slots[0].path).expanduser().resolve()) if slots and slots[0].path else None
         return gen.comparison_grid(prompt, rows, seeds, adapter=target, negative_prompt=negative_prompt,
                                    steps=int(steps), guidance=float(guidance), width=int(width), height=int(height))
     finally:
-        _device_lock.release()
+        free_device()
 
 
 def parse_numbers(text: str, kind=float) -> list:
@@ -180,10 +200,14 @@ def export_blend(settings: AppSettings, model_path: str, slots: list[Slot], rank
     """The Generate tab's current blend as one adapter file in adapters/ (exact when rank is None)."""
     if not any(s.path and s.enabled and s.weight for s in slots):
         raise AppError("Enable at least one adapter with a non-zero weight to export a blend.")
-    with _device_lock:
+    if not hold_device():
+        raise AppError("The device is busy (another generation, or a training starting); try again in a moment.")
+    try:
         gen = _prepare(settings, model_path, slots)
         folder = Path(settings.adapters_dir)
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / f"blend-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
         gen.export_blend(out, rank=rank)
         return out
+    finally:
+        free_device()

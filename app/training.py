@@ -106,35 +106,39 @@ def active_run(settings: AppSettings) -> Path | None:
 
 
 def start_run(settings: AppSettings, cfg: C.TrainConfig) -> Path:
-    """Validate and start a training in its own process; refuses while another run is going."""
-    from trainer.job import JobError, start_job
+    """Validate and start a training in its own process; refuses while another run or a generation is going."""
     cfg.saving.runs_dir = str(settings.runs_dir)
     _absolute_paths(cfg)
-    with _start_lock:
-        busy = active_run(settings)
-        if busy is not None:
-            raise AppError(f"Run {busy.name} is still training. Stop it first: one device runs one job at a time.")
-        try:
-            job = start_job(cfg, env=child_env())
-        except JobError as e:
-            raise AppError(str(e)) from None
-        _jobs[job.run_dir] = job
-        return job.run_dir
+    return _launch(settings, cfg, None)
 
 
 def resume_run(settings: AppSettings, run_dir: Path) -> Path:
     """Continue a stopped or crashed run from its last checkpoint."""
-    from trainer.job import JobError, start_job
     from trainer.runs import load_run_config
-    run_dir = Path(run_dir)
+    try:
+        cfg = load_run_config(run_dir)
+    except C.ConfigError as e:
+        raise AppError(str(e)) from None
+    return _launch(settings, cfg, Path(run_dir))
+
+
+def _launch(settings: AppSettings, cfg: C.TrainConfig, resume: Path | None) -> Path:
+    from trainer.job import JobError, start_job
+
+    from . import generation
     with _start_lock:
         busy = active_run(settings)
         if busy is not None:
             raise AppError(f"Run {busy.name} is still training. Stop it first: one device runs one job at a time.")
+        if not generation.hold_device():
+            raise AppError("Images are being generated; press Start again when they are done (one device, one job).")
         try:
-            job = start_job(load_run_config(run_dir), resume=run_dir, env=child_env())
+            generation.release_models()  # the training gets the device memory the Generate tab held
+            job = start_job(cfg, resume=resume, env=child_env())
         except (JobError, C.ConfigError) as e:
             raise AppError(str(e)) from None
+        finally:
+            generation.free_device()
         _jobs[job.run_dir] = job
         return job.run_dir
 

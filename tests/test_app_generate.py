@@ -111,3 +111,10 @@ def test_generation_needs_a_prompt(env):
     s, _, _ = env
     with pytest.raises(AppError, match="Type a prompt"):
         G.generate(s, s.base_model, [], "  ")
+
+
+def test_starting_a_training_frees_the_cached_models(env):
+    s, _, _ = env
+    first = G.get_generator(s.base_model)
+    G.release_models()
+    assert G.get_generator(s.base_model) is not first

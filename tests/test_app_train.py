@@ -71,6 +71,19 @@ def test_start_refuses_an_invalid_form_naming_the_field(settings):
         tab.start(settings, form_values(C.TrainConfig()))
 
 
+def test_start_is_refused_while_images_are_generated(settings, tmp_path):
+    from app import generation as G
+    cfg = T.default_config(settings)
+    cfg.dataset.path = str(tmp_path)
+    assert G.hold_device()
+    try:
+        with pytest.raises(T.AppError, match="Images are being generated"):
+            T.start_run(settings, cfg)
+    finally:
+        G.free_device()
+    assert not list(settings.runs_dir.glob("*"))  # nothing was started
+
+
 def test_run_view_reads_progress_samples_and_oom_advice_from_the_folder(settings):
     from trainer.events import EventLog, Failed, Progress, SampleWritten, Started
     run_dir = settings.runs_dir / "demo-20260101-000000"

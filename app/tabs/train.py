@@ -33,7 +33,8 @@ def check_form(values: list) -> tuple[dict[str, str], str]:
     _, errors = T.values_to_config(values)
     if not errors:
         return {}, "Ready to start."
-    return errors, f"{len(errors)} setting(s) need a fix before starting (marked below)."
+    general = f" {errors['']}" if "" in errors else ""  # a problem no single field owns
+    return errors, f"{len(errors)} setting(s) need a fix before starting (marked in the form).{general}"
 
 
 def start(settings: AppSettings, values: list) -> tuple[Path, str]:
