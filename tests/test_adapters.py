@@ -307,6 +307,9 @@ def test_generator_blends_caches_and_exports(tiny_model_dir, tmp_path):
     assert gen.blender.active() == {str(path.resolve()): 0.5}  # the grid put the weight back
     grid = gen.comparison_grid("a red square", [path], seeds=[1], steps=2)
     assert grid.size[1] == 18 + h
+    gen.set_adapters([(path, 0.5, False)])  # a switched-off adapter can still be the grid's subject
+    gen.comparison_grid("a red square", [1.0], seeds=[1], steps=2, adapter=str(path.resolve()))
+    assert gen.blender.active() == {} and gen.blender.weight(str(path.resolve())) == 0.5
     gen.set_adapters([])
     assert _same(gen.generate("a red square", seed=1, steps=2)[0], base_images[0])
 

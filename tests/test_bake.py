@@ -126,3 +126,17 @@ def test_cli_bake_rejects_an_adapter_for_another_model(tiny_model_dir, tmp_path,
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not in this base model" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+    assert main(["bake", "--model", str(tmp_path / "no-model"), str(tmp_path / "sdxl.safetensors"),
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no-model" in capsys.readouterr().err
+
+
+def test_commands_are_registered_in_the_main_cli():
+    from trainer.__main__ import build_parser
+    parser = build_parser()
+    for argv, name in ((["blend", "a.safetensors:0.5", "--out", "c.safetensors"], "cmd_blend"),
+                       (["resize", "a.safetensors", "--keep", "0.9", "--out", "b.safetensors"], "cmd_resize"),
+                       (["bake", "a.safetensors", "--out", "m.safetensors"], "cmd_bake"),
+                       (["analyze", "a.safetensors", "--out", "d"], "cmd_analyze"),
+                       (["generate", "--prompt", "x", "--out", "i.png"], "cmd_generate")):
+        assert parser.parse_args(argv).func.__name__ == name

@@ -1,7 +1,7 @@
 """SHIM — remove when `trainer.formats` and `trainer.models` land.
 
 The adapter toolkit is written against the formats and models engineers' APIs (`load_adapter`, `save_adapter`,
-`module_index`, `AdapterFormatError`, `load_base_model`). Each name below is theirs when their package imports,
+`module_index`, `AdapterFormatError`, `load_base_model`, `ModelLoadError`). Each name below is theirs when their package imports,
 and a minimal stand-in otherwise, so this package and its tests run before theirs exist. Once both packages are in,
 import from them directly and delete this file.
 """
@@ -70,8 +70,11 @@ except ImportError:  # SHIM until trainer.formats lands
         return path
 
 try:
-    from trainer.models import load_base_model
+    from trainer.models import ModelLoadError, load_base_model
 except ImportError:  # SHIM until trainer.models lands
+    class ModelLoadError(Exception):
+        """A base model that cannot be loaded; the message names the path and the fix."""
+
     @dataclass
     class _Base:
         unet: object
@@ -92,7 +95,7 @@ except ImportError:  # SHIM until trainer.models lands
         from diffusers import StableDiffusionPipeline
         folder = Path(path) if path else Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
         if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
+            raise ModelLoadError(f"{folder} is not a diffusers model folder (no model_index.json)")
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
         return _Base(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                      text_encoders={"lora_te": pipe.text_encoder})

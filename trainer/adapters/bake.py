@@ -37,8 +37,7 @@ def fuse_into(base, pairs: list[tuple[Adapter | str | Path, float]]) -> None:
     """Fuse the adapters into base's weights for good (the blender's pristine copies are dropped)."""
     blender = FusedBlender(base.unet, base.text_encoders)
     for i, (adapter, weight) in enumerate(pairs):
-        blender.add(f"{i}:{adapter if not isinstance(adapter, Adapter) else 'adapter'}", _as_adapter(adapter),
-                    weight)
+        blender.add(str(i), _as_adapter(adapter), weight)
 
 
 def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict | None = None) -> Path:

@@ -83,6 +83,9 @@ class FusedBlender:
     def adapter(self, name: str) -> Adapter:
         return self._entry(name).adapter
 
+    def weight(self, name: str) -> float:
+        return self._entry(name).weight
+
     def is_enabled(self, name: str) -> bool:
         return self._entry(name).enabled
 
@@ -131,13 +134,23 @@ class FusedBlender:
         """Rewrite each layer as W0 + blended delta (or W0 itself when nothing enabled touches it)."""
         for key in sorted(kohya_names):
             weight = self._weight(key)
-            contributing = any(e.enabled and key in e.adapter.layers for e in self._entries.values())
-            if not contributing:
+            parts = [(e.adapter.layers[key], e.weight) for e in self._entries.values()
+                     if e.enabled and key in e.adapter.layers]
+            if not parts:
                 if key in self._pristine:
                     weight.copy_(self._pristine.pop(key))
                 continue
             w0 = self._pristine.setdefault(key, weight.detach().clone())
-            weight.copy_((w0.float() + self.blended_delta(key)).to(weight.dtype))
+            weight.copy_(_fused(w0, parts).reshape(weight.shape).to(weight.dtype))
+
+
+def _fused(w0: torch.Tensor, parts: list[tuple[LoraLayer, float]]) -> torch.Tensor:
+    """W0 + sum_i w_i s_i B_i A_i in fp32 as one addmm over the stacked factors (one GEMM of the summed rank
+    instead of one per adapter)."""
+    device = w0.device
+    ups = torch.cat([(w * layer.scale) * layer.up.to(device, torch.float32).flatten(1) for layer, w in parts], 1)
+    downs = torch.cat([layer.down.to(device, torch.float32).flatten(1) for layer, _ in parts], 0)
+    return torch.addmm(w0.to(torch.float32).flatten(1), ups, downs)
 
 
 def _layer_delta(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:

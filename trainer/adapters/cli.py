@@ -12,9 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._pending import AdapterFormatError
+from ._pending import AdapterFormatError, ModelLoadError
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError, ModelLoadError)
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:

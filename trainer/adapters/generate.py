@@ -144,17 +144,17 @@ class Generator:
 
 
 class _WeightRow:
-    """Within the block the target adapter has the row's weight; the old weight comes back after."""
+    """Within the block the target adapter is on at the row's weight; its weight and on/off state come back after."""
 
     def __init__(self, blender: FusedBlender, name: str, weight: float):
         self.blender, self.name, self.weight = blender, name, weight
 
     def __enter__(self):
-        self.old = self.blender.active()[self.name]
-        self.blender.set_weight(self.name, self.weight)
+        self.old = (self.blender.weight(self.name), self.blender.is_enabled(self.name))
+        self.blender.update(self.name, weight=self.weight, enabled=True)
 
     def __exit__(self, *exc):
-        self.blender.set_weight(self.name, self.old)
+        self.blender.update(self.name, weight=self.old[0], enabled=self.old[1])
 
 
 class _CheckpointRow:
