@@ -14,7 +14,7 @@ from pathlib import Path
 from .datasets import upload_path
 from .files import UploadError, copy_atomic, safe_filename, unique_path
 from .settings import AppSettings
-from .training import AppError, active_run
+from .training import AppError, active_run, list_runs, run_info
 
 NUM_SLOTS = 4
 _device_lock = threading.Lock()
@@ -60,9 +60,9 @@ def get_generator(model_path: str):
 
 def adapter_choices(settings: AppSettings) -> list[tuple[str, str]]:
     """(label, path) of every adapter the user can pick: finished runs' files, their checkpoints, uploads."""
-    from trainer.runs import checkpoint_dirs, list_runs
+    from trainer.runs import checkpoint_dirs
     out = []
-    for info in list_runs(settings.runs_dir):
+    for info in list_runs(settings):
         if info.adapter_path and Path(info.adapter_path).is_file():
             out.append((f"{info.run_dir.name} (final)", str(info.adapter_path)))
         for ckpt in reversed(checkpoint_dirs(info.run_dir)):
@@ -160,7 +160,7 @@ def parse_numbers(text: str, kind=float) -> list:
 
 def checkpoint_rows(run_dir: Path) -> list[str]:
     """The adapter file of each checkpoint of a run, plus the final adapter: the rows of a per-checkpoint grid."""
-    from trainer.runs import checkpoint_dirs, run_info
+    from trainer.runs import checkpoint_dirs
     rows = [str(p) for p in (_checkpoint_adapter(c) for c in checkpoint_dirs(run_dir)) if p]
     final = run_info(run_dir).adapter_path
     if final and Path(final).is_file():
@@ -176,7 +176,6 @@ def checkpoint_rows(run_dir: Path) -> list[str]:
 def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtype: str = "fp16") -> Path:
     """The run's final adapter (or last checkpoint) written as one file in the chosen layout and precision."""
     from trainer.formats import export_file
-    from trainer.runs import run_info
     run_dir = Path(run_dir)
     info = run_info(run_dir)
     src = Path(info.adapter_path) if info.adapter_path else None

@@ -96,13 +96,41 @@ _start_lock = threading.Lock()
 
 
 def active_run(settings: AppSettings) -> Path | None:
-    """The run folder whose trainer process is alive (one device, one job)."""
-    from trainer.job import active_job
+    """The run folder whose trainer process is alive (one device, one job); trainer.job.active_job's rule, over
+    the cached infos below."""
     for run_dir, job in list(_jobs.items()):
         if not job.is_alive():  # poll() reaps the child so it is not left a zombie
             _jobs.pop(run_dir, None)
-    info = active_job(settings.runs_dir)
-    return info.run_dir if info else None
+    running = [info for info in list_runs(settings) if info.state == "running"]
+    return running[0].run_dir if running else None
+
+
+_infos: dict[Path, tuple[tuple, object]] = {}
+FINAL_STATES = ("finished", "stopped", "failed")
+
+
+def run_info(run_dir: Path):
+    """trainer.runs.run_info, reused while a finished run's events.jsonl is unchanged: every browser tab polls each
+    second, and re-parsing every old run's events each time would grow with the history."""
+    from trainer.runs import run_info as read_info
+    events = Path(run_dir) / "events.jsonl"
+    stamp = (events.stat().st_mtime_ns, events.stat().st_size) if events.exists() else None
+    cached = _infos.get(Path(run_dir))
+    if cached and stamp and cached[0] == stamp:
+        return cached[1]
+    info = read_info(run_dir)
+    if stamp and info.state in FINAL_STATES:  # a running run's state also depends on its process: not cached
+        _infos[Path(run_dir)] = (stamp, info)
+    return info
+
+
+def list_runs(settings: AppSettings) -> list:
+    """Every run under the runs folder, newest first (trainer.runs.list_runs over the cache above)."""
+    root = Path(settings.runs_dir).expanduser()
+    if not root.is_dir():
+        return []
+    found = [run_info(p) for p in root.iterdir() if p.is_dir() and (p / "config.toml").exists()]
+    return sorted(found, key=lambda r: r.started_at, reverse=True)
 
 
 def start_run(settings: AppSettings, cfg: C.TrainConfig) -> Path:
@@ -237,7 +265,6 @@ class RunView:
 
 
 def run_view(run_dir: Path) -> RunView:
-    from trainer.runs import run_info
     info = run_info(run_dir)
     view = RunView(Path(run_dir), info.name, info.state, info.step, info.total_steps, error=info.error,
                    advice=getattr(info, "advice", ""), adapter_path=str(info.adapter_path or ""))
@@ -270,20 +297,18 @@ def _apply(view: RunView, e: Event) -> None:
 
 def latest_run(settings: AppSettings) -> Path | None:
     """The run the live view follows by default: the active one, else the newest."""
-    from trainer.runs import list_runs
     active = active_run(settings)
     if active:
         return active
-    found = list_runs(settings.runs_dir)
+    found = list_runs(settings)
     return found[0].run_dir if found else None
 
 
 def runs_table(settings: AppSettings) -> list[list]:
     """Rows for the runs list: name, state, step/total, started, folder."""
     import time
-    from trainer.runs import list_runs
     rows = []
-    for info in list_runs(settings.runs_dir):
+    for info in list_runs(settings):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started_at))
         rows.append([info.run_dir.name, info.state, f"{info.step}/{info.total_steps}", started,
                      "yes" if info.adapter_path and Path(info.adapter_path).exists() else ""])

@@ -103,6 +103,10 @@ def test_run_view_reads_progress_samples_and_oom_advice_from_the_folder(settings
     assert "gradient_checkpointing" in live["failure"] and "batch_size" in live["failure"]
     assert 'aria-valuenow="20"' in live["progress"]
     assert T.runs_table(settings)[0][:3] == ["demo-20260101-000000", "failed", "2/10"]
+    info = T.run_info(run_dir)
+    assert T.run_info(run_dir) is info  # a finished run's folder is not re-read every second
+    log(Started(str(run_dir), total_steps=10, start_step=2, pid=999_999_999))  # a resume changes the file
+    assert T.run_info(run_dir) is not info
     from app.generation import export_run_adapter
     with pytest.raises(T.AppError, match="has no adapter yet"):
         export_run_adapter(run_dir, settings.adapters_dir)
