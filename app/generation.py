@@ -17,6 +17,7 @@ from .settings import AppSettings
 from .training import AppError, active_run, list_runs, run_info
 
 NUM_SLOTS = 4
+TINY_SIZE = 64  # the built-in tiny model's training resolution (presets/tiny-demo.toml)
 _device_lock = threading.Lock()
 _generators: dict[str, object] = {}
 

@@ -23,6 +23,7 @@ def slots_from(values: list) -> list[G.Slot]:
 def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
     s = settings
     choices = G.adapter_choices(s)
+    size = 512 if s.base_model else G.TINY_SIZE  # the built-in tiny model draws small pictures
     gr.Markdown(HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=340):
@@ -38,9 +39,9 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
                         on = gr.Checkbox(True, label="On", scale=1, min_width=60, elem_id=f"slot-{i}-on")
                     weight = gr.Slider(-1, 2, value=1.0, step=0.05, label="Weight", elem_id=f"slot-{i}-weight")
                 slot_widgets += [path, weight, on]
-            upload = gr.File(label="Add an adapter file (.safetensors)", file_types=[".safetensors"], height=130,
-                             elem_id="adapter-upload")
-            gr.Markdown("kohya (A1111, ComfyUI) and diffusers layouts are both read.", elem_classes=["ld-note"])
+            gr.Markdown("**Add an adapter file** (`.safetensors`, kohya or diffusers layout):")
+            upload = gr.File(label="Add an adapter file", file_types=[".safetensors"], height=110,
+                             show_label=False, elem_id="adapter-upload")
             refresh_btn = gr.Button("Refresh adapter list", size="sm")
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
@@ -50,8 +51,8 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
                 guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
             with gr.Row():
-                width = gr.Slider(64, 1536, value=512, step=8, label="Width", elem_id="gen-width")
-                height = gr.Slider(64, 1536, value=512, step=8, label="Height", elem_id="gen-height")
+                width = gr.Slider(64, 1536, value=size, step=8, label="Width", elem_id="gen-width")
+                height = gr.Slider(64, 1536, value=size, step=8, label="Height", elem_id="gen-height")
                 count = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
             gallery = gr.Gallery(label="Images", columns=4, height=360, elem_id="gen-gallery", format="png")
