@@ -102,3 +102,14 @@ def test_job_runs_in_a_child_process_stops_and_resumes(tiny_model_dir, image_dir
     assert resumed.wait(60) == 0, (job.run_dir / "train.log").read_text()
     assert resumed.info().state == "finished" and resumed.info().step == info.step + 2
     assert Path(resumed.info().adapter_path).exists()
+
+
+def test_a_child_that_fails_before_training_reports_why(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"")
+    cfg = C.apply_overrides(C.TrainConfig(), [f"dataset.path={data}", f"saving.runs_dir={tmp_path / 'runs'}"])
+    job = start_job(cfg)
+    assert job.wait(60) == 2
+    info = job.info()
+    assert info.state == "failed" and "a.png" in info.error

@@ -172,7 +172,10 @@ def run_info(run_dir: str | Path) -> RunInfo:
     starts = [i for i, e in enumerate(events) if isinstance(e, Started)]
     info = RunInfo(run_dir, name, "failed", 0, 0, None, run_dir.stat().st_mtime)
     if not starts:
-        info.error = "the run never started (see train.log)"
+        failures = [e for e in events if isinstance(e, Failed)]  # a config, data or model error before step 0
+        info.error = failures[-1].error if failures else "the run never started (see train.log)"
+        if failures:
+            return info
         if (run_dir / "train.log").exists() and time.time() - run_dir.stat().st_mtime < 120:
             info.state = "running"  # still loading
         return info
