@@ -15,6 +15,7 @@ Prints a markdown table and writes it into docs/benchmarks.md (between this scri
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.adapters._pending import module_index  # noqa: E402
+from trainer.formats import module_index  # noqa: E402
 from trainer.adapters.blend import FusedBlender  # noqa: E402
 from trainer.lora_state import Adapter, LoraLayer  # noqa: E402
 
@@ -114,7 +115,7 @@ def measure(step, unet, rank: int, passes: int) -> dict:
             base.append(timed(step))
     blender.clear()
     blend_all()
-    values = iter([0.2, 0.9] * passes)
+    values = itertools.cycle([0.2, 0.9])
     fused_change = median_time(lambda: blender.set_weight("a1", next(values)), max(3, passes))
     blender.clear()
 
@@ -130,7 +131,7 @@ def measure(step, unet, rank: int, passes: int) -> dict:
                 unet.disable_adapters()
             (peft if on else peft_base).append(timed(step))
     unet.enable_adapters()
-    weights = iter([[0.7, w, 0.5] for w in (0.2, 0.9)] * passes)
+    weights = itertools.cycle([[0.7, w, 0.5] for w in (0.2, 0.9)])
     peft_change = median_time(lambda: unet.set_adapters(names, weights=next(weights)), max(3, passes))
     unet.delete_adapters(names)
     out = {"layers": len(adapters[0]), "blend_in": statistics.median(blend_in), "fused_change": fused_change,
@@ -146,7 +147,7 @@ def measure(step, unet, rank: int, passes: int) -> dict:
 def tiny_case(passes: int, steps: int) -> tuple[str, dict]:
     folder = ROOT / "trainer" / "assets" / "tiny-sd"
     if (folder / "model_index.json").is_file():
-        from trainer.adapters._pending import load_base_model
+        from trainer.models import load_base_model
         base = load_base_model(str(folder))
         pipe, label = base.pipeline(), "tiny-sd (shipped)"
     else:

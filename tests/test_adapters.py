@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from trainer.adapters._pending import load_adapter, module_index, save_adapter
+from trainer.formats import load_adapter, module_index, save_adapter
 from trainer.adapters.blend import FusedBlender
 from trainer.adapters.merge import merge_exact, merge_svd
 from trainer.adapters.resize import resize

@@ -86,7 +86,7 @@ def test_analyze_writes_json_and_heatmaps(tmp_path):
 
 
 def test_cli_analyze(tmp_path, capsys):
-    from trainer.adapters._pending import save_adapter
+    from trainer.formats import save_adapter
     from trainer.adapters.cli import main
     for seed in (5, 6):
         save_adapter(_adapter(seed), tmp_path / f"a{seed}.safetensors", dtype="fp32")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from test_adapters import K, Q, TE_Q, V, random_adapter
-from trainer.adapters._pending import load_base_model, module_index, save_adapter
+from trainer.formats import module_index, save_adapter
+from trainer.models import load_base_model
 from trainer.adapters.bake import bake, save_diffusers
 from trainer.adapters.original_layout import original_checkpoint
 

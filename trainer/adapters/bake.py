@@ -11,7 +11,8 @@ import torch
 
 from trainer.lora_state import Adapter
 
-from ._pending import load_adapter, load_base_model
+from trainer.formats import load_adapter
+from trainer.models import load_base_model
 from .blend import FusedBlender
 from .original_layout import original_checkpoint
 

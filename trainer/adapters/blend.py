@@ -19,7 +19,7 @@ import torch
 
 from trainer.lora_state import Adapter, LoraLayer
 
-from ._pending import module_index
+from trainer.formats import module_index
 
 
 @dataclass

@@ -12,9 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._pending import AdapterFormatError, ModelLoadError
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError, ModelLoadError)
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix (imported on use, so registering the commands does not load torch)."""
+    from trainer.formats import AdapterFormatError
+    from trainer.models import ModelLoadError
+    return ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError, ModelLoadError
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
@@ -106,7 +110,9 @@ def _user_errors(fn):
     def run(args) -> int:
         try:
             return fn(args)
-        except USER_ERRORS as e:
+        except Exception as e:
+            if not isinstance(e, _user_error_types()):
+                raise
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"error: {message}", file=sys.stderr)
             return 2
@@ -120,14 +126,14 @@ def _check_file(path: str) -> None:
 
 
 def _load(path: str):
-    from ._pending import load_adapter
+    from trainer.formats import load_adapter
     _check_file(path)
     return load_adapter(path)
 
 
 @_user_errors
 def cmd_blend(args) -> int:
-    from ._pending import save_adapter
+    from trainer.formats import save_adapter
     from .merge import merge_exact, merge_svd
     specs = [parse_weighted(text) for text in args.adapters]
     pairs = [(_load(path), weight) for path, weight in specs]
@@ -145,7 +151,7 @@ def cmd_blend(args) -> int:
 
 @_user_errors
 def cmd_resize(args) -> int:
-    from ._pending import save_adapter
+    from trainer.formats import save_adapter
     from .resize import resize
     adapter = _load(args.adapter)
     resized, report = resize(adapter, rank=args.rank, keep=args.keep)

@@ -9,7 +9,8 @@ from PIL import Image
 
 from trainer.lora_state import Adapter
 
-from ._pending import load_adapter, load_base_model, save_adapter
+from trainer.formats import load_adapter, save_adapter
+from trainer.models import load_base_model
 from .blend import FusedBlender
 from .grid import image_grid
 from .merge import merge_exact, merge_svd
