@@ -1,5 +1,7 @@
 """The CLI contract (exit codes, messages on stderr, run folder layout) and training in a child process."""
 import time
+
+import torch
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,7 @@ def test_no_valid_image_stops_before_any_model_is_loaded(tmp_path, capsys, monke
     code = main(["train", *sets("", data, tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and str(data) in err and "broken.png" in err
+    assert list((tmp_path / "runs").iterdir()) == [], "a run that never started leaves no folder"
 
 
 def test_train_then_export(tiny_model_dir, image_dir, tmp_path, capsys):
@@ -113,3 +116,42 @@ def test_a_child_that_fails_before_training_reports_why(tmp_path):
     assert job.wait(60) == 2
     info = job.info()
     assert info.state == "failed" and "a.png" in info.error
+
+
+def test_resume_a_finished_run_to_train_longer(tiny_model_dir, image_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    runs_a, runs_b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--quiet", *sets(tiny_model_dir, image_dir, runs_b, "schedule.max_steps=5",
+                                           "schedule.lr_scheduler=constant")]) == 0
+    assert main(["train", "--quiet", *sets(tiny_model_dir, image_dir, runs_a, "schedule.lr_scheduler=constant")]) == 0
+    run_dir, = runs_a.iterdir()
+    assert main(["train", "--quiet", "--resume", str(run_dir), "--set", "schedule.max_steps=5"]) == 0
+    from trainer.events import Started, read_events
+    assert [e.start_step for e in read_events(run_dir / "events.jsonl") if isinstance(e, Started)] == [0, 3]
+    longer, = runs_b.iterdir()
+    a, b = load_file(str(run_dir / "cli.safetensors")), load_file(str(longer / "cli.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "3 steps + 2 resumed steps equal 5 uninterrupted steps"
+
+
+def test_resume_refuses_settings_the_checkpoint_depends_on(tiny_model_dir, image_dir, tmp_path, capsys):
+    assert main(["train", "--quiet", *sets(tiny_model_dir, image_dir, tmp_path / "runs")]) == 0
+    run_dir, = (tmp_path / "runs").iterdir()
+    before = (run_dir / "config.toml").read_text()
+    assert main(["train", "--resume", str(run_dir), "--set", "network.rank=8"]) == 2
+    assert "network.rank cannot change" in capsys.readouterr().err
+    assert (run_dir / "config.toml").read_text() == before, "a refused resume changes nothing"
+    assert main(["train", "--resume", "--set", "schedule.max_steps=9"]) == 2
+    assert "--resume needs the run folder" in capsys.readouterr().err
+
+
+def test_export_and_validate_report_bad_input_as_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert main(["export", str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    cfg = tmp_path / "fp16.toml"
+    cfg.write_text(f"[dataset]\npath = '{tmp_path}'\n[precision]\nmixed = 'fp16'\n[optimizer]\nname = 'adamw8bit'\n")
+    if not torch.cuda.is_available():
+        assert main(["validate", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert "precision.mixed=fp16 needs a CUDA GPU" in err and "adamw8bit" in err

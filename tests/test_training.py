@@ -156,7 +156,7 @@ def test_events_samples_checkpoints_and_metadata(tiny_model_dir, image_dir, tmp_
     assert [s.step for s in samples] == [3, 6] and all(len(s.paths) == 2 for s in samples)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         "step-000003-0.png", "step-000003-1.png", "step-000006-0.png", "step-000006-1.png"]
-    assert [p.name for p in runs.checkpoint_dirs(run_dir)] == ["step-000002", "step-000004"], "keep the last 2"
+    assert [p.name for p in runs.checkpoint_dirs(run_dir)] == ["step-000004", "step-000006"], "keep the last 2"
     assert (run_dir / "config.toml").exists() and C.load(run_dir / "config.toml") == cfg
     progress = [e for e in logged if isinstance(e, Progress)]
     assert all(e.it_per_s > 0 and e.eta_s >= 0 and e.lr > 0 for e in progress)
@@ -233,3 +233,25 @@ def test_prodigy_optimizer(tiny_model_dir, image_dir, tmp_path):
                                                            "schedule.max_steps": 2})
     path, _, _ = train(cfg)
     assert path.exists()
+
+
+def test_latents_do_not_depend_on_what_the_disk_cache_already_holds(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.cache_latents": "disk", "run.seed": 7,
+                                                           "schedule.max_steps": 2})
+    fresh, _, _ = train(cfg)
+    import shutil
+    shutil.rmtree(image_dir / ".loradesk-cache")
+    C.set_value(cfg, "run.seed", 42)
+    train(cfg)  # fills the cache under another seed
+    C.set_value(cfg, "run.seed", 7)
+    warm, _, _ = train(cfg)
+    assert_same_tensors(tensors(fresh), tensors(warm))
+
+
+def test_epochs_never_spill_into_the_next_epoch():
+    from trainer.loop import micro_batches, total_steps
+    cfg = C.apply_overrides(C.TrainConfig(), ["schedule.epochs=2", "schedule.gradient_accumulation=3"])
+    assert total_steps(cfg, 4) == 4
+    assert [micro_batches(cfg, s, 4) for s in range(4)] == [[0, 1, 2], [3], [4, 5, 6], [7]]
+    C.set_value(cfg, "schedule.epochs", 0)
+    assert [micro_batches(cfg, s, 4) for s in range(2)] == [[0, 1, 2], [3, 4, 5]]

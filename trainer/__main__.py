@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a training failure (NaN, out of memory), 2 a config or 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -22,16 +23,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except UserError as e:
+    except (C.ConfigError, UserError) + _input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 class UserError(Exception):
     """Bad input that the user can fix; printed without a traceback."""
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The engine's own bad-input errors (a file, folder or model the user gave); each message names the fix."""
+    from .data import DatasetError
+    from .formats import AdapterFormatError
+    from .models import ModelLoadError
+    return DatasetError, AdapterFormatError, ModelLoadError
+
+
+# keys that change what a checkpoint holds or which batches come next: a resumed run must keep them
+FROZEN_ON_RESUME = ("network.", "run.", "dataset.", "model.", "optimizer.name", "schedule.gradient_accumulation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,12 +97,10 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> C.TrainConf
 
 def cmd_train(args) -> int:
     from . import runs
-    from .data import DatasetError
     from .events import EventLog
     from .loop import Trainer
-    from .models import ModelLoadError
 
-    run_dir, resume = _train_run_dir(args)
+    run_dir, resume, created = _train_run_dir(args)
     cfg = runs.load_run_config(run_dir)
     C.check(cfg, source=str(run_dir / "config.toml"))
     trainer = Trainer(cfg, run_dir)
@@ -102,12 +110,10 @@ def cmd_train(args) -> int:
     _stop_on_interrupt(trainer)
     try:
         path = trainer.run(resume=resume)
-    except (DatasetError, ModelLoadError) as e:
+    except (C.ConfigError,) + _input_errors() as e:
         _fail(trainer, str(e))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except C.ConfigError as e:
-        _fail(trainer, str(e))
+        if created and not hasattr(trainer, "started_at"):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
         raise
     if path is None:
         return 1
@@ -115,26 +121,44 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _train_run_dir(args) -> tuple[Path, bool]:
-    """The run folder to train in: given, resumed, or new (holding the resolved config)."""
+def _train_run_dir(args) -> tuple[Path, bool, bool]:
+    """(run folder, resume?, created now?): given with --run-dir, resumed, or new (holding the resolved config)."""
     from . import runs
+    from .loop import runtime_problems
+    if args.resume is True and not args.run_dir:
+        raise UserError("--resume needs the run folder, e.g. --resume runs/my-lora-20261125-101500")
     resume_dir = args.resume if isinstance(args.resume, str) else None
     if resume_dir:
         if not runs.last_checkpoint(resume_dir):
             raise UserError(f"{resume_dir} has no checkpoint to resume from; set saving.every_n_steps to write "
                             f"checkpoints, or start a new run")
+        if args.config:
+            raise UserError("--resume reads the config from the run folder; pass changes with --set, not --config")
         if args.set:  # e.g. --set schedule.max_steps=2000 to train a finished run longer
-            cfg = C.apply_overrides(runs.load_run_config(resume_dir), args.set)
-            runs.write_text_atomic(Path(resume_dir) / "config.toml", C.dumps(C.check(cfg)))
-        return Path(resume_dir), True
+            _resume_overrides(Path(resume_dir), args.set)
+        return Path(resume_dir).resolve(), True, False
     if args.run_dir:
-        run_dir = Path(args.run_dir)
         if args.config or args.set:
             raise UserError("--run-dir reads the config from the run folder; do not pass --config or --set with it")
-        return run_dir, bool(args.resume)
+        return Path(args.run_dir).resolve(), bool(args.resume), False
     cfg = resolve_config(args.config, args.set)
     C.check(cfg, source=args.config)
-    return runs.create_run_dir(cfg), False
+    problems = runtime_problems(cfg)
+    if problems:
+        raise C.ConfigError(problems, args.config)
+    return runs.create_run_dir(cfg).resolve(), False, True
+
+
+def _resume_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """Apply --set to a run being resumed, refusing keys the checkpoint or the batch order depend on."""
+    from . import runs
+    frozen = [o.split("=", 1)[0].strip() for o in overrides
+              if o.split("=", 1)[0].strip().startswith(FROZEN_ON_RESUME)]
+    if frozen:
+        raise UserError(f"{', '.join(frozen)} cannot change when resuming (the checkpoint and the batch order depend "
+                        f"on them); start a new run instead")
+    cfg = C.check(C.apply_overrides(runs.load_run_config(run_dir), overrides))
+    runs.write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
 
 
 def _fail(trainer, message: str) -> None:
@@ -194,7 +218,10 @@ def cmd_export(args) -> int:
     elif not src.is_file():
         raise UserError(f"{src} is neither a run folder nor an adapter file")
     adapter = load_adapter(src)
-    out = save_adapter(adapter, args.out, format=args.format, dtype=args.dtype, metadata=adapter.metadata)
+    try:
+        out = save_adapter(adapter, args.out, format=args.format, dtype=args.dtype, metadata=adapter.metadata)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot write {args.out}: {e}") from None
     print(f"wrote {out} ({args.format}, {args.dtype}, {len(adapter)} modules)")
     return 0
 
@@ -212,16 +239,14 @@ def list_presets() -> list[Path]:
 
 
 def cmd_validate(args) -> int:
+    from .loop import runtime_problems
     cfg = resolve_config(args.config, args.set)
-    problems = C.validate(cfg)
+    problems = C.validate(cfg) + runtime_problems(cfg)
     if problems:
         raise C.ConfigError(problems, args.config)
     if cfg.dataset.path:
-        from .data import DatasetError, scan_dataset
-        try:
-            scan = scan_dataset(cfg.dataset)
-        except DatasetError as e:
-            raise UserError(str(e))
+        from .data import scan_dataset
+        scan = scan_dataset(cfg.dataset)
         for w in scan.warnings:
             print(f"warning: {w}")
         for s in scan.skipped:

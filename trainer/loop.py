@@ -19,7 +19,7 @@ from . import config as C
 from . import runs
 from .checkpoint import load_training_state, save_training_state
 from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
-                     Started)
+                     Started, read_events)
 from .network import LoraParams, inject_lora, trains_text_encoder
 
 
@@ -66,10 +66,9 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
         self._setup_optimizer()
         self.step = 0
-        if resume and runs.last_checkpoint(self.run_dir):
-            self.step = load_training_state(runs.last_checkpoint(self.run_dir), self.params, self.optimizer,
-                                            self.lr_scheduler)
         self.started_at = time.time()
+        if resume and runs.last_checkpoint(self.run_dir):
+            self.step = self._resume_state(runs.last_checkpoint(self.run_dir))
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
                           num_images=self.scan.num_images, pid=_pid()))
         try:
@@ -83,10 +82,20 @@ class Trainer:
             self.emit(Failed(step=self.step, error=str(e), advice=e.advice, last_checkpoint=str(last or "")))
             return None
         path = self.export_final()
-        if stopped:
-            self.save_checkpoint()  # so a stopped run can be resumed where it stopped
+        self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
         self.emit(Finished(step=self.step, adapter_path=str(path), stopped=stopped))
         return path
+
+    def _resume_state(self, checkpoint: Path) -> int:
+        """Load a checkpoint; a network that no longer matches it is a config error, not a crash."""
+        try:
+            step = load_training_state(checkpoint, self.params, self.optimizer, self.lr_scheduler)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise C.ConfigError([f"{checkpoint} does not fit this config ({e}); resume with the network, dataset "
+                                 f"and optimizer settings the run was started with"]) from None
+        first = next((e for e in read_events(self.run_dir / "events.jsonl") if isinstance(e, Started)), None)
+        self.started_at = first.time if first else self.started_at  # ss_training_started_at of the whole run
+        return step
 
     # ------------------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -94,9 +103,10 @@ class Trainer:
         from .data import LatentCache, needs_fresh_pixels
         from .models import load_base_model
         cfg = self.cfg
+        problems = runtime_problems(cfg)
+        if problems:
+            raise C.ConfigError(problems)
         device = resolve_device(cfg)
-        if cfg.precision.mixed == "fp16" and device != "cuda":
-            raise C.ConfigError(["precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no"])
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a process-wide singleton
         self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu")
@@ -121,7 +131,7 @@ class Trainer:
         self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
         cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
-        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir, model_key=self.base.source) \
+        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir, model_key=f"posterior-{vae_fingerprint(self.base)}") \
             if use_cache else None
         self.text_cache: dict[str, torch.Tensor] | None = {} if (cfg.dataset.cache_text and not self.train_te) \
             else None
@@ -129,7 +139,7 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg = self.cfg
-        self.optimizer = make_optimizer(cfg, self.params.param_groups(cfg), self.device.type)
+        self.optimizer = make_optimizer(cfg, self.params.param_groups(cfg))
         self.lr_scheduler = get_scheduler(cfg.schedule.lr_scheduler, self.optimizer,
                                           num_warmup_steps=cfg.schedule.warmup_steps,
                                           num_training_steps=self.total_steps)
@@ -154,32 +164,30 @@ class Trainer:
             self.emit(Progress(step=self.step, total_steps=self.total_steps, loss=loss,
                                lr=self.lr_scheduler.get_last_lr()[0], it_per_s=rate,
                                eta_s=(self.total_steps - self.step) / max(rate, 1e-9),
-                               epoch=self._batch_index(0) // self.plan.steps_per_epoch))
+                               epoch=self.epoch()))
             if _every(cfg.saving.every_n_steps, self.step) and self.step < self.total_steps:
                 self.save_checkpoint()
             if _every(cfg.sampling.every_n_steps, self.step):
                 self.render_samples()
         return False
 
-    def _batch_index(self, micro: int) -> int:
-        return self.step * self.cfg.schedule.gradient_accumulation + micro
-
     def optimizer_step(self) -> float:
         """Accumulate gradients over micro-batches, clip, step; returns the mean loss."""
-        cfg, accum = self.cfg, self.cfg.schedule.gradient_accumulation
+        cfg = self.cfg
         torch.manual_seed(_mix(cfg.run.seed, self.step, 1))  # LoRA dropout draws from the global generator
+        batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total = 0.0
-        for micro in range(accum):
-            latents, hidden = self.micro_batch(self._batch_index(micro))
-            gen = torch.Generator().manual_seed(_mix(cfg.run.seed, self._batch_index(micro), 2))
+        for batch_index in batches:
+            latents, hidden = self.micro_batch(batch_index)
+            gen = torch.Generator().manual_seed(_mix(cfg.run.seed, batch_index, 2))
             with self.accelerator.autocast():
                 loss = diffusion_loss(self.base, latents, hidden, gen, cfg, self.prediction)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped and "
                                     f"the last good checkpoint is kept",
                                     advice=nan_advice(cfg))
-            self.accelerator.backward(loss / accum)
-            total += loss.item() / accum
+            self.accelerator.backward(loss / len(batches))
+            total += loss.item() / len(batches)
         if cfg.optimizer.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(list(self.params.named().values()), cfg.optimizer.max_grad_norm)
         self.optimizer.step()
@@ -188,6 +196,10 @@ class Trainer:
         return total
 
     # ------------------------------------------------------------------------------------------------------------
+    def epoch(self) -> int:
+        """The epoch of the batch the next step starts with."""
+        return micro_batches(self.cfg, self.step, self.plan.steps_per_epoch)[0] // self.plan.steps_per_epoch
+
     def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and text conditioning of one batch, from the plan's deterministic order."""
         from .data import build_caption
@@ -195,7 +207,11 @@ class Trainer:
         indices = self._epoch_batches(epoch)[pos]
         rng = random.Random(_mix(self.cfg.run.seed, batch_index, 3))
         items = [self.scan.items[i] for i in indices]
-        latents = torch.cat([self.latents_of(i, rng) for i in indices])
+        posterior = torch.cat([self.posterior_of(i, rng) for i in indices])
+        mean, std = posterior.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(_mix(self.cfg.run.seed,
+                                                                                    batch_index, 4)))
+        latents = (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
         captions = [build_caption(item, self.cfg.dataset, rng) for item in items]
         return latents, self.encode_captions(captions)
 
@@ -204,8 +220,9 @@ class Trainer:
             self._epoch_cache = (epoch, self.plan.epoch(epoch))
         return self._epoch_cache[1]
 
-    def latents_of(self, index: int, rng: random.Random) -> torch.Tensor:
-        """VAE latents of one image, from the cache when no random augmentation needs fresh pixels."""
+    def posterior_of(self, index: int, rng: random.Random) -> torch.Tensor:
+        """The VAE posterior of one image as [1, 2C, h, w] (mean and std), cached when no random augmentation
+        needs fresh pixels; sampling happens per step, so a cache hit and a miss give the same latents."""
         from .data import load_pixels
         item, size, ds = self.scan.items[index], self.plan.bucket_of(index), self.cfg.dataset
         if self.latent_cache is not None:
@@ -214,18 +231,16 @@ class Trainer:
                 return cached.to(self.device)
         flip = ds.flip and rng.random() < 0.5
         pixels = load_pixels(item, size, ds.crop, flip, rng).unsqueeze(0)
-        latents = self.encode_pixels(pixels, seed=_mix(self.cfg.run.seed, index, 4))
+        posterior = self.encode_pixels(pixels)
         if self.latent_cache is not None:
-            self.latent_cache.put(item, size, ds.crop, latents.cpu())
-        return latents
+            self.latent_cache.put(item, size, ds.crop, posterior.cpu())
+        return posterior
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.base.vae
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
-        return (latents * vae.config.scaling_factor).float()
+        return torch.cat([dist.mean, dist.std], dim=1).float()
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         """Text conditioning; cached per caption when the text encoder is frozen."""
@@ -263,9 +278,12 @@ class Trainer:
 
     def metadata(self) -> dict[str, str]:
         from .formats import build_metadata
+        epochs = math.ceil(micro_batches(self.cfg, self.total_steps - 1, self.plan.steps_per_epoch)[-1] /
+                           self.plan.steps_per_epoch + 1e-9)
         return build_metadata(cfg=self.cfg, num_train_images=self.scan.num_images,
                               tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
-                              finished_at=time.time(), base_model_version=f"{self.base.family}")
+                              finished_at=time.time(), base_model_version=f"{self.base.family}",
+                              max_train_steps=self.total_steps, num_epochs=max(1, epochs))
 
     @torch.no_grad()
     def render_samples(self) -> list[Path]:
@@ -320,41 +338,64 @@ def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: st
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
+def micro_batches(cfg: C.TrainConfig, step: int, batches_per_epoch: int) -> list[int]:
+    """Global batch indices that optimizer step `step` accumulates over.
+
+    With epochs set, each epoch is ceil(batches / accumulation) steps and the last step of an epoch may hold fewer
+    batches, so no step reaches into the next epoch; with max_steps the batches are one endless stream.
+    """
+    accum = cfg.schedule.gradient_accumulation
+    if cfg.schedule.epochs > 0:
+        epoch, j = divmod(step, math.ceil(batches_per_epoch / accum))
+        return [epoch * batches_per_epoch + k for k in range(j * accum, min((j + 1) * accum, batches_per_epoch))]
+    return [step * accum + m for m in range(accum)]
+
+
 def total_steps(cfg: C.TrainConfig, batches_per_epoch: int) -> int:
     if cfg.schedule.epochs > 0:
         return cfg.schedule.epochs * math.ceil(batches_per_epoch / cfg.schedule.gradient_accumulation)
     return cfg.schedule.max_steps
 
 
-def make_optimizer(cfg: C.TrainConfig, groups: list[dict], device_type: str) -> torch.optim.Optimizer:
+def make_optimizer(cfg: C.TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if o.name == "adamw8bit":
-        if device_type != "cuda":
-            raise C.ConfigError(["optimizer.name=adamw8bit needs a CUDA GPU (bitsandbytes); on the CPU use adamw"])
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise C.ConfigError(["optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'"])
+    if o.name == "adamw8bit":  # runtime_problems() has checked CUDA and bitsandbytes
+        import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adafactor":
         from transformers.optimization import Adafactor
         return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=o.weight_decay)
     if o.name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise C.ConfigError(["optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'"])
+        from prodigyopt import Prodigy
         return Prodigy(groups, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     raise C.ConfigError([f"optimizer.name {o.name!r} is unknown"])
 
 
+def runtime_problems(cfg: C.TrainConfig) -> list[str]:
+    """What this machine cannot do for cfg (no CUDA for fp16 or 8-bit AdamW, a missing optional package)."""
+    import importlib.util
+    problems = []
+    cuda = torch.cuda.is_available()
+    if cfg.precision.device == "cuda" and not cuda:
+        problems.append("precision.device=cuda but no CUDA GPU is visible; use auto or cpu")
+    on_cuda = cuda and cfg.precision.device != "cpu"
+    if cfg.precision.mixed == "fp16" and not on_cuda:
+        problems.append("precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    if cfg.optimizer.name == "adamw8bit":
+        if not on_cuda:
+            problems.append("optimizer.name=adamw8bit needs a CUDA GPU (bitsandbytes); on the CPU use adamw")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'")
+    if cfg.optimizer.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
+    return problems
+
+
 def resolve_device(cfg: C.TrainConfig) -> str:
     wanted = cfg.precision.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError(["precision.device=cuda but no CUDA GPU is visible; use auto or cpu"])
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
@@ -380,6 +421,15 @@ def oom_advice() -> str:
     return ("Out of memory. Try: lower dataset.batch_size or dataset.resolution; turn on "
             "precision.gradient_checkpointing; keep dataset.cache_latents on (memory or disk); use "
             "optimizer.name=adamw8bit on CUDA; precision.mixed=fp16 or bf16.")
+
+
+def vae_fingerprint(base) -> str:
+    """Names the VAE's weights in cache keys, so a model replaced at the same path never reuses old latents."""
+    import hashlib
+    h = hashlib.sha256(base.source.encode())
+    for p in list(base.vae.parameters())[:4]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _every(n: int, step: int) -> bool:
