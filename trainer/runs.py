@@ -11,51 +11,16 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as C
+# the atomic writers live in trainer.atomic; re-exported because the loop, the app and tests import them from here
+from .atomic import atomic_dir, atomic_path, save_image_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 from .events import Failed, Finished, Progress, Started, read_events
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# atomic writes: a reader (or a Ctrl+C) never sees half a file
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=1))
-
-
-def save_image_atomic(image, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,21 +69,9 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-@contextmanager
 def new_checkpoint_dir(run_dir: str | Path, step: int):
-    """Yield a temporary folder to fill; it becomes checkpoints/step-<n> in one rename."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=root))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """A context yielding a temporary folder to fill; it becomes checkpoints/step-<n> in one rename."""
+    return atomic_dir(Path(run_dir) / "checkpoints" / f"step-{step:06d}")
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

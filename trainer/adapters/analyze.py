@@ -13,14 +13,12 @@ and, for independent random subspaces of R^d, has expectation max(i, j) / d.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trainer.atomic import write_json_atomic
 from trainer.lora_state import Adapter
 
 from .lowrank import layer_svd
@@ -88,7 +86,7 @@ def analyze(adapter_a: Adapter, out_dir: str | Path, adapter_b: Adapter | None =
     if adapter_b is not None:
         result["adapters"][labels[1]] = _summary(adapter_b)
         result["similarity"] = _similarities(adapter_a, adapter_b, out_dir, layers, labels)
-    _write_json(out_dir / "analysis.json", result)
+    write_json_atomic(out_dir / "analysis.json", result)
     return result
 
 
@@ -132,10 +130,3 @@ def default_layers(common: list[str], n: int = MAX_HEATMAPS) -> list[str]:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:150]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trainer.atomic import atomic_dir, atomic_path
 from trainer.lora_state import Adapter
 
 from trainer.formats import load_adapter
@@ -48,15 +46,8 @@ def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict
     cast = _dtype(dtype)
     state = original_checkpoint(base.unet, base.vae, base.text_encoder)
     tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path
 
 
@@ -68,29 +59,12 @@ def save_diffusers(base, folder: str | Path, dtype: str | None = None) -> Path:
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / "model_index.json").is_file():
         raise FileExistsError(f"{folder} exists and is not a diffusers model folder; choose a new output path")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     pipe = base.pipeline()
     if dtype:
         pipe.to(dtype=_dtype(dtype))
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
-    try:
+    with atomic_dir(folder) as tmp:  # a crash leaves the old model or the new one, never half
         pipe.save_pretrained(tmp, safe_serialization=True)
-        _swap_in(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace folder by tmp with two renames, so a crash leaves either the old or the new model, never half."""
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _as_adapter(adapter: Adapter | str | Path) -> Adapter:

@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from trainer.atomic import save_image_atomic, write_json_atomic  # stdlib only: registering stays torch-free
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -205,7 +203,7 @@ def cmd_generate(args) -> int:
     generator.set_adapters([(path, weight, True) for path, weight in specs])
     image = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width,
                                args.height)[0]
-    _save_png(image, Path(args.out))
+    save_image_atomic(image, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -220,18 +218,7 @@ def _print_report(report: dict | None, path: str | None) -> None:
     worst = min(report["layers"].items(), key=lambda kv: kv[1]["kept"])
     print(f"kept {report['kept_overall']:.2%} of the norm overall; lowest layer {worst[1]['kept']:.2%} ({worst[0]})")
     if path:
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, path)
-
-
-def _save_png(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+        write_json_atomic(path, report)
 
 
 def main(argv: list[str] | None = None) -> int:

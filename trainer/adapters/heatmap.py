@@ -3,13 +3,13 @@ chart)."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from trainer.atomic import save_image_atomic
 
 # viridis at 0, 0.25, 0.5, 0.75, 1: perceptually even and readable in grey scale
 _ANCHORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
@@ -43,7 +43,7 @@ def save_heatmap(matrix: torch.Tensor, path: str | Path, title: str = "", row_la
     draw.text((_LEFT, height - 16), col_label, fill="black", font=font)
     _vertical_text(image, row_label, (4, _TOP), rows * cell_h, font)
     _colour_bar(image, draw, font, _LEFT + cols * cell_w + 16, rows * cell_h)
-    return _save_png(image, Path(path))
+    return save_image_atomic(image, path)
 
 
 def _vertical_text(image: Image.Image, text: str, at: tuple[int, int], span: int, font) -> None:
@@ -63,11 +63,3 @@ def _colour_bar(image: Image.Image, draw: ImageDraw.ImageDraw, font, x: int, hei
         y = _TOP + round((1 - value) * (height - 1))
         draw.line([x + 15, y, x + 18, y], fill="black")
         draw.text((x + 21, y - 5), f"{value:.1f}", fill="black", font=font)
-
-
-def _save_png(image: Image.Image, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from trainer.atomic import atomic_path
 
 MODES = ("off", "memory", "disk")
 PIPELINE_VERSION = "1"  # bump when load_pixels changes what a (file, size, crop) gives, so old entries are not reused
@@ -105,11 +105,5 @@ class LatentCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         metadata = {"source": str(item.path), "size": f"{size[0]}x{size[1]}", "crop": str(crop_key),
                     "flip": str(bool(flip)), "pipeline_version": PIPELINE_VERSION, "model_key": self.model_key}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"latents": latents.detach().cpu().contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, self._entry(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self._entry(key)) as tmp:
+            save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp), metadata=metadata)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from trainer.atomic import atomic_path
 from trainer.lora_state import Adapter
 
 from .errors import AdapterFormatError
@@ -105,19 +104,9 @@ def lora_config(layers: dict[str, tuple[int, float]]) -> dict:
 
 
 def write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` into a temporary file next to `path`, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`write(tmp_path)` through trainer.atomic: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _copy(tensor: torch.Tensor, dt: torch.dtype) -> torch.Tensor:

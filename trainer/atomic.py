@@ -1,0 +1,94 @@
+"""Atomic writes: a reader (or a Ctrl+C, or a crash) never sees half a file or half a folder.
+
+Every file and folder loradesk writes goes through here: a temporary name in the same folder, fsync, one os.replace.
+Stdlib only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path` to write; on success it is fsynced and replaces `path` in one rename.
+    On failure the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary folder beside `final` to fill; on success it becomes `final` (an existing `final` is
+    swapped out with two renames, so a crash leaves the old or the new folder, never half of one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        _swap_in(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data, indent: int = 1) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def save_image_atomic(image, path: str | Path) -> Path:
+    """Save a PIL image as PNG."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # makes the rename itself durable; folders cannot be opened on Windows, where the rename is durable enough
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
