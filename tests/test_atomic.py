@@ -1,6 +1,9 @@
-"""One atomic-write helper: temp file beside the target, fsync, one rename, temp removed on failure."""
+"""One atomic-write helper: temp file beside the target, fsync, one rename, temp removed on failure, normal modes."""
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,35 @@ def test_no_hand_written_temp_files_outside_the_helper():
     found = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "trainer").rglob("*.py"))
              if p not in allowed and re.search(r"mkstemp|mkdtemp|os\.replace", p.read_text(encoding="utf-8"))]
     assert not found, f"write through trainer.atomic instead: {found}"
+
+
+_MODES_SCRIPT = r"""
+import json, os, sys, stat
+os.umask(0o022)
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import torch
+from trainer import config as C, runs
+from trainer.formats import save_adapter
+from trainer.lora_state import Adapter, LoraLayer
+out = Path(sys.argv[1])
+cfg = C.TrainConfig()
+cfg.saving.runs_dir = str(out / "runs")
+run_dir = runs.create_run_dir(cfg)
+with runs.new_checkpoint_dir(run_dir, 5) as tmp:
+    (tmp / "state.json").write_text("{}")
+adapter = Adapter({"lora_unet_x_to_q": LoraLayer(torch.ones(2, 4), torch.ones(4, 2), 2.0)})
+save_adapter(adapter, out / "a.safetensors")
+mode = lambda p: oct(stat.S_IMODE(os.stat(p).st_mode))
+print(json.dumps({"adapter": mode(out / "a.safetensors"), "config": mode(run_dir / "config.toml"),
+                  "checkpoint": mode(runs.last_checkpoint(run_dir))}))
+"""
+
+
+def test_written_files_are_readable_by_other_users(tmp_path):
+    """A1111/ComfyUI running as another user must be able to read the LoRA (mkstemp alone makes it 0600)."""
+    result = subprocess.run([sys.executable, "-c", _MODES_SCRIPT, str(tmp_path), str(ROOT)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    modes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert modes == {"adapter": "0o644", "config": "0o644", "checkpoint": "0o755"}

@@ -1,7 +1,9 @@
 """Atomic writes: a reader (or a Ctrl+C, or a crash) never sees half a file or half a folder.
 
 Every file and folder loradesk writes goes through here: a temporary name in the same folder, fsync, one os.replace.
-Stdlib only.
+mkstemp/mkdtemp create owner-only entries and os.replace keeps that mode, so the temporary gets the mode a plain
+open()/mkdir() would have given (0o666 / 0o777 less the umask) before the rename: A1111 or ComfyUI running as
+another user must be able to read the LoRA. Stdlib only.
 """
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before any thread writes files
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 @contextmanager
@@ -24,6 +38,7 @@ def atomic_path(path: str | Path):
     try:
         yield Path(tmp)
         _fsync_file(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -40,6 +55,7 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, DIR_MODE)
         _swap_in(tmp, final)
         _fsync_dir(final.parent)
     finally:
