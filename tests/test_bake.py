@@ -125,7 +125,8 @@ def test_cli_bake_rejects_an_adapter_for_another_model(tiny_model_dir, tmp_path,
     from trainer.adapters.cli import main
     assert main(["bake", "--model", str(tiny_model_dir), str(tmp_path / "sdxl.safetensors"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "not in this base model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not in this base model" in err and "'sdxl.safetensors'" in err  # named by its file, not its position
     assert not (tmp_path / "x.safetensors").exists()
     assert main(["bake", "--model", str(tmp_path / "no-model"), str(tmp_path / "sdxl.safetensors"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -141,3 +142,12 @@ def test_commands_are_registered_in_the_main_cli():
                        (["analyze", "a.safetensors", "--out", "d"], "cmd_analyze"),
                        (["generate", "--prompt", "x", "--out", "i.png"], "cmd_generate")):
         assert parser.parse_args(argv).func.__name__ == name
+
+
+def test_adapters_are_named_by_file_in_errors(tmp_path):
+    from trainer.adapters.bake import adapter_labels
+    from trainer.lora_state import Adapter
+    memory = Adapter({})
+    assert adapter_labels([tmp_path / "a.safetensors", memory, str(tmp_path / "b.safetensors")]) == \
+        ["a.safetensors", "in-memory adapter 2", "b.safetensors"]
+    assert adapter_labels(["x/a.safetensors", "y/a.safetensors"]) == ["a.safetensors (#1)", "a.safetensors (#2)"]

@@ -35,8 +35,15 @@ def bake(model_path: str, pairs: list[tuple[Adapter | str | Path, float]], out: 
 def fuse_into(base, pairs: list[tuple[Adapter | str | Path, float]]) -> None:
     """Fuse the adapters into base's weights for good (the blender's pristine copies are dropped)."""
     blender = FusedBlender(base.unet, base.text_encoders)
-    for i, (adapter, weight) in enumerate(pairs):
-        blender.add(str(i), _as_adapter(adapter), weight)
+    for label, (adapter, weight) in zip(adapter_labels([a for a, _ in pairs]), pairs):
+        blender.add(label, _as_adapter(adapter), weight)
+
+
+def adapter_labels(adapters: list[Adapter | str | Path]) -> list[str]:
+    """Names for error messages: a file's name, or 'in-memory adapter <n>'; a repeated name gets its position."""
+    labels = [Path(a).name if not isinstance(a, Adapter) else f"in-memory adapter {i + 1}"
+              for i, a in enumerate(adapters)]
+    return [label if labels.count(label) == 1 else f"{label} (#{i + 1})" for i, label in enumerate(labels)]
 
 
 def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
