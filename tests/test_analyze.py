@@ -97,3 +97,16 @@ def test_cli_analyze(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "a5.safetensors"), "--out", str(tmp_path / "one")]) == 0
     assert main(["analyze", *(str(tmp_path / "a5.safetensors"),) * 3, "--out", str(tmp_path / "x")]) == 2
     assert "one or two adapter files" in capsys.readouterr().err
+
+
+def test_adapters_for_different_models_are_named_in_the_error(tmp_path, capsys):
+    from trainer.formats import AdapterFormatError, save_adapter
+    from trainer.adapters.cli import main
+    save_adapter(_adapter(1, fan_in=64), tmp_path / "sd15.safetensors", dtype="fp32")
+    save_adapter(_adapter(2, fan_in=320), tmp_path / "sdxl.safetensors", dtype="fp32")
+    assert main(["analyze", str(tmp_path / "sd15.safetensors"), str(tmp_path / "sdxl.safetensors"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "sd15.safetensors" in err and "sdxl.safetensors" in err and "lora_unet_x_attn1_to_q" in err
+    with pytest.raises(AdapterFormatError, match="share no layers"):
+        analyze(_adapter(1), tmp_path, Adapter({"lora_unet_y": _adapter(2).layers["lora_unet_x_attn1_to_q"]}))

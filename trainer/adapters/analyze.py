@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer.atomic import write_json_atomic
+from trainer.formats import AdapterFormatError
 from trainer.lora_state import Adapter
 
 from .lowrank import layer_svd
@@ -74,18 +75,20 @@ def subspace_similarity(down_1: torch.Tensor, down_2: torch.Tensor) -> torch.Ten
 
 
 def analyze(adapter_a: Adapter, out_dir: str | Path, adapter_b: Adapter | None = None,
-            layers: list[str] | None = None, labels: tuple[str, str] = ("A", "B")) -> dict:
+            layers: list[str] | None = None, labels: tuple[str, str] = ("A", "B"),
+            sources: tuple[str, str] | None = None) -> dict:
     """Write `analysis.json` (+ one `similarity_<layer>.png` per chosen layer with two adapters) into out_dir.
 
     `layers` picks the heatmap layers (default: up to 4 of the common to_q/to_v layers, evenly spaced, as the paper
-    looked at Wq and Wv). Returns the JSON's content.
+    looked at Wq and Wv). `sources` (default: the labels) name the adapters, e.g. by file, in error messages.
+    Returns the JSON's content.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"adapters": {labels[0]: _summary(adapter_a)}}
     if adapter_b is not None:
         result["adapters"][labels[1]] = _summary(adapter_b)
-        result["similarity"] = _similarities(adapter_a, adapter_b, out_dir, layers, labels)
+        result["similarity"] = _similarities(adapter_a, adapter_b, out_dir, layers, labels, sources or labels)
     write_json_atomic(out_dir / "analysis.json", result)
     return result
 
@@ -99,10 +102,12 @@ def _summary(adapter: Adapter) -> dict:
             "mean_rank_99": sum(v["rank_99"] for v in layers.values()) / n}
 
 
-def _similarities(a: Adapter, b: Adapter, out_dir: Path, layers: list[str] | None, labels) -> dict:
+def _similarities(a: Adapter, b: Adapter, out_dir: Path, layers: list[str] | None, labels, sources) -> dict:
     common = [name for name in a.layers if name in b.layers]
     if not common:
-        raise ValueError("the two adapters share no layers, so their subspaces cannot be compared")
+        raise AdapterFormatError(f"{sources[0]} and {sources[1]} share no layers, so their subspaces cannot be "
+                                 f"compared; analyze two adapters trained on the same base model")
+    _check_input_sizes(a, b, common, sources)
     unknown = [name for name in layers or [] if name not in common]
     if unknown:
         raise ValueError(f"layers not in both adapters: {', '.join(unknown)}")
@@ -118,6 +123,15 @@ def _similarities(a: Adapter, b: Adapter, out_dir: Path, layers: list[str] | Non
             save_heatmap(phi, png, title=name, row_label=f"i ({labels[0]})", col_label=f"j ({labels[1]})")
             out["heatmaps"][name] = {"png": png.name, "phi": phi.tolist()}
     return out
+
+
+def _check_input_sizes(a: Adapter, b: Adapter, common: list[str], sources) -> None:
+    for name in common:
+        size_a, size_b = a.layers[name].down[0].numel(), b.layers[name].down[0].numel()
+        if size_a != size_b:
+            raise AdapterFormatError(f"layer {name}: {sources[0]} has input size {size_a} but {sources[1]} has "
+                                     f"{size_b}; they were trained for different base models, so their subspaces "
+                                     f"cannot be compared")
 
 
 def default_layers(common: list[str], n: int = MAX_HEATMAPS) -> list[str]:

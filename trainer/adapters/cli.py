@@ -181,7 +181,7 @@ def cmd_analyze(args) -> int:
     stems = [Path(path).stem for path in args.adapters] + ["B"]
     labels = (stems[0], stems[1]) if stems[0] != stems[1] else ("A", "B")
     result = analyze(adapters[0], args.out, adapters[1] if len(adapters) > 1 else None, args.layers or None,
-                     labels=labels)
+                     labels=labels, sources=tuple(args.adapters))
     for label, summary in result["adapters"].items():
         print(f"{label}: mean effective rank {summary['mean_effective_rank']:.2f}, mean rank for 90% / 99% of "
               f"energy {summary['mean_rank_90']:.1f} / {summary['mean_rank_99']:.1f}")
