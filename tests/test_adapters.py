@@ -278,6 +278,27 @@ def test_cli_blend_and_resize(model, tmp_path, capsys):
     assert "keep must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_cli_bugs_keep_their_traceback(model, tmp_path, monkeypatch, capsys):
+    """Only the project's user-facing errors become exit 2; a ValueError or KeyError from a bug propagates."""
+    import importlib
+    from trainer.adapters import cli
+    resize = importlib.import_module("trainer.adapters.resize")  # the module, not the function of that name
+    a, _ = two_adapters(model["index"])
+    save_adapter(a, tmp_path / "a.safetensors", dtype="fp32")
+    argv = ["resize", str(tmp_path / "a.safetensors"), "--rank", "2", "--out", str(tmp_path / "b.safetensors")]
+    for bug in (KeyError("lora_up"), ValueError("bad reshape")):
+        def broken(*args, bug=bug, **kwargs):
+            raise bug
+        monkeypatch.setattr(resize, "resize", broken)
+        with pytest.raises(type(bug)):
+            cli.main(argv)
+    out = str(tmp_path / "c.safetensors")
+    assert cli.main(["blend", str(tmp_path / "a.safetensors"), "--rank", "0", "--out", out]) == 2
+    assert "--rank must be at least 1" in capsys.readouterr().err
+    assert cli.main(["blend", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "c.lora")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
 # ---- generation ----------------------------------------------------------------------------------------------------
 
 def test_generator_blends_caches_and_exports(tiny_model_dir, tmp_path):

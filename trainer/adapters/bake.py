@@ -64,7 +64,7 @@ def save_diffusers(base, folder: str | Path, dtype: str | None = None) -> Path:
     A given dtype casts base's modules in place (bake owns the model it loaded).
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not (folder / "model_index.json").is_file():
+    if is_foreign_folder(folder):
         raise FileExistsError(f"{folder} exists and is not a diffusers model folder; choose a new output path")
     pipe = base.pipeline()
     if dtype:
@@ -72,6 +72,12 @@ def save_diffusers(base, folder: str | Path, dtype: str | None = None) -> Path:
     with atomic_dir(folder) as tmp:  # a crash leaves the old model or the new one, never half
         pipe.save_pretrained(tmp, safe_serialization=True)
     return folder
+
+
+def is_foreign_folder(folder: str | Path) -> bool:
+    """A non-empty folder that is not a diffusers model: baking into it would replace the user's files."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir()) and not (folder / "model_index.json").is_file()
 
 
 def _as_adapter(adapter: Adapter | str | Path) -> Adapter:

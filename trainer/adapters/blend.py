@@ -19,7 +19,7 @@ import torch
 
 from trainer.lora_state import Adapter, LoraLayer
 
-from trainer.formats import module_index
+from trainer.formats import AdapterFormatError, module_index
 
 
 @dataclass
@@ -118,16 +118,16 @@ class FusedBlender:
         missing = [k for k in adapter.layers if k not in self._index]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise ValueError(f"adapter {name!r}: {len(missing)} of its {len(adapter)} layers are not in this base "
-                             f"model ({shown}); was it trained for another model family (SD1 vs SDXL)?")
+            raise AdapterFormatError(f"adapter {name!r}: {len(missing)} of its {len(adapter)} layers are not in this "
+                                     f"base model ({shown}); was it trained for another model family (SD1 vs SDXL)?")
         for key, layer in adapter.layers.items():
             weight = self._weight(key)
             numel = layer.up.shape[0] * layer.down[0].numel()
             fits = numel == weight.numel() and layer.up.shape[0] == weight.shape[0]
             if not fits or layer.up.shape[1] != layer.rank:
-                raise ValueError(f"adapter {name!r}: layer {key} has shape up {tuple(layer.up.shape)} x down "
-                                 f"{tuple(layer.down.shape)}, which does not fit the model's weight "
-                                 f"{tuple(weight.shape)}; it was trained for another base model")
+                raise AdapterFormatError(f"adapter {name!r}: layer {key} has shape up {tuple(layer.up.shape)} x "
+                                         f"down {tuple(layer.down.shape)}, which does not fit the model's weight "
+                                         f"{tuple(weight.shape)}; it was trained for another base model")
 
     @torch.no_grad()
     def _refresh(self, kohya_names: set[str]) -> None:

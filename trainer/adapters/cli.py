@@ -12,11 +12,18 @@ from pathlib import Path
 from trainer.atomic import save_image_atomic, write_json_atomic  # stdlib only: registering stays torch-free
 
 
+class UsageError(Exception):
+    """A bad flag or argument; the message names the flag and the fix."""
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix (imported on use, so registering the commands does not load torch)."""
+    """The project's own errors for input a user can fix (imported on use, so registering the commands does not
+    load torch). Anything else is a bug and keeps its traceback."""
+    from trainer.config import ConfigError
+    from trainer.data.errors import DatasetError
     from trainer.formats import AdapterFormatError
     from trainer.models import ModelLoadError
-    return ValueError, KeyError, FileNotFoundError, FileExistsError, AdapterFormatError, ModelLoadError
+    return UsageError, AdapterFormatError, ModelLoadError, ConfigError, DatasetError
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
@@ -111,8 +118,7 @@ def _user_errors(fn):
         except Exception as e:
             if not isinstance(e, _user_error_types()):
                 raise
-            message = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             return 2
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
@@ -120,7 +126,26 @@ def _user_errors(fn):
 
 def _check_file(path: str) -> None:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist; check the path")
+        raise UsageError(f"adapter file {path} does not exist; check the path")
+
+
+def _check_out(path: str, suffix: str) -> None:
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"--out {path} must end in {suffix}")
+
+
+def _check_rank(rank: int | None) -> None:
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+
+
+def _check_distinct(paths: list[str]) -> None:
+    seen = set()
+    for path in paths:
+        key = str(Path(path).resolve())
+        if key in seen:
+            raise UsageError(f"adapter {path} is listed twice; give each file once")
+        seen.add(key)
 
 
 def _load(path: str):
@@ -133,6 +158,8 @@ def _load(path: str):
 def cmd_blend(args) -> int:
     from trainer.formats import save_adapter
     from .merge import merge_exact, merge_svd
+    _check_out(args.out, ".safetensors")
+    _check_rank(args.rank)
     specs = [parse_weighted(text) for text in args.adapters]
     pairs = [(_load(path), weight) for path, weight in specs]
     titles = [Path(path).stem for path, _ in specs]
@@ -151,6 +178,10 @@ def cmd_blend(args) -> int:
 def cmd_resize(args) -> int:
     from trainer.formats import save_adapter
     from .resize import resize
+    _check_out(args.out, ".safetensors")
+    _check_rank(args.rank)
+    if args.keep is not None and not 0 < args.keep <= 1:
+        raise UsageError(f"--keep must be in (0, 1], for example 0.95; got {args.keep}")
     adapter = _load(args.adapter)
     resized, report = resize(adapter, rank=args.rank, keep=args.keep)
     save_adapter(resized, args.out, dtype=args.dtype)
@@ -163,7 +194,9 @@ def cmd_resize(args) -> int:
 
 @_user_errors
 def cmd_bake(args) -> int:
-    from .bake import bake
+    from .bake import bake, is_foreign_folder
+    if not args.out.lower().endswith(".safetensors") and is_foreign_folder(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a diffusers model folder; choose a new output path")
     specs = [parse_weighted(text) for text in args.adapters]
     for path, _ in specs:
         _check_file(path)
@@ -176,8 +209,9 @@ def cmd_bake(args) -> int:
 def cmd_analyze(args) -> int:
     from .analyze import analyze
     if len(args.adapters) > 2:
-        raise ValueError(f"analyze takes one or two adapter files, got {len(args.adapters)}")
+        raise UsageError(f"analyze takes one or two adapter files, got {len(args.adapters)}")
     adapters = [_load(path) for path in args.adapters]
+    _check_layers(args.layers, adapters)
     stems = [Path(path).stem for path in args.adapters] + ["B"]
     labels = (stems[0], stems[1]) if stems[0] != stems[1] else ("A", "B")
     result = analyze(adapters[0], args.out, adapters[1] if len(adapters) > 1 else None, args.layers or None,
@@ -191,14 +225,21 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _check_layers(layers: list[str] | None, adapters: list) -> None:
+    unknown = [name for name in layers or [] if any(name not in adapter.layers for adapter in adapters)]
+    if unknown:
+        where = "both adapters" if len(adapters) > 1 else "the adapter"
+        raise UsageError(f"--layers: {', '.join(unknown)} not in {where}; give kohya layer names from the file")
+
+
 @_user_errors
 def cmd_generate(args) -> int:
     from .generate import Generator
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out {args.out} must end in .png")
+    _check_out(args.out, ".png")
     specs = [parse_weighted(text) for text in args.lora]
     for path, _ in specs:
         _check_file(path)
+    _check_distinct([path for path, _ in specs])
     generator = Generator(args.model)
     generator.set_adapters([(path, weight, True) for path, weight in specs])
     image = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width,

@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from trainer.formats import AdapterFormatError
 from trainer.lora_state import Adapter, LoraLayer
 
 from .resize import compress, rank_metadata
@@ -55,8 +56,8 @@ def _stack(name: str, parts: list[tuple[LoraLayer, float]]) -> LoraLayer:
         down, up = torch.cat(downs, 0), torch.cat(ups, 1)
     except RuntimeError as e:
         shapes = ", ".join(f"{tuple(layer.up.shape)}x{tuple(layer.down.shape)}" for layer, _ in parts)
-        raise ValueError(f"layer {name}: the adapters' shapes ({shapes}) do not agree; they were trained for "
-                         f"different base models") from e
+        raise AdapterFormatError(f"layer {name}: the adapters' shapes ({shapes}) do not agree; they were trained "
+                                 f"for different base models") from e
     return LoraLayer(down.contiguous(), up.contiguous(), float(down.shape[0]))
 
 
