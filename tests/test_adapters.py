@@ -350,3 +350,26 @@ def test_cli_generate(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--lora", str(tmp_path / "nope.safetensors:0.5"),
                  "--prompt", "x", "--out", str(out)]) == 2
     assert "nope.safetensors does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [(["--width", "33"], "--width"), (["--height", "4"], "--height"),
+                                          (["--width", "0"], "--width"), (["--steps", "0"], "--steps"),
+                                          (["--num-images", "0"], "--num-images")])
+def test_cli_generate_refuses_bad_sizes_and_counts(tiny_model_dir, tmp_path, capsys, flags, named):
+    from trainer.adapters.cli import main
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "2", *flags,
+                 "--out", str(out)]) == 2
+    assert named in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_generate_fills_a_missing_side_with_the_native_size(tiny_model_dir, tmp_path):
+    from PIL import Image
+    from trainer.adapters.cli import main
+    from trainer.models import load_base_model
+    base = load_base_model(str(tiny_model_dir))
+    native = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "1", "--width", "24",
+                 "--num-images", "2", "--out", str(out)]) == 0
+    assert [Image.open(tmp_path / f"img-{k}.png").size for k in (1, 2)] == [(24, native)] * 2

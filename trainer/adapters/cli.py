@@ -100,10 +100,12 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps, at least 1")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1,
+                   help="images with seeds seed, seed+1, ...; more than one are written as OUT-<k>.png")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=cmd_generate)
 
@@ -232,20 +234,42 @@ def _check_layers(layers: list[str] | None, adapters: list) -> None:
         raise UsageError(f"--layers: {', '.join(unknown)} not in {where}; give kohya layer names from the file")
 
 
+def _check_generate_flags(args) -> None:
+    _check_out(args.out, ".png")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"{flag} must be a positive multiple of 8 (the VAE works in 8-pixel cells), got {value}")
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
+def _native_size(base) -> int:
+    # what diffusers uses for a missing width or height: the UNet's latent size times the VAE's downsampling
+    return base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def _image_paths(out: str, n: int) -> list[Path]:
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, n + 1)]
+
+
 @_user_errors
 def cmd_generate(args) -> int:
     from .generate import Generator
-    _check_out(args.out, ".png")
+    _check_generate_flags(args)
     specs = [parse_weighted(text) for text in args.lora]
     for path, _ in specs:
         _check_file(path)
     _check_distinct([path for path, _ in specs])
     generator = Generator(args.model)
     generator.set_adapters([(path, weight, True) for path, weight in specs])
-    image = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width,
-                               args.height)[0]
-    save_image_atomic(image, args.out)
-    print(f"wrote {args.out}")
+    native = _native_size(generator.base)
+    images = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance,
+                                args.width or native, args.height or native, num_images=args.num_images)
+    for image, path in zip(images, _image_paths(args.out, args.num_images)):
+        save_image_atomic(image, path)
+        print(f"wrote {path}")
     return 0
 
 
