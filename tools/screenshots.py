@@ -43,13 +43,17 @@ def train(work: Path, model: str, steps: int) -> Path:
     s = AppSettings(data_dir=work / "datasets", runs_dir=work / "runs", adapters_dir=work / "adapters",
                     base_model=model)
     cfg = T.load_preset(s, "tiny-demo", str(work / "datasets" / "demo-concept"))
+    cfg.run.name = "stars"
     cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
+    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, steps // 2)
     run_dir = T.start_run(s, cfg)
     while T.active_run(s) is not None:
         time.sleep(1)
     view = T.run_view(run_dir)
     if view.state != "finished":
         sys.exit(f"the run {view.state}: {view.error}\n{T.read_log(run_dir)}")
+    from trainer.formats import load_adapter
+    load_adapter(view.adapter_path)  # the Generate tab will need it: fail here, plainly, if it does not read
     return run_dir
 
 
@@ -85,33 +89,48 @@ def shoot(url: str, out: Path, run_name: str) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1100}, device_scale_factor=1)
         page.set_default_timeout(60_000)
-        page.goto(url)
-        page.locator("#dataset-gallery .thumbnail-item").nth(3).wait_for()
-        page.locator("#dataset-gallery .thumbnail-item").nth(1).click()
-        page.locator("#caption-preview img").wait_for()
-        page.wait_for_timeout(800)
-        page.screenshot(path=str(out / "dataset.png"), full_page=True)
+        try:
+            drive(page, url, out, run_name)
+        except Exception:
+            failed = Path(tempfile.gettempdir()) / "loradesk-screenshots-failed.png"
+            page.screenshot(path=str(failed), full_page=True)
+            toasts = page.locator(".toast-body").all_inner_texts()
+            print(f"failed; the page is in {failed}; messages: {toasts}", file=sys.stderr)
+            raise
+        finally:
+            browser.close()
 
-        page.get_by_role("tab", name="2. Train").click()
-        pick(page, "train-dataset", "demo-concept")
-        pick(page, "preset-picker", "tiny-demo")
-        pick(page, "run-picker", run_name)
-        page.get_by_role("button", name="Follow").click()
-        page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')")
-        page.locator("#train-samples img").first.wait_for()
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(out / "train.png"), full_page=True)
 
-        page.get_by_role("tab", name="3. Generate").click()
-        pick(page, "slot-0-adapter", "(final)")
-        page.locator("#gen-prompt textarea").fill(PROMPT)
-        for elem_id, value in [("gen-steps", 12), ("gen-width", 64), ("gen-height", 64), ("gen-count", 4)]:
-            set_number(page, elem_id, value)
-        page.locator("#gen-btn").click()
-        page.locator("#gen-gallery img").nth(3).wait_for(timeout=300_000)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "generate.png"), full_page=True)
-        browser.close()
+def drive(page, url: str, out: Path, run_name: str) -> None:
+    page.goto(url)
+    page.locator("#dataset-gallery .thumbnail-item").nth(3).wait_for()
+    page.locator("#dataset-gallery .thumbnail-item").nth(1).click()
+    page.locator("#caption-preview img").wait_for()
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(out / "dataset.png"), full_page=True)
+
+    page.get_by_role("tab", name="2. Train").click()
+    pick(page, "train-dataset", "demo-concept")
+    pick(page, "preset-picker", "tiny-demo")
+    pick(page, "run-picker", run_name)
+    page.get_by_role("button", name="Follow").click()
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')")
+    page.locator("#train-samples img").first.wait_for()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(out / "train.png"), full_page=True)
+
+    page.get_by_role("tab", name="3. Generate").click()
+    pick(page, "slot-0-adapter", "(final)")
+    page.locator("#gen-prompt textarea").fill(PROMPT)
+    for elem_id, value in [("gen-steps", 12), ("gen-width", 64), ("gen-height", 64), ("gen-count", 4)]:
+        set_number(page, elem_id, value)
+    page.locator("#gen-btn").click()
+    page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 4 || "
+                           "document.querySelector('.toast-body')", timeout=300_000)
+    if page.locator(".toast-body").count():
+        raise RuntimeError("generation failed: " + " ".join(page.locator(".toast-body").all_inner_texts()))
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(out / "generate.png"), full_page=True)
 
 
 def main(argv=None) -> int:
@@ -128,6 +147,9 @@ def main(argv=None) -> int:
         proc, url = serve(work, model)
         try:
             shoot(url, args.out, run_dir.name)
+        except Exception:
+            print((work / "server.log").read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(20)

@@ -86,8 +86,8 @@ def failure_text(view: T.RunView) -> str:
     text = f"### The run failed at step {view.step}\n{html.escape(view.error or 'no error message was written')}"
     if view.advice:
         text += f"\n\n**What to try:** {html.escape(view.advice)}"
-    return text + "\n\nOpen **Training log** below for the details. Press **Resume** to continue from the last " \
-                  "checkpoint."
+    return text + "\n\nOpen **Training log** below for the details. To continue from the last checkpoint, pick " \
+                  "the run under **Runs** and press **Resume**."
 
 
 def loss_frame(losses: list[tuple[int, float]]):
