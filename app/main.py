@@ -49,4 +49,5 @@ def launch_options(settings: AppSettings) -> dict:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS,
-            "allowed_paths": [str(f.resolve()) for f in folders], "footer_links": []}
+            "allowed_paths": [str(f.resolve()) for f in folders], "footer_links": [],
+            "show_error": True}  # an unexpected error still shows its message, not just "Error"

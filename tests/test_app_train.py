@@ -123,6 +123,12 @@ def test_event_tail_reads_only_complete_new_lines(tmp_path):
     assert [e.text for e in tail.read()] == ["a", "b"]
 
 
+def test_the_loss_plot_is_thinned_but_keeps_the_latest_step():
+    frame = tab.loss_frame([(s, 1.0 / s) for s in range(1, 5002)])
+    assert len(frame) <= tab.MAX_PLOT_POINTS + 1 and frame["step"].iloc[-1] == 5001 and frame["step"].iloc[0] == 1
+    assert list(tab.loss_frame([(1, 0.5), (2, 0.25)])["loss"]) == [0.5, 0.25]
+
+
 def test_format_eta():
     assert [T.format_eta(s) for s in (0, 5, 65, 3700)] == ["-", "5s", "1m 05s", "1h 01m"]
 

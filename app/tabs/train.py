@@ -90,8 +90,14 @@ def failure_text(view: T.RunView) -> str:
                   "the run under **Runs** and press **Resume**."
 
 
+MAX_PLOT_POINTS = 1000
+
+
 def loss_frame(losses: list[tuple[int, float]]):
+    """The loss curve for gr.LinePlot, thinned to at most ~MAX_PLOT_POINTS (it is re-sent every second)."""
     import pandas as pd  # gradio's own dependency; LinePlot takes a DataFrame
+    stride = max(1, len(losses) // MAX_PLOT_POINTS)
+    losses = losses[::stride] + ([losses[-1]] if losses and (len(losses) - 1) % stride else [])
     return pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
 
 
