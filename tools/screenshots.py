@@ -26,8 +26,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 PROMPT = "zqx, a red star on a blue background"
 
 
-def base_model(work: Path) -> str:
+def base_model(work: Path, given: str | None) -> str:
     from trainer.assets import TINY_SD_PATH, tiny_model_available
+    if given:
+        return given
     if tiny_model_available():
         return str(TINY_SD_PATH)
     print("the tiny built-in model is absent; using a random tiny model from configs (samples will be noise)")
@@ -43,7 +45,7 @@ def train(work: Path, model: str, steps: int) -> Path:
     s = AppSettings(data_dir=work / "datasets", runs_dir=work / "runs", adapters_dir=work / "adapters",
                     base_model=model)
     cfg = T.load_preset(s, "tiny-demo", str(work / "datasets" / "demo-concept"))
-    cfg.run.name = "stars"
+    cfg.run.name = "zqx-stars"
     cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, steps // 2)
     run_dir = T.start_run(s, cfg)
@@ -122,7 +124,8 @@ def drive(page, url: str, out: Path, run_name: str) -> None:
     page.get_by_role("tab", name="3. Generate").click()
     pick(page, "slot-0-adapter", "(final)")
     page.locator("#gen-prompt textarea").fill(PROMPT)
-    for elem_id, value in [("gen-steps", 12), ("gen-width", 64), ("gen-height", 64), ("gen-count", 4)]:
+    for elem_id, value in [("gen-steps", 20), ("gen-guidance", 4), ("gen-width", 64), ("gen-height", 64),
+                           ("gen-count", 4)]:
         set_number(page, elem_id, value)
     page.locator("#gen-btn").click()
     page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 4 || "
@@ -137,12 +140,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--steps", type=int, default=60, help="training steps of the run shown in the Train tab")
+    ap.add_argument("--base-model", help="base model folder (default: the tiny built-in model)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="loradesk-shots-") as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "examples" / "demo-concept", work / "datasets" / "demo-concept")
-        model = base_model(work)
+        model = base_model(work, args.base_model)
         run_dir = train(work, model, args.steps)
         proc, url = serve(work, model)
         try:

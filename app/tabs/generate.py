@@ -49,7 +49,7 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="gen-seed")
                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen-guidance")
             with gr.Row():
                 width = gr.Slider(64, 1536, value=size, step=8, label="Width", elem_id="gen-width")
                 height = gr.Slider(64, 1536, value=size, step=8, label="Height", elem_id="gen-height")
