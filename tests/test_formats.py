@@ -407,3 +407,19 @@ def _randomise_lora_b(*models):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data = torch.randn(p.shape, generator=g)
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    import struct
+    import torch
+    from safetensors.torch import save_file
+    from trainer.formats import load_adapter
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    for pad in range(0, 400):  # find metadata whose header length has 0x80 as its low byte
+        path = tmp_path / "a.safetensors"
+        save_file({f"{name}.lora_down.weight": torch.ones(2, 4), f"{name}.lora_up.weight": torch.ones(4, 2),
+                   f"{name}.alpha": torch.tensor(2.0)}, str(path), metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] & 0xFF == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert len(load_adapter(path)) == 1

@@ -94,9 +94,13 @@ def _refuse_pickle(path: Path) -> None:
     if not path.is_file():
         raise AdapterFormatError(f"adapter file {path} does not exist; give the path of a .safetensors LoRA")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header's '{' (the length's first byte may
+    # well be 0x80, so test this before the pickle signatures)
+    if len(head) == 9 and head[8:9] == b"{" and path.suffix.lower() not in PICKLE_SUFFIXES:
+        return
     # pickle protocol 2+ starts with 0x80; torch.save writes a zip archive
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK\x03\x04":
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
         raise AdapterFormatError(f"{path} is a pickle file (.ckpt/.pt/.bin); loading pickles can run arbitrary "
                                  f"code, so loradesk reads only .safetensors. Get the .safetensors release of this "
                                  f"LoRA, or convert it with a tool you trust.")
