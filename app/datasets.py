@@ -8,8 +8,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import UploadError, copy_atomic, extract_zip, safe_dirname, safe_filename, unique_path, \
-    write_text_atomic
+from trainer.atomic import write_text_atomic
+
+from .files import UploadError, copy_atomic, extract_zip, safe_dirname, safe_filename, unique_path
 
 CAPTION_SUFFIXES = (".txt", ".caption")  # the trainer reads both; the app writes .txt
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import unicodedata
 import zipfile
 from pathlib import Path
+
+from trainer.atomic import atomic_path
 
 MAX_ZIP_BYTES = 2 * 1024**3  # uncompressed total; a zip bomb stops here
 MAX_ZIP_FILES = 10_000
@@ -48,30 +49,10 @@ def unique_path(folder: Path, name: str, taken: set[str] | None = None) -> Path:
     return folder / f"{candidate}{suffix}"
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder, then one rename: a crash never leaves half a caption."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def copy_atomic(src: Path, dst: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    """Copy through trainer's atomic writer: a crash never leaves half an image, and the mode follows the umask."""
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst
 
 

@@ -27,11 +27,18 @@ def test_unique_path_never_reuses_a_stem(tmp_path):
     assert [F.unique_path(tmp_path, "c.png", taken).name for _ in range(2)] == ["c.png", "c-2.png"]
 
 
-def test_write_text_atomic_leaves_no_temp_files(tmp_path):
-    F.write_text_atomic(tmp_path / "x.txt", "one")
-    F.write_text_atomic(tmp_path / "x.txt", "two")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
-    assert (tmp_path / "x.txt").read_text() == "two"
+def test_copy_atomic_leaves_no_temp_files_and_a_readable_mode(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"one")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    F.copy_atomic(src / "a.png", dst / "x.png")
+    (src / "a.png").write_bytes(b"two")
+    F.copy_atomic(src / "a.png", dst / "x.png")
+    assert [p.name for p in dst.iterdir()] == ["x.png"]
+    assert (dst / "x.png").read_bytes() == b"two"
+    assert (dst / "x.png").stat().st_mode & 0o044, "readable by others under the usual umask, unlike mkstemp's 0600"
 
 
 def test_extract_zip_flattens_member_paths_so_nothing_escapes(tmp_path):

@@ -142,7 +142,7 @@ class LossSection:
 @dataclass
 class PrecisionSection:
     mixed: str = opt("no", "Mixed precision: fp16 needs CUDA; bf16 works on recent GPUs and on the CPU.",
-                     choices=["no", "fp16", "bf16"], basic=True)
+                     choices=["no", "fp16", "bf16"], basic=True, label="Mixed precision")
     device: str = opt("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less memory, "
                                               "about 20% slower.")

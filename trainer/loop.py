@@ -20,7 +20,7 @@ from . import runs
 from .checkpoint import load_training_state, save_training_state
 from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
                      Started, read_events)
-from .network import LoraParams, inject_lora, trains_text_encoder
+from .network import inject_lora, trains_text_encoder
 
 
 class TrainingError(RuntimeError):

@@ -1,7 +1,6 @@
 """Dataset tab: drop images (or a zip, or a folder path), caption them, see what the trainer will see."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import gradio as gr
 
