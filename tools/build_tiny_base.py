@@ -14,15 +14,20 @@ Stages (all seeded; the same seed and steps give the same weights on the same to
    generated images with an L1 + MSE reconstruction loss and a tiny KL term;
 3. latent cache: a fixed set of generated images encoded once (mean and std of the posterior are stored, a
    fresh latent is sampled from them at every use);
-4. UNet + text encoder, trained jointly: epsilon prediction, DDPM linear beta schedule (its terminal SNR is low,
-   so the model cannot read the background colour out of the starting noise), AdamW with warmup + cosine decay,
-   min-SNR-5 loss weighting, 10% caption dropout for classifier-free guidance, EMA of the weights;
+4. UNet + text encoder, trained jointly: epsilon prediction with SD's scaled_linear betas, offset noise (so the
+   model cannot read the colours out of the starting noise), the epsilon loss weighted by min(1/alpha_bar, 50)
+   (without it the tiny UNet ignored the caption), AdamW with warmup + cosine decay, 10% caption dropout for
+   classifier-free guidance, EMA of the weights (the saved weights);
 5. evaluation with the plain pipeline (the same prompts and seeds as ``tests/test_tiny_base_quality.py``) and save.
 
 Usage::
 
     python tools/build_tiny_base.py                       # full build into trainer/assets/tiny-sd
     python tools/build_tiny_base.py --pilot --out /tmp/x  # a few minutes, to validate the recipe
+    python tools/build_tiny_base.py --resume-from DIR --steps 1000 --lr 5e-4   # continue a built model
+
+Use ``--threads 1`` when the cores are shared with other jobs. How the shipped weights were actually built (a
+chain of resumed runs) is written down in ``trainer/assets/tiny-sd/README.md``.
 """
 
 from __future__ import annotations
@@ -226,17 +231,23 @@ def make_unet():
     )
 
 
+#: Stable Diffusion's own beta schedule. (The DDPM "linear" 1e-4..0.02 schedule was tried first: its terminal SNR
+#: is lower, but epsilon prediction is so ill-conditioned at its high-noise steps that the tiny UNet learnt to
+#: ignore the caption. Offset noise instead keeps the model from reading colours out of the starting noise.)
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
 def make_noise_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    return DDPMScheduler(num_train_timesteps=1000, **BETAS,
                          prediction_type="epsilon", clip_sample=False)
 
 
 def make_sampling_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    return DDIMScheduler(num_train_timesteps=1000, **BETAS,
                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                          timestep_spacing="leading")
 
@@ -353,10 +364,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma weighting (only with --weight-cap 0)")
+    ap.add_argument("--noise-offset", type=float, default=0.1)
+    ap.add_argument("--weight-cap", type=float, default=50.0, help="cap of the 1/alpha_bar loss weight")
     ap.add_argument("--save-every", type=int, default=500, help="save the EMA weights every N steps (no eval)")
     ap.add_argument("--eval-every", type=int, default=10 ** 9, help="evaluate (and save) every N steps")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; use 1 when the cores are shared (2 oversubscribed threads ran 7x slower)")
+    ap.add_argument("--resume-from", type=Path, default=None,
+                    help="continue training the UNet + text encoder of a built folder (its VAE is kept)")
     ap.add_argument("--pilot", action="store_true", help="tiny budget, to validate the recipe end to end")
     args = ap.parse_args(argv)
     if args.pilot:
@@ -378,25 +394,41 @@ def main(argv=None) -> int:
     log(f"tokenizer: {len(tok)} tokens; 'a red circle on a blue background' -> "
         f"{tok('a red circle on a blue background').input_ids}")
 
-    vae = make_vae()
-    log(f"vae params {param_count(vae):,}")
-    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed + 1, args.vae_crop)
+    if args.resume_from is None:
+        vae = make_vae()
+        log(f"vae params {param_count(vae):,}")
+        train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed + 1, args.vae_crop)
+    else:  # continue training a built model: same tokenizer and VAE, UNet + text encoder start from its weights
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(args.resume_from / "vae"))
+        info["resumed_from"] = json.loads((args.resume_from / "build_info.json").read_text())
+        log(f"resuming from {args.resume_from}")
     acc = vae_check(vae, 200, args.seed + 99)
     log(f"vae reconstruction classify accuracy {acc:.3f}")
     info["vae_recon_accuracy"] = acc
     vae.requires_grad_(False)
 
-    means, stds, caps = encode_cache(vae, args.cache, args.seed + 2)
-    scale = 1.0 / float(means.std())
-    vae.register_to_config(scaling_factor=scale)
+    means, stds, caps = encode_cache(vae, args.cache, args.seed + 2 + (0 if args.resume_from is None else 7))
+    if args.resume_from is None:
+        scale = 1.0 / float(means.std())
+        vae.register_to_config(scaling_factor=scale)
+    scale = float(vae.config.scaling_factor)
     log(f"latent cache {tuple(means.shape)} mean {means.mean():.3f} std {means.std():.3f} -> scaling_factor {scale:.4f}"
         f" ({time.time() - t_start:.0f}s)")
     info["scaling_factor"] = scale
     ids_all = tokenize(tok, caps)
     empty_ids = tokenize(tok, [""])[0]
 
-    te = make_text_encoder(tok)
-    unet = make_unet()
+    if args.resume_from is None:
+        te = make_text_encoder(tok)
+        unet = make_unet()
+    else:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(str(args.resume_from / "text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(str(args.resume_from / "unet"))
     log(f"unet params {param_count(unet):,}; text encoder params {param_count(te):,}")
     noise_sched = make_noise_scheduler()
     alphas_cumprod = noise_sched.alphas_cumprod
@@ -417,12 +449,19 @@ def main(argv=None) -> int:
         drop = torch.rand(args.batch, generator=g) < args.cfg_drop
         ids[drop] = empty_ids
         noise = torch.randn(lat.shape, generator=g)
+        if args.noise_offset > 0:  # per-image, per-channel constant: the colours must come from the caption
+            noise = noise + args.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=g)
         t = torch.randint(0, 1000, (args.batch,), generator=g)
         noisy = noise_sched.add_noise(lat, noise, t)
         enc = te(ids)[0]
         pred = unet(noisy, t, enc).sample
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if args.min_snr > 0:
+        if args.weight_cap > 0:
+            # v-prediction-equivalent weighting 1/alpha_bar = 1 + 1/SNR, capped: the plain epsilon loss is nearly
+            # blind to the high-noise steps, where the caption decides the colours and the shape (without this
+            # the model learnt to ignore the text).
+            per = per * torch.clamp(1.0 / alphas_cumprod[t], max=args.weight_cap)
+        elif args.min_snr > 0:
             snr = snr_all[t]
             per = per * torch.clamp(snr, max=args.min_snr) / snr
         loss = per.mean()
