@@ -1,7 +1,9 @@
 """Issue 3 end to end: the tiny-demo preset teaches the built-in model the demo concept, and only that.
 
-Concept metric: `tinyworld.concept_score` (IoU of the generated foreground mask against an ideal star fitted to its
-bounding box). Drift metric: mean absolute pixel difference (0-1 scale) between images generated with the adapter
+Concept metric: the share of images that are clean stars, i.e. whose `tinyworld.concept_score` (IoU of the
+foreground mask against an ideal star fitted to its bounding box) is at least STAR_IOU. Real demo stars score 0.92
+to 1.0 and real circles/squares/triangles at most 0.60, but ragged noise textures score 0.72 to 0.76 (measured),
+so the mean IoU alone is fooled by a broken image; a threshold is not. Drift metric: mean absolute pixel difference (0-1 scale) between images generated with the adapter
 at weight 1 and at weight 0 (the base model), same prompts and seeds, for prompts without the trigger word.
 """
 import time
@@ -21,8 +23,9 @@ SEEDS = list(range(8))
 TRIGGER_PROMPT = "zqx, a red star on a blue background"
 PLAIN_PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
                  "a white triangle on a green background"]
+STAR_IOU = 0.85
 DRIFT_BOUND = 0.12  # mean |pixel difference| on a 0-1 scale (measured 0.06 to 0.09)
-CONCEPT_GAIN = 0.10  # star IoU with the adapter minus without (measured 0.158: 0.454 -> 0.612)
+STAR_RATE_GAIN = 0.25  # share of clean stars with the adapter minus without
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not tiny_model_available(), reason=f"tiny base model not built at {TINY_SD_PATH}")]
@@ -54,6 +57,9 @@ def images(generator, prompt, weight):
                        dtype=np.float32) / 255 for s in SEEDS]
 
 
+@pytest.mark.xfail(strict=True, reason="known gap (issue 3): with this preset the adapter turns the trigger prompt "
+                   "into textured noise, not stars; the shipped base model cannot parse a prompt with a prefix (its "
+                   "text encoder saw only fixed-position captions) and a 400-step LoRA does not fix that yet")
 def test_demo_concept_is_learned_and_other_prompts_barely_drift(demo_adapter):
     from trainer.adapters.generate import Generator
     generator = Generator("")
@@ -64,7 +70,10 @@ def test_demo_concept_is_learned_and_other_prompts_barely_drift(demo_adapter):
     for prompt in PLAIN_PROMPTS:
         before, after = images(generator, prompt, 0.0), images(generator, prompt, 1.0)
         drifts.append(float(np.mean([np.abs(a - b).mean() for a, b in zip(before, after)])))
-    print(f"concept score (star IoU) base {np.mean(base):.3f} -> with adapter {np.mean(tuned):.3f}")
+    rate = {name: float(np.mean([x >= STAR_IOU for x in scores])) for name, scores in (("base", base),
+                                                                                        ("tuned", tuned))}
+    print(f"mean star IoU base {np.mean(base):.3f} -> with adapter {np.mean(tuned):.3f}; clean stars "
+          f"{rate['base']:.0%} -> {rate['tuned']:.0%}")
     print("drift without trigger: " + ", ".join(f"{p!r}: {d:.3f}" for p, d in zip(PLAIN_PROMPTS, drifts)))
-    assert np.mean(tuned) > np.mean(base) + CONCEPT_GAIN
+    assert rate["tuned"] >= rate["base"] + STAR_RATE_GAIN
     assert max(drifts) < DRIFT_BOUND
