@@ -211,3 +211,29 @@ def export_blend(settings: AppSettings, model_path: str, slots: list[Slot], rank
         return out
     finally:
         free_device()
+
+
+def analyze_slots(settings: AppSettings, slots: list[Slot]) -> tuple[list[tuple[str, str]], str]:
+    """What the adapters in the first two filled slots learned (LoRA paper, section 7): the singular values of each
+    one's updates and, for two adapters, subspace-similarity heatmaps. Returns (heatmap images, markdown summary)."""
+    from trainer.adapters.analyze import analyze
+    from trainer.formats import load_adapter
+    paths = [slot.path for slot in slots if slot.path][:2]
+    if not paths:
+        raise AppError("Pick an adapter in a slot (and a second one to compare their subspaces).")
+    adapters = [load_adapter(p) for p in paths]
+    labels = tuple(f"{tag}: {Path(p).stem}" for tag, p in zip("AB", paths)) + ("B",) * (2 - len(paths))
+    out = Path(settings.adapters_dir) / "analysis" / time.strftime("%Y%m%d-%H%M%S")
+    result = analyze(adapters[0], out, adapters[1] if len(adapters) > 1 else None, labels=labels[:2],
+                     sources=tuple(paths) + (labels[1],) * (2 - len(paths)))
+    lines = ["| adapter | layers | mean effective rank | rank for 90% / 99% of the energy |", "|---|---|---|---|"]
+    for name, summary in result["adapters"].items():
+        lines.append(f"| {name} | {len(summary['layers'])} | {summary['mean_effective_rank']:.2f} | "
+                     f"{summary['mean_rank_90']:.1f} / {summary['mean_rank_99']:.1f} |")
+    heatmaps = result.get("similarity", {}).get("heatmaps", {})
+    if heatmaps:
+        lines.append("\nSubspace similarity phi(i, j) of the top i and j directions of A (1 = the same "
+                     "directions; a random pair scores about max(i, j)/d). phi(1, 1) per layer: " +
+                     ", ".join(f"`{k}` {v['phi'][0][0]:.2f}" for k, v in heatmaps.items()))
+    lines.append(f"\nNumbers in `{out / 'analysis.json'}`.")
+    return [(str(out / v["png"]), k) for k, v in heatmaps.items()], "\n".join(lines)

@@ -67,6 +67,13 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
                     seeds = gr.Textbox("1, 2, 3", label="Seeds")
                 grid_btn = gr.Button("Draw the grid")
                 grid = gr.Image(label="Grid", interactive=False, format="png")
+            with gr.Accordion("What did the LoRA learn? (analysis)", open=False):
+                gr.Markdown("The singular values of each layer's update (how many directions it really uses) and, "
+                            "for the adapters in two slots, how much their top directions overlap: the analysis of "
+                            "the LoRA paper, section 7.")
+                analyze_btn = gr.Button("Analyse the adapters in the first two filled slots", elem_id="analyze-btn")
+                analysis_text = gr.Markdown()
+                heatmaps = gr.Gallery(label="Subspace similarity per layer", columns=4, height=320, format="png")
             with gr.Accordion("Export the blend", open=False):
                 gr.Markdown("Write the enabled adapters at their weights as one adapter file (exact: the ranks "
                             "add up; give a rank to compress it by SVD).")
@@ -113,6 +120,11 @@ def build(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> None:
         return gr.update(value=str(path), visible=True)
 
     blend_btn.click(guard(on_blend), inputs + [rank], [blend_file], concurrency_limit=1, concurrency_id="device")
+
+    def on_analyze(*slot_values):
+        return G.analyze_slots(s, slots_from(list(slot_values)))
+
+    analyze_btn.click(guard(on_analyze), slot_widgets, [heatmaps, analysis_text])
 
     def refresh():
         new = G.adapter_choices(s)
