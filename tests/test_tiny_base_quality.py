@@ -5,7 +5,6 @@
 here are the numbers in the model card.
 """
 
-import random
 
 import numpy as np
 import pytest
@@ -13,20 +12,9 @@ import pytest
 from trainer import tinyworld as tw
 from trainer.assets import TINY_SD_PATH, tiny_model_available
 
-PROMPT_SEED = 20240611  # == tools/build_tiny_base.py EVAL_PROMPT_SEED
-N_PROMPTS = 48
+PROMPT_SEED = tw.QUALITY_PROMPT_SEED
+N_PROMPTS = tw.QUALITY_PROMPTS
 MIN_BG, MIN_FG, MIN_SHAPE = 0.80, 0.70, 0.60
-
-
-def quality_prompts(n=N_PROMPTS, seed=PROMPT_SEED):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        shape = rng.choice(tw.SHAPES)
-        fg = rng.choice(tw.COLOURS)
-        bg = rng.choice([c for c in tw.COLOURS if c != fg])
-        out.append((tw.caption_for(bg, fg, shape), (bg, fg, shape), seed + i))
-    return out
 
 
 def test_classifier_is_exact_on_real_world_images():
@@ -44,7 +32,7 @@ def test_tiny_base_draws_what_it_is_told():
     torch.set_num_threads(2)
     pipe = StableDiffusionPipeline.from_pretrained(str(TINY_SD_PATH))
     pipe.set_progress_bar_config(disable=True)
-    items = quality_prompts()
+    items = tw.quality_prompts(N_PROMPTS, PROMPT_SEED)
     hits = np.zeros(3)
     for start in range(0, len(items), 24):
         part = items[start:start + 24]

@@ -53,7 +53,7 @@ from trainer import tinyworld as tw  # noqa: E402
 
 DEFAULT_OUT = ROOT / "trainer" / "assets" / "tiny-sd"
 
-EVAL_PROMPT_SEED = 20240611  # the quality test uses the same prompts and seeds
+EVAL_PROMPT_SEED = tw.QUALITY_PROMPT_SEED  # the quality test uses the same prompts and seeds
 EVAL_N = 48
 
 
@@ -292,14 +292,7 @@ def encode_cache(vae, n: int, seed: int, batch: int = 64):
 
 def eval_prompts(n: int = EVAL_N, seed: int = EVAL_PROMPT_SEED):
     """The quality test's prompts: ``(prompt, (bg, fg, shape), generator_seed)``."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        shape = rng.choice(tw.SHAPES)
-        fg = rng.choice(tw.COLOURS)
-        bg = rng.choice([c for c in tw.COLOURS if c != fg])
-        out.append((tw.caption_for(bg, fg, shape), (bg, fg, shape), seed + i))
-    return out
+    return tw.quality_prompts(n, seed)
 
 
 @torch.no_grad()

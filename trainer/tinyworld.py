@@ -186,6 +186,22 @@ def generate_samples(n: int, seed: int = 0, shapes: Sequence[str] = SHAPES,
     return [next(it) for _ in range(n)]
 
 
+QUALITY_PROMPT_SEED = 20240611  # the model card's numbers, the build's final evaluation and the quality test
+QUALITY_PROMPTS = 48
+
+
+def quality_prompts(n: int = QUALITY_PROMPTS, seed: int = QUALITY_PROMPT_SEED) -> list[tuple[str, tuple, int]]:
+    """The fixed quality-test prompts: ``(prompt, (background, foreground, shape), generator seed)``."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        shape = rng.choice(SHAPES)
+        fg = rng.choice(COLOURS)
+        bg = rng.choice([c for c in COLOURS if c != fg])
+        out.append((caption_for(bg, fg, shape), (bg, fg, shape), seed + i))
+    return out
+
+
 def write_dataset(folder: str | Path, n: int, seed: int = 0, shapes: Sequence[str] = SHAPES,
                   trigger: str | None = None, prefix: str = "img") -> list[Path]:
     """Write ``n`` samples as ``{prefix}_{i:04d}.png`` + same-name ``.txt`` captions; returns the png paths."""
