@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from browser import pick, set_number
+
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -70,17 +72,6 @@ def wait_for_url(log_path: Path, proc, timeout: float = 60) -> str:
             raise AssertionError(f"the app exited:\n{log_path.read_text()}")
         time.sleep(0.2)
     raise AssertionError(f"the app did not start in {timeout}s:\n{log_path.read_text()}")
-
-
-def pick(page, dropdown_id: str, option_text: str) -> None:
-    page.locator(f"#{dropdown_id} input").click()
-    page.get_by_role("option", name=re.compile(re.escape(option_text))).first.click()
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def gallery_image_bytes(page, elem_id: str, previous: str | None = None, timeout_ms: int = 90_000) -> tuple[str, bytes]:

@@ -20,6 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny.py and the Playwright helpers in browser.py
+
+from browser import pick, set_number  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -33,7 +37,6 @@ def base_model(work: Path, given: str | None) -> str:
     if tiny_model_available():
         return str(TINY_SD_PATH)
     print("the tiny built-in model is absent; using a random tiny model from configs (samples will be noise)")
-    sys.path.insert(0, str(ROOT / "tests"))
     from tiny import save_tiny_model
     return str(save_tiny_model(work / "tiny-model"))
 
@@ -72,17 +75,6 @@ def serve(work: Path, model: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
     proc.terminate()
     sys.exit("the app did not start:\n" + (work / "server.log").read_text())
-
-
-def pick(page, dropdown_id: str, text: str) -> None:
-    page.locator(f"#{dropdown_id} input").click()
-    page.get_by_role("option", name=re.compile(re.escape(text))).first.click()
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def shoot(url: str, out: Path, run_name: str) -> None:

@@ -278,8 +278,8 @@ class Trainer:
 
     def metadata(self) -> dict[str, str]:
         from .formats import build_metadata
-        epochs = math.ceil(micro_batches(self.cfg, self.total_steps - 1, self.plan.steps_per_epoch)[-1] /
-                           self.plan.steps_per_epoch + 1e-9)
+        last_batch = micro_batches(self.cfg, self.total_steps - 1, self.plan.steps_per_epoch)[-1]
+        epochs = last_batch // self.plan.steps_per_epoch + 1
         return build_metadata(cfg=self.cfg, num_train_images=self.scan.num_images,
                               tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
                               finished_at=time.time(), base_model_version=f"{self.base.family}",
