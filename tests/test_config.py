@@ -101,10 +101,14 @@ def test_cross_field_rules():
     cfg.network.unet_targets = []
     cfg.network.alpha, cfg.network.rank = 512.0, 4
     cfg.schedule.warmup_steps = 5000
+    cfg.loss.min_snr_gamma, cfg.loss.high_noise_weight_cap = 5.0, 50.0
     problems = "\n".join(C.validate(cfg, check_paths=False))
     assert "nothing would be trained" in problems
     assert "alpha/rank" in problems
     assert "warmup_steps" in problems
+    assert "two loss weightings" in problems
+    cfg.loss.min_snr_gamma, cfg.loss.high_noise_weight_cap = 0.0, 0.5
+    assert "cap below 1" in "\n".join(C.validate(cfg, check_paths=False))
 
 
 def test_set_overrides_parse_types_and_report_bad_ones():

@@ -175,6 +175,24 @@ def test_bf16_autocast_runs_on_cpu(tiny_model_dir, image_dir, tmp_path):
     path, events, _ = train(cfg)
     assert path is not None and path.exists()
     assert all(torch.isfinite(t).all() for t in tensors(path).values())
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": 2, "loss.high_noise_weight_cap": 50.0})
+    path, events, _ = train(cfg)
+    assert path is not None and all(torch.isfinite(t).all() for t in tensors(path).values())
+
+
+def test_high_noise_weights_are_the_v_loss_weighting_capped():
+    from diffusers import DDPMScheduler
+
+    from trainer.loop import high_noise_weights, min_snr_weights
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 300, 600, 999])
+    alpha_bar = sched.alphas_cumprod[t]
+    eps_w = high_noise_weights(sched, t, 50.0, "epsilon")
+    assert torch.allclose(eps_w[:3], 1 / alpha_bar[:3]) and eps_w[3] == 50.0  # 1/alpha_bar(999) is about 213
+    assert eps_w[0] < 1.01 and bool((eps_w[1:] > eps_w[:-1]).all())  # more weight as the noise grows
+    v_w = high_noise_weights(sched, t, 50.0, "v_prediction")  # the v loss already carries 1/alpha_bar
+    assert torch.allclose(v_w[:3], torch.ones(3)) and torch.allclose(v_w[3], 50.0 * alpha_bar[3])
+    assert not torch.allclose(eps_w, min_snr_weights(sched, t, 5.0, "epsilon"))
 
 
 def test_fp16_and_8bit_need_cuda(tiny_model_dir, image_dir, tmp_path):

@@ -65,8 +65,8 @@ class ModelSection:
 class DatasetSection:
     path: str = opt("", "Folder of images with same-name .txt or .caption files. Subfolders named like 10_name "
                         "repeat their images 10 times per epoch.", basic=True, label="Dataset folder")
-    trigger: str = opt("", "Trigger word put in front of every caption (and used alone for images without one).",
-                       basic=True)
+    trigger: str = opt("", "Trigger word put in front of every caption that does not already hold it (and used "
+                          "alone for images without one).", basic=True)
     resolution: int = opt(512, "Training resolution in pixels (the shorter side for buckets).", min=32, max=4096,
                           basic=True)
     batch_size: int = opt(1, "Images per step. Lower it first if you run out of memory.", min=1, max=256,
@@ -137,6 +137,10 @@ class LossSection:
                               min=0.0, max=1.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 = off.",
                                min=0.0)
+    high_noise_weight_cap: float = opt(0.0, "Weight each step's noise loss by min(1/alpha_bar_t, cap), the weighting "
+                                       "a v-prediction loss gives: more weight on the noisy steps where shape and "
+                                       "layout are decided. 0 = off; 50 is what the built-in tiny model was trained "
+                                       "with. Not together with min_snr_gamma.", min=0.0)
 
 
 @dataclass
@@ -450,6 +454,12 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
                         f"size; use 1.0")
     if cfg.optimizer.unet_lr == 0 and not (cfg.network.text_encoder and cfg.optimizer.text_encoder_lr > 0):
         problems.append("optimizer.unet_lr is 0 and the text encoder is not trained: nothing would change")
+    if cfg.loss.min_snr_gamma and cfg.loss.high_noise_weight_cap:
+        problems.append("loss.min_snr_gamma and loss.high_noise_weight_cap are both set; they are two loss "
+                        "weightings, choose one (set the other to 0)")
+    if 0 < cfg.loss.high_noise_weight_cap < 1:
+        problems.append(f"loss.high_noise_weight_cap is {cfg.loss.high_noise_weight_cap:g}; 1/alpha_bar is at least "
+                        f"1, so a cap below 1 only scales the loss down: use 0 (off) or a value such as 50")
     if cfg.dataset.resolution % 8:
         problems.append(f"dataset.resolution {cfg.dataset.resolution} must be a multiple of 8 (the VAE's factor)")
     if cfg.schedule.warmup_steps and cfg.schedule.epochs == 0 and cfg.schedule.warmup_steps >= cfg.schedule.max_steps:

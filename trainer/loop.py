@@ -313,7 +313,7 @@ class Trainer:
 
 def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
                    prediction: str) -> torch.Tensor:
-    """Noise-prediction loss (epsilon or v), with noise offset and min-SNR-gamma weighting."""
+    """Noise-prediction loss (epsilon or v), with noise offset and min-SNR-gamma or high-noise weighting."""
     sched = base.noise_scheduler
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen)
@@ -327,6 +327,8 @@ def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.loss.min_snr_gamma:
         loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
+    if cfg.loss.high_noise_weight_cap:
+        loss = loss * high_noise_weights(sched, timesteps, cfg.loss.high_noise_weight_cap, prediction)
     return loss.mean()
 
 
@@ -336,6 +338,18 @@ def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: st
     snr = alphas / (1 - alphas)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def high_noise_weights(sched, timesteps: torch.Tensor, cap: float, prediction: str) -> torch.Tensor:
+    """Epsilon-loss weight min(1/alpha_bar, cap): the v-prediction loss equals the epsilon loss / alpha_bar.
+
+    The plain epsilon loss is nearly blind to the high-noise steps (predicting noise from almost pure noise is
+    easy), yet those decide a new shape; on the tiny model a LoRA trained without this barely changed the shape.
+    A v-prediction loss already carries 1/alpha_bar, so there only the cap applies: min(1, cap * alpha_bar).
+    """
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
+    weight = torch.clamp(1.0 / alphas, max=cap)
+    return weight * alphas if prediction == "v_prediction" else weight
 
 
 def micro_batches(cfg: C.TrainConfig, step: int, batches_per_epoch: int) -> list[int]:
