@@ -108,6 +108,8 @@ def test_no_caption_and_no_trigger_warns_about_empty_captions(tmp_path):
     ("zkx, red square", "zkx, red square"),
     ("ZKX dog, red", "ZKX dog, red"),
     ("zkxfoo, red", "zkx, zkxfoo, red"),
+    ("a zkx circle", "a zkx circle"),
+    ("a foozkx circle", "zkx, a foozkx circle"),
     ("", "zkx"),
 ])
 def test_trigger_is_prefixed_once(tmp_path, caption, expected):

@@ -50,13 +50,14 @@ def split_tags(caption: str) -> list[str]:
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    """'trigger, caption', unless the caption already starts with the trigger as a whole word (any case)."""
+    """'trigger, caption', unless the caption already holds the trigger as a whole word (any case), as in
+    'a zqx circle' where the trigger stands in for a word."""
     trigger = trigger.strip()
     if not trigger:
         return caption
     if not caption:
         return trigger
-    if re.match(re.escape(trigger) + r"(?!\w)", caption, flags=re.IGNORECASE):
+    if re.search(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)", caption, flags=re.IGNORECASE):
         return caption
     return f"{trigger}, {caption}"
 
