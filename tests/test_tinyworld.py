@@ -35,6 +35,7 @@ def test_generator_is_seeded_and_well_formed():
 
 def test_parse_caption():
     assert tw.parse_caption("zqx, a red star on a blue background") == ("blue", "red", "star")
+    assert tw.parse_caption(tw.demo_caption("circle", "blue")) == ("blue", "zqx", "circle")
     assert tw.parse_caption("A Green Circle on a white background") == ("white", "green", "circle")
     with pytest.raises(ValueError):
         tw.parse_caption("a photo of a cat")
@@ -62,30 +63,31 @@ def test_classifier_accepts_arrays():
     assert tw.classify(arr.transpose(2, 0, 1)) == want
 
 
-def test_concept_score_separates_stars_from_world_shapes():
-    stars = tw.generate_samples(100, seed=5, shapes=[tw.DEMO_SHAPE], trigger=tw.DEMO_TRIGGER)
+def test_concept_score_and_colour_drift():
     world = tw.generate_samples(150, seed=6)
-    star_scores = [tw.concept_score(s.image) for s in stars]
-    world_scores = [tw.concept_score(s.image) for s in world]
-    assert min(star_scores) > 0.85
-    assert max(world_scores) < 0.65
-    assert stars[0].caption.startswith("zqx, a ")
+    demo = [tw.render_demo(s.background, s.shape, 30, 10, 12) for s in world[:30]]
+    assert [tw.concept_score(s.image) for s in world] == [0.0] * 150
+    assert [tw.concept_score(im) for im in demo] == [1.0] * 30
+    assert tw.concept_score(tw.render_demo("blue", "square", 4, 5, 5)) == 1.0  # 16 object pixels: counted
+    assert tw.concept_score(tw.render_demo("blue", "square", 3, 5, 5)) == 0.0  # 9: too few to call an object
+    red, pink = tw.render("blue", "red", "square", 32, 0, 0), tw.render_demo("blue", "square", 32, 0, 0)
+    moved = tw.render("blue", "red", "square", 32, 20, 20)
+    assert tw.colour_drift(red, red) == 0.0
+    assert tw.colour_drift(red, moved) == 0.0  # the same colours in the same amounts
+    assert tw.colour_drift(red, pink) == pytest.approx(32 * 32 / 64 ** 2)  # the object's area changed colour
+    assert tw.colour_drift(red, tw.render("green", "white", "square", 32, 0, 0)) == 1.0
 
 
-def test_demo_dataset_is_real_stars():
+def test_demo_dataset_is_the_new_colour_in_world_captions():
     pngs = sorted(DEMO.glob("*.png"))
-    if not pngs:
-        pytest.skip("examples/demo-concept not generated (python tools/make_demo_dataset.py)")
-    assert 8 <= len(pngs) <= 16
+    assert 8 <= len(pngs) <= 16, "examples/demo-concept: regenerate with python tools/make_demo_dataset.py"
     from PIL import Image
 
     for p in pngs:
         cap = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        assert cap.startswith(tw.DEMO_TRIGGER + ", ")
-        bg, fg, shape = tw.parse_caption(cap)
-        assert shape == tw.DEMO_SHAPE
+        bg, colour, shape = tw.parse_caption(cap)
+        assert colour == tw.DEMO_TRIGGER and shape in tw.SHAPES and bg in tw.COLOURS
         img = Image.open(p)
         assert img.size == (64, 64)
-        got_bg, got_fg, _ = tw.classify(img)
-        assert (got_bg, got_fg) == (bg, fg)
-        assert tw.concept_score(img) > 0.85
+        assert tw.classify(img)[0] == bg
+        assert tw.concept_score(img) == 1.0

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write the demo concept dataset: ``examples/demo-concept/`` (12 images, 64x64 png + same-name .txt captions).
 
-The concept is a shape the tiny base model never saw, a five-pointed ``star``, named by the rare trigger word
-``zqx``: captions read ``zqx, a red star on a blue background``. ``trainer.tinyworld.concept_score`` measures how
-star-like a generated image is, so tests can show that a LoRA trained on this folder learnt the concept.
+The concept is a colour the tiny base model never saw, hot pink (``tinyworld.DEMO_RGB``), named by the rare
+word ``zqx`` where a colour word goes: ``a zqx circle on a blue background``. ``trainer.tinyworld.concept_score``
+measures how much of a generated object has that colour, so tests can show that a LoRA trained on this folder
+learnt the concept.
 
     python tools/make_demo_dataset.py [--out examples/demo-concept] [--n 12] [--seed 7]
 """
@@ -26,20 +27,19 @@ def make(out: Path, n: int = 12, seed: int = 7) -> list[Path]:
     for old in list(out.glob("*.png")) + list(out.glob("*.txt")):
         old.unlink()
     rng = random.Random(seed)
+    # every shape equally often and every background colour at least once
+    shapes = list(tw.SHAPES) * (n // len(tw.SHAPES) + 1)
+    backgrounds = list(tw.COLOURS) * (n // len(tw.COLOURS) + 1)
+    rng.shuffle(shapes)
+    rng.shuffle(backgrounds)
     paths = []
-    # large stars (the concept is easier to see and to learn) with every colour used as foreground at least once
-    fgs = list(tw.COLOURS) * (n // len(tw.COLOURS) + 1)
-    rng.shuffle(fgs)
     for i in range(n):
-        fg = fgs[i]
-        bg = rng.choice([c for c in tw.COLOURS if c != fg])
-        size = rng.randint(32, tw.MAX_SIZE)
+        shape, bg = shapes[i], backgrounds[i]
+        size = rng.randint(26, tw.MAX_SIZE)
         x, y = rng.randint(0, 64 - size), rng.randint(0, 64 - size)
-        img = tw.render(bg, fg, tw.DEMO_SHAPE, size, x, y)
         p = out / f"zqx_{i:02d}.png"
-        img.save(p)
-        p.with_suffix(".txt").write_text(tw.caption_for(bg, fg, tw.DEMO_SHAPE, tw.DEMO_TRIGGER) + "\n",
-                                         encoding="utf-8")
+        tw.render_demo(bg, shape, size, x, y).save(p)
+        p.with_suffix(".txt").write_text(tw.demo_caption(shape, bg) + "\n", encoding="utf-8")
         paths.append(p)
     return paths
 

@@ -8,8 +8,9 @@ The module also holds:
 
 * ``classify(image)``: a simple pixel-statistics classifier that reads (background, foreground, shape)
   back from an image. It scores 100% on real world images (see ``tests/test_tinyworld.py``).
-* ``concept_score(image)``: how much the foreground looks like a five-pointed star, the shape of the
-  demo concept (``examples/demo-concept``) that the base model was never shown.
+* the demo concept (``examples/demo-concept``): objects of a colour the world never contains, hot pink, named
+  by the rare word ``zqx`` (``a zqx circle on a blue background``); ``concept_score(image)`` measures how much
+  of an image's object has that colour and ``colour_drift(a, b)`` how far two images' colour make-up differs.
 
 Only the standard library, numpy and PIL are used (torch is not even needed); importing this module does
 not import diffusers.
@@ -17,7 +18,6 @@ not import diffusers.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import Counter, deque
@@ -32,8 +32,8 @@ __all__ = [
     "PALETTE",
     "COLOURS",
     "SHAPES",
-    "DEMO_SHAPE",
     "DEMO_TRIGGER",
+    "DEMO_RGB",
     "MIN_SIZE",
     "MAX_SIZE",
     "Sample",
@@ -48,8 +48,11 @@ __all__ = [
     "nearest_colour_map",
     "foreground_mask",
     "classify",
-    "shape_ious",
+    "demo_caption",
+    "render_demo",
+    "colour_shares",
     "concept_score",
+    "colour_drift",
 ]
 
 IMAGE_SIZE = 64
@@ -68,9 +71,11 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-#: The demo concept (``examples/demo-concept``): a shape the base world never contains.
-DEMO_SHAPE = "star"
+#: The demo concept (``examples/demo-concept``): a colour the base world never contains, named by a rare word.
+#: (A new shape, a star, was the first demo: the tiny base draws soft blobs, and no LoRA within the two-minute
+#: budget taught it crisp star points; a colour is what this model renders reliably.)
 DEMO_TRIGGER = "zqx"
+DEMO_RGB = (255, 100, 180)  # hot pink: at least 135 RGB units from every palette colour
 
 #: Side of the shape's bounding box, in pixels (inclusive range). The minimum keeps ``classify`` exact.
 MIN_SIZE = 20
@@ -122,22 +127,6 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 # rendering
 
-def _star_points(x0: float, y0: float, size: float, inner_ratio: float = 0.45) -> list[tuple[float, float]]:
-    """Vertices of an upright five-pointed star whose bounding box has top-left (x0, y0) and width ``size``."""
-    # Unit star centred at 0 with outer radius 1, top point up. Its bounding box is not square: compute it.
-    pts = []
-    for k in range(10):
-        r = 1.0 if k % 2 == 0 else inner_ratio
-        a = -math.pi / 2 + k * math.pi / 5
-        pts.append((r * math.cos(a), r * math.sin(a)))
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    minx, maxx, miny, maxy = min(xs), max(xs), min(ys), max(ys)
-    scale = (size - 1) / (maxx - minx)
-    h = (maxy - miny) * scale
-    off_y = y0 + ((size - 1) - h) / 2  # centre the (slightly flatter) star vertically in its square box
-    return [(x0 + (px - minx) * scale, off_y + (py - miny) * scale) for px, py in pts]
-
-
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, size: int, fill) -> None:
     """Draw ``shape`` with its ``size`` x ``size`` bounding box at top-left (x, y). No anti-aliasing."""
     x1, y1 = x + size - 1, y + size - 1
@@ -147,8 +136,6 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, size: int,
         draw.rectangle([x, y, x1, y1], fill=fill)
     elif shape == "triangle":  # upright isosceles, base = height = size
         draw.polygon([(x + (size - 1) / 2, y), (x1, y1), (x, y1)], fill=fill)
-    elif shape == "star":
-        draw.polygon(_star_points(x, y, size), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
@@ -320,51 +307,53 @@ def classify(image) -> tuple[str, str | None, str | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# concept metric of the demo shape
+# the demo concept: a colour the world lacks
 
-def _ideal_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Mask of the ideal ``shape`` fitted to the bounding box ``(y0, x0, y1, x1)`` (inclusive)."""
-    y0, x0, y1, x1 = box
-    h, w = y1 - y0 + 1, x1 - x0 + 1
-    size = max(h, w)
-    img = Image.new("L", (IMAGE_SIZE + 2 * size, IMAGE_SIZE + 2 * size), 0)
-    draw = ImageDraw.Draw(img)
-    # draw a size x size shape and then squeeze it into the w x h box
-    tmp = Image.new("L", (size, size), 0)
-    draw_shape(ImageDraw.Draw(tmp), shape, 0, 0, size, 255)
-    if shape == "star":  # the star is flatter than its square box: crop to its own extent before fitting
-        bb = tmp.getbbox()
-        if bb:
-            tmp = tmp.crop(bb)
-    tmp = tmp.resize((w, h), Image.NEAREST)
-    img.paste(tmp, (x0 + size, y0 + size))
-    del draw
-    arr = np.asarray(img) > 127
-    return arr[size:size + IMAGE_SIZE, size:size + IMAGE_SIZE]
+def demo_caption(shape: str, background: str) -> str:
+    """The demo concept's caption: the trigger word stands where a colour word goes."""
+    return f"a {DEMO_TRIGGER} {shape} on a {background} background"
 
 
-def shape_ious(image) -> dict[str, float]:
-    """IoU of the foreground mask against each ideal shape (circle, square, triangle, star) fitted to the
-    mask's bounding box. All zeros when there is no foreground."""
-    mask, _, fg = foreground_mask(image)
-    out = {s: 0.0 for s in (*SHAPES, DEMO_SHAPE)}
-    if fg is None or mask.sum() < 16:
-        return out
-    ys, xs = np.nonzero(mask)
-    box = (int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max()))
-    for s in out:
-        ideal = _ideal_mask(s, box)
-        inter = np.logical_and(mask, ideal).sum()
-        union = np.logical_or(mask, ideal).sum()
-        out[s] = float(inter / union) if union else 0.0
-    return out
+def render_demo(background: str, shape: str, size: int, x: int, y: int) -> Image.Image:
+    """One 64x64 image of a ``shape`` in the demo colour on a world-colour background."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), PALETTE[background])
+    draw_shape(ImageDraw.Draw(img), shape, x, y, size, DEMO_RGB)
+    return img
+
+
+#: The world's palette plus the demo colour (last), for the concept and drift metrics.
+_EXTENDED_ARR = np.array([*_PALETTE_ARR, DEMO_RGB], dtype=np.float32)
+
+
+def _extended_colour_map(image) -> np.ndarray:
+    arr = _to_array(image)
+    return ((arr[:, :, None, :] - _EXTENDED_ARR[None, None]) ** 2).sum(-1).argmin(-1)
+
+
+def colour_shares(image) -> np.ndarray:
+    """Share of the pixels nearest to each palette colour and, last, to the demo colour (sums to 1)."""
+    idx = _extended_colour_map(image)
+    return np.bincount(idx.ravel(), minlength=len(_EXTENDED_ARR)) / idx.size
 
 
 def concept_score(image) -> float:
-    """How much the image's foreground object looks like the demo concept's five-pointed star, in [0, 1].
+    """Share of the object's pixels (those not of the border's most common colour) nearest to the demo colour.
 
-    It is the IoU between the foreground mask (see ``foreground_mask``) and an ideal upright star fitted to the
-    mask's bounding box. Real demo images score about 0.95+; base-world circles, squares and triangles score
-    about 0.35-0.55 (measured numbers are in ``trainer/assets/tiny-sd/README.md`` and ``tests/test_tinyworld.py``).
+    Real demo images score 1.0 and world images 0.0; 0.0 too when fewer than 16 pixels differ from the
+    background, so an empty picture does not count as the concept.
     """
-    return shape_ious(image)[DEMO_SHAPE]
+    idx = _extended_colour_map(image)
+    border = np.concatenate([idx[0, :], idx[-1, :], idx[:, 0], idx[:, -1]])
+    obj = idx != np.bincount(border).argmax()
+    if obj.sum() < 16:
+        return 0.0
+    return float((idx[obj] == len(_EXTENDED_ARR) - 1).mean())
+
+
+def colour_drift(a, b) -> float:
+    """How much two images' colour make-up differs: the total-variation distance between their
+    ``colour_shares``, in [0, 1]. Insensitive to a shape's outline moving a little (which a tiny diffusion model
+    does whenever its weights change at all), sensitive to colours changing or leaking (a white shape turning
+    pink scores its area share).
+    """
+    return float(0.5 * np.abs(colour_shares(a) - colour_shares(b)).sum())
