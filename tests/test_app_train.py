@@ -1,7 +1,6 @@
 """Train tab handlers, called directly: the form mirrors the config, problems land on their fields, and a real
 tiny training is started, followed, refused a second time, stopped with a usable adapter, and resumed."""
 import time
-from pathlib import Path
 
 import pytest
 

@@ -159,7 +159,7 @@ def _check_device(device) -> torch.device:
         raise ModelLoadError(f"device {str(device)!r} does not exist; this machine has "
                              f"{torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device 'mps' was requested but Apple's MPS backend is not available; use 'cpu'")
+        raise ModelLoadError("device 'mps' was requested but Apple's MPS backend is not available; use 'cpu'")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
     return device
