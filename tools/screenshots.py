@@ -27,7 +27,7 @@ from browser import pick, set_number  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-PROMPT = "zqx, a red star on a blue background"
+PROMPT = "a zqx circle on a blue background"
 
 
 def base_model(work: Path, given: str | None) -> str:
@@ -41,16 +41,17 @@ def base_model(work: Path, given: str | None) -> str:
     return str(save_tiny_model(work / "tiny-model"))
 
 
-def train(work: Path, model: str, steps: int) -> Path:
+def train(work: Path, model: str, steps: int | None) -> Path:
     """A short run of the tiny-demo preset, through the app's own start_run, waited for to the end."""
     from app import training as T
     from app.settings import AppSettings
     s = AppSettings(data_dir=work / "datasets", runs_dir=work / "runs", adapters_dir=work / "adapters",
                     base_model=model)
     cfg = T.load_preset(s, "tiny-demo", str(work / "datasets" / "demo-concept"))
-    cfg.run.name = "zqx-stars"
-    cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
-    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, steps // 2)
+    cfg.run.name = "zqx-pink"
+    if steps:  # a shorter run than the preset's, for a quick look at the layout
+        cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
+        cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, steps // 2)
     run_dir = T.start_run(s, cfg)
     while T.active_run(s) is not None:
         time.sleep(1)
@@ -131,7 +132,8 @@ def drive(page, url: str, out: Path, run_name: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
-    ap.add_argument("--steps", type=int, default=60, help="training steps of the run shown in the Train tab")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps of the run shown (default: the tiny-demo preset's, so it learns the concept)")
     ap.add_argument("--base-model", help="base model folder (default: the tiny built-in model)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
