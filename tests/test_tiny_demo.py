@@ -31,7 +31,7 @@ PLAIN_PROMPTS = ["a red circle on a blue background", "a yellow square on a blac
                  "a white triangle on a green background"]
 CONCEPT_GAIN = 0.25  # mean concept score with the adapter minus without (measured 0.012 -> 0.515)
 CONCEPT_HIT = 0.3    # an image "shows the concept" when at least this share of its object is the new colour
-DRIFT_BOUND = 0.12   # colour drift per prompt, mean over the seeds (measured 0.048 to 0.051; another seed: 0.02 to 0.09)
+DRIFT_BOUND = 0.12   # colour drift per prompt, mean over seeds (measured 0.048 to 0.051; another seed: 0.02 to 0.09)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not tiny_model_available(), reason=f"tiny base model not built at {TINY_SD_PATH}")]
@@ -47,7 +47,7 @@ def demo_adapter(tmp_path_factory, monkeypatch_module):
     path = Trainer(cfg, runs.create_run_dir(cfg)).run()
     seconds = time.time() - started
     print(f"tiny-demo training took {seconds:.1f} s")
-    assert seconds < 240, "the demo trains in under two minutes on this machine (measured 92 s with the other core busy); 240 s is slack"
+    assert seconds < 240, "the demo trains in under two minutes here (92 s with the other core busy); 240 s is slack"
     return path
 
 

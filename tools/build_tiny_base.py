@@ -17,17 +17,18 @@ Stages (all seeded; the same seed and steps give the same weights on the same to
 4. UNet + text encoder, trained jointly: epsilon prediction with SD's scaled_linear betas, offset noise (so the
    model cannot read the colours out of the starting noise), the epsilon loss weighted by min(1/alpha_bar, 50)
    (without it the tiny UNet ignored the caption), AdamW with warmup + cosine decay, 10% caption dropout for
-   classifier-free guidance, EMA of the weights (the saved weights);
+   classifier-free guidance, EMA of the weights (the saved weights); captions in the world's one phrasing
+   (``--varied-captions`` adds others and unknown filler words: measured worse, see the model card);
 5. evaluation with the plain pipeline (the same prompts and seeds as ``tests/test_tiny_base_quality.py``) and save.
 
 Usage::
 
-    python tools/build_tiny_base.py                       # full build into trainer/assets/tiny-sd
+    python tools/build_tiny_base.py                       # the shipped model's build (about 65 min on 1 thread)
     python tools/build_tiny_base.py --pilot --out /tmp/x  # a few minutes, to validate the recipe
     python tools/build_tiny_base.py --resume-from DIR --steps 1000 --lr 5e-4   # continue a built model
 
-Use ``--threads 1`` when the cores are shared with other jobs. How the shipped weights were actually built (a
-chain of resumed runs) is written down in ``trainer/assets/tiny-sd/README.md``.
+Use ``--threads 1`` when the cores are shared with other jobs. How the shipped weights were built, in how long and
+how good they are is written down in ``trainer/assets/tiny-sd/README.md``.
 """
 
 from __future__ import annotations
@@ -252,6 +253,46 @@ def make_sampling_scheduler():
                          timestep_spacing="leading")
 
 
+#: Never drawn as filler words, so demo trigger words stay unseen by the base model. A fixed set, not read from
+#: tinyworld's demo settings, so that changing the demo never changes this build's random stream.
+RESERVED_WORDS = {"zqx", "star"}
+
+
+def filler_word(rng: random.Random) -> str:
+    """A random lowercase "word" the tokenizer does not know (it splits into byte tokens), like a rare token."""
+    while True:
+        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6)))
+        if w not in RESERVED_WORDS and w not in WORLD_WORDS:
+            return w
+
+
+def varied_caption(rng: random.Random, background: str, foreground: str, shape: str) -> str:
+    """The caption in one of several phrasings, sometimes with unknown words before or after it.
+
+    Why: a text encoder that only ever saw the fixed form at fixed positions cannot read a prompt with a prefix
+    (``zqx, a red star on a blue background`` drew a green triangle on red), so a LoRA could not teach it a trigger
+    word. Half the captions keep the canonical form, which the quality test uses.
+    """
+    bg, fg = background, foreground
+    r = rng.random()
+    if r < 0.5:
+        text = f"a {fg} {shape} on a {bg} background"
+    elif r < 0.65:
+        text = f"{fg} {shape} on {bg} background"
+    elif r < 0.8:
+        text = f"a {fg} {shape}, {bg} background"
+    else:
+        text = f"{bg} background, a {fg} {shape}"
+    r = rng.random()
+    if r < 0.25:
+        text = f"{filler_word(rng)}, {text}"
+    elif r < 0.35:
+        text = f"{filler_word(rng)} {filler_word(rng)}, {text}"
+    elif r < 0.45:
+        text = f"{text}, {filler_word(rng)}"
+    return text
+
+
 def tokenize(tok, captions) -> torch.Tensor:
     return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
@@ -351,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-lr", type=float, default=3e-3)
     ap.add_argument("--vae-crop", type=int, default=32)
     ap.add_argument("--cache", type=int, default=20000, help="images in the latent cache")
-    ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    ap.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -361,9 +402,14 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-offset", type=float, default=0.1)
     ap.add_argument("--weight-cap", type=float, default=50.0, help="cap of the 1/alpha_bar loss weight")
     ap.add_argument("--save-every", type=int, default=500, help="save the EMA weights every N steps (no eval)")
-    ap.add_argument("--eval-every", type=int, default=10 ** 9, help="evaluate (and save) every N steps")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads; use 1 when the cores are shared (2 oversubscribed threads ran 7x slower)")
+    ap.add_argument("--eval-every", type=int, default=1000, help="evaluate (and save) every N steps")
+    ap.add_argument("--eval-prompts", type=int, default=EVAL_N, help="prompts per evaluation (the quality test's 48)")
+    ap.add_argument("--varied-captions", action="store_true",
+                    help="train on several phrasings with unknown filler words (prefixed prompts then parse, but "
+                         "shapes and LoRA learning got worse: see the model card)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (the same count gives the same weights; 2 threads on cores shared with "
+                         "other jobs ran 7x slower than 1)")
     ap.add_argument("--resume-from", type=Path, default=None,
                     help="continue training the UNet + text encoder of a built folder (its VAE is kept)")
     ap.add_argument("--pilot", action="store_true", help="tiny budget, to validate the recipe end to end")
@@ -410,7 +456,8 @@ def main(argv=None) -> int:
     log(f"latent cache {tuple(means.shape)} mean {means.mean():.3f} std {means.std():.3f} -> scaling_factor {scale:.4f}"
         f" ({time.time() - t_start:.0f}s)")
     info["scaling_factor"] = scale
-    ids_all = tokenize(tok, caps)
+    triples = [tw.parse_caption(c) for c in caps]  # (bg, fg, shape) per cached latent
+    caption_rng = random.Random(args.seed + 5)
     empty_ids = tokenize(tok, [""])[0]
 
     if args.resume_from is None:
@@ -438,7 +485,10 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         idx = torch.randint(0, means.shape[0], (args.batch,), generator=g)
         lat = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
-        ids = ids_all[idx].clone()
+        if args.varied_captions:
+            ids = tokenize(tok, [varied_caption(caption_rng, *triples[i]) for i in idx.tolist()])
+        else:
+            ids = tokenize(tok, [tw.caption_for(*triples[i]) for i in idx.tolist()])
         drop = torch.rand(args.batch, generator=g) < args.cfg_drop
         ids[drop] = empty_ids
         noise = torch.randn(lat.shape, generator=g)
@@ -482,7 +532,7 @@ def main(argv=None) -> int:
             unet.eval(); te.eval()
             pipe = make_pipeline(vae, te, tok, unet)
             pipe.set_progress_bar_config(disable=True)
-            q = evaluate(pipe)
+            q = evaluate(pipe, args.eval_prompts)
             log(f"EVAL step {step + 1} (EMA): bg {q[0]:.2%} fg {q[1]:.2%} shape {q[2]:.2%}")
             info.setdefault("evals", []).append({"step": step + 1, "bg": q[0], "fg": q[1], "shape": q[2]})
             info["steps_done"] = step + 1
@@ -500,7 +550,7 @@ def main(argv=None) -> int:
     info["params"] = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(te)}
     save(pipe, args.out, info)
     log(f"saved final weights ({info['train_seconds'] / 60:.1f} min); evaluating")
-    q = evaluate(pipe)
+    q = evaluate(pipe, args.eval_prompts)
     log(f"FINAL (EMA): bg {q[0]:.2%} fg {q[1]:.2%} shape {q[2]:.2%}")
     info["final"] = {"bg": q[0], "fg": q[1], "shape": q[2]}
     info["build_seconds"] = time.time() - t_start
