@@ -29,7 +29,6 @@ def test_tiny_base_draws_what_it_is_told():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(2)
     pipe = StableDiffusionPipeline.from_pretrained(str(TINY_SD_PATH))
     pipe.set_progress_bar_config(disable=True)
     items = tw.quality_prompts(N_PROMPTS, PROMPT_SEED)
