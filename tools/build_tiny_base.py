@@ -23,7 +23,8 @@ Stages (all seeded; the same seed and steps give the same weights on the same to
 
 Usage::
 
-    python tools/build_tiny_base.py                       # the shipped model's build (about 65 min on 1 thread)
+    python tools/build_tiny_base.py                       # one-command build, 67 min here (the model card says why
+                                                          # the shipped weights are still an earlier chained build)
     python tools/build_tiny_base.py --pilot --out /tmp/x  # a few minutes, to validate the recipe
     python tools/build_tiny_base.py --resume-from DIR --steps 1000 --lr 5e-4   # continue a built model
 
