@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer import tinyworld as tw  # noqa: E402
+from trainer.loop import high_noise_weights, min_snr_weights  # noqa: E402
 
 DEFAULT_OUT = ROOT / "trainer" / "assets" / "tiny-sd"
 
@@ -459,6 +460,7 @@ def main(argv=None) -> int:
     info["scaling_factor"] = scale
     triples = [tw.parse_caption(c) for c in caps]  # (bg, fg, shape) per cached latent
     caption_rng = random.Random(args.seed + 5)
+    ids_all = None if args.varied_captions else tokenize(tok, caps)  # fixed captions: tokenized once
     empty_ids = tokenize(tok, [""])[0]
 
     if args.resume_from is None:
@@ -472,8 +474,6 @@ def main(argv=None) -> int:
         unet = UNet2DConditionModel.from_pretrained(str(args.resume_from / "unet"))
     log(f"unet params {param_count(unet):,}; text encoder params {param_count(te):,}")
     noise_sched = make_noise_scheduler()
-    alphas_cumprod = noise_sched.alphas_cumprod
-    snr_all = alphas_cumprod / (1 - alphas_cumprod)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, args.warmup))
@@ -489,7 +489,7 @@ def main(argv=None) -> int:
         if args.varied_captions:
             ids = tokenize(tok, [varied_caption(caption_rng, *triples[i]) for i in idx.tolist()])
         else:
-            ids = tokenize(tok, [tw.caption_for(*triples[i]) for i in idx.tolist()])
+            ids = ids_all[idx].clone()
         drop = torch.rand(args.batch, generator=g) < args.cfg_drop
         ids[drop] = empty_ids
         noise = torch.randn(lat.shape, generator=g)
@@ -504,10 +504,9 @@ def main(argv=None) -> int:
             # v-prediction-equivalent weighting 1/alpha_bar = 1 + 1/SNR, capped: the plain epsilon loss is nearly
             # blind to the high-noise steps, where the caption decides the colours and the shape (without this
             # the model learnt to ignore the text).
-            per = per * torch.clamp(1.0 / alphas_cumprod[t], max=args.weight_cap)
+            per = per * high_noise_weights(noise_sched, t, args.weight_cap, "epsilon")
         elif args.min_snr > 0:
-            snr = snr_all[t]
-            per = per * torch.clamp(snr, max=args.min_snr) / snr
+            per = per * min_snr_weights(noise_sched, t, args.min_snr, "epsilon")
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -219,11 +219,15 @@ def _to_array(image) -> np.ndarray:
     return arr
 
 
+def _nearest_index(image, palette: np.ndarray) -> np.ndarray:
+    """HxW int array: index into ``palette`` (Kx3) of the nearest colour (RGB distance) of each pixel."""
+    arr = _to_array(image)
+    return ((arr[:, :, None, :] - palette[None, None]) ** 2).sum(-1).argmin(-1)
+
+
 def nearest_colour_map(image) -> np.ndarray:
     """HxW int array: index into ``COLOURS`` of the nearest palette colour (RGB distance) of each pixel."""
-    arr = _to_array(image)
-    d = ((arr[:, :, None, :] - _PALETTE_ARR[None, None]) ** 2).sum(-1)
-    return d.argmin(-1)
+    return _nearest_index(image, _PALETTE_ARR)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -326,8 +330,7 @@ _EXTENDED_ARR = np.array([*_PALETTE_ARR, DEMO_RGB], dtype=np.float32)
 
 
 def _extended_colour_map(image) -> np.ndarray:
-    arr = _to_array(image)
-    return ((arr[:, :, None, :] - _EXTENDED_ARR[None, None]) ** 2).sum(-1).argmin(-1)
+    return _nearest_index(image, _EXTENDED_ARR)
 
 
 def colour_shares(image) -> np.ndarray:
