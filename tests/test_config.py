@@ -93,6 +93,11 @@ def test_path_checks(tmp_path):
     problems = "\n".join(C.validate(cfg))
     assert "is not a folder" in problems
     assert "pickle" in problems and "model.trust_pickle" in problems
+    cfg.dataset.path = str(tmp_path)
+    cfg.dataset.regularization_path = str(tmp_path / "no-reg")
+    assert any(p.startswith("dataset.regularization_path") and "not a folder" in p for p in C.validate(cfg))
+    cfg.dataset.regularization_path = str(tmp_path)
+    assert any("regularization images need a folder of their own" in p for p in C.validate(cfg))
 
 
 def test_cross_field_rules():

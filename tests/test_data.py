@@ -150,6 +150,52 @@ def test_tag_frequency_counts_the_trigger_once_per_image(tmp_path):
     assert scan.tag_frequency() == {tmp_path.name: {"zkx": 2, "red": 2, "blue": 1}}
 
 
+def test_regularization_images_balance_the_training_images_and_never_get_the_trigger(tmp_path):
+    train, reg = tmp_path / "train", tmp_path / "reg"
+    solid(train / "3_cat" / "a.png", caption="cat on a sofa")
+    solid(train / "b.png", caption="cat")
+    for name in ("r1", "r2"):
+        solid(reg / f"{name}.png", caption="a cat")
+    solid(reg / "r3.png")  # no caption: warned about, still used
+    ds = ds_for(train, trigger="zkx", regularization_path=str(reg))
+    scan = scan_dataset(ds)
+
+    assert [item.regularization for item in scan.items] == [False, False, True, True, True]
+    assert scan.num_images == 4 and scan.num_reg_images == 3
+    assert scan.tag_frequency() == {"3_cat": {"zkx": 1, "cat on a sofa": 1}, "train": {"zkx": 1, "cat": 1}}
+    assert any(w.startswith("regularization folder:") and "r3.png" in w for w in scan.warnings)
+    by_name = {item.path.name: item for item in scan.items}
+    rng = random.Random(0)
+    assert build_caption(by_name["a.png"], ds, rng) == "zkx, cat on a sofa"
+    assert build_caption(by_name["r1.png"], ds, rng) == "a cat"
+
+    plan = BatchPlan(scan, ds, seed=0)  # 4 training draws per epoch, so 4 regularization draws: r1 r2 r3 r1
+    counts = Counter(scan.items[i].path.name for batch in plan.epoch(0) for i in batch)
+    assert counts == {"a.png": 3, "b.png": 1, "r1.png": 2, "r2.png": 1, "r3.png": 1}
+    assert plan.steps_per_epoch == 8
+
+
+def test_more_regularization_images_than_training_images_warns_which_are_used(tmp_path):
+    solid(tmp_path / "train" / "a.png", caption="cat")
+    for i in range(3):
+        solid(tmp_path / "reg" / f"r{i}.png", caption="a cat")
+    ds = ds_for(tmp_path / "train", regularization_path=str(tmp_path / "reg"))
+    scan = scan_dataset(ds)
+    assert any("3 regularization images" in w and "first 1" in w for w in scan.warnings)
+    counts = Counter(scan.items[i].path.name for batch in BatchPlan(scan, ds, seed=0).epoch(0) for i in batch)
+    assert counts == {"a.png": 1, "r0.png": 1}
+
+
+def test_a_missing_or_empty_regularization_folder_is_named(tmp_path):
+    solid(tmp_path / "train" / "a.png", caption="cat")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="regularization folder .*nope does not exist: check "
+                                           "dataset.regularization_path"):
+        scan_dataset(ds_for(tmp_path / "train", regularization_path=str(tmp_path / "nope")))
+    with pytest.raises(DatasetError, match="no image found in regularization folder .*empty"):
+        scan_dataset(ds_for(tmp_path / "train", regularization_path=str(tmp_path / "empty")))
+
+
 def test_root_named_like_a_repeats_folder_warns_that_its_number_is_not_used(tmp_path):
     root = tmp_path / "10_cat"
     solid(root / "a.png")

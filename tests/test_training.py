@@ -195,6 +195,43 @@ def test_high_noise_weights_are_the_v_loss_weighting_capped():
     assert not torch.allclose(eps_w, min_snr_weights(sched, t, 5.0, "epsilon"))
 
 
+def test_per_image_loss_weights_scale_each_image_alone():
+    from diffusers import DDPMScheduler
+
+    from trainer.loop import diffusion_loss, loss_weights
+    base = SimpleNamespace(noise_scheduler=DDPMScheduler(), predict=lambda noisy, t, hidden: 0.5 * noisy)
+    cfg, latents = C.TrainConfig(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss(weights):
+        w = None if weights is None else torch.tensor(weights)
+        return diffusion_loss(base, latents, None, torch.Generator().manual_seed(1), cfg, "epsilon", w)
+    first, second, both = loss([1.0, 0.0]), loss([0.0, 1.0]), loss(None)
+    assert torch.allclose(first + second, both) and not torch.allclose(first, second)
+    assert torch.allclose(loss([2.0, 0.0]), 2 * first) and loss([1.0, 1.0]) == both
+    items = [SimpleNamespace(regularization=r) for r in (False, True)]
+    assert loss_weights(items, 0.5).tolist() == [1.0, 0.5]
+    assert loss_weights(items[:1], 0.5) is None
+
+
+def test_regularization_folder_trains_beside_the_dataset(tiny_model_dir, image_dir, tmp_path):
+    from tiny import make_images
+    reg = make_images(tmp_path / "reg", n=2)
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.regularization_path": str(reg),
+                                                           "loss.prior_loss_weight": 0.5, "schedule.max_steps": 4})
+    run_dir = runs.create_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir)
+    path = trainer.run()
+    seen = [trainer.micro_batch(b) for b in range(trainer.plan.steps_per_epoch)]
+    weights = torch.cat([w if w is not None else torch.ones(len(latents)) for latents, _, w in seen])
+    assert sorted(weights.tolist()) == [0.5] * 4 + [1.0] * 4, "an epoch: 4 training and 4 regularization images"
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_train_images"] == "4" and meta["ss_num_reg_images"] == "2"
+    assert meta["ss_prior_loss_weight"] == "0.5"
+    assert "reg" not in json.loads(meta["ss_tag_frequency"])
+
+
 def test_fp16_and_8bit_need_cuda(tiny_model_dir, image_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -251,7 +251,10 @@ def cmd_validate(args) -> int:
             print(f"warning: {w}")
         for s in scan.skipped:
             print(f"skipped: {s.path}: {s.reason}")
-        print(f"dataset: {len(scan.items)} images ({scan.num_images} with repeats)")
+        train = [item for item in scan.items if not item.regularization]
+        print(f"dataset: {len(train)} images ({scan.num_images} with repeats)")
+        if scan.num_reg_images:
+            print(f"regularization: {len(scan.items) - len(train)} images, as many per epoch as training images")
     print("config is valid")
     return 0
 

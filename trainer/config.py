@@ -65,6 +65,11 @@ class ModelSection:
 class DatasetSection:
     path: str = opt("", "Folder of images with same-name .txt or .caption files. Subfolders named like 10_name "
                         "repeat their images 10 times per epoch.", basic=True, label="Dataset folder")
+    regularization_path: str = opt("", "Folder of regularization images (kohya's reg_data_dir, DreamBooth's prior "
+                                       "preservation): pictures of the same kind of subject drawn by the base model, "
+                                       "captioned without the trigger. Each epoch trains as many of them as training "
+                                       "images, which keeps prompts without the trigger drawing what they drew "
+                                       "before. Empty = none.", label="Regularization folder")
     trigger: str = opt("", "Trigger word put in front of every caption that does not already hold it (and used "
                           "alone for images without one).", basic=True)
     resolution: int = opt(512, "Training resolution in pixels (the shorter side for buckets).", min=32, max=4096,
@@ -141,6 +146,8 @@ class LossSection:
                                        "a v-prediction loss gives: more weight on the noisy steps where shape and "
                                        "layout are decided. 0 = off; 50 is what the built-in tiny model was trained "
                                        "with. Not together with min_snr_gamma.", min=0.0)
+    prior_loss_weight: float = opt(1.0, "Loss weight of the regularization images against the training images "
+                                        "(kohya's prior_loss_weight; DreamBooth uses 1).", min=0.0)
 
 
 @dataclass
@@ -471,6 +478,7 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
         elif not Path(cfg.dataset.path).expanduser().is_dir():
             problems.append(f"dataset.path {cfg.dataset.path} is not a folder; give the folder that holds your "
                             f"training images")
+        problems += _regularization_problems(cfg.dataset)
         mp = cfg.model.path
         if mp and _looks_local(mp) and not Path(mp).expanduser().exists():
             problems.append(f"model.path {mp} does not exist; give a diffusers folder or a .safetensors file "
@@ -479,6 +487,19 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
             problems.append(f"model.path {mp} is a pickle checkpoint, which can run code when loaded; convert it to "
                             f".safetensors, or set model.trust_pickle=true if you trust the file")
     return problems
+
+
+def _regularization_problems(ds: DatasetSection) -> list[str]:
+    reg = ds.regularization_path.strip()
+    if not reg:
+        return []
+    if not Path(reg).expanduser().is_dir():
+        return [f"dataset.regularization_path {reg} is not a folder; give the folder of regularization images, or "
+                f"leave it empty"]
+    if ds.path and Path(reg).expanduser().resolve() == Path(ds.path).expanduser().resolve():
+        return [f"dataset.regularization_path is the training folder {ds.path}; regularization images need a folder "
+                f"of their own, captioned without the trigger"]
+    return []
 
 
 def _looks_local(path: str) -> bool:

@@ -178,10 +178,10 @@ class Trainer:
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total = 0.0
         for batch_index in batches:
-            latents, hidden = self.micro_batch(batch_index)
+            latents, hidden, weights = self.micro_batch(batch_index)
             gen = torch.Generator().manual_seed(_mix(cfg.run.seed, batch_index, 2))
             with self.accelerator.autocast():
-                loss = diffusion_loss(self.base, latents, hidden, gen, cfg, self.prediction)
+                loss = diffusion_loss(self.base, latents, hidden, gen, cfg, self.prediction, weights)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped and "
                                     f"the last good checkpoint is kept",
@@ -200,8 +200,9 @@ class Trainer:
         """The epoch of the batch the next step starts with."""
         return micro_batches(self.cfg, self.step, self.plan.steps_per_epoch)[0] // self.plan.steps_per_epoch
 
-    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents and text conditioning of one batch, from the plan's deterministic order."""
+    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Latents, text conditioning and per-image loss weights (None when all are 1) of one batch, from the
+        plan's deterministic order."""
         from .data import build_caption
         epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
         indices = self._epoch_batches(epoch)[pos]
@@ -213,7 +214,7 @@ class Trainer:
                                                                                     batch_index, 4)))
         latents = (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
         captions = [build_caption(item, self.cfg.dataset, rng) for item in items]
-        return latents, self.encode_captions(captions)
+        return latents, self.encode_captions(captions), loss_weights(items, self.cfg.loss.prior_loss_weight)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_epoch_cache", (None,))[0] != epoch:
@@ -281,6 +282,7 @@ class Trainer:
         last_batch = micro_batches(self.cfg, self.total_steps - 1, self.plan.steps_per_epoch)[-1]
         epochs = last_batch // self.plan.steps_per_epoch + 1
         return build_metadata(cfg=self.cfg, num_train_images=self.scan.num_images,
+                              num_reg_images=self.scan.num_reg_images,
                               tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
                               finished_at=time.time(), base_model_version=f"{self.base.family}",
                               max_train_steps=self.total_steps, num_epochs=max(1, epochs))
@@ -311,9 +313,18 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------------------
 # pieces with no state
 
+def loss_weights(items, prior_loss_weight: float) -> torch.Tensor | None:
+    """Per-image loss weights: prior_loss_weight for regularization images (DreamBooth's prior-preservation term,
+    Ruiz et al. 2023, eq. 2), 1 for training images; None when the batch holds no regularization image."""
+    if not any(item.regularization for item in items):
+        return None
+    return torch.tensor([prior_loss_weight if item.regularization else 1.0 for item in items])
+
+
 def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
-                   prediction: str) -> torch.Tensor:
-    """Noise-prediction loss (epsilon or v), with noise offset and min-SNR-gamma or high-noise weighting."""
+                   prediction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise-prediction loss (epsilon or v), with noise offset, min-SNR-gamma or high-noise weighting, and
+    per-image weights (regularization images)."""
     sched = base.noise_scheduler
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen)
@@ -329,6 +340,8 @@ def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch
         loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
     if cfg.loss.high_noise_weight_cap:
         loss = loss * high_noise_weights(sched, timesteps, cfg.loss.high_noise_weight_cap, prediction)
+    if weights is not None:
+        loss = loss * weights.to(loss.device)
     return loss.mean()
 
 

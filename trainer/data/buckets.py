@@ -38,13 +38,24 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1], b))
 
 
+def epoch_repeats(items) -> list[int]:
+    """How often each item is drawn per epoch: its folder's repeats; regularization images are cycled in name order
+    until they match the training images (kohya's rule, DreamBooth's 1:1 prior preservation), never more."""
+    repeats = [0 if item.regularization else item.repeats for item in items]
+    cycle = [i for i, item in enumerate(items) if item.regularization for _ in range(item.repeats)]
+    if cycle:
+        for k in range(sum(repeats)):
+            repeats[cycle[k % len(cycle)]] += 1
+    return repeats
+
+
 class BatchPlan:
     """Which bucket each item trains at, and the shuffled batches of each epoch (each batch from one bucket)."""
 
     def __init__(self, scan, ds, seed: int):
         self.batch_size = ds.batch_size
         self.seed = seed
-        self._repeats = [item.repeats for item in scan.items]
+        self._repeats = epoch_repeats(scan.items)
         if ds.bucketing:
             choices = make_buckets(ds.resolution, ds.bucket_step)
             self._bucket = [nearest_bucket(item.width, item.height, choices) for item in scan.items]

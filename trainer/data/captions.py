@@ -71,11 +71,12 @@ def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
 
 
 def build_caption(item, ds, rng: random.Random) -> str:
-    """The caption trained at one step: '' with probability caption_dropout, else trigger-prefixed and, when
-    shuffle_tags is on, tag-shuffled with the first keep_tokens tags (the trigger is the first) kept in place."""
+    """The caption trained at one step: '' with probability caption_dropout, else trigger-prefixed (never for a
+    regularization image) and, when shuffle_tags is on, tag-shuffled with the first keep_tokens tags (the trigger is
+    the first) kept in place."""
     if ds.caption_dropout > 0 and rng.random() < ds.caption_dropout:
         return ""
-    caption = with_trigger(item.caption, ds.trigger)
+    caption = item.caption if item.regularization else with_trigger(item.caption, ds.trigger)
     if ds.shuffle_tags:
         caption = shuffle_tags(caption, ds.keep_tokens, rng)
     return caption

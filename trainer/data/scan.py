@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .captions import read_caption, split_tags, with_trigger
@@ -31,6 +31,7 @@ class ImageItem:
     height: int
     folder: str           # the subset: the top-level subfolder's name, or the root's name for images in the root
     caption_file: Path | None = None
+    regularization: bool = False  # from dataset.regularization_path: never given the trigger, loss weighted
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,20 @@ class DatasetScan:
 
     @property
     def num_images(self) -> int:
-        """Images per epoch, repeats included."""
-        return sum(item.repeats for item in self.items)
+        """Training images per epoch, repeats included (regularization images not counted)."""
+        return sum(item.repeats for item in self.items if not item.regularization)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularization images, repeats included (kohya's ss_num_reg_images)."""
+        return sum(item.repeats for item in self.items if item.regularization)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency: folder -> tag -> images whose (trigger-prefixed) caption holds the tag."""
         out: dict[str, dict[str, int]] = {}
         for item in self.items:
+            if item.regularization:
+                continue
             counts = out.setdefault(item.folder, {})
             for tag in split_tags(with_trigger(item.caption, self.trigger)):
                 counts[tag] = counts.get(tag, 0) + 1
@@ -70,8 +78,24 @@ class _Candidate:
 
 
 def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
-    """Scan `ds.path` (a DatasetSection). Raises DatasetError when the folder is missing or holds no usable image."""
-    root = _dataset_root(ds.path)
+    """Scan `ds.path` (a DatasetSection), and `ds.regularization_path` when set. Raises DatasetError when a folder
+    is missing or holds no usable image."""
+    root = _folder(ds.path, "dataset.path", "dataset folder", "training images")
+    items, skipped, warnings = _scan_folder(root, ds, ds.trigger, workers)
+    warnings += _size_warnings(root, items, ds.resolution)
+    if ds.regularization_path.strip():
+        reg_root = _folder(ds.regularization_path, "dataset.regularization_path", "regularization folder",
+                           "regularization images")
+        reg_items, reg_skipped, reg_warnings = _scan_folder(reg_root, ds, "", workers, regularization=True)
+        items += [replace(item, regularization=True) for item in reg_items]
+        skipped += reg_skipped
+        warnings += [f"regularization folder: {w}" for w in reg_warnings]
+        warnings += _balance_warnings(reg_root, items)
+    return DatasetScan(root, items, skipped, warnings, ds.trigger.strip())
+
+
+def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularization: bool = False):
+    """(items, skipped, warnings) of one folder; DatasetError when it holds no usable image."""
     warnings: list[str] = []
     candidates = _find_candidates(root, ds.repeats, warnings)
     probes = _probe_all([c.path for c in candidates], workers)
@@ -82,21 +106,31 @@ def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
             continue
         items.append(_make_item(candidate, probe, issues))
     if not items:
-        raise DatasetError(_no_images_message(root, candidates, skipped, warnings))
-    warnings += _caption_warnings(root, items, issues, ds.trigger)
-    warnings += _size_warnings(root, items, ds.resolution)
-    return DatasetScan(root, items, skipped, warnings, ds.trigger.strip())
+        kind = "regularization folder" if regularization else "dataset folder"
+        raise DatasetError(_no_images_message(root, candidates, skipped, warnings, kind))
+    warnings += _caption_warnings(root, items, issues, trigger, regularization)
+    return items, skipped, warnings
 
 
-def _dataset_root(path: str) -> Path:
+def _folder(path: str, key: str, kind: str, what: str) -> Path:
     if not str(path).strip():
-        raise DatasetError("dataset.path is empty: choose the folder that holds your training images")
+        raise DatasetError(f"{key} is empty: choose the folder that holds your {what}")
     root = Path(path).expanduser()
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist: check dataset.path")
+        raise DatasetError(f"{kind} {root} does not exist: check {key}")
     if not root.is_dir():
-        raise DatasetError(f"dataset.path {root} is a file, not a folder: give the folder that holds the images")
+        raise DatasetError(f"{key} {root} is a file, not a folder: give the folder that holds the {what}")
     return root
+
+
+def _balance_warnings(reg_root: Path, items: list[ImageItem]) -> list[str]:
+    """kohya's rule: an epoch trains as many regularization images as training images (see epoch_repeats)."""
+    train = sum(item.repeats for item in items if not item.regularization)
+    reg = sum(item.repeats for item in items if item.regularization)
+    if reg > train:
+        return [f"{reg_root} holds {reg} regularization images (with repeats) but an epoch trains only as many as "
+                f"training images ({train}); the first {train} in name order are used"]
+    return []
 
 
 def _find_candidates(root: Path, default_repeats: int, warnings: list[str]) -> list[_Candidate]:
@@ -167,10 +201,14 @@ def _names(root: Path, paths: list[Path]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
-def _caption_warnings(root: Path, items: list[ImageItem], issues: dict, trigger: str) -> list[str]:
+def _caption_warnings(root: Path, items: list[ImageItem], issues: dict, trigger: str,
+                      regularization: bool = False) -> list[str]:
     out = []
     bare = [item.path for item in items if not item.has_caption]
-    if bare and trigger.strip():
+    if bare and regularization:
+        out.append(f"{len(bare)} image{'s have' if len(bare) > 1 else ' has'} no caption and train with an empty "
+                   f"one; give each the prompt it was drawn from in a same-name .txt: {_names(root, bare)}")
+    elif bare and trigger.strip():
         out.append(f"{len(bare)} image{'s have' if len(bare) > 1 else ' has'} no caption and use the trigger word: "
                    f"{_names(root, bare)}")
     elif bare:
@@ -194,14 +232,15 @@ def _size_warnings(root: Path, items: list[ImageItem], resolution: int) -> list[
             f"({resolution}) on the short side and will be upscaled (blurry): {_names(root, small)}"]
 
 
-def _no_images_message(root: Path, candidates: list[_Candidate], skipped: list[Skipped], warnings: list[str]) -> str:
+def _no_images_message(root: Path, candidates: list[_Candidate], skipped: list[Skipped], warnings: list[str],
+                       kind: str = "dataset folder") -> str:
     exts = ", ".join(sorted(IMAGE_EXTENSIONS))
     fix = (f"put images ({exts}) with same-name .txt captions in {root} or in subfolders named like 10_name "
            f"(10 = repeats per epoch)")
     if not candidates:
         extra = f" ({'; '.join(warnings)})" if warnings else ""
-        return f"no image found in dataset folder {root}{extra}: {fix}"
+        return f"no image found in {kind} {root}{extra}: {fix}"
     reasons = "; ".join(f"{s.path.relative_to(root).as_posix()}: {s.reason}" for s in skipped[:_MAX_LISTED])
     more = len(skipped) - _MAX_LISTED
-    return (f"no usable image in dataset folder {root}: all {len(skipped)} image files were skipped ({reasons}"
+    return (f"no usable image in {kind} {root}: all {len(skipped)} image files were skipped ({reasons}"
             f"{f' and {more} more' if more > 0 else ''}); replace the damaged files, or {fix}")

@@ -13,7 +13,7 @@ _FAMILIES = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_at: float, finished_at: float,
-                   base_model_version: str = "sd_v1", title: str | None = None,
+                   num_reg_images: int = 0, base_model_version: str = "sd_v1", title: str | None = None,
                    max_train_steps: int | None = None, num_epochs: int | None = None) -> dict[str, str]:
     """A flat dict of strings. `base_model_version` takes sd-scripts' names or a family ("sd1");
     `max_train_steps`/`num_epochs` default to the config's (pass the resolved ones)."""
@@ -33,6 +33,8 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
         "ss_v2": str(base_model_version.startswith("sd_v2")),
         "ss_resolution": f"({res}, {res})",
         "ss_num_train_images": str(num_train_images),
+        "ss_num_reg_images": str(num_reg_images),
+        "ss_prior_loss_weight": str(float(cfg.loss.prior_loss_weight)),
         "ss_learning_rate": str(opt.unet_lr),
         "ss_unet_lr": str(opt.unet_lr),
         "ss_text_encoder_lr": str(opt.text_encoder_lr if net.text_encoder else 0.0),
