@@ -186,6 +186,19 @@ def test_more_regularization_images_than_training_images_warns_which_are_used(tm
     assert counts == {"a.png": 1, "r0.png": 1}
 
 
+def test_dataset_repeats_weigh_training_images_only_and_every_regularization_image_is_drawn(tmp_path):
+    solid(tmp_path / "train" / "a.png", caption="cat")
+    solid(tmp_path / "train" / "b.png", caption="cat")
+    for i in range(6):
+        solid(tmp_path / "reg" / f"r{i}.png", caption="a cat")
+    solid(tmp_path / "reg" / "2_pose" / "p.png", caption="a cat sitting")  # an N_ subfolder keeps its repeats
+    ds = ds_for(tmp_path / "train", regularization_path=str(tmp_path / "reg"), repeats=4)
+    scan = scan_dataset(ds)
+    assert scan.num_images == 8 and scan.num_reg_images == 8 and not scan.warnings
+    counts = Counter(scan.items[i].path.name for batch in BatchPlan(scan, ds, seed=0).epoch(0) for i in batch)
+    assert counts == {"a.png": 4, "b.png": 4, "p.png": 2, **{f"r{i}.png": 1 for i in range(6)}}
+
+
 def test_a_missing_or_empty_regularization_folder_is_named(tmp_path):
     solid(tmp_path / "train" / "a.png", caption="cat")
     (tmp_path / "empty").mkdir()

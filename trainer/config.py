@@ -76,7 +76,8 @@ class DatasetSection:
                           basic=True)
     batch_size: int = opt(1, "Images per step. Lower it first if you run out of memory.", min=1, max=256,
                           basic=True)
-    repeats: int = opt(1, "Repeats per epoch for images in folders without an N_ prefix.", min=1)
+    repeats: int = opt(1, "Repeats per epoch for training images in folders without an N_ prefix (regularization images "
+                           "there repeat once).", min=1)
     crop: str = opt("center", "How images are cropped to the bucket size.", choices=["center", "random"])
     bucketing: bool = opt(True, "Aspect-ratio buckets: each batch holds images of one shape, none squashed.")
     bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8)

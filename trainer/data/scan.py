@@ -2,7 +2,8 @@
 
 Cheap to import (PIL and the stdlib; no torch, no diffusers) so a bad dataset is reported before any model loads.
 Layout (kohya's): images directly in the root repeat `dataset.repeats` times per epoch; images anywhere under a
-subfolder named like `10_name` repeat 10 times; other subfolders use `dataset.repeats`.
+subfolder named like `10_name` repeat 10 times; other subfolders use `dataset.repeats`. In the regularization
+folder, images outside an `N_` subfolder repeat once.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
 def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularization: bool = False):
     """(items, skipped, warnings) of one folder; DatasetError when it holds no usable image."""
     warnings: list[str] = []
-    candidates = _find_candidates(root, ds.repeats, warnings)
+    # dataset.repeats weighs training images; regularization images are balanced to them anyway (epoch_repeats)
+    candidates = _find_candidates(root, 1 if regularization else ds.repeats, warnings)
     probes = _probe_all([c.path for c in candidates], workers)
     items, skipped, issues = [], [], {}
     for candidate, probe in zip(candidates, probes):
