@@ -85,7 +85,16 @@ def load_preset(settings: AppSettings, name: str, dataset_path: str = "") -> C.T
         cfg.model.path = settings.base_model
     cfg.saving.runs_dir = str(settings.runs_dir)
     cfg.dataset.path = dataset_path or cfg.dataset.path
+    cfg.dataset.regularization_path = _shipped_path(settings, cfg.dataset.regularization_path)
     return cfg
+
+
+def _shipped_path(settings: AppSettings, path: str) -> str:
+    """A relative path in a shipped preset (examples/...) names a folder beside presets/, wherever the app runs."""
+    if not path.strip() or Path(path).expanduser().is_absolute() or Path(path).exists():
+        return path
+    beside = Path(settings.presets_dir).resolve().parent / path
+    return str(beside) if beside.exists() else path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,6 +193,8 @@ def _absolute_paths(cfg: C.TrainConfig) -> None:
     """The child process may run elsewhere: give it absolute local paths."""
     if cfg.dataset.path:
         cfg.dataset.path = str(Path(cfg.dataset.path).expanduser().resolve())
+    if cfg.dataset.regularization_path.strip():
+        cfg.dataset.regularization_path = str(Path(cfg.dataset.regularization_path).expanduser().resolve())
     if cfg.model.path and Path(cfg.model.path).expanduser().exists():
         cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
 

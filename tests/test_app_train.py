@@ -1,6 +1,7 @@
 """Train tab handlers, called directly: the form mirrors the config, problems land on their fields, and a real
 tiny training is started, followed, refused a second time, stopped with a usable adapter, and resumed."""
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,13 +57,16 @@ def test_problems_are_keyed_by_the_field_they_are_about(tmp_path):
     assert tab.check_form(form_values(cfg))[1] == "Ready to start."
 
 
-def test_presets_fill_the_form_but_keep_this_apps_model_runs_and_dataset(settings, tmp_path):
+def test_presets_fill_the_form_but_keep_this_apps_model_runs_and_dataset(settings, tmp_path, monkeypatch):
     assert "tiny-demo" in T.list_presets(settings)
     s = AppSettings(runs_dir=settings.runs_dir, base_model="/models/mine")
     cfg = T.load_preset(s, "tiny-demo", str(tmp_path))
     assert cfg.schedule.max_steps == C.load(s.presets_dir / "tiny-demo.toml").schedule.max_steps
     assert (cfg.model.path, cfg.saving.runs_dir, cfg.dataset.path) == ("/models/mine", str(s.runs_dir),
                                                                        str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # the demo's regularization folder is found beside presets/ from anywhere
+    reg = Path(T.load_preset(s, "tiny-demo", str(tmp_path)).dataset.regularization_path)
+    assert reg.is_absolute() and reg.is_dir() and reg == s.presets_dir.parent / "examples" / "demo-regularization"
 
 
 def test_start_refuses_an_invalid_form_naming_the_field(settings):

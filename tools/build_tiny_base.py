@@ -23,13 +23,13 @@ Stages (all seeded; the same seed and steps give the same weights on the same to
 
 Usage::
 
-    python tools/build_tiny_base.py                       # one-command build, 67 min here (the model card says why
-                                                          # the shipped weights are still an earlier chained build)
+    python tools/build_tiny_base.py                       # the shipped weights, byte for byte: 92 min on 2 cores
     python tools/build_tiny_base.py --pilot --out /tmp/x  # a few minutes, to validate the recipe
     python tools/build_tiny_base.py --resume-from DIR --steps 1000 --lr 5e-4   # continue a built model
 
-Use ``--threads 1`` when the cores are shared with other jobs. How the shipped weights were built, in how long and
-how good they are is written down in ``trainer/assets/tiny-sd/README.md``.
+The thread count is part of the recipe (another count gives other bytes); use ``--threads 1`` when the cores are
+shared with other jobs. How the shipped weights were built, in how long and how good they are is written down in
+``trainer/assets/tiny-sd/README.md``.
 """
 
 from __future__ import annotations
@@ -409,9 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--varied-captions", action="store_true",
                     help="train on several phrasings with unknown filler words (prefixed prompts then parse, but "
                          "shapes and LoRA learning got worse: see the model card)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (the same count gives the same weights; 2 threads on cores shared with "
-                         "other jobs ran 7x slower than 1)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; the shipped weights were built with 2, and the same count gives the same "
+                         "weights (on cores shared with other jobs use 1: 2 oversubscribed threads ran 7x slower)")
     ap.add_argument("--resume-from", type=Path, default=None,
                     help="continue training the UNet + text encoder of a built folder (its VAE is kept)")
     ap.add_argument("--pilot", action="store_true", help="tiny budget, to validate the recipe end to end")

@@ -189,6 +189,12 @@ def quality_prompts(n: int = QUALITY_PROMPTS, seed: int = QUALITY_PROMPT_SEED) -
     return out
 
 
+#: Prompts without the trigger whose drift the demo test measures; the demo's regularization set never holds them,
+#: so the test measures how the prior holds on prompts it was not shown.
+DRIFT_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background",
+                 "a white triangle on a green background")
+
+
 def write_dataset(folder: str | Path, n: int, seed: int = 0, shapes: Sequence[str] = SHAPES,
                   trigger: str | None = None, prefix: str = "img") -> list[Path]:
     """Write ``n`` samples as ``{prefix}_{i:04d}.png`` + same-name ``.txt`` captions; returns the png paths."""
