@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .captions import read_caption, split_tags, with_trigger
@@ -52,12 +52,12 @@ class DatasetScan:
     @property
     def num_images(self) -> int:
         """Training images per epoch, repeats included (regularization images not counted)."""
-        return sum(item.repeats for item in self.items if not item.regularization)
+        return _draws(self.items, regularization=False)
 
     @property
     def num_reg_images(self) -> int:
         """Regularization images, repeats included (kohya's ss_num_reg_images)."""
-        return sum(item.repeats for item in self.items if item.regularization)
+        return _draws(self.items, regularization=True)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency: folder -> tag -> images whose (trigger-prefixed) caption holds the tag."""
@@ -88,7 +88,7 @@ def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
         reg_root = _folder(ds.regularization_path, "dataset.regularization_path", "regularization folder",
                            "regularization images")
         reg_items, reg_skipped, reg_warnings = _scan_folder(reg_root, ds, "", workers, regularization=True)
-        items += [replace(item, regularization=True) for item in reg_items]
+        items += reg_items
         skipped += reg_skipped
         warnings += [f"regularization folder: {w}" for w in reg_warnings]
         warnings += _balance_warnings(reg_root, items)
@@ -106,7 +106,7 @@ def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularizati
         if isinstance(probe, ImageLoadError):
             skipped.append(Skipped(candidate.path, probe.reason))
             continue
-        items.append(_make_item(candidate, probe, issues))
+        items.append(_make_item(candidate, probe, issues, regularization))
     if not items:
         kind = "regularization folder" if regularization else "dataset folder"
         raise DatasetError(_no_images_message(root, candidates, skipped, warnings, kind))
@@ -127,8 +127,7 @@ def _folder(path: str, key: str, kind: str, what: str) -> Path:
 
 def _balance_warnings(reg_root: Path, items: list[ImageItem]) -> list[str]:
     """kohya's rule: an epoch trains as many regularization images as training images (see epoch_repeats)."""
-    train = sum(item.repeats for item in items if not item.regularization)
-    reg = sum(item.repeats for item in items if item.regularization)
+    train, reg = _draws(items, regularization=False), _draws(items, regularization=True)
     if reg > train:
         return [f"{reg_root} holds {reg} regularization images (with repeats) but an epoch trains only as many as "
                 f"training images ({train}); the first {train} in name order are used"]
@@ -189,12 +188,18 @@ def _probe_all(paths: list[Path], workers: int | None) -> list:
         return list(pool.map(probe, paths))
 
 
-def _make_item(candidate: _Candidate, size: tuple[int, int], issues: dict[str, list[Path]]) -> ImageItem:
+def _draws(items: list[ImageItem], regularization: bool) -> int:
+    """Images of one kind (training or regularization), repeats included."""
+    return sum(item.repeats for item in items if item.regularization == regularization)
+
+
+def _make_item(candidate: _Candidate, size: tuple[int, int], issues: dict[str, list[Path]],
+               regularization: bool) -> ImageItem:
     caption = read_caption(candidate.path)
     for issue in caption.issues:
         issues.setdefault(issue, []).append(candidate.path)
     return ImageItem(candidate.path, caption.text, bool(caption.text), candidate.repeats, size[0], size[1],
-                     candidate.folder, caption.path)
+                     candidate.folder, caption.path, regularization)
 
 
 def _names(root: Path, paths: list[Path]) -> str:
