@@ -67,6 +67,7 @@ def test_presets_fill_the_form_but_keep_this_apps_model_runs_and_dataset(setting
     monkeypatch.chdir(tmp_path)  # the demo's regularization folder is found beside presets/ from anywhere
     reg = Path(T.load_preset(s, "tiny-demo", str(tmp_path)).dataset.regularization_path)
     assert reg.is_absolute() and reg.is_dir() and reg == s.presets_dir.parent / "examples" / "demo-regularization"
+    assert Path(T.load_preset(s, "tiny-demo").dataset.path) == s.presets_dir.parent / "examples" / "demo-concept"
 
 
 def test_start_refuses_an_invalid_form_naming_the_field(settings):
