@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEDS = list(range(8))
 TRIGGER_PROMPT = "a zqx circle on a blue background"
 PLAIN_PROMPTS = list(DRIFT_PROMPTS)  # held out of examples/demo-regularization
-CONCEPT_GAIN = 0.25  # mean concept score with the adapter minus without (measured 0.002 -> 0.602)
+CONCEPT_GAIN = 0.25  # mean concept score with the adapter minus without (measured 0.004 -> 0.530)
 CONCEPT_HIT = 0.3    # an image "shows the concept" when at least this share of its object is the new colour
-DRIFT_BOUND = 0.12   # colour drift per prompt, mean over seeds (measured 0.039 to 0.060)
+DRIFT_BOUND = 0.12   # colour drift per prompt, mean over seeds (measured 0.045 to 0.083)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not tiny_model_available(), reason=f"tiny base model not built at {TINY_SD_PATH}")]
@@ -46,7 +46,7 @@ def demo_adapter(tmp_path_factory, monkeypatch_module):
     path = Trainer(cfg, runs.create_run_dir(cfg)).run()
     seconds = time.time() - started
     print(f"tiny-demo training took {seconds:.1f} s")
-    assert seconds < 240, "the demo trains in under two minutes here (96 s through the CLI); 240 s is slack"
+    assert seconds < 240, "the demo trains in under two minutes here (95 s through the CLI); 240 s is slack"
     return path
 
 

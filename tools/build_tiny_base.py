@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-lr", type=float, default=3e-3)
     ap.add_argument("--vae-crop", type=int, default=32)
     ap.add_argument("--cache", type=int, default=20000, help="images in the latent cache")
-    ap.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps")
+    ap.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)

@@ -10,8 +10,9 @@ learnt the concept.
 The regularization images are DreamBooth's class images: the first four world colours (red, green, blue,
 yellow) on every shape (12 prompts such as ``a green circle on a blue background``), drawn by the base model
 itself (30 steps, guidance 4, seed = the image's index). All eight colours (24 images, each drawn once an epoch)
-held the prior worse: ``a yellow square on a black background`` drifted 0.11 to 0.16 against 0.06 with these 12. Trained beside the concept (``dataset.regularization_path``), they hold prompts without the trigger
-to what the base model drew; they depend on the base model, so rebuild them with it.
+held the prior worse: ``a yellow square on a black background`` drifted 0.11 to 0.16 against 0.06 with these 12
+(measured on the 6000-step base model). Trained beside the concept (``dataset.regularization_path``), they hold
+prompts without the trigger to what the base model drew; they depend on the base model, so rebuild them with it.
 
     python tools/make_demo_dataset.py [--out examples/demo-concept] [--n 12] [--seed 7]
                                       [--reg-out examples/demo-regularization] [--model ""] [--reg-colours 4]
@@ -44,7 +45,9 @@ def make(out: Path, n: int = 12, seed: int = 7) -> list[Path]:
     paths = []
     for i in range(n):
         shape, bg = shapes[i], backgrounds[i]
-        size = rng.randint(26, tw.MAX_SIZE)
+        # the world's own size range: concept images of only large objects (26..44 px) taught the LoRA to
+        # draw every object larger (a red circle drifted 0.09 to 0.12)
+        size = rng.randint(tw.MIN_SIZE, tw.MAX_SIZE)
         x, y = rng.randint(0, 64 - size), rng.randint(0, 64 - size)
         p = out / f"zqx_{i:02d}.png"
         tw.render_demo(bg, shape, size, x, y).save(p)
