@@ -84,17 +84,10 @@ def load_preset(settings: AppSettings, name: str, dataset_path: str = "") -> C.T
     if not cfg.model.path:
         cfg.model.path = settings.base_model
     cfg.saving.runs_dir = str(settings.runs_dir)
-    cfg.dataset.path = dataset_path or _shipped_path(settings, cfg.dataset.path)
-    cfg.dataset.regularization_path = _shipped_path(settings, cfg.dataset.regularization_path)
+    C.find_folders_under(cfg, Path(settings.presets_dir).resolve().parent)  # examples/... beside presets/
+    if dataset_path:
+        cfg.dataset.path = dataset_path
     return cfg
-
-
-def _shipped_path(settings: AppSettings, path: str) -> str:
-    """A relative folder in a shipped preset (examples/...) is found beside presets/, wherever the app runs."""
-    if not path.strip() or Path(path).expanduser().is_absolute() or Path(path).exists():
-        return path
-    beside = Path(settings.presets_dir).resolve().parent / path
-    return str(beside) if beside.exists() else path
 
 
 # ----------------------------------------------------------------------------------------------------------------

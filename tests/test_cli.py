@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer import config as C
-from trainer.__main__ import main
+from trainer.__main__ import main, resolve_config
 from trainer.formats import load_adapter
 from trainer.job import JobError, active_job, start_job
 
@@ -28,6 +28,19 @@ def test_presets_lists_the_shipped_presets(capsys):
     out = capsys.readouterr().out
     for name in ("tiny-demo", "sd15-character", "sd15-style", "sd15-low-vram"):
         assert name in out
+
+
+def test_a_shipped_preset_finds_its_example_folders_from_any_directory(tmp_path, monkeypatch, capsys):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--config", str(root / "presets" / "tiny-demo.toml")]) == 0, capsys.readouterr().err
+    cfg = resolve_config("tiny-demo", ["dataset.trigger=other"])
+    assert Path(cfg.dataset.path) == root / "examples" / "demo-concept"
+    assert Path(cfg.dataset.regularization_path) == root / "examples" / "demo-regularization"
+    assert cfg.dataset.trigger == "other"
+    own = tmp_path / "mine.toml"  # the user's own config keeps the working directory's meaning
+    own.write_text('[dataset]\npath = "examples/demo-concept"\n')
+    assert resolve_config(str(own), []).dataset.path == "examples/demo-concept"
 
 
 def test_config_errors_exit_2_with_the_message_on_stderr(tmp_path, capsys):

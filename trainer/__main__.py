@@ -92,7 +92,10 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> C.TrainConf
     path = Path(config_path)
     if not path.exists() and (PRESETS_DIR / f"{config_path}.toml").exists():
         path = PRESETS_DIR / f"{config_path}.toml"
-    return C.load(path, overrides)
+    cfg = C.load(path)
+    if path.resolve().parent == PRESETS_DIR:  # a shipped preset's examples/ folders, from any working directory
+        C.find_folders_under(cfg, PRESETS_DIR.parent)
+    return C.apply_overrides(cfg, overrides)
 
 
 def cmd_train(args) -> int:

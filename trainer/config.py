@@ -370,6 +370,19 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     return apply_overrides(cfg, overrides or [])
 
 
+def find_folders_under(cfg: TrainConfig, root: str | Path) -> TrainConfig:
+    """Shipped presets name their folders relative to the project (``examples/demo-concept``); one that is not
+    found from the working directory is taken under `root` when it is there, so a preset runs from anywhere."""
+    for key in ("dataset.path", "dataset.regularization_path"):
+        folder = get_value(cfg, key)
+        if not folder.strip() or Path(folder).expanduser().is_absolute() or Path(folder).exists():
+            continue
+        beside = Path(root).resolve() / folder
+        if beside.exists():
+            set_value(cfg, key, str(beside))
+    return cfg
+
+
 def to_dict(cfg: TrainConfig, sparse: bool = False) -> dict:
     """Nested dict of the config; `sparse` keeps only values that differ from the defaults (for presets)."""
     defaults = TrainConfig()
