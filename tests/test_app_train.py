@@ -192,3 +192,15 @@ def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tm
     assert [e.start_step for e in starts] == [0, stopped_at]  # resumed from the stop, not from scratch
     log = T.read_log(run_dir)
     assert (run_dir / "train.log").stat().st_size > 0 and log == (run_dir / "train.log").read_text()[-20_000:]
+
+
+def test_the_periodic_refresh_never_writes_the_picked_run_back(settings):
+    # a tick that echoed the picked value lost a pick made while it was in flight (the browser test's export failed)
+    from app.main import build_app
+    demo = build_app(settings)
+    ticks = [f for f in demo.fns.values() if any(ev == "tick" for _, ev in f.targets)
+             and "run-picker" in [getattr(o, "elem_id", None) for o in f.outputs]]
+    assert ticks, "the runs list is refreshed by a timer"
+    for f in ticks:
+        out = dict(zip([getattr(o, "elem_id", None) for o in f.outputs], f.fn(*[None] * len(f.inputs))))
+        assert "choices" in out["run-picker"] and "value" not in out["run-picker"]

@@ -284,7 +284,11 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, b
         names = run_names(s)
         return T.runs_table(s), gr.update(choices=names, value=current if current in names else None)
 
-    slow_timer.tick(refresh_runs, [picked], [runs, picked], show_progress="hidden")
+    def refresh_run_choices():
+        # choices only: a tick that wrote the picked value back could undo a pick made while it was in flight
+        return T.runs_table(s), gr.update(choices=run_names(s))
+
+    slow_timer.tick(refresh_run_choices, None, [runs, picked], show_progress="hidden")
     demo.load(refresh_runs, [picked], [runs, picked])
     demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [dataset])
 
