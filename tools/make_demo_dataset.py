@@ -32,10 +32,15 @@ sys.path.insert(0, str(ROOT))
 from trainer import tinyworld as tw  # noqa: E402
 
 
-def make(out: Path, n: int = 12, seed: int = 7) -> list[Path]:
+def _empty_folder(out: Path) -> None:
+    """Create `out`, or remove the images and captions a previous run wrote there."""
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.png")) + list(out.glob("*.txt")):
         old.unlink()
+
+
+def make(out: Path, n: int = 12, seed: int = 7) -> list[Path]:
+    _empty_folder(out)
     rng = random.Random(seed)
     # every shape equally often and every background colour at least once
     shapes = list(tw.SHAPES) * (n // len(tw.SHAPES) + 1)
@@ -77,9 +82,7 @@ def class_prompts(rng: random.Random, colours=tw.COLOURS) -> list[str]:
 def make_regularization(out: Path, model: str = "", seed: int = 7, colours: int = 4) -> list[Path]:
     from trainer.adapters.generate import Generator
 
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.png")) + list(out.glob("*.txt")):
-        old.unlink()
+    _empty_folder(out)
     generator = Generator(model, device="cpu")
     paths = []
     for i, prompt in enumerate(class_prompts(random.Random(seed + 1), tw.COLOURS[:colours])):
