@@ -23,7 +23,7 @@ Stages (all seeded; the same seed and steps give the same weights on the same to
 
 Usage::
 
-    python tools/build_tiny_base.py                       # the shipped weights (5000 steps): 79 min on 2 cores
+    python tools/build_tiny_base.py                       # the shipped weights (5000 steps): 79 to 90 min on 2 cores
     python tools/build_tiny_base.py --pilot --out /tmp/x  # a few minutes, to validate the recipe
     python tools/build_tiny_base.py --resume-from DIR --steps 1000 --lr 5e-4   # continue a built model
 
