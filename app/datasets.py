@@ -1,6 +1,8 @@
 """Dataset folders as the Dataset tab edits them: datasets/<name>/ with images and same-name .txt captions.
 
-Plain functions over the folder (no Gradio), so every edit is saved at once and a restart loses nothing.
+Plain functions over the folder (no Gradio), so every edit is saved at once and a restart loses nothing. What the
+tab lists, how captions are read and written, and the trigger rule are the engine's (`trainer.scan_dataset`,
+`read_caption`, `write_caption`, `with_trigger`): the tab shows exactly what the trainer will train on.
 """
 from __future__ import annotations
 
@@ -8,25 +10,21 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.atomic import write_text_atomic
+from trainer import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BatchPlan, DatasetError, ImageLoadError, TrainConfig,
+                     bucket_stats, dataset_trigger, decode_caption, is_ignored, probe_image, read_caption,
+                     scan_dataset, set_dataset_trigger, with_trigger, write_caption)
 
 from .files import UploadError, copy_atomic, extract_zip, safe_dirname, safe_filename, unique_path
-
-CAPTION_SUFFIXES = (".txt", ".caption")  # the trainer reads both; the app writes .txt
-
-
-def image_suffixes() -> set[str]:
-    from trainer.data import IMAGE_EXTENSIONS  # the trainer's list, so the tab and the trainer agree
-    return {s.lower() for s in IMAGE_EXTENSIONS}
 
 
 @dataclass
 class Item:
-    """One image of a dataset; `name` is its path relative to the dataset folder (posix)."""
+    """One image the trainer considers; `name` is its path relative to the dataset folder (posix)."""
     name: str
     path: Path
-    caption: str
-    has_caption: bool
+    caption: str          # the caption file's text as the trainer reads it ("" when there is none)
+    trained_as: str       # what the trainer trains: the trigger in front when the caption lacks it
+    skipped: str = ""     # why the trainer skips this image ("" when it trains on it)
 
 
 @dataclass
@@ -42,6 +40,14 @@ class UploadReport:
         if self.skipped:
             parts.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({r})" for n, r in self.skipped[:5]))
         return ", ".join(parts) + "."
+
+
+def _dataset_section(folder: Path, **values):
+    ds = TrainConfig().dataset
+    ds.path = str(folder)
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,15 +88,15 @@ def import_folder(data_dir: Path, source: str, name: str = "") -> tuple[Path, Up
     if folder.exists() and any(folder.iterdir()):
         folder = unique_path(Path(data_dir), folder.name)
     folder.mkdir(parents=True, exist_ok=True)
-    report, suffixes = UploadReport(), image_suffixes()
+    report = UploadReport()
     for path in sorted(src.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(src).parts):
+        if not path.is_file() or any(is_ignored(Path(part)) for part in path.relative_to(src).parts):
             continue
         rel = Path(*[safe_filename(p) for p in path.relative_to(src).parts])
-        if path.suffix.lower() in suffixes or path.suffix.lower() in CAPTION_SUFFIXES:
+        if path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix.lower() in CAPTION_EXTENSIONS:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             copy_atomic(path, folder / rel)
-            (report.added if path.suffix.lower() in suffixes else report.captions).append(rel.as_posix())
+            (report.added if path.suffix.lower() in IMAGE_EXTENSIONS else report.captions).append(rel.as_posix())
         else:
             report.skipped.append((str(path.relative_to(src)), "not an image or caption file"))
     return folder, report
@@ -100,23 +106,18 @@ def import_folder(data_dir: Path, source: str, name: str = "") -> tuple[Path, Up
 # items and captions
 
 def load_items(folder: Path) -> list[Item]:
-    folder, suffixes = Path(folder), image_suffixes()
-    items = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if path.is_file() and path.suffix.lower() in suffixes and not any(p.startswith(".") for p in rel.parts):
-            caption_path = _caption_path(path)
-            text = caption_path.read_text(encoding="utf-8", errors="replace").strip() if caption_path else ""
-            items.append(Item(rel.as_posix(), path, text, caption_path is not None))
-    return items
+    """Every image the trainer considers, in its order: the ones it trains on and the ones it skips (listed, so
+    they can be removed), with captions read by the trainer's own reader."""
+    folder = Path(folder)
+    scan = scan_dataset(_dataset_section(folder), require_images=False)
+    items = [Item(_rel(i.path, folder), i.path, i.caption, with_trigger(i.caption, scan.trigger))
+             for i in scan.items]
+    items += [Item(_rel(s.path, folder), s.path, read_caption(s.path).text, "", s.reason) for s in scan.skipped]
+    return sorted(items, key=lambda item: item.name)
 
 
-def _caption_path(image: Path) -> Path | None:
-    for suffix in CAPTION_SUFFIXES:
-        candidate = image.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+def _rel(path: Path, folder: Path) -> str:
+    return Path(path).relative_to(folder).as_posix()
 
 
 def _item_path(folder: Path, name: str) -> Path:
@@ -128,32 +129,37 @@ def _item_path(folder: Path, name: str) -> Path:
 
 
 def save_caption(folder: Path, name: str, caption: str) -> Path:
-    """Write the caption of one image (atomically, to its .txt; an existing .caption file is updated instead)."""
-    image = _item_path(folder, name)
-    target = _caption_path(image) or image.with_suffix(".txt")
-    return write_text_atomic(target, caption.strip() + "\n")
+    """Write one image's caption where the trainer reads it (its existing caption file, else a new .txt)."""
+    return write_caption(_item_path(folder, name), caption)
 
 
 def remove_image(folder: Path, name: str) -> None:
     """Delete an image and its caption from the dataset."""
     image = _item_path(folder, name)
-    caption = _caption_path(image)
+    caption = read_caption(image).path
     image.unlink()
     if caption:
         caption.unlink()
 
 
+def set_trigger(folder: Path, trigger: str) -> str:
+    """Save the dataset's trigger (the one place it lives: the trainer puts it in front of each caption that
+    lacks it); returns it."""
+    set_dataset_trigger(folder, trigger)
+    return dataset_trigger(folder)
+
+
 def apply_trigger(folder: Path, trigger: str) -> int:
-    """Put the trigger word at the front of every caption that does not start with it; returns how many changed."""
+    """Write the trigger into every caption that lacks it, by the trainer's rule (a caption that holds it as a
+    whole word, as in 'a zqx circle', is kept); returns how many changed."""
     trigger = trigger.strip()
     if not trigger:
         raise UploadError("type a trigger word first, for example 'sks dog'")
     changed = 0
     for item in load_items(folder):
-        if item.caption == trigger or item.caption.startswith(trigger + ",") or item.caption.startswith(trigger + " "):
-            continue
-        save_caption(folder, item.name, f"{trigger}, {item.caption}" if item.caption else trigger)
-        changed += 1
+        if with_trigger(item.caption, trigger) != item.caption:
+            save_caption(folder, item.name, with_trigger(item.caption, trigger))
+            changed += 1
     return changed
 
 
@@ -175,28 +181,39 @@ def find_replace(folder: Path, find: str, replace: str) -> int:
 def add_uploads(folder: Path, files: list) -> UploadReport:
     """Copy uploaded images, .txt captions and .zip archives into the dataset with safe, unique names.
 
-    A caption is paired with the image of the same original name in the upload (renamed with it); a caption for an
-    image already in the dataset is written only if that image has none."""
+    An image the trainer could not read is reported as skipped, with the reason, and not copied. A caption is
+    paired with the image of the same original name in the upload (renamed with it); a caption for an image
+    already in the dataset is written only if that image has none."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = UploadReport()
     with tempfile.TemporaryDirectory(prefix="loradesk-upload-") as tmp:
         paths = _expand_zips([upload_path(f) for f in files or []], Path(tmp), report)
-        suffixes = image_suffixes()
-        images = [p for p in paths if p.suffix.lower() in suffixes]
-        captions = {(p.parent, p.stem): p for p in paths if p.suffix.lower() in CAPTION_SUFFIXES}
+        images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
+        captions = {(p.parent, p.stem): p for p in paths if p.suffix.lower() in CAPTION_EXTENSIONS}
         for p in paths:
-            if p not in images and p.suffix.lower() not in CAPTION_SUFFIXES:
-                report.skipped.append((p.name, f"not an image ({', '.join(sorted(suffixes))}), caption or .zip"))
-        renamed = {}
-        for src in images:
-            dst = unique_path(folder, safe_filename(src.name, "image"))
-            copy_atomic(src, dst)
-            renamed[(src.parent, src.stem)] = dst
-            report.added.append(dst.name)
+            if p not in images and p.suffix.lower() not in CAPTION_EXTENSIONS:
+                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+                report.skipped.append((p.name, f"not an image ({kinds}), caption or .zip"))
+        renamed = _add_images(folder, images, report)
         for key, src in captions.items():
             _add_caption(folder, key, src, renamed, report)
     return report
+
+
+def _add_images(folder: Path, images: list[Path], report: UploadReport) -> dict:
+    renamed = {}
+    for src in images:
+        try:
+            probe_image(src)
+        except ImageLoadError as e:
+            report.skipped.append((src.name, e.reason))
+            continue
+        dst = unique_path(folder, safe_filename(src.name, "image"))
+        copy_atomic(src, dst)
+        renamed[(src.parent, src.stem)] = dst
+        report.added.append(dst.name)
+    return renamed
 
 
 def upload_path(f) -> Path:
@@ -205,7 +222,7 @@ def upload_path(f) -> Path:
 
 
 def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport) -> list[Path]:
-    keep = image_suffixes() | set(CAPTION_SUFFIXES)
+    keep = set(IMAGE_EXTENSIONS) | set(CAPTION_EXTENSIONS)
     out = []
     for i, path in enumerate(paths):
         if path.suffix.lower() != ".zip":
@@ -223,20 +240,18 @@ def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport) -> list[Pat
 
 def _add_caption(folder: Path, key: tuple, src: Path, renamed: dict, report: UploadReport) -> None:
     """Pair a caption with the image of the same folder and stem in this upload, else with a dataset image."""
-    text = src.read_text(encoding="utf-8", errors="replace").strip()
+    text, _ = decode_caption(src.read_bytes())
     if key in renamed:
-        write_text_atomic(renamed[key].with_suffix(".txt"), text + "\n")
-        report.captions.append(renamed[key].with_suffix(".txt").name)
+        report.captions.append(write_caption(renamed[key], text).name)
         return
     stem = safe_filename(src.name).rsplit(".", 1)[0]
-    existing = [p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in image_suffixes()]
+    existing = [p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not existing:
         report.skipped.append((src.name, "no image with the same name; upload the image with its caption"))
-    elif _caption_path(existing[0]):
+    elif read_caption(existing[0]).path:
         report.skipped.append((src.name, f"{existing[0].name} already has a caption; edit it in the gallery"))
     else:
-        write_text_atomic(existing[0].with_suffix(".txt"), text + "\n")
-        report.captions.append(existing[0].with_suffix(".txt").name)
+        report.captions.append(write_caption(existing[0], text).name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,19 +265,15 @@ class Summary:
 
 
 def summarize(folder: Path, resolution: int = 512, bucket_step: int = 64, seed: int = 42) -> Summary:
-    from trainer import data
-    from trainer.config import DatasetSection
-
-    ds = DatasetSection(path=str(folder), resolution=resolution, bucket_step=bucket_step)
+    ds = _dataset_section(folder, resolution=resolution, bucket_step=bucket_step)
     try:
-        scan = data.scan_dataset(ds)
-    except data.DatasetError as e:
+        scan = scan_dataset(ds, require_images=False)
+    except DatasetError as e:
         return Summary(f"**Not usable yet:** {e}", [], [])
-    skipped = [[str(_rel(s.path, folder)), s.reason] for s in scan.skipped]
+    skipped = [[_rel(s.path, folder), s.reason] for s in scan.skipped]
     if not scan.items:
         return Summary("No usable images yet: drop some on the left.", [], skipped)
-    plan = data.BatchPlan(scan, ds, seed)
-    stats = data.bucket_stats(scan, plan)
+    stats = bucket_stats(scan, BatchPlan(scan, ds, seed))
     buckets = [[f"{w}x{h}", n] for (w, h), n in sorted(stats.items(), key=lambda kv: -kv[1])]
     return Summary(_summary_text(scan), buckets, skipped)
 
@@ -272,16 +283,11 @@ def _summary_text(scan) -> str:
     uncaptioned = sum(not i.has_caption for i in items)
     sizes = sorted({(i.width, i.height) for i in items}, key=lambda s: s[0] * s[1])
     per_epoch = sum(i.repeats for i in items)
+    trigger = (f"Trigger **{scan.trigger}**: put in front of each caption that lacks it." if scan.trigger
+               else "No trigger set.")
     lines = [f"**{len(items)} images**, {per_epoch} per epoch with repeats; "
-             f"{len(items) - uncaptioned} captioned, {uncaptioned} without caption.",
+             f"{len(items) - uncaptioned} captioned, {uncaptioned} without caption. {trigger}",
              f"Sizes from {sizes[0][0]}x{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]}."]
     lines += [f"Note: {w}" for w in scan.warnings]
     return "  \n".join(lines)
-
-
-def _rel(path, folder: Path) -> Path:
-    try:
-        return Path(path).relative_to(folder)
-    except ValueError:
-        return Path(path)
 

@@ -8,14 +8,14 @@ import unicodedata
 import zipfile
 from pathlib import Path
 
-from trainer.atomic import atomic_path
+from trainer import UserError, atomic_path, is_ignored
 
 MAX_ZIP_BYTES = 2 * 1024**3  # uncompressed total; a zip bomb stops here
 MAX_ZIP_FILES = 10_000
 MAX_ZIP_RATIO = 200  # uncompressed/compressed per member; larger is a bomb, not a photo
 
 
-class UploadError(ValueError):
+class UploadError(UserError, ValueError):
     """An upload that cannot be used; the message names the file and the fix."""
 
 
@@ -32,8 +32,11 @@ def safe_filename(name: str, fallback: str = "file") -> str:
 
 
 def safe_dirname(name: str) -> str:
-    """A dataset or folder name: safe_filename without dots at the ends and without spaces."""
-    return safe_filename(name, "dataset").replace(" ", "_").strip(".") or "dataset"
+    """A dataset or folder name of one plain component: path separators and '..' become '_' (so 'my dog/../etc'
+    is 'my_dog_etc', not 'etc'), no spaces, no dots at the ends."""
+    flat = re.sub(r"(?:\s*[\\/]+\s*|\.\.+)+", "_", name.strip())
+    flat = re.sub(r"_+", "_", flat)
+    return safe_filename(flat, "dataset").replace(" ", "_").strip("._") or "dataset"
 
 
 def unique_path(folder: Path, name: str, taken: set[str] | None = None) -> Path:
@@ -70,8 +73,8 @@ def extract_zip(zip_path: Path, dest: Path, keep_suffixes: set[str]) -> tuple[li
         _check_zip_limits(zip_path, members)
         out, skipped = [], []
         for m in members:
-            if "__MACOSX" in m.filename or re.split(r"[\\/]", m.filename)[-1].startswith("._"):
-                continue  # macOS resource forks, not pictures
+            if any(is_ignored(Path(p)) for p in re.split(r"[\\/]", m.filename) if p not in ("", ".", "..")):
+                continue  # hidden files and macOS resource forks, as the trainer ignores them
             if Path(m.filename).suffix.lower() not in keep_suffixes:
                 skipped.append((m.filename, "not an image or caption file"))
                 continue

@@ -7,7 +7,7 @@ from PIL import Image
 
 from app import generation as G
 from app.settings import AppSettings
-from app.training import AppError
+from app.errors import AppError
 from trainer.formats import save_adapter
 from trainer.lora_state import Adapter, LoraLayer
 

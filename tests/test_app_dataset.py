@@ -23,8 +23,8 @@ def png(path: Path, size=(48, 32), colour=(200, 30, 30)) -> Path:
 
 
 def test_create_then_upload_images_with_their_captions(settings, tmp_path):
-    name, choices = tab.create(settings, "My Dog!")
-    assert name == "My_Dog_" and choices == [name]
+    name, choices, text = tab.create(settings, "My Dog!")
+    assert name == "My_Dog" and choices == [name] and "named **My_Dog**" in text
     up = tmp_path / "upload"
     files = [png(up / "a.png"), png(up / "b.jpg"), up / "a.txt", up / "readme.md"]
     (up / "a.txt").write_text("a red box")
@@ -99,7 +99,7 @@ def test_trigger_and_find_replace_edit_every_caption(settings):
         png(folder / f"{n}.png")
         if cap:
             (folder / f"{n}.txt").write_text(cap)
-    assert tab.apply_trigger(settings, "d", "zqx") == "Put 'zqx' in front of 2 caption(s)."
+    assert tab.apply_trigger(settings, "d", "zqx") == "Wrote 'zqx' into 2 caption(s) that lacked it."
     assert [i.caption for i in D.load_items(folder)] == ["zqx, a red dog", "zqx, a red cat", "zqx"]
     assert tab.find_replace(settings, "d", "red", "blue") == "Replaced 'red' in 2 caption(s)."
     assert [i.caption for i in D.load_items(folder)] == ["zqx, a blue dog", "zqx, a blue cat", "zqx"]
@@ -147,3 +147,45 @@ def test_import_folder_copies_images_captions_and_repeat_folders(settings, tmp_p
 def test_upload_without_a_dataset_says_what_to_do(settings, tmp_path):
     with pytest.raises(UploadError, match="Create or pick a dataset first"):
         tab.upload(settings, None, [str(png(tmp_path / "a.png"))])
+
+
+def test_a_dataset_name_with_path_parts_says_what_it_became(settings):
+    name, _, text = tab.create(settings, "my dog/../../etc")
+    assert name == "my_dog_etc" and (settings.data_dir / name).is_dir() and f"named **{name}**" in text
+    assert not (settings.data_dir.parent / "etc").exists()
+
+
+def test_broken_uploads_are_skipped_with_the_reason_not_added(settings, tmp_path):
+    folder = D.create_dataset(settings.data_dir, "d")
+    up = tmp_path / "up"
+    good = png(up / "good.png")
+    (up / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (up / "empty.jpg").write_bytes(b"")
+    text = tab.upload(settings, "d", [str(good), str(up / "broken.png"), str(up / "empty.jpg")])
+    assert text.startswith("Added 1 image(s), skipped 2: broken.png (") and "empty.jpg (empty file" in text
+    assert sorted(p.name for p in folder.iterdir()) == ["good.png"]
+
+
+def test_the_trigger_is_saved_with_the_dataset_and_shown_as_trained(settings):
+    from trainer import TrainConfig, scan_dataset
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "a.png")
+    (folder / "a.txt").write_text("a red dog")
+    png(folder / "b.png")
+    (folder / "b.txt").write_text("a zqx cat")
+    assert "**zqx**" in tab.set_trigger(settings, "d", " zqx ")
+    assert tab.trigger_value(settings, "d") == "zqx"
+    assert [c for _, c in tab.gallery_value(settings, "d")] == ["zqx, a red dog", "a zqx cat"]
+    assert tab.select(settings, "d", 0)[2] == "a red dog", "the editor holds the caption file's own text"
+    ds = TrainConfig().dataset
+    ds.path = str(folder)
+    assert scan_dataset(ds).trigger == "zqx", "the trainer reads the dataset's trigger from the same place"
+    assert "Trigger **zqx**" in tab.summary_values(settings, "d", 64)[0]
+
+
+def test_the_summary_counts_follow_a_caption_edit(settings):
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "a.png")
+    assert "0 captioned, 1 without caption" in tab.summary_values(settings, "d", 64)[0]
+    tab.save_caption(settings, "d", "a.png", "a red box")
+    assert "1 captioned, 0 without caption" in tab.summary_values(settings, "d", 64)[0]

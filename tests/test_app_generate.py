@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from app import device
 from app import generation as G
 from app.files import UploadError
 from app.settings import AppSettings
 from app.tabs.generate import slots_from
-from app.training import AppError
+from app.errors import AppError
 
 LAYERS = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
           "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v",
@@ -57,9 +58,9 @@ def test_weights_and_toggles_change_the_images_and_zero_is_the_base_model(env):
 
 def test_the_generator_is_loaded_once_per_base_model(env):
     s, a, _ = env
-    first = G.get_generator(s.base_model)
+    first = device.get_generator(s.base_model)
     gen(s, [G.Slot(str(a), 1.0)])
-    assert G.get_generator(s.base_model) is first
+    assert device.get_generator(s.base_model) is first
 
 
 def test_slots_from_widget_values():
@@ -115,6 +116,6 @@ def test_generation_needs_a_prompt(env):
 
 def test_starting_a_training_frees_the_cached_models(env):
     s, _, _ = env
-    first = G.get_generator(s.base_model)
-    G.release_models()
-    assert G.get_generator(s.base_model) is not first
+    first = device.get_generator(s.base_model)
+    device.release_models()
+    assert device.get_generator(s.base_model) is not first

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from app import training as T
+from tiny import make_images
+from app import forms as F
+from app import runview as V
+from app.errors import AppError
 from app.settings import AppSettings
 from app.tabs import train as tab
 from trainer import config as C
@@ -17,15 +20,17 @@ def settings(tmp_path) -> AppSettings:
 
 
 def form_values(cfg: C.TrainConfig, **changes) -> list:
-    values = dict(zip([i.key for i in T.form_fields()], T.config_to_values(cfg)))
+    values = dict(zip([i.key for i in F.form_fields()], F.config_to_values(cfg)))
     values.update({k.replace("__", "."): v for k, v in changes.items()})
-    return [values[i.key] for i in T.form_fields()]
+    return [values[i.key] for i in F.form_fields()]
 
 
 def test_the_form_has_one_widget_per_config_field_of_the_right_kind():
     import gradio as gr
-    infos = T.form_fields()
-    assert [i.key for i in infos] == [i.key for i in C.fields()]
+    infos = F.form_fields()
+    # the trigger lives with the dataset (Dataset tab) and the runs folder is the app's: not in the form
+    assert [i.key for i in infos] == [i.key for i in C.fields() if i.key not in ("dataset.trigger",
+                                                                                   "saving.runs_dir")]
     kinds = {i.key: type(tab.component_for(i, i.default)) for i in infos}
     assert kinds["network.rank"] is gr.Number and kinds["optimizer.name"] is gr.Dropdown
     assert kinds["network.text_encoder"] is gr.Checkbox and kinds["sampling.prompts"] is gr.Textbox
@@ -38,9 +43,9 @@ def test_the_form_has_one_widget_per_config_field_of_the_right_kind():
 def test_form_values_round_trip_through_the_config():
     cfg = C.TrainConfig()
     cfg.network.rank, cfg.sampling.prompts = 16, ["one prompt", "two"]
-    values = T.config_to_values(cfg)
+    values = F.config_to_values(cfg)
     assert "one prompt\ntwo" in values
-    back, errors = T.values_to_config(values)
+    back, errors = F.values_to_config(values, cfg.saving.runs_dir)
     assert C.dumps(back) == C.dumps(cfg)
     assert set(errors) == {"dataset.path"}  # the defaults lack only a dataset
 
@@ -48,77 +53,129 @@ def test_form_values_round_trip_through_the_config():
 def test_problems_are_keyed_by_the_field_they_are_about(tmp_path):
     cfg = C.TrainConfig()
     cfg.dataset.path = str(tmp_path)
-    errors, summary = tab.check_form(form_values(cfg, network__rank=0, dataset__resolution=100,
-                                                 optimizer__unet_lr="fast", run__name="bad name"))
+    s = AppSettings(runs_dir=tmp_path / "runs")
+    errors, summary = tab.check_form(s, form_values(cfg, network__rank=0, dataset__resolution=100,
+                                                    optimizer__unet_lr="fast", run__name="bad name"))
     assert set(errors) == {"network.rank", "dataset.resolution", "optimizer.unet_lr", "run.name"}
     assert errors["network.rank"].startswith("network.rank is 0; it must be at least 1")
     assert "multiple of 8" in errors["dataset.resolution"]
     assert summary.startswith("4 setting(s) need a fix")
-    assert tab.check_form(form_values(cfg))[1] == "Ready to start."
+    assert tab.check_form(s, form_values(cfg))[1] == "Ready to start."
 
 
-def test_presets_fill_the_form_but_keep_this_apps_model_runs_and_dataset(settings, tmp_path, monkeypatch):
-    assert "tiny-demo" in T.list_presets(settings)
-    s = AppSettings(runs_dir=settings.runs_dir, base_model="/models/mine")
-    cfg = T.load_preset(s, "tiny-demo", str(tmp_path))
-    assert cfg.schedule.max_steps == C.load(s.presets_dir / "tiny-demo.toml").schedule.max_steps
-    assert (cfg.model.path, cfg.saving.runs_dir, cfg.dataset.path) == ("/models/mine", str(s.runs_dir),
+def test_a_preset_sets_training_settings_and_keeps_the_users_dataset(settings, tmp_path, monkeypatch):
+    from trainer import apply_preset, default_config, list_presets
+    assert "tiny-demo" in [p.stem for p in list_presets()]
+    mine = default_config("/models/mine", str(settings.runs_dir))
+    mine.dataset.path, mine.sampling.prompts = str(tmp_path), ["my dog on a sofa"]
+    cfg, notes = apply_preset(mine, "tiny-demo")
+    demo = C.load(settings.presets_dir / "tiny-demo.toml")
+    assert (cfg.schedule.max_steps, cfg.network.rank) == (demo.schedule.max_steps, demo.network.rank)
+    assert (cfg.model.path, cfg.saving.runs_dir, cfg.dataset.path) == ("/models/mine", str(settings.runs_dir),
                                                                        str(tmp_path))
-    monkeypatch.chdir(tmp_path)  # the demo's regularization folder is found beside presets/ from anywhere
-    reg = Path(T.load_preset(s, "tiny-demo", str(tmp_path)).dataset.regularization_path)
-    assert reg.is_absolute() and reg.is_dir() and reg == s.presets_dir.parent / "examples" / "demo-regularization"
-    assert Path(T.load_preset(s, "tiny-demo").dataset.path) == s.presets_dir.parent / "examples" / "demo-concept"
+    assert (cfg.dataset.trigger, cfg.dataset.regularization_path, cfg.sampling.prompts) == (
+        "", "", ["my dog on a sofa"]), "the demo's trigger, regularization images and prompts are its own"
+    assert notes == ["Kept your dataset, regularization folder, trigger and sample prompts; the preset's are for "
+                     "its own dataset."]
+
+
+def test_with_no_dataset_a_preset_brings_its_example_and_says_so(settings, tmp_path, monkeypatch):
+    from trainer import apply_preset, default_config
+    monkeypatch.chdir(tmp_path)  # the demo's folders are found beside presets/ from anywhere
+    cfg, notes = apply_preset(default_config("", str(settings.runs_dir)), "tiny-demo")
+    examples = settings.presets_dir.parent / "examples"
+    assert Path(cfg.dataset.path) == examples / "demo-concept"
+    assert Path(cfg.dataset.regularization_path) == examples / "demo-regularization"
+    assert len(notes) == 1 and "no dataset yet" in notes[0] and "demo-concept" in notes[0]
+
+
+def test_form_defaults_follow_the_base_model(settings, tiny_model_dir):
+    from trainer import default_config
+    tiny = tab.initial_config(settings)  # no base model set: the built-in tiny one
+    assert (tiny.dataset.resolution, tiny.schedule.max_steps) == (64, 300)
+    other = default_config(str(tiny_model_dir))
+    assert other.dataset.resolution == 16 and other.schedule.max_steps == C.TrainConfig().schedule.max_steps  # 8 x 2
+    assert default_config("/models/v1-5.safetensors").dataset.resolution == 512  # a hub id or a missing file
 
 
 def test_start_refuses_an_invalid_form_naming_the_field(settings):
-    with pytest.raises(T.AppError, match="dataset.path is empty"):
+    with pytest.raises(AppError, match="dataset.path is empty"):
         tab.start(settings, form_values(C.TrainConfig()))
 
 
 def test_start_is_refused_while_images_are_generated(settings, tmp_path):
-    from app import generation as G
-    cfg = T.default_config(settings)
-    cfg.dataset.path = str(tmp_path)
-    assert G.hold_device()
+    from app import device
+    cfg = tab.initial_config(settings)
+    cfg.dataset.path = str(make_images(tmp_path / "data"))
+    assert device.hold_device()
     try:
-        with pytest.raises(T.AppError, match="Images are being generated"):
-            T.start_run(settings, cfg)
+        with pytest.raises(AppError, match="Images are being generated"):
+            tab.start(settings, F.config_to_values(cfg))
     finally:
-        G.free_device()
+        device.free_device()
     assert not list(settings.runs_dir.glob("*"))  # nothing was started
 
 
-def test_run_view_reads_progress_samples_and_oom_advice_from_the_folder(settings):
-    from trainer.events import EventLog, Failed, Progress, SampleWritten, Started
+def fake_run(settings):
+    """A run folder whose events are written by the test (its process id is one that does not exist)."""
+    from trainer.events import EventLog, Started
     run_dir = settings.runs_dir / "demo-20260101-000000"
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(C.dumps(C.TrainConfig()))
     log = EventLog(run_dir / "events.jsonl")
     log(Started(str(run_dir), total_steps=10, pid=999_999_999))
+    return run_dir, log
+
+
+def test_run_view_reads_progress_samples_and_oom_advice_from_the_folder(settings):
+    from trainer import run_info
+    from trainer.events import Failed, Progress, SampleWritten, Started
+    run_dir, log = fake_run(settings)
     for step in (1, 2):
         log(Progress(step, 10, loss=1.0 / step, lr=1e-4, it_per_s=2.0, eta_s=4.0))
     log(SampleWritten(2, [str(run_dir / "s.png")], ["a prompt"]))
-    view = T.run_view(run_dir)
+    view = V.run_view(run_dir)
     assert (view.step, view.total_steps, view.losses) == (2, 10, [(1, 1.0), (2, 0.5)])
-    assert view.samples == [(str(run_dir / "s.png"), "step 2: a prompt")] and view.fraction == 0.2
+    assert [(s.step, s.paths, s.prompts) for s in view.samples] == [(2, [str(run_dir / "s.png")], ["a prompt"])]
+    assert view.fraction == 0.2
     log(Failed(2, error="CUDA out of memory. Tried to allocate 2 GiB"))
     live = tab.live(settings, None)
     assert live["state"] == "failed" and "out of memory" in live["failure"]
     assert "gradient_checkpointing" in live["failure"] and "batch_size" in live["failure"]
     assert 'aria-valuenow="20"' in live["progress"]
-    assert T.runs_table(settings)[0][:3] == ["demo-20260101-000000", "failed", "2/10"]
-    info = T.run_info(run_dir)
-    assert T.run_info(run_dir) is info  # a finished run's folder is not re-read every second
+    assert tab.runs_rows(settings)[0][:3] == ["demo-20260101-000000", "failed", "2/10"]
+    info = run_info(run_dir)
+    assert run_info(run_dir) is info  # a finished run's folder is not re-read every second
     log(Started(str(run_dir), total_steps=10, start_step=2, pid=999_999_999))  # a resume changes the file
-    assert T.run_info(run_dir) is not info
+    assert run_info(run_dir) is not info
     from app.generation import export_run_adapter
-    with pytest.raises(T.AppError, match="has no adapter yet"):
+    with pytest.raises(Exception, match="has no adapter yet"):
         export_run_adapter(run_dir, settings.adapters_dir)
 
 
+def test_the_live_view_sends_only_what_changed(settings):
+    from trainer.events import Progress
+    _, log = fake_run(settings)
+    log(Progress(1, 10, loss=1.0, lr=1e-4, it_per_s=2.0, eta_s=4.0))
+
+    def skipped(value) -> bool:
+        return isinstance(value, dict) and value == {"__type__": "update"}
+
+    first, sent = tab.changed(tab.live(settings, None), {})
+    assert not any(map(skipped, first)), "a first tick sends everything"
+    again, sent = tab.changed(tab.live(settings, None), sent)
+    assert all(map(skipped, again)), "an unchanged run sends nothing"
+    log(Progress(2, 10, loss=0.5, lr=1e-4, it_per_s=2.0, eta_s=4.0))
+    third, _ = tab.changed(tab.live(settings, None), sent)
+    kinds = dict(zip(tab.VIEW_KEYS, third))
+    assert skipped(kinds["samples"]) and not skipped(kinds["losses"])
+    assert list(kinds["losses"]["curve"].unique()) == ["raw", "smoothed"]
+
+
 def test_event_tail_reads_only_complete_new_lines(tmp_path):
+    from trainer.events import EventTail
     path = tmp_path / "events.jsonl"
-    tail = T.EventTail(path)
+    tail = EventTail(path)
     assert tail.read() == []
     path.write_text('{"type": "message", "level": "info", "text": "a"}\n{"type": "mess')
     assert [e.text for e in tail.read()] == ["a"]
@@ -127,14 +184,17 @@ def test_event_tail_reads_only_complete_new_lines(tmp_path):
     assert [e.text for e in tail.read()] == ["a", "b"]
 
 
-def test_the_loss_plot_is_thinned_but_keeps_the_latest_step():
-    frame = tab.loss_frame([(s, 1.0 / s) for s in range(1, 5002)])
-    assert len(frame) <= tab.MAX_PLOT_POINTS + 1 and frame["step"].iloc[-1] == 5001 and frame["step"].iloc[0] == 1
-    assert list(tab.loss_frame([(1, 0.5), (2, 0.25)])["loss"]) == [0.5, 0.25]
+def test_the_loss_plot_is_thinned_but_keeps_the_latest_step_and_a_smoothed_curve():
+    frame = V.loss_frame([(s, 1.0 / s) for s in range(1, 5002)])
+    raw = frame[frame["curve"] == "raw"]
+    assert len(raw) <= V.MAX_PLOT_POINTS + 1 and raw["step"].iloc[-1] == 5001 and raw["step"].iloc[0] == 1
+    frame = V.loss_frame([(1, 0.5), (2, 0.25)])
+    assert list(frame[frame["curve"] == "raw"]["loss"]) == [0.5, 0.25]
+    assert list(frame[frame["curve"] == "smoothed"]["loss"])[0] == 0.5  # debiased: the first point is itself
 
 
 def test_format_eta():
-    assert [T.format_eta(s) for s in (0, 5, 65, 3700)] == ["-", "5s", "1m 05s", "1h 01m"]
+    assert [V.format_eta(s) for s in (0, 5, 65, 3700)] == ["-", "5s", "1m 05s", "1h 01m"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,43 +214,48 @@ def wait_for(predicate, timeout=180.0, what="condition"):
 def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tmp_path, tiny_model_dir,
                                                                               image_dir):
     import torch
+    from safetensors import safe_open
+    from trainer import Started, active_run, read_events
     from trainer.formats import load_adapter
     from app import generation as G
     s = AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", base_model=str(tiny_model_dir))
-    cfg = T.default_config(s)
-    values = form_values(cfg, dataset__path=str(image_dir), dataset__resolution=32, schedule__max_steps=200,
-                         network__rank=2, network__alpha=2.0, run__name="app-test", dataset__cache_latents="off")
+    values = form_values(tab.initial_config(s), dataset__path=str(image_dir), dataset__resolution=32,
+                         schedule__max_steps=200, network__rank=2, network__alpha=2.0, run__name="app-test",
+                         dataset__cache_latents="off")
     run_dir, text = tab.start(s, values)
     assert text == f"Started **{run_dir.name}**." and run_dir.parent == s.runs_dir
-    wait_for(lambda: T.run_view(run_dir).step >= 1, what="the first step")
-    assert T.active_run(s) == run_dir
-    with pytest.raises(T.AppError, match="still training"):
+    wait_for(lambda: V.run_view(run_dir).step >= 1, what="the first step")
+    assert active_run(s.runs_dir).run_dir == run_dir
+    with pytest.raises(Exception, match="still training"):
         tab.start(s, values)
-    with pytest.raises(T.AppError, match="Generation waits"):
+    with pytest.raises(AppError, match="Generation waits"):
         G.generate(s, "", [], "a red square")
     live = tab.live(s, None)  # a second browser tab with no state of its own follows the active run
-    assert live["run_dir"] == run_dir and live["state"] == "running" and live["losses"]
-    T.send(run_dir, "stop")
-    view = wait_for(lambda: (v := T.run_view(run_dir)).state != "running" and v, what="the stop")
+    assert live["run"] == run_dir.name and live["state"] == "running" and live["losses"]
+    tab.command(s, run_dir.name, "stop")
+    view = wait_for(lambda: (v := V.run_view(run_dir)).state != "running" and v, what="the stop")
     assert view.state == "stopped" and view.step < 200
-    assert load_adapter(view.adapter_path).layers
+    with safe_open(view.adapter_path, "pt") as f:  # a stopped run records the steps it trained, not the plan
+        meta = f.metadata()
+    assert (meta["ss_steps"], meta["ss_max_train_steps"]) == (str(view.step), "200")
+    labels = [label for label, _ in G.adapter_choices(s)]
+    assert f"{run_dir.name} (stopped at step {view.step})" in labels and not any("(final)" in x for x in labels)
     exported = G.export_run_adapter(run_dir, tmp_path / "exports")  # the Download button: kohya, fp16
     assert exported.name == "app-test-kohya-fp16.safetensors"
-    from safetensors import safe_open
     with safe_open(str(exported), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
         assert any(k.endswith(".lora_down.weight") for k in f.keys())
     assert load_adapter(exported).layers.keys() == load_adapter(view.adapter_path).layers.keys()
     stopped_at = view.step
-    T.resume_run(s, run_dir)
-    wait_for(lambda: T.run_view(run_dir).step > stopped_at, what="the resumed run's next step")
-    T.send(run_dir, "stop")
-    wait_for(lambda: T.run_view(run_dir).state == "stopped", what="the second stop")
-    assert T.active_run(s) is None
-    from trainer.events import Started
-    starts = [e for e in T.run_events(run_dir) if isinstance(e, Started)]
+    assert tab.resume(s, run_dir.name) == run_dir
+    wait_for(lambda: V.run_view(run_dir).step > stopped_at, what="the resumed run's next step")
+    assert tab.initial_config(s).run.name == "app-test", "a refreshed page shows the running run's config"
+    tab.command(s, None, "stop")  # with nothing followed, Stop reaches the active run
+    wait_for(lambda: V.run_view(run_dir).state == "stopped", what="the second stop")
+    assert active_run(s.runs_dir) is None
+    starts = [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, Started)]
     assert [e.start_step for e in starts] == [0, stopped_at]  # resumed from the stop, not from scratch
-    log = T.read_log(run_dir)
+    log = V.read_log(run_dir)
     assert (run_dir / "train.log").stat().st_size > 0 and log == (run_dir / "train.log").read_text()[-20_000:]
 
 

@@ -1,7 +1,8 @@
 """The whole loop in a real browser: Playwright drives Debian's Chromium (headless) through the app.
 
-Upload 4 images, caption one, train a few steps on a tiny base model, watch the progress reach the end, generate at
-adapter weights 0 and 1 (different images), download the adapter and load it.
+Upload images (one broken), caption one, set the trigger, train a few steps with samples on a tiny base model,
+watch the progress and the sample history, upload a bad adapter and then a good one (every widget still usable),
+generate at adapter weights 0 and 1, export a blend with the fields as the page shows them, download the adapter.
 """
 import os
 import re
@@ -13,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from browser import pick, set_number
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from browser import CHROMIUM, CHROMIUM_ARGS, options, pick, set_number  # noqa: E402
 
 pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 def browser_or_skip():
@@ -83,6 +83,97 @@ def gallery_image_bytes(page, elem_id: str, previous: str | None = None, timeout
     return src, page.request.get(src).body()
 
 
+def no_error_pills(page) -> None:
+    """A failed action must not turn widgets into Gradio's red 'Error' status pills."""
+    assert page.locator(".error").filter(has_text=re.compile(r"^\s*Error\s*$")).count() == 0
+
+
+def dataset_steps(page, workdir: Path, images: list[Path]) -> None:
+    page.locator("#new-dataset textarea, #new-dataset input").first.fill("e2e")
+    page.locator("#create-dataset").click()
+    page.wait_for_function("document.querySelector('#dataset-picker input').value === 'e2e'")
+    broken = workdir / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images] + [str(broken)])
+    page.get_by_text(re.compile(r"Added 4 image\(s\).*skipped 1: broken\.png")).wait_for()
+    page.locator("#dataset-gallery .thumbnail-item").nth(3).wait_for()
+    assert page.locator("#dataset-gallery .thumbnail-item").count() == 4, "the broken upload is not a blank tile"
+    page.get_by_text("0 captioned, 4 without caption").wait_for()
+    page.locator("#dataset-gallery .thumbnail-item").first.click()
+    page.locator("#caption-preview img").wait_for()
+    page.locator("#caption-box textarea").fill("a red square")
+    page.locator("#save-caption").click()
+    page.get_by_text("Saved the caption of img0.png.").wait_for()
+    page.get_by_text("1 captioned, 3 without caption").wait_for()  # the summary follows the edit
+    page.locator("#dataset-trigger textarea, #dataset-trigger input").first.fill("zqx")
+    page.locator("#save-trigger").click()
+    page.get_by_text("The trigger of e2e is zqx").wait_for()
+    dataset = workdir / "datasets" / "e2e"
+    assert (dataset / "img0.txt").read_text().strip() == "a red square"
+    assert sorted(p.name for p in dataset.glob("*.png")) == [f"img{i}.png" for i in range(4)]
+
+
+def train_steps(page, workdir: Path) -> Path:
+    page.get_by_role("tab", name="2. Train").click()
+    pick(page, "train-dataset", "e2e")
+    page.wait_for_function("document.querySelector('#field-dataset-path textarea, #field-dataset-path input')"
+                           ".value.endsWith('e2e')")
+    page.locator("#train-trigger").get_by_text("zqx").wait_for()
+    set_number(page, "field-network-rank", 0)  # a bad value is shown next to its field before anything starts
+    page.locator("#error-network-rank").get_by_text("network.rank is 0; it must be at least 1").wait_for()
+    for elem_id, value in [("field-dataset-resolution", 32), ("field-schedule-max_steps", 6),
+                           ("field-network-rank", 4), ("field-network-alpha", 4), ("field-optimizer-unet_lr", 0.01),
+                           ("field-sampling-every_n_steps", 3)]:
+        set_number(page, elem_id, value)
+    page.locator("#field-sampling-prompts textarea").fill("zqx, a red square\na blue square")
+    page.locator("#field-sampling-prompts textarea").press("Tab")
+    page.get_by_text("Ready to start.").wait_for()
+    assert not page.locator("#error-network-rank").is_visible()
+    page.locator("#start-btn").click()
+    page.locator('#train-progress [aria-valuenow="100"]').wait_for(timeout=120_000)
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
+                           timeout=30_000)
+    page.wait_for_function("document.querySelector('#sample-prompts').innerText.includes('a blue square')")
+    _, grid = gallery_image_bytes(page, "train-samples")  # the sample history: a row per step, labelled
+    from io import BytesIO
+    from PIL import Image
+    rows = Image.open(BytesIO(grid)).size[1] // 160
+    assert rows == 2, f"samples at steps 3 and 6 are two rows of the history, got {rows}"
+    return next((workdir / "runs").iterdir())
+
+
+def generate_steps(page, workdir: Path, run_dir: Path) -> None:
+    page.get_by_role("tab", name="3. Generate").click()
+    junk = workdir / "upload" / "junk.safetensors"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not an adapter")
+    page.locator("#adapter-upload input[type=file]").set_input_files(str(junk))
+    page.locator("#gen-status").get_by_text("junk.safetensors could not be read as a LoRA adapter").wait_for()
+    assert str(workdir) not in page.locator("#gen-status").inner_text(), "no server paths in messages"
+    no_error_pills(page)
+    good = workdir / "upload" / "mine.safetensors"
+    good.write_bytes((run_dir / "lora.safetensors").read_bytes())
+    page.locator("#adapter-upload input[type=file]").set_input_files(str(good))
+    page.locator("#gen-status").get_by_text("Added mine.safetensors").wait_for()
+    no_error_pills(page)
+    assert any("uploaded: mine.safetensors" in o for o in options(page, "slot-1-adapter")), "slots still usable"
+    pick(page, "slot-0-adapter", "(final)")
+    page.locator("#gen-prompt textarea").fill("zqx, a red square")
+    for elem_id, value in [("gen-steps", 2), ("gen-width", 64), ("gen-height", 64), ("slot-0-weight", 0)]:
+        set_number(page, elem_id, value)
+    page.locator("#gen-btn").click()
+    src0, at_zero = gallery_image_bytes(page, "gen-gallery")
+    set_number(page, "slot-0-weight", 1)
+    page.locator("#gen-btn").click()
+    _, at_one = gallery_image_bytes(page, "gen-gallery", previous=src0)
+    assert at_zero[:8] == b"\x89PNG\r\n\x1a\n" and at_zero != at_one
+    page.get_by_text("Export the blend").click()
+    page.locator("#blend-btn").click()  # the rank field as a fresh page shows it
+    page.locator("#gen-status").get_by_text(re.compile(r"Wrote blend-.*\.safetensors")).wait_for(timeout=60_000)
+    assert list((workdir / "adapters").glob("blend-*.safetensors"))
+    assert any(o.startswith("blend: ") for o in options(page, "slot-2-adapter")), "the blend is in the lists"
+
+
 def test_upload_caption_train_generate_download(app_server, image_dir):
     sync_playwright = browser_or_skip()
     url, workdir, startup_s = app_server
@@ -94,57 +185,11 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         page.set_default_timeout(30_000)
         page.goto(url)
+        dataset_steps(page, workdir, images)
+        run_dir = train_steps(page, workdir)
+        generate_steps(page, workdir, run_dir)
 
-        # 1. Dataset: create, upload through the file input, caption one image
-        page.locator("#new-dataset textarea, #new-dataset input").first.fill("e2e")
-        page.locator("#create-dataset").click()
-        page.wait_for_function("document.querySelector('#dataset-picker input').value === 'e2e'")
-        page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
-        page.locator("#dataset-gallery .thumbnail-item").nth(3).wait_for()
-        assert page.locator("#dataset-gallery .thumbnail-item").count() == 4
-        page.locator("#dataset-gallery .thumbnail-item").first.click()
-        page.locator("#caption-preview img").wait_for()
-        page.locator("#caption-box textarea").fill("zqx, a red square")
-        page.locator("#save-caption").click()
-        page.get_by_text("Saved the caption of img0.png.").wait_for()
-        dataset = workdir / "datasets" / "e2e"
-        assert (dataset / "img0.txt").read_text().strip() == "zqx, a red square"
-        assert len(list(dataset.glob("*.png"))) == 4
-
-        # 2. Train: pick the dataset, a short run at a tiny resolution, wait for the end
-        page.get_by_role("tab", name="2. Train").click()
-        pick(page, "train-dataset", "e2e")
-        page.wait_for_function("document.querySelector('#field-dataset-path textarea, #field-dataset-path input')"
-                               ".value.endsWith('e2e')")
-        set_number(page, "field-network-rank", 0)  # a bad value is shown next to its field before anything starts
-        page.locator("#error-network-rank").get_by_text("network.rank is 0; it must be at least 1").wait_for()
-        for elem_id, value in [("field-dataset-resolution", 32), ("field-schedule-max_steps", 3),
-                               ("field-network-rank", 4), ("field-network-alpha", 4),
-                               ("field-optimizer-unet_lr", 0.01)]:
-            set_number(page, elem_id, value)
-        page.get_by_text("Ready to start.").wait_for()
-        assert not page.locator("#error-network-rank").is_visible()
-        page.locator("#start-btn").click()
-        page.locator('#train-progress [aria-valuenow="100"]').wait_for(timeout=120_000)
-        page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
-                               timeout=30_000)
-        run_dir = next((workdir / "runs").iterdir())
-
-        # 3. Generate at weights 0 and 1 with the new adapter
-        page.get_by_role("tab", name="3. Generate").click()
-        pick(page, "slot-0-adapter", "(final)")
-        page.locator("#gen-prompt textarea").fill("zqx, a red square")
-        for elem_id, value in [("gen-steps", 2), ("gen-width", 64), ("gen-height", 64), ("slot-0-weight", 0)]:
-            set_number(page, elem_id, value)
-        page.locator("#gen-btn").click()
-        src0, at_zero = gallery_image_bytes(page, "gen-gallery")
-        set_number(page, "slot-0-weight", 1)
-        page.locator("#gen-btn").click()
-        _, at_one = gallery_image_bytes(page, "gen-gallery", previous=src0)
-        assert at_zero[:8] == b"\x89PNG\r\n\x1a\n" and at_zero != at_one
-
-        # 4. Download the adapter (kohya, fp16) and load it
-        page.get_by_role("tab", name="2. Train").click()
+        page.get_by_role("tab", name="2. Train").click()  # download the adapter (kohya, fp16) and load it
         pick(page, "run-picker", run_dir.name)
         page.locator("#export-btn").click()
         link = page.locator("#run-download a").first
@@ -155,6 +200,9 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
         info.value.save_as(saved)
         browser.close()
 
-    from trainer.formats import load_adapter
+    from trainer import load_adapter
     adapter = load_adapter(saved)
     assert adapter.layers and all(layer.rank == 4 for layer in adapter.layers.values())
+    log = (workdir / "server.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "loradesk: junk.safetensors could not be read" in log, "a user error is one line in the terminal"

@@ -9,7 +9,7 @@ import pytest
 from trainer import config as C
 from trainer.__main__ import main, resolve_config
 from trainer.formats import load_adapter
-from trainer.job import JobError, active_job, start_job
+from trainer import JobError, active_run, resume_run, start_run
 
 BASE_SETS = ["dataset.resolution=32", "dataset.batch_size=2", "network.rank=4", "schedule.max_steps=3",
              "run.name=cli", "saving.dtype=fp32"]
@@ -100,21 +100,21 @@ def wait_for(predicate, timeout=120.0):
 def test_job_runs_in_a_child_process_stops_and_resumes(tiny_model_dir, image_dir, tmp_path):
     cfg = C.apply_overrides(C.TrainConfig(), sets(tiny_model_dir, image_dir, tmp_path / "runs")[1::2])
     C.set_value(cfg, "schedule.max_steps", 400)
-    job = start_job(cfg)
+    job = start_run(cfg)
     assert job.process.pid != 0
     assert wait_for(lambda: job.info().step >= 1), (job.run_dir / "train.log").read_text()
-    assert active_job(tmp_path / "runs").run_dir == job.run_dir
+    assert active_run(tmp_path / "runs").run_dir == job.run_dir
     with pytest.raises(JobError, match="still training"):
-        start_job(cfg)
+        start_run(cfg)
     job.stop()
     assert job.wait(60) == 0
     info = job.info()
     assert info.state == "stopped" and info.step < 400 and info.adapter_path.exists()
-    assert active_job(tmp_path / "runs") is None
+    assert active_run(tmp_path / "runs") is None
     C.set_value(cfg, "schedule.max_steps", info.step + 2)
-    from trainer.runs import write_text_atomic
+    from trainer import write_text_atomic
     write_text_atomic(job.run_dir / "config.toml", C.dumps(cfg))  # train two more steps on resume
-    resumed = start_job(cfg, resume=job.run_dir)
+    resumed = resume_run(job.run_dir)
     assert resumed.wait(60) == 0, (job.run_dir / "train.log").read_text()
     assert resumed.info().state == "finished" and resumed.info().step == info.step + 2
     assert Path(resumed.info().adapter_path).exists()
@@ -125,7 +125,7 @@ def test_a_child_that_fails_before_training_reports_why(tmp_path):
     data.mkdir()
     (data / "a.png").write_bytes(b"")
     cfg = C.apply_overrides(C.TrainConfig(), [f"dataset.path={data}", f"saving.runs_dir={tmp_path / 'runs'}"])
-    job = start_job(cfg)
+    job = start_run(cfg)
     assert job.wait(60) == 2
     info = job.info()
     assert info.state == "failed" and "a.png" in info.error

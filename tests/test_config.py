@@ -150,7 +150,10 @@ def test_config_module_is_stdlib_only():
     import ast
     tree = ast.parse((ROOT / "trainer" / "config.py").read_text())
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    own = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
     assert imported <= {"__future__", "dataclasses", "math", "tomllib", "pathlib", "typing", "re", "difflib",
                         "json"}, imported
+    assert own <= {"errors"}, own  # trainer/errors.py is stdlib only too
     assert dataclasses.is_dataclass(C.TrainConfig)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tiny import tiny_components
 from trainer.config import TrainConfig
 from trainer.formats import (AdapterFormatError, adapter_from_model, align_to_model, build_metadata,
-                             check_against_model, detect_format, export_file, kohya_name, load_adapter,
+                             check_against_model, detect_format, export_adapter, kohya_name, load_adapter,
                              module_index, save_adapter, split_kohya_name)
 from trainer.formats.names import normalise_path
 from trainer.lora_state import Adapter, LoraLayer
@@ -189,11 +189,11 @@ def test_peft_files_as_save_pretrained_writes_them(tmp_path):
     assert_same_deltas(loaded, adapter_from_model(None, {"lora_te": parts["text_encoder"]}))
 
 
-def test_export_file_converts_between_layouts(tmp_path):
+def test_export_adapter_converts_between_layouts(tmp_path):
     adapter = random_adapter()
     kohya = save_adapter(adapter, tmp_path / "a.safetensors", dtype="fp32", metadata={"ss_seed": "7"})
-    diffusers = export_file(kohya, tmp_path / "b.safetensors", format="diffusers", dtype="fp32")
-    back = export_file(diffusers, tmp_path / "c.safetensors", format="kohya", dtype="fp32")
+    diffusers = export_adapter(kohya, tmp_path / "b.safetensors", format="diffusers", dtype="fp32")
+    back = export_adapter(diffusers, tmp_path / "c.safetensors", format="kohya", dtype="fp32")
     assert_same_deltas(load_adapter(back), adapter)
     assert load_adapter(back).metadata["ss_seed"] == "7"
     # diffusers refuses a kohya file (network alphas) that also carries its peft config ("cannot be specified both")

@@ -1,20 +1,46 @@
-"""Dependencies point one way: launch.py -> app -> trainer. The engine never imports the UI or gradio."""
+"""Dependencies point one way: launch.py -> app -> trainer. The engine never imports the UI or gradio; the app and
+the CLI use only trainer's public API (the names in trainer.__all__); nothing imports in a circle; tools/ imports
+neither tests/ nor the training loop."""
 import ast
 from pathlib import Path
 
+import trainer
+
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("app", "gradio", "launch")
+# the CLI is a consumer of the engine like the app: it may use only the public API too
+CLI_FILES = [ROOT / "trainer" / "__main__.py", ROOT / "trainer" / "adapters" / "cli.py"]
+
+
+def imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, imported names, level) of every import statement, module-level or inside functions."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, [], 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.module or "", [alias.name for alias in node.names], node.level))
+    return out
 
 
 def imported_modules(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    names = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
-    return names
+    return [module for module, _, level in imports(path) if level == 0 and module]
+
+
+def private_api_uses(path: Path, allowed: tuple[str, ...] = ()) -> list[str]:
+    """Every import of trainer that is not `from trainer import <public name>` (or of an `allowed` module)."""
+    bad = []
+    for module, names, level in imports(path):
+        if module in allowed:
+            continue
+        if level and ROOT / "trainer" in path.parents:  # inside trainer/, a relative import is a private one
+            bad.append(f"relative import from {'.' * level}{module} (import from trainer instead)")
+        elif module == "trainer":
+            bad += [f"trainer.{n} is not in trainer.__all__" for n in names if n not in trainer.__all__]
+        elif module.startswith("trainer."):
+            bad.append(f"{module} (import {', '.join(names) or 'it'} from trainer's public API instead)")
+    return bad
 
 
 def test_trainer_imports_neither_app_nor_gradio():
@@ -31,9 +57,102 @@ def test_the_checker_sees_every_import_form(tmp_path):
     assert [n.split(".")[0] for n in imported_modules(sample)] == ["gradio", "app", "app"]
 
 
-def test_app_imports_only_the_public_trainer_modules():
-    """app/ goes through trainer's public modules, never its private helpers (names starting with _)."""
-    bad = [f"{f.relative_to(ROOT)} imports {name}" for f in sorted((ROOT / "app").rglob("*.py"))
-           for name in imported_modules(f) if name.startswith("trainer") and any(
-               part.startswith("_") for part in name.split("."))]
+def test_app_and_cli_use_only_the_public_api():
+    files = sorted((ROOT / "app").rglob("*.py")) + CLI_FILES
+    cli = ("trainer.adapters.cli",)  # the CLI's two files register each other's commands
+    bad = [f"{f.relative_to(ROOT)}: {problem}" for f in files
+           for problem in private_api_uses(f, cli if f in CLI_FILES else ())]
     assert not bad, "\n".join(bad)
+
+
+def test_the_public_api_check_fails_on_private_names(tmp_path):
+    sample = tmp_path / "x.py"
+    sample.write_text("from trainer.loop import _mix\nfrom trainer import load_adapter, _secret\n"
+                      "def f():\n    from trainer import runs\n")
+    assert private_api_uses(sample) == ["trainer.loop (import _mix from trainer's public API instead)",
+                                        "trainer._secret is not in trainer.__all__",
+                                        "trainer.runs is not in trainer.__all__"]
+
+
+def test_every_public_name_resolves():
+    for name in trainer.__all__:
+        assert getattr(trainer, name) is not None, name
+    assert not set(trainer.__all__) & {p.stem for p in (ROOT / "trainer").glob("*.py")}, \
+        "a public name equal to a submodule's would be shadowed by it once the module is imported"
+
+
+def module_graph(package_root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports at module level (what can make a cycle)."""
+    graph = {}
+    for path in package_root.rglob("*.py"):
+        rel = path.relative_to(package_root.parent).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        deps = set()
+        for node in tree.body:  # module level only: imports inside functions run later and cannot deadlock
+            if isinstance(node, ast.ImportFrom):
+                base = name.rsplit(".", node.level)[0] if node.level else ""
+                if path.name == "__init__.py" and node.level:
+                    base = name if node.level == 1 else name.rsplit(".", node.level - 1)[0]
+                target = ".".join(x for x in (base, node.module or "") if x)
+                deps.add(target)
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+        graph[name] = {d for d in deps if d.split(".")[0] == package and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [nxt]
+            if nxt in graph and not state.get(nxt):
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if not state.get(node):
+            found = visit(node, [node])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    for package in ("app", "trainer"):
+        cycle = find_cycle(module_graph(ROOT / package, package))
+        assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"app.a": {"app.b"}, "app.b": {"app.a"}}) == ["app.a", "app.b", "app.a"]
+
+
+def test_tools_import_neither_tests_nor_the_training_loop():
+    def from_tests(name: str) -> bool:  # tests/tiny.py would be imported as `tiny`
+        top = name.split(".")[0]
+        return top == "tests" or ((ROOT / "tests" / f"{top}.py").exists() and not (ROOT / "tools" / f"{top}.py")
+                                  .exists())
+
+    bad = [f"{f.name} imports {name}" for f in sorted((ROOT / "tools").glob("*.py")) for name in imported_modules(f)
+           if from_tests(name) or name == "trainer.loop"]
+    bad += [f"{f.name} puts tests/ on sys.path" for f in sorted((ROOT / "tools").glob("*.py"))
+            if '"tests"' in f.read_text(encoding="utf-8")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_function_in_the_app_is_over_60_lines():
+    long = []
+    for path in sorted((ROOT / "app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "\n".join(long)

@@ -44,9 +44,9 @@ def demo_adapter(tmp_path_factory, monkeypatch_module):
     C.check(cfg)
     started = time.time()
     path = Trainer(cfg, runs.create_run_dir(cfg)).run()
-    seconds = time.time() - started
-    print(f"tiny-demo training took {seconds:.1f} s")
-    assert seconds < 240, "the demo trains in under two minutes here (95 s through the CLI); 240 s is slack"
+    # printed, never asserted: other work shares these cores (a busy host once took 586 s); the time is measured
+    # side by side in bench/ and quoted in the closing notes
+    print(f"tiny-demo training took {time.time() - started:.1f} s")
     return path
 
 

@@ -183,7 +183,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_model_dir, image_dir, tmp_path):
 def test_high_noise_weights_are_the_v_loss_weighting_capped():
     from diffusers import DDPMScheduler
 
-    from trainer.loop import high_noise_weights, min_snr_weights
+    from trainer.losses import high_noise_weights, min_snr_weights
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 300, 600, 999])
     alpha_bar = sched.alphas_cumprod[t]
@@ -198,7 +198,7 @@ def test_high_noise_weights_are_the_v_loss_weighting_capped():
 def test_per_image_loss_weights_scale_each_image_alone():
     from diffusers import DDPMScheduler
 
-    from trainer.loop import diffusion_loss, loss_weights
+    from trainer.losses import diffusion_loss, loss_weights
     base = SimpleNamespace(noise_scheduler=DDPMScheduler(), predict=lambda noisy, t, hidden: 0.5 * noisy)
     cfg, latents = C.TrainConfig(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -235,10 +235,11 @@ def test_regularization_folder_trains_beside_the_dataset(tiny_model_dir, image_d
 def test_fp16_and_8bit_need_cuda(tiny_model_dir, image_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    from trainer import check_config
     for override in ({"precision.mixed": "fp16"}, {"optimizer.name": "adamw8bit"}):
         cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **override)
         with pytest.raises(C.ConfigError, match="CUDA"):
-            train(cfg)
+            check_config(cfg)  # what the CLI and start_run call before a run folder exists
 
 
 def test_adafactor_and_epochs(tiny_model_dir, image_dir, tmp_path):

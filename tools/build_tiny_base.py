@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer import tinyworld as tw  # noqa: E402
-from trainer.loop import high_noise_weights, min_snr_weights  # noqa: E402
+from trainer.losses import high_noise_weights, min_snr_weights  # noqa: E402
 
 DEFAULT_OUT = ROOT / "trainer" / "assets" / "tiny-sd"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer import set_dataset_trigger  # noqa: E402
 from trainer import tinyworld as tw  # noqa: E402
 
 
@@ -58,6 +59,7 @@ def make(out: Path, n: int = 12, seed: int = 7) -> list[Path]:
         tw.render_demo(bg, shape, size, x, y).save(p)
         p.with_suffix(".txt").write_text(tw.demo_caption(shape, bg) + "\n", encoding="utf-8")
         paths.append(p)
+    set_dataset_trigger(out, tw.DEMO_TRIGGER)  # the dataset's own trigger, as the app's Dataset tab saves it
     return paths
 
 

@@ -2,8 +2,9 @@
 
     python tools/screenshots.py [--out docs/screenshots] [--steps 60]
 
-Copies examples/demo-concept into a scratch workspace, trains a short run on the tiny built-in model (or a tiny
-model from configs when the built-in one is absent), starts launch.py and drives Debian's Chromium headless.
+Copies examples/demo-concept into a scratch workspace, trains a run of the tiny-demo preset on the tiny built-in
+model through the engine's public API, starts launch.py there and drives Debian's Chromium headless. The app runs in
+the workspace with relative folders, so the pictures show no path of this machine.
 """
 from __future__ import annotations
 
@@ -20,54 +21,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny.py and the Playwright helpers in browser.py
 
-from browser import pick, set_number  # noqa: E402
+from browser import CHROMIUM, CHROMIUM_ARGS, pick, set_number  # noqa: E402  (tools/browser.py)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 PROMPT = "a zqx circle on a blue background"
 
 
-def base_model(work: Path, given: str | None) -> str:
-    from trainer.assets import TINY_SD_PATH, tiny_model_available
-    if given:
-        return given
-    if tiny_model_available():
-        return str(TINY_SD_PATH)
-    print("the tiny built-in model is absent; using a random tiny model from configs (samples will be noise)")
-    from tiny import save_tiny_model
-    return str(save_tiny_model(work / "tiny-model"))
-
-
 def train(work: Path, model: str, steps: int | None) -> Path:
-    """A short run of the tiny-demo preset, through the app's own start_run, waited for to the end."""
-    from app import training as T
-    from app.settings import AppSettings
-    s = AppSettings(data_dir=work / "datasets", runs_dir=work / "runs", adapters_dir=work / "adapters",
-                    base_model=model)
-    cfg = T.load_preset(s, "tiny-demo", str(work / "datasets" / "demo-concept"))
+    """A run of the tiny-demo preset on the demo dataset copied into the workspace, waited for to the end."""
+    import trainer as T
+    mine = T.default_config(model, str(work / "runs"))
+    mine.dataset.path = str(work / "datasets" / "demo-concept")
+    mine.sampling.prompts = T.load_preset("tiny-demo").sampling.prompts  # the demo's own, for its own dataset
+    cfg, _ = T.apply_preset(mine, "tiny-demo")
     cfg.run.name = "zqx-pink"
     if steps:  # a shorter run than the preset's, for a quick look at the layout
         cfg.schedule.max_steps, cfg.sampling.every_n_steps = steps, max(1, steps // 2)
         cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, steps // 2)
-    run_dir = T.start_run(s, cfg)
-    while T.active_run(s) is not None:
-        time.sleep(1)
-    view = T.run_view(run_dir)
-    if view.state != "finished":
-        sys.exit(f"the run {view.state}: {view.error}\n{T.read_log(run_dir)}")
-    from trainer.formats import load_adapter
-    load_adapter(view.adapter_path)  # the Generate tab will need it: fail here, plainly, if it does not read
-    return run_dir
+    job = T.start_run(cfg)
+    job.wait()
+    info = T.run_info(job.run_dir)
+    if info.state != "finished":
+        sys.exit(f"the run {info.state}: {info.error}\n{(job.run_dir / 'train.log').read_text()[-3000:]}")
+    T.load_adapter(info.adapter_path)  # the Generate tab will need it: fail here, plainly, if it does not read
+    return job.run_dir
 
 
 def serve(work: Path, model: str) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     log = open(work / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", "7870",
-                             "--base-model", model], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    flags = ["--base-model", model] if model else []  # empty: the built-in model, shown as an empty box
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--no-browser", "--port", "7870", *flags],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(300):
         match = re.search(r"Running on local URL:\s+(\S+)", (work / "server.log").read_text())
         if match:
@@ -134,13 +119,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps of the run shown (default: the tiny-demo preset's, so it learns the concept)")
-    ap.add_argument("--base-model", help="base model folder (default: the tiny built-in model)")
+    ap.add_argument("--base-model", default="", help="base model folder (default: the tiny built-in model)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="loradesk-shots-") as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "examples" / "demo-concept", work / "datasets" / "demo-concept")
-        model = base_model(work, args.base_model)
+        model = args.base_model
         run_dir = train(work, model, args.steps)
         proc, url = serve(work, model)
         try:

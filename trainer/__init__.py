@@ -1,14 +1,89 @@
 """loradesk's engine: train, blend and export LoRA adapters for Stable Diffusion. Knows nothing of any UI.
 
-The public API (imported lazily, so `import trainer` stays cheap for the UI and the CLI):
-  config      TrainConfig, fields(), load(), validate(), dumps()       (stdlib only)
-  events      typed events, read_events(), send_command()
-  job         start_job(), Job, active_job()                           (training in a child process)
-  runs        list_runs(), run_info(), RunInfo
-  loop        Trainer                                                  (training in this process)
-  models      load_base_model(), BaseModel
-  data        scan_dataset(), BatchPlan, bucket_stats(), load_image()
-  formats     load_adapter(), save_adapter(), export_file()
-  adapters    Generator, FusedBlender, merge, resize, bake, analyze
+This module is the public API: the app (`app/`) and the CLI (`python -m trainer`) use only the names below.
+They are imported on first use, so `import trainer` stays cheap (the app builds its page without torch).
+
+Errors
+  UserError                 base of every error a user can fix (one line: it names the file or field and the fix)
+Config (stdlib only)
+  TrainConfig, FieldInfo, ConfigError, SECTIONS, fields(), field_info(), get_value(), set_value(),
+  apply_overrides(), load_config(path, overrides), dumps(cfg)
+  config_problems(cfg), check_config(cfg)  the complete check: the config and what this machine can do for it
+  default_config(model_path, runs_dir)     defaults that follow the base model (its native size)
+  list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name) -> (cfg, notes)
+Base models
+  load_base_model(path) -> BaseModel, ModelLoadError, resolve_model_path(), native_resolution(path),
+  training_defaults(path)
+Datasets
+  scan_dataset(ds) -> DatasetScan (items, skipped, warnings, trigger), DatasetError, ImageLoadError, probe_image(),
+  IMAGE_EXTENSIONS, CAPTION_EXTENSIONS, DATASET_FILE, is_image_file(), is_ignored(), read_caption(),
+  decode_caption(), write_caption(), with_trigger(), dataset_trigger(), set_dataset_trigger(), BatchPlan,
+  bucket_stats()
+Runs
+  start_run(cfg) -> Job (in a child process), resume_run(run_dir); in this process: create_run_dir(cfg),
+  check_resumable(run_dir, overrides), run_here(run_dir, resume, callbacks); send_command(run_dir, "stop"|"save"|"sample"), active_run(runs_dir),
+  list_runs(runs_dir), run_info(run_dir) -> RunInfo, load_run_config(), checkpoint_dirs(), tail_events(path),
+  read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
+  Failed), smoothed(values), JobError, oom_advice()
+Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
+  adapter_file(source), load_adapter(source) -> Adapter, LoraLayer, save_adapter(), export_adapter(),
+  AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
+  Generator, image_grid()
+Files
+  atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
 """
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "UserError": "errors",
+    # config
+    **dict.fromkeys(["TrainConfig", "FieldInfo", "ConfigError", "SECTIONS", "fields", "field_info", "get_value",
+                     "set_value", "apply_overrides", "dumps"], "config"),
+    "load_config": "config:load",
+    **dict.fromkeys(["config_problems", "check_config"], "preflight"),
+    **dict.fromkeys(["default_config", "list_presets", "preset_note", "load_preset", "apply_preset"], "presets"),
+    # base models
+    **dict.fromkeys(["load_base_model", "BaseModel", "ModelLoadError", "resolve_model_path", "native_resolution",
+                     "training_defaults"], "models"),
+    # datasets
+    **dict.fromkeys(["scan_dataset", "DatasetScan", "DatasetError", "ImageLoadError", "probe_image",
+                     "IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS", "DATASET_FILE", "read_caption", "decode_caption",
+                     "write_caption", "with_trigger", "dataset_trigger", "set_dataset_trigger", "is_image_file",
+                     "is_ignored", "BatchPlan", "bucket_stats"], "data"),
+    # runs
+    **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job"],
+                    "job"),
+    **dict.fromkeys(["create_run_dir", "list_runs", "run_info", "RunInfo", "load_run_config", "checkpoint_dirs",
+                     "adapter_file", "smoothed"], "runs"),
+    **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
+                     "CheckpointWritten", "Message", "Finished", "Failed"], "events"),
+    "oom_advice": "advice",
+    # adapters
+    **dict.fromkeys(["load_adapter", "save_adapter", "export_adapter", "AdapterFormatError"], "formats"),
+    **dict.fromkeys(["Adapter", "LoraLayer"], "lora_state"),
+    # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
+    **dict.fromkeys(["merge_exact", "merge_svd"], "adapters.merge"),
+    **dict.fromkeys(["bake", "is_foreign_folder"], "adapters.bake"),
+    "analyze": "adapters.analyze",
+    "Generator": "adapters.generate",
+    "resize_adapter": "adapters.resize:resize",
+    "image_grid": "adapters.grid",
+    # files
+    **dict.fromkeys(["atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"], "atomic"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    import importlib
+    module, _, attr = _EXPORTS[name].partition(":")
+    return getattr(importlib.import_module(f".{module}", __name__), attr or name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .errors import UserError
+
 SCHEMA_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; `problems` lists every reason in plain words."""
 
     def __init__(self, problems: list[str], source: str | None = None):

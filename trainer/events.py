@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,18 +100,85 @@ def event_from_dict(data: dict) -> Event:
     return cls(**data)
 
 
+class JsonlTail:
+    """The records appended to a JSON-lines file since the last read: only complete lines, each file byte read
+    once. A file that shrank was replaced, so it is read again from the start (`restarted` says so). The one
+    reader of events.jsonl and commands.jsonl; a line that is not a JSON object is skipped."""
+
+    def __init__(self, path: str | Path, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = self._size() if from_end else 0
+        self.restarted = False
+        self.lock = threading.Lock()
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def read_new(self) -> list[dict]:
+        with self.lock:
+            size = self._size()
+            self.restarted = size < self.offset
+            if self.restarted:
+                self.offset = 0
+            if size == self.offset:
+                return []
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(size - self.offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            return [r for r in map(_json_record, complete.split(b"\n")) if r is not None]
+
+
+def _json_record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a torn or damaged line
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _event(record: dict) -> Event | None:
+    try:
+        return event_from_dict(record)
+    except (KeyError, TypeError):
+        return None
+
+
+class EventTail:
+    """Every event of one events.jsonl, kept in memory and extended with what was appended since the last call."""
+
+    def __init__(self, path: str | Path):
+        self.tail = JsonlTail(path)
+        self.events: list[Event] = []
+
+    def read(self) -> list[Event]:
+        new = [e for e in map(_event, self.tail.read_new()) if e is not None]
+        if self.tail.restarted:
+            self.events = []
+        self.events += new
+        return list(self.events)
+
+
 def read_events(path: str | Path) -> list[Event]:
     """Every complete event in an events.jsonl (a half-written last line is ignored)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(event_from_dict(json.loads(line)))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+    return EventTail(path).read()
+
+
+_tails: dict[Path, EventTail] = {}
+_tails_lock = threading.Lock()
+
+
+def tail_events(path: str | Path) -> list[Event]:
+    """read_events() for a file read again and again (a live view, a run list): each call reads only what was
+    appended since the last one, in this process."""
+    key = Path(path).resolve()
+    with _tails_lock:
+        tail = _tails.setdefault(key, EventTail(key))
+    return tail.read()
 
 
 class EventLog:
@@ -120,9 +188,17 @@ class EventLog:
         self.path = Path(path)
 
     def __call__(self, event: Event) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event.to_dict()) + "\n")
+        line = json.dumps(event.to_dict()) + "\n"
+        with open(self.path, "a+b") as f:
+            if f.tell() and _last_byte(f) != b"\n":
+                line = "\n" + line  # a torn last line (a crash mid-write) must not swallow this event
+            f.write(line.encode("utf-8"))
             f.flush()
+
+
+def _last_byte(f) -> bytes:
+    f.seek(-1, 2)
+    return f.read(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,11 +216,10 @@ def send_command(run_dir: str | Path, command: str) -> None:
 
 
 class CommandInbox:
-    """Polled by the loop once per step: returns commands appended since the last poll, plus local requests."""
+    """Polled by the loop once per step: returns commands appended since the inbox was made, plus local requests."""
 
     def __init__(self, run_dir: str | Path | None = None):
-        self.path = Path(run_dir) / "commands.jsonl" if run_dir else None
-        self.offset = self.path.stat().st_size if self.path and self.path.exists() else 0
+        self.tail = JsonlTail(Path(run_dir) / "commands.jsonl", from_end=True) if run_dir else None
         self.pending: list[str] = []
 
     def request(self, command: str) -> None:
@@ -153,15 +228,6 @@ class CommandInbox:
 
     def poll(self) -> list[str]:
         out, self.pending = self.pending, []
-        if self.path and self.path.exists():
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self.offset += len(complete)
-            for line in complete.decode("utf-8").splitlines():
-                try:
-                    out.append(json.loads(line)["command"])
-                except (ValueError, KeyError):
-                    continue
+        if self.tail is not None:
+            out += [r["command"] for r in self.tail.read_new() if isinstance(r.get("command"), str)]
         return out

@@ -1,20 +1,31 @@
-"""A training in its own process: the UI starts it, reads its events from the run folder and sends it commands.
+"""A training in its own process: the app starts it, reads its events from the run folder and sends it commands.
 
-The child is `python -m trainer train --run-dir DIR`; it owns the run folder, so a UI that restarts (or a second
-browser tab) sees the same state by reading events.jsonl.
+The path of a run: `start_run(cfg)` checks the config on this machine (`preflight`) before anything is written,
+creates the run folder (`runs`) and starts `python -m trainer.job RUN_DIR`; that child calls `run_here`, which
+runs the `loop.Trainer` with `events.jsonl` as its consumer. The child owns the run folder, so a UI that restarts
+(or a second browser tab) sees the same state by reading events.jsonl. The CLI's `train` calls `run_here` in its
+own process, with a progress bar as a second consumer.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from . import config as C
 from . import runs
-from .events import Event, read_events, send_command
+from .atomic import write_text_atomic
+from .errors import UserError
+from .events import Event, EventLog, Failed, send_command, tail_events
+from .preflight import check_config
+
+# keys that change what a checkpoint holds or which batches come next: a resumed run must keep them
+FROZEN_ON_RESUME = ("network.", "run.", "dataset.", "model.", "optimizer.name", "schedule.gradient_accumulation")
 
 
-class JobError(RuntimeError):
+class JobError(UserError):
     """A job that cannot start (another run is going, nothing to resume)."""
 
 
@@ -24,63 +35,136 @@ class Job:
         self.process = process
 
     def events(self) -> list[Event]:
-        return read_events(self.run_dir / "events.jsonl")
+        return tail_events(self.run_dir / "events.jsonl")
 
     def info(self) -> runs.RunInfo:
         return runs.run_info(self.run_dir)
 
-    def state(self) -> str:
-        return self.info().state
-
-    def is_alive(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return self.state() == "running"
-
     def stop(self) -> None:
         send_command(self.run_dir, "stop")
 
-    def save_now(self) -> None:
-        send_command(self.run_dir, "save")
-
-    def sample_now(self) -> None:
-        send_command(self.run_dir, "sample")
-
     def wait(self, timeout: float | None = None) -> int:
         if self.process is None:
-            raise JobError("this job was not started by this process; poll state() instead")
+            raise JobError("this job was not started by this process; poll info() instead")
         return self.process.wait(timeout)
 
 
-def active_job(runs_dir: str | Path) -> runs.RunInfo | None:
-    """The run whose process is still alive, if any (one device, one job)."""
-    for info in runs.list_runs(runs_dir):
-        if info.state == "running":
-            return info
-    return None
+_children: list[subprocess.Popen] = []  # started here; polled so that finished ones are reaped, not zombies
 
 
-def start_job(cfg: C.TrainConfig, resume: str | Path | None = None, env: dict | None = None) -> Job:
-    """Validate, create (or reuse, for resume) the run folder and start the trainer process."""
-    if resume is not None:
-        run_dir = Path(resume)
-        runs_dir = run_dir.parent
-        runs.load_run_config(run_dir)
-        if runs.run_info(run_dir).state == "running":
-            raise JobError(f"{run_dir.name} is still running")
-    else:
-        C.check(cfg)
-        runs_dir = Path(cfg.saving.runs_dir)
-    busy = active_job(runs_dir)
+def active_run(runs_dir: str | Path) -> runs.RunInfo | None:
+    """The run whose trainer process is alive, if any (one device, one job)."""
+    _children[:] = [p for p in _children if p.poll() is None]
+    return runs.running_run(runs_dir)
+
+
+def start_run(cfg: C.TrainConfig, env: dict | None = None) -> Job:
+    """Check the config on this machine, create the run folder and start the trainer process."""
+    check_config(cfg)
+    _refuse_if_busy(cfg.saving.runs_dir)
+    return _spawn(runs.create_run_dir(cfg), resume=False, env=env)
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None, env: dict | None = None) -> Job:
+    """Continue a stopped or crashed run from its last checkpoint (overrides: e.g. schedule.max_steps=2000)."""
+    run_dir = check_resumable(run_dir, overrides)
+    _refuse_if_busy(run_dir.parent)
+    return _spawn(run_dir, resume=True, env=env)
+
+
+def check_resumable(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
+    """The run folder, once it is known to resume: a checkpoint, not running, its config (with the overrides
+    applied and saved) valid on this machine."""
+    run_dir = Path(run_dir).resolve()
+    if not runs.last_checkpoint(run_dir):
+        raise JobError(f"{run_dir} has no checkpoint to resume from; set saving.every_n_steps to write "
+                       f"checkpoints, or start a new run")
+    cfg = runs.load_run_config(run_dir)
+    if runs.run_info(run_dir).state == "running":
+        raise JobError(f"{run_dir.name} is still running")
+    if overrides:
+        cfg = _resume_overrides(cfg, overrides)
+    check_config(cfg, source=str(run_dir / "config.toml"))
+    if overrides:
+        write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
+    return run_dir
+
+
+def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig:
+    """--set on a run being resumed, refusing keys the checkpoint or the batch order depend on."""
+    frozen = [o.split("=", 1)[0].strip() for o in overrides
+              if o.split("=", 1)[0].strip().startswith(FROZEN_ON_RESUME)]
+    if frozen:
+        raise JobError(f"{', '.join(frozen)} cannot change when resuming (the checkpoint and the batch order depend "
+                       f"on them); start a new run instead")
+    return C.apply_overrides(cfg, overrides)
+
+
+def _refuse_if_busy(runs_dir) -> None:
+    busy = active_run(runs_dir)
     if busy is not None:
         raise JobError(f"run {busy.run_dir.name} is still training; stop it first (one device, one job)")
-    if resume is None:
-        run_dir = runs.create_run_dir(cfg)
-    cmd = [sys.executable, "-m", "trainer", "train", "--run-dir", str(run_dir.resolve()), "--quiet"]
-    if resume is not None:
-        cmd.append("--resume")
-    log = open(run_dir / "train.log", "ab")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               start_new_session=True)  # the run outlives a closed UI
-    log.close()
+
+
+def _spawn(run_dir: Path, resume: bool, env: dict | None) -> Job:
+    cmd = [sys.executable, "-m", "trainer.job", str(run_dir.resolve())] + (["--resume"] if resume else [])
+    with open(run_dir / "train.log", "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=child_env(env), start_new_session=True)  # the run outlives a closed UI
+    _children.append(process)
     return Job(run_dir, process)
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The child runs `python -m trainer.job`: this trainer package must be importable from any working folder."""
+    env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running a training in this process (the child above, or the CLI)
+
+def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None = None) -> int:
+    """Train the run folder's config here, events to events.jsonl; 0 done, 1 failed run, 2 bad config or data.
+    The first Ctrl+C (or SIGTERM) stops after the current step and still writes the adapter."""
+    from .loop import Trainer
+    run_dir = Path(run_dir)
+    trainer = Trainer(runs.load_run_config(run_dir), run_dir,
+                      callbacks=[EventLog(run_dir / "events.jsonl"), *(callbacks or [])])
+    _stop_on_interrupt(trainer)
+    try:
+        path = trainer.run(resume=resume)
+    except UserError as e:  # bad data, model or config found while loading: the run never trained
+        trainer.emit(Failed(step=getattr(trainer, "step", 0), error=str(e)))
+        raise
+    return 0 if path is not None else 1
+
+
+def _stop_on_interrupt(trainer) -> None:
+    """First Ctrl+C: stop after this step and write the adapter. Second: abort (writes are atomic)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
+        if trainer.inbox is not None:
+            trainer.inbox.request("stop")
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process: `python -m trainer.job RUN_DIR [--resume]` (its output goes to RUN_DIR/train.log)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print("usage: python -m trainer.job RUN_DIR [--resume]", file=sys.stderr)
+        return 2
+    try:
+        return run_here(args[0], resume="--resume" in args[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import config as C
 from . import runs
 from .checkpoint import load_training_state, save_training_state
 from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
                      Started, read_events)
+from .advice import nan_advice, oom_advice
+from .atomic import save_image_atomic
+from .losses import diffusion_loss, loss_weights
 from .network import inject_lora, trains_text_encoder
 
 
@@ -41,6 +43,8 @@ def _mix(*parts: int) -> int:
 
 @dataclass
 class Trainer:
+    """One run's training. `cfg` has passed `preflight.check_config` (the CLI and `job.start_run` check it before
+    the run folder exists, so it is checked once)."""
     cfg: C.TrainConfig
     run_dir: Path
     callbacks: list[Callable[[Event], None]] = field(default_factory=list)
@@ -103,9 +107,6 @@ class Trainer:
         from .data import LatentCache, needs_fresh_pixels
         from .models import load_base_model
         cfg = self.cfg
-        problems = runtime_problems(cfg)
-        if problems:
-            raise C.ConfigError(problems)
         device = resolve_device(cfg)
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a process-wide singleton
@@ -213,7 +214,7 @@ class Trainer:
         noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(_mix(self.cfg.run.seed,
                                                                                     batch_index, 4)))
         latents = (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
-        captions = [build_caption(item, self.cfg.dataset, rng) for item in items]
+        captions = [build_caption(item, self.cfg.dataset, rng, self.scan.trigger) for item in items]
         return latents, self.encode_captions(captions), loss_weights(items, self.cfg.loss.prior_loss_weight)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -285,13 +286,13 @@ class Trainer:
                               num_reg_images=self.scan.num_reg_images,
                               tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
                               finished_at=time.time(), base_model_version=f"{self.base.family}",
-                              max_train_steps=self.total_steps, num_epochs=max(1, epochs))
+                              max_train_steps=self.total_steps, num_epochs=max(1, epochs), steps=self.step)
 
     @torch.no_grad()
     def render_samples(self) -> list[Path]:
         """Sample prompts with the current adapter at fixed seeds, so steps are comparable."""
         cfg = self.cfg
-        prompts = cfg.sampling.prompts or [cfg.dataset.trigger or "a photo"]
+        prompts = cfg.sampling.prompts or [self.scan.trigger or "a photo"]
         pipe = self.base.pipeline()
         self.base.unet.eval()
         self.base.text_encoder.eval()
@@ -302,7 +303,7 @@ class Trainer:
                 image = pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
                              num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
                              height=cfg.dataset.resolution, width=cfg.dataset.resolution, generator=gen).images[0]
-                paths.append(runs.save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png"))
+                paths.append(save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png"))
         finally:
             self.base.unet.train()
             self.base.text_encoder.train(self.train_te)
@@ -312,58 +313,6 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------------------------
 # pieces with no state
-
-def loss_weights(items, prior_loss_weight: float) -> torch.Tensor | None:
-    """Per-image loss weights: prior_loss_weight for regularization images (DreamBooth's prior-preservation term,
-    Ruiz et al. 2023, eq. 2), 1 for training images; None when the batch holds no regularization image."""
-    if not any(item.regularization for item in items):
-        return None
-    return torch.tensor([prior_loss_weight if item.regularization else 1.0 for item in items])
-
-
-def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
-                   prediction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Noise-prediction loss (epsilon or v), with noise offset, min-SNR-gamma or high-noise weighting, and
-    per-image weights (regularization images)."""
-    sched = base.noise_scheduler
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen)
-    if cfg.loss.noise_offset:  # per-channel shift lets the model learn overall brightness (Guttenberg 2023)
-        noise = noise + cfg.loss.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
-    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-    noisy = sched.add_noise(latents, noise, timesteps)
-    target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-    pred = base.predict(noisy, timesteps, hidden)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.loss.min_snr_gamma:
-        loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
-    if cfg.loss.high_noise_weight_cap:
-        loss = loss * high_noise_weights(sched, timesteps, cfg.loss.high_noise_weight_cap, prediction)
-    if weights is not None:
-        loss = loss * weights.to(loss.device)
-    return loss.mean()
-
-
-def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al. 2023, eq. 9): weight min(SNR, gamma)/SNR; for v-prediction divide by SNR + 1."""
-    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
-
-
-def high_noise_weights(sched, timesteps: torch.Tensor, cap: float, prediction: str) -> torch.Tensor:
-    """Epsilon-loss weight min(1/alpha_bar, cap): the v-prediction loss equals the epsilon loss / alpha_bar.
-
-    The plain epsilon loss is nearly blind to the high-noise steps (predicting noise from almost pure noise is
-    easy), yet those decide a new shape; on the tiny model a LoRA trained without this barely changed the shape.
-    A v-prediction loss already carries 1/alpha_bar, so there only the cap applies: min(1, cap * alpha_bar).
-    """
-    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
-    weight = torch.clamp(1.0 / alphas, max=cap)
-    return weight * alphas if prediction == "v_prediction" else weight
-
 
 def micro_batches(cfg: C.TrainConfig, step: int, batches_per_epoch: int) -> list[int]:
     """Global batch indices that optimizer step `step` accumulates over.
@@ -388,7 +337,7 @@ def make_optimizer(cfg: C.TrainConfig, groups: list[dict]) -> torch.optim.Optimi
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if o.name == "adamw8bit":  # runtime_problems() has checked CUDA and bitsandbytes
+    if o.name == "adamw8bit":  # preflight.machine_problems() has checked CUDA and bitsandbytes
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adafactor":
@@ -399,26 +348,6 @@ def make_optimizer(cfg: C.TrainConfig, groups: list[dict]) -> torch.optim.Optimi
         from prodigyopt import Prodigy
         return Prodigy(groups, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     raise C.ConfigError([f"optimizer.name {o.name!r} is unknown"])
-
-
-def runtime_problems(cfg: C.TrainConfig) -> list[str]:
-    """What this machine cannot do for cfg (no CUDA for fp16 or 8-bit AdamW, a missing optional package)."""
-    import importlib.util
-    problems = []
-    cuda = torch.cuda.is_available()
-    if cfg.precision.device == "cuda" and not cuda:
-        problems.append("precision.device=cuda but no CUDA GPU is visible; use auto or cpu")
-    on_cuda = cuda and cfg.precision.device != "cpu"
-    if cfg.precision.mixed == "fp16" and not on_cuda:
-        problems.append("precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
-    if cfg.optimizer.name == "adamw8bit":
-        if not on_cuda:
-            problems.append("optimizer.name=adamw8bit needs a CUDA GPU (bitsandbytes); on the CPU use adamw")
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append("optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'")
-    if cfg.optimizer.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
-        problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
-    return problems
 
 
 def resolve_device(cfg: C.TrainConfig) -> str:
@@ -435,19 +364,6 @@ def _frozen_dtype(cfg: C.TrainConfig, device: str) -> torch.dtype:
     if device == "cuda" and cfg.precision.mixed == "bf16":
         return torch.bfloat16
     return torch.float32
-
-
-def nan_advice(cfg: C.TrainConfig) -> str:
-    tips = ["lower optimizer.unet_lr (and text_encoder_lr)", "lower network.alpha"]
-    if cfg.precision.mixed == "fp16":
-        tips.insert(0, "use precision.mixed=bf16 (fp16 overflows on some cards) or no")
-    return "Try: " + "; ".join(tips) + "."
-
-
-def oom_advice() -> str:
-    return ("Out of memory. Try: lower dataset.batch_size or dataset.resolution; turn on "
-            "precision.gradient_checkpointing; keep dataset.cache_latents on (memory or disk); use "
-            "optimizer.name=adamw8bit on CUDA; precision.mixed=fp16 or bf16.")
 
 
 def vae_fingerprint(base) -> str:

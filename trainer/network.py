@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import config as C
+from .errors import UserError
 
 ADAPTER_NAME = "default"
 
@@ -36,7 +37,7 @@ class LoraParams:
         return [g for g in groups if g["params"]]
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A target module name that matches nothing in the model."""
 
 

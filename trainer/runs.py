@@ -6,11 +6,16 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
   commands.jsonl       stop / save / sample requests from any process
   train.log            the child process's output when started by trainer.job
   samples/             step-<n>-<i>.png
-  checkpoints/step-<n>/  lora.safetensors, adapter.safetensors, optimizer.safetensors, state.json
+  checkpoints/step-<n>/  adapter.safetensors (the adapter, kohya layout with alpha), lora.safetensors (the
+                       trainable tensors by peft name, no alpha: training state only), optimizer.safetensors,
+                       state.json
   <name>.safetensors   the final adapter
+
+`adapter_file()` is the one rule for which file of a run, a checkpoint or a path is *the adapter*.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -18,17 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as C
-# the atomic writers live in trainer.atomic; re-exported because the loop, the app and tests import them from here
-from .atomic import atomic_dir, atomic_path, save_image_atomic, write_json_atomic, write_text_atomic  # noqa: F401
-from .events import Failed, Finished, Progress, Started, read_events
+from .advice import advice_for
+from .atomic import atomic_dir, write_text_atomic
+from .errors import UserError
+from .events import Failed, Finished, Progress, Started, tail_events
+
+CHECKPOINT_ADAPTER = "adapter.safetensors"  # in checkpoints/step-<n>/: what exports, blends and the app use
+TRAINING_STATE = "state.json"  # its presence marks a complete checkpoint folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # run folders
 
 def create_run_dir(cfg: C.TrainConfig) -> Path:
-    """A fresh run folder holding the resolved config."""
-    root = Path(cfg.saving.runs_dir).expanduser()
+    """A fresh run folder holding the resolved config (see resolved_config)."""
+    cfg = resolved_config(cfg)
+    root = Path(cfg.saving.runs_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = root / f"{cfg.run.name}-{stamp}"
     n = 2
@@ -38,6 +48,21 @@ def create_run_dir(cfg: C.TrainConfig) -> Path:
     run_dir.mkdir(parents=True)
     write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
     return run_dir
+
+
+def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
+    """A copy of cfg as a run records it: absolute local folders (the trainer may run in another working folder)
+    and the trigger it will use (dataset.trigger, else the dataset folder's own)."""
+    from .data.captions import resolve_trigger
+    cfg = copy.deepcopy(cfg)
+    for key in ("dataset.path", "dataset.regularization_path", "saving.runs_dir"):
+        value = C.get_value(cfg, key).strip()
+        if value:
+            C.set_value(cfg, key, str(Path(value).expanduser().resolve()))
+    if cfg.model.path.strip() and Path(cfg.model.path).expanduser().exists():
+        cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
+    cfg.dataset.trigger = resolve_trigger(cfg.dataset)
+    return cfg
 
 
 def load_run_config(run_dir: str | Path) -> C.TrainConfig:
@@ -52,6 +77,50 @@ def final_adapter_path(run_dir: str | Path, cfg: C.TrainConfig) -> Path:
     return Path(run_dir) / f"{cfg.run.name}.safetensors"
 
 
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.toml").is_file()
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    return (Path(path) / TRAINING_STATE).is_file() or (Path(path) / CHECKPOINT_ADAPTER).is_file()
+
+
+def checkpoint_adapter(checkpoint: str | Path) -> Path:
+    """The adapter of one checkpoint: the kohya file with per-layer alpha, read at its trained strength
+    (its lora.safetensors is training state, peft names and no alpha, and would be read at scale 1)."""
+    return Path(checkpoint) / CHECKPOINT_ADAPTER
+
+
+def adapter_file(source: str | Path) -> Path:
+    """The adapter file `source` stands for: an adapter file itself, a checkpoint folder's adapter, or a run
+    folder's final adapter (its newest checkpoint's when the run has no final adapter yet)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"{source} does not exist; give an adapter .safetensors file, a checkpoint folder "
+                        f"(runs/<run>/checkpoints/step-N) or a run folder")
+    if is_checkpoint_dir(path):
+        if not checkpoint_adapter(path).is_file():
+            raise UserError(f"checkpoint {path} has no {CHECKPOINT_ADAPTER}; it was written by an older loradesk "
+                            f"or is damaged: use another checkpoint")
+        return checkpoint_adapter(path)
+    if is_run_dir(path):
+        return _run_adapter(path)
+    raise UserError(f"{source} is a folder but neither a run folder (with config.toml) nor a checkpoint folder; "
+                    f"give an adapter .safetensors file")
+
+
+def _run_adapter(run_dir: Path) -> Path:
+    final = final_adapter_path(run_dir, load_run_config(run_dir))
+    if final.is_file():
+        return final
+    last = last_checkpoint(run_dir)
+    if last is None or not checkpoint_adapter(last).is_file():
+        raise UserError(f"run {run_dir.name} has no adapter yet: wait for its first checkpoint, or for its end")
+    return checkpoint_adapter(last)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -60,8 +129,15 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and _checkpoint_step(p.name) is not None
+             and (p / TRAINING_STATE).exists()]
+    return sorted(found, key=lambda p: _checkpoint_step(p.name))
+
+
+def _checkpoint_step(name: str) -> int | None:
+    """n for a folder named step-<n>; None for any other name (a copy the user made, a temporary folder)."""
+    head, _, number = name.partition("-")
+    return int(number) if head == "step" and number.isdigit() else None
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
@@ -113,10 +189,28 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+FINAL_STATES = ("finished", "stopped", "failed")
+_final_infos: dict[Path, tuple[int, RunInfo]] = {}  # run folder -> (events read, its final RunInfo)
+
+
 def run_info(run_dir: str | Path) -> RunInfo:
-    """State of a run folder: the last Started event decides which attempt (resume) we look at."""
+    """State of a run folder: the last Started event decides which attempt (resume) we look at. The events are
+    tailed, and a finished run's state is kept until its events.jsonl grows, so polling every run each second
+    (every browser tab does) costs only the new lines."""
     run_dir = Path(run_dir)
-    events = read_events(run_dir / "events.jsonl")
+    events = tail_events(run_dir / "events.jsonl")
+    cached = _final_infos.get(run_dir)
+    if cached and cached[0] == len(events):
+        return cached[1]
+    info = _info_from_events(run_dir, events)
+    if not info.advice and info.error:
+        info.advice = advice_for(info.error)
+    if info.state in FINAL_STATES and events:
+        _final_infos[run_dir] = (len(events), info)
+    return info
+
+
+def _info_from_events(run_dir: Path, events: list) -> RunInfo:
     name = run_dir.name
     try:
         name = load_run_config(run_dir).run.name
@@ -158,5 +252,20 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     root = Path(runs_dir).expanduser()
     if not root.is_dir():
         return []
-    runs = [run_info(p) for p in root.iterdir() if p.is_dir() and (p / "config.toml").exists()]
-    return sorted(runs, key=lambda r: r.started_at, reverse=True)
+    found = [run_info(p) for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    return sorted(found, key=lambda r: r.started_at, reverse=True)
+
+
+def running_run(runs_dir: str | Path) -> RunInfo | None:
+    """The run under runs_dir whose trainer process is alive, if any (one device, one job)."""
+    return next((info for info in list_runs(runs_dir) if info.state == "running"), None)
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing of a noisy curve: an exponential moving average, debiased so the first points are
+    not pulled towards 0 (most of a diffusion loss's noise is the random timestep, so the raw points say little)."""
+    out, last = [], 0.0
+    for n, value in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * value
+        out.append(last / (1 - weight ** n))
+    return out

@@ -1,15 +1,23 @@
-"""Train tab: a form generated from trainer.config.fields(), Start/Stop, and a live view read from the run folder."""
+"""Train tab: a form generated from trainer.fields(), Start/Stop, and a live view read from the run folder.
+
+The path of a run: Start -> `forms.values_to_config` -> `trainer.start_run` (the complete check, the run folder,
+the child process) -> the live view reads `events.jsonl` through `runview`.
+"""
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import gradio as gr
 
-from trainer import config as C
+from trainer import (FieldInfo, SECTIONS, active_run, apply_preset, dataset_trigger, default_config, fields,
+                     list_presets, list_runs, load_run_config, native_resolution, resume_run, send_command,
+                     start_run)
 
 from .. import datasets as D
-from .. import training as T
+from .. import forms as F
+from .. import runview as V
+from ..device import free_device, hold_device, release_models
+from ..errors import AppError, guarded
 from ..generation import export_run_adapter
 from ..settings import AppSettings
 
@@ -23,14 +31,27 @@ SECTION_WORDS = {"run": "Run", "model": "Model", "dataset": "Dataset", "network"
                  "schedule": "Schedule", "loss": "Loss", "precision": "Precision", "sampling": "Sample",
                  "saving": "Checkpoint"}
 FIELDS_PER_ROW = 2
+VIEW_KEYS = ("progress", "status", "losses", "samples", "columns", "failure")
+COMMAND_REPLIES = {"stop": "Stopping after the current step; the adapter so far will be saved.",
+                   "save": "A checkpoint will be written after the current step.",
+                   "sample": "Samples will be rendered after the current step."}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # handlers: plain values in, plain values out
 
-def check_form(values: list) -> tuple[dict[str, str], str]:
+def initial_config(settings: AppSettings):
+    """What the form shows on a fresh page: the running run's config while one trains, else the defaults that
+    follow the base model (its native size, a short run on the tiny model)."""
+    busy = active_run(settings.runs_dir)
+    if busy is not None:
+        return load_run_config(busy.run_dir)
+    return default_config(settings.base_model, str(settings.runs_dir))
+
+
+def check_form(settings: AppSettings, values: list) -> tuple[dict[str, str], str]:
     """Problems by field key, and a one-line summary for the Start button's status."""
-    _, errors = T.values_to_config(values)
+    _, errors = F.values_to_config(values, str(settings.runs_dir))
     if not errors:
         return {}, "Ready to start."
     general = f" {errors['']}" if "" in errors else ""  # a problem no single field owns
@@ -38,83 +59,120 @@ def check_form(values: list) -> tuple[dict[str, str], str]:
 
 
 def start(settings: AppSettings, values: list) -> tuple[Path, str]:
-    cfg, errors = T.values_to_config(values)
+    """Start a run from the form: the same complete check as the CLI, before any run folder exists."""
+    cfg, errors = F.values_to_config(values, str(settings.runs_dir))
     if errors:
-        raise T.AppError("Not started: " + "; ".join(errors.values()))
-    run_dir = T.start_run(settings, cfg)
-    return run_dir, f"Started **{run_dir.name}**."
+        raise AppError("Not started: " + "; ".join(errors.values()))
+    if not hold_device():
+        raise AppError("Images are being generated; press Start again when they are done (one device, one job).")
+    try:
+        release_models()  # the training gets the device memory the Generate tab held
+        job = start_run(cfg)
+    finally:
+        free_device()
+    return job.run_dir, f"Started **{job.run_dir.name}**."
+
+
+def resume(settings: AppSettings, name: str | None) -> Path:
+    if not name:
+        raise AppError("Pick a run to resume first.")
+    if not hold_device():
+        raise AppError("Images are being generated; press Resume again when they are done (one device, one job).")
+    try:
+        release_models()
+        return resume_run(Path(settings.runs_dir) / name).run_dir
+    finally:
+        free_device()
+
+
+def command(settings: AppSettings, followed: str | None, name: str) -> str:
+    """stop / save / sample through the run folder, so a run started before an app restart obeys too."""
+    run_dir = Path(settings.runs_dir) / followed if followed else None
+    if run_dir is None or V.run_view(run_dir).state != "running":
+        busy = active_run(settings.runs_dir)
+        run_dir = busy.run_dir if busy else None
+    if run_dir is None:
+        raise AppError("No run is training now.")
+    send_command(run_dir, name)
+    return COMMAND_REPLIES[name]
+
+
+def followed_dir(settings: AppSettings, followed: str | None) -> Path | None:
+    """The run the live view shows: the one the user follows, else the active one, else the newest."""
+    if followed and (Path(settings.runs_dir) / followed).is_dir():
+        return Path(settings.runs_dir) / followed
+    busy = active_run(settings.runs_dir)
+    if busy is not None:
+        return busy.run_dir
+    found = list_runs(settings.runs_dir)
+    return found[0].run_dir if found else None
 
 
 def live(settings: AppSettings, followed: str | None) -> dict:
-    """Everything the live view shows, for the followed run (default: the active one, else the newest)."""
-    run_dir = Path(settings.runs_dir) / followed if followed else T.latest_run(settings)
-    if run_dir is None or not run_dir.is_dir():
-        return {"run_dir": None, "progress": progress_html(None), "status": "No runs yet: press Start.",
-                "losses": [], "samples": [], "failure": "", "state": ""}
-    view = T.run_view(run_dir)
-    return {"run_dir": run_dir, "progress": progress_html(view), "status": status_text(view),
-            "losses": view.losses, "samples": view.samples, "failure": failure_text(view), "state": view.state}
+    """Everything the live view shows, keyed as VIEW_KEYS."""
+    run_dir = followed_dir(settings, followed)
+    if run_dir is None:
+        return {"run": "", "progress": V.progress_html(None), "status": "No runs yet: press Start.",
+                "losses": [], "samples": [], "columns": "", "failure": "", "state": ""}
+    view = V.run_view(run_dir)
+    return {"run": run_dir.name, "progress": V.progress_html(view), "status": V.status_text(view),
+            "losses": view.losses, "samples": view.samples, "columns": V.sample_prompts_text(view),
+            "failure": V.failure_text(view), "state": view.state, "view": view}
 
 
-def progress_html(view: T.RunView | None) -> str:
-    pct = 100 * view.fraction if view else 0
-    colour = {"failed": "#d9534f", "stopped": "#e0a800", "finished": "#2e9e5b"}.get(view.state if view else "",
-                                                                                   "var(--color-accent)")
-    label = f"{view.step} / {view.total_steps} steps" if view else "no run"
-    return (f'<div class="ld-progress" role="progressbar" aria-valuenow="{pct:.0f}" aria-valuemin="0" '
-            f'aria-valuemax="100"><div class="ld-bar" style="width:{pct:.1f}%;background:{colour}"></div>'
-            f'<span class="ld-label">{html.escape(label)}</span></div>')
+def changed(view: dict, sent: dict) -> tuple[list, dict]:
+    """The live view's outputs with gr.skip() for each one the browser already shows; and the new record of what
+    it shows. Plots and images are compared by what they are made of (the points, the sample sets)."""
+    stamps = {"progress": view["progress"], "status": view["status"], "failure": view["failure"],
+              "losses": (view["run"], len(view["losses"]), view["losses"][-1:]),
+              "samples": (view["run"], [(s.step, s.paths) for s in view["samples"]]), "columns": view["columns"]}
+    out = []
+    for key in VIEW_KEYS:
+        if sent.get(key) == stamps[key]:
+            out.append(gr.skip())
+        elif key == "losses":
+            out.append(V.loss_frame(view["losses"]))
+        elif key == "samples":
+            out.append(V.sample_grid(view["view"]) if view.get("view") else None)
+        else:
+            out.append(view[key])
+    return out, stamps
 
 
-def status_text(view: T.RunView) -> str:
-    parts = [f"**{view.run_dir.name}** is **{view.state}**", f"step {view.step}/{view.total_steps}"]
-    if view.state == "running":
-        parts += [f"{view.it_per_s:.2f} it/s", f"ETA {T.format_eta(view.eta_s)}"]
-    if view.losses:
-        parts.append(f"loss {view.losses[-1][1]:.4f}")
-    text = " · ".join(parts)
-    if view.adapter_path and view.state in ("finished", "stopped"):
-        text += f"  \nAdapter: `{view.adapter_path}`"
-    if view.messages:
-        text += "  \n" + "  \n".join(html.escape(m) for m in view.messages[-3:])
-    return text
-
-
-def failure_text(view: T.RunView) -> str:
-    if view.state != "failed":
-        return ""
-    text = f"### The run failed at step {view.step}\n{html.escape(view.error or 'no error message was written')}"
-    if view.advice:
-        text += f"\n\n**What to try:** {html.escape(view.advice)}"
-    return text + "\n\nOpen **Training log** below for the details. To continue from the last checkpoint, pick " \
-                  "the run under **Runs** and press **Resume**."
-
-
-MAX_PLOT_POINTS = 1000
-
-
-def loss_frame(losses: list[tuple[int, float]]):
-    """The loss curve for gr.LinePlot, thinned to at most ~MAX_PLOT_POINTS (it is re-sent every second)."""
-    import pandas as pd  # gradio's own dependency; LinePlot takes a DataFrame
-    stride = max(1, len(losses) // MAX_PLOT_POINTS)
-    losses = losses[::stride] + ([losses[-1]] if losses and (len(losses) - 1) % stride else [])
-    return pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+def runs_rows(settings: AppSettings) -> list[list]:
+    """Rows for the runs list: name, state, step/total, started, adapter."""
+    import time
+    rows = []
+    for info in list_runs(settings.runs_dir):
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started_at))
+        rows.append([info.run_dir.name, info.state, f"{info.step}/{info.total_steps}", started,
+                     "yes" if info.adapter_path and Path(info.adapter_path).exists() else ""])
+    return rows
 
 
 def run_names(settings: AppSettings) -> list[str]:
-    return [row[0] for row in T.runs_table(settings)]
+    return [row[0] for row in runs_rows(settings)]
+
+
+def trigger_note(path: str) -> str:
+    """The dataset's trigger, shown beside the dataset picker (it is set in the Dataset tab, its one place)."""
+    if not path or not Path(path).is_dir():
+        return ""
+    trigger = dataset_trigger(path)
+    return (f"Trigger: **{trigger}** (from the dataset; change it in the Dataset tab)." if trigger
+            else "No trigger word: captions train as they are (set one in the Dataset tab).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # layout
 
-def display_label(info: C.FieldInfo) -> str:
+def display_label(info: FieldInfo) -> str:
     """The field's label, with its section in front where another section has the same one ("Name" twice)."""
-    same = [i for i in C.fields() if i.label == info.label]
+    same = [i for i in fields() if i.label == info.label]
     return f"{SECTION_WORDS.get(info.section, info.section)} {info.label.lower()}" if len(same) > 1 else info.label
 
 
-def bounds_text(info: C.FieldInfo) -> str:
+def bounds_text(info: FieldInfo) -> str:
     if info.min is not None and info.max is not None:
         return f" ({info.min:g} to {info.max:g})"
     if info.min is not None and info.min != 0:
@@ -122,7 +180,7 @@ def bounds_text(info: C.FieldInfo) -> str:
     return ""
 
 
-def component_for(info: C.FieldInfo, value):
+def component_for(info: FieldInfo, value):
     """The widget of one config field: choices -> Dropdown, bool -> Checkbox, numbers -> Number, list -> Textbox."""
     common = {"label": display_label(info), "info": info.help, "elem_id": "field-" + info.key.replace(".", "-")}
     if info.choices:
@@ -131,7 +189,7 @@ def component_for(info: C.FieldInfo, value):
         return gr.Checkbox(value=value, **common)
     if info.type in (int, float):
         # bounds go in the text, not the widget: Gradio would reject an out-of-range value with a toast, while
-        # validate() names the problem next to the field
+        # the form check names the problem next to the field
         common["info"] += bounds_text(info)
         return gr.Number(value=value, precision=0 if info.type is int else None, **common)
     if info.type is list:
@@ -140,7 +198,7 @@ def component_for(info: C.FieldInfo, value):
     return gr.Textbox(value=value, **common)
 
 
-def _field_grid(infos: list[C.FieldInfo], values: dict) -> tuple[list, list]:
+def _field_grid(infos: list[FieldInfo], values: dict) -> tuple[list, list]:
     comps, errs = [], []
     for i in range(0, len(infos), FIELDS_PER_ROW):
         with gr.Row(equal_height=False):
@@ -152,11 +210,11 @@ def _field_grid(infos: list[C.FieldInfo], values: dict) -> tuple[list, list]:
     return comps, errs
 
 
-def _form(infos: list[C.FieldInfo], values: dict) -> tuple[list, list, dict]:
-    """Basic fields in view, the rest in one collapsed group per section; returns widgets in fields() order."""
+def _form(infos: list[FieldInfo], values: dict) -> tuple[list, list, dict]:
+    """Basic fields in view, the rest in one collapsed group per section; returns widgets in form order."""
     comps_by_key, errs_by_key = {}, {}
     groups = [("", [i for i in infos if i.basic])]
-    groups += [(s, [i for i in infos if i.section == s and not i.basic]) for s in C.SECTIONS]
+    groups += [(s, [i for i in infos if i.section == s and not i.basic]) for s in SECTIONS]
     for section, members in groups:
         if not members:
             continue
@@ -170,145 +228,200 @@ def _form(infos: list[C.FieldInfo], values: dict) -> tuple[list, list, dict]:
     return [comps_by_key[i.key] for i in infos], [errs_by_key[i.key] for i in infos], comps_by_key
 
 
+def _left_column(settings: AppSettings, c: dict) -> None:
+    infos = F.form_fields()
+    values = dict(zip([i.key for i in infos], F.config_to_values(initial_config(settings))))
+    with gr.Row():
+        c["preset"] = gr.Dropdown([p.stem for p in list_presets()], value=None, label="Preset",
+                                  elem_id="preset-picker",
+                                  info="Tested training settings (files in presets/). Your dataset is kept.")
+        c["dataset"] = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset",
+                                   elem_id="train-dataset", info="A dataset from the Dataset tab.")
+    c["trigger"] = gr.Markdown(trigger_note(values["dataset.path"]), elem_id="train-trigger")
+    c["form"], c["form_errs"], c["by_key"] = _form(infos, values)
+
+
+def _live_column(c: dict) -> None:
+    with gr.Row():
+        c["start_btn"] = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=2)
+        c["stop_btn"] = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+    c["form_status"] = gr.Markdown(elem_id="form-status")
+    c["progress"] = gr.HTML(V.progress_html(None), elem_id="train-progress")
+    c["status"] = gr.Markdown(elem_id="train-status")
+    c["failure"] = gr.Markdown(elem_id="train-failure", elem_classes=["ld-failure"])
+    c["loss_plot"] = gr.LinePlot(V.loss_frame([]), x="step", y="loss", color="curve", title="Training loss",
+                                 height=220, elem_id="loss-plot")
+    c["samples"] = gr.Image(label="Samples by step (rows: steps, columns: prompts)", interactive=False,
+                            format="png", elem_id="train-samples", height=300)
+    c["columns"] = gr.Markdown(elem_id="sample-prompts", elem_classes=["ld-note"])
+    with gr.Row():
+        c["save_btn"] = gr.Button("Save checkpoint now", size="sm")
+        c["sample_btn"] = gr.Button("Render samples now", size="sm")
+    with gr.Accordion("Training log", open=False) as c["log_box"]:
+        c["log"] = gr.Textbox(lines=14, max_lines=30, show_label=False, elem_id="train-log")
+        c["log_btn"] = gr.Button("Reload log", size="sm")
+
+
+def _runs_column(settings: AppSettings, c: dict) -> None:
+    gr.Markdown("### Runs\nStopped or crashed runs can be resumed from their last checkpoint.")
+    c["runs"] = gr.Dataframe(runs_rows(settings), headers=["run", "state", "step", "started", "adapter"],
+                             interactive=False, elem_id="runs-table", max_height=220)
+    c["picked"] = gr.Dropdown(run_names(settings), value=None, label="Run", elem_id="run-picker",
+                              info="Follow it in the live view, resume it, or download its adapter.")
+    with gr.Row():
+        c["fmt"] = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
+                               info="kohya: A1111, ComfyUI, Forge, diffusers.")
+        c["dtype"] = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
+    with gr.Row():
+        c["follow_btn"] = gr.Button("Follow", size="sm")
+        c["resume_btn"] = gr.Button("Resume", size="sm", elem_id="resume-btn")
+        c["export_btn"] = gr.Button("Download adapter", size="sm", elem_id="export-btn")
+    c["download"] = gr.File(label="Adapter file", interactive=False, elem_id="run-download", visible=False)
+
+
 def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, bucket_resolution: gr.Number) -> None:
-    cfg = T.default_config(settings)
-    infos = T.form_fields()
-    values = dict(zip([i.key for i in infos], T.config_to_values(cfg)))
-    presets = T.list_presets(settings)
+    c: dict = {"dataset_picker": dataset_picker, "bucket_resolution": bucket_resolution}
     gr.Markdown(HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            with gr.Row():
-                preset = gr.Dropdown(presets, value=None, label="Preset", elem_id="preset-picker",
-                                     info="Start from tested settings (files in presets/); the fields follow.")
-                dataset = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset",
-                                      elem_id="train-dataset", info="A dataset from the Dataset tab.")
-            form, form_errs, comps_by_key = _form(infos, values)
+            _left_column(settings, c)
         with gr.Column(scale=2):
-            with gr.Row():
-                start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=2)
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-            form_status = gr.Markdown(elem_id="form-status")
-            progress = gr.HTML(progress_html(None), elem_id="train-progress")
-            status = gr.Markdown(elem_id="train-status")
-            failure = gr.Markdown(elem_id="train-failure", elem_classes=["ld-failure"])
-            loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=220,
-                                    elem_id="loss-plot")
-            samples = gr.Gallery(label="Latest samples", columns=4, height=180, elem_id="train-samples")
-            with gr.Row():
-                save_btn = gr.Button("Save checkpoint now", size="sm")
-                sample_btn = gr.Button("Render samples now", size="sm")
-            with gr.Accordion("Training log", open=False) as log_box:
-                log = gr.Textbox(lines=14, max_lines=30, show_label=False, elem_id="train-log")
-                log_btn = gr.Button("Reload log", size="sm")
-            gr.Markdown("### Runs\nStopped or crashed runs can be resumed from their last checkpoint.")
-            runs = gr.Dataframe(T.runs_table(settings), headers=["run", "state", "step", "started", "adapter"],
-                                interactive=False, elem_id="runs-table", max_height=220)
-            picked = gr.Dropdown(run_names(settings), value=None, label="Run", elem_id="run-picker",
-                                 info="Follow it in the live view, resume it, or download its adapter.")
-            with gr.Row():
-                fmt = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
-                                  info="kohya: A1111, ComfyUI, Forge, diffusers.")
-                dtype = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
-            with gr.Row():
-                follow_btn = gr.Button("Follow", size="sm")
-                resume_btn = gr.Button("Resume", size="sm", elem_id="resume-btn")
-                export_btn = gr.Button("Download adapter", size="sm", elem_id="export-btn")
-            download = gr.File(label="Adapter file", interactive=False, elem_id="run-download", visible=False)
-    followed = gr.State(None)
-    timer = gr.Timer(1.0)
-    slow_timer = gr.Timer(5.0)
+            _live_column(c)
+            _runs_column(settings, c)
+    c["followed"] = gr.State(None)
+    c["sent"] = gr.State({})
+    c["timer"] = gr.Timer(1.0)
+    c["slow_timer"] = gr.Timer(5.0)
+    c["model_before"] = gr.State(settings.base_model)
+    _wire_form(settings, demo, c)
+    _wire_live(settings, demo, c)
+    _wire_runs(settings, demo, c)
 
-    s = settings
 
-    def guard(fn):
-        def wrapper(*args):
-            try:
-                return fn(*args)
-            except (T.AppError, C.ConfigError, ValueError, OSError) as e:
-                raise gr.Error(str(e)) from None
-        return wrapper
+# ----------------------------------------------------------------------------------------------------------------
+# wiring
+
+def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
+    s, form, by_key = settings, c["form"], c["by_key"]
+    infos = F.form_fields()
 
     def on_check(*vals):
-        errors, summary = check_form(list(vals))
+        errors, summary = check_form(s, list(vals))
         updates = [gr.update(visible=i.key in errors, value=f"⚠ {errors.get(i.key, '')}") for i in infos]
         return (*updates, summary)
 
-    gr.on([c.change for c in form], on_check, form, form_errs + [form_status], show_progress="hidden",
+    gr.on([x.change for x in form], on_check, form, c["form_errs"] + [c["form_status"]], show_progress="hidden",
           trigger_mode="always_last")
 
-    def on_preset(name, ds_name):
+    def on_preset(name, *vals):
         if not name:
-            return [gr.update() for _ in form]
-        path = str(D.dataset_dir(s.data_dir, ds_name).resolve()) if ds_name else ""
-        return T.config_to_values(T.load_preset(s, name, path))
+            return [gr.skip() for _ in form] + [gr.skip()]
+        current, _ = F.values_to_config(list(vals), str(s.runs_dir))
+        cfg, notes = apply_preset(current, name)
+        return F.config_to_values(cfg) + [" ".join(notes) or f"Preset **{name}** applied."]
 
-    preset.change(guard(on_preset), [preset, dataset], form)
+    c["preset"].change(guarded(on_preset, form + [c["form_status"]], c["form_status"]), [c["preset"], *form],
+                       form + [c["form_status"]])
+    path_box = by_key["dataset.path"]
 
     def on_dataset(name):
-        return str(D.dataset_dir(s.data_dir, name).resolve()) if name else gr.update()
+        path = str(D.dataset_dir(s.data_dir, name))  # as the app names it; the run records it absolute
+        return path, trigger_note(path)
 
-    dataset.change(guard(on_dataset), [dataset], [comps_by_key["dataset.path"]])
-    comps_by_key["dataset.resolution"].change(lambda r: r if r else gr.update(), [comps_by_key["dataset.resolution"]],
-                                              [bucket_resolution], show_progress="hidden")
-    dataset_picker.change(lambda name: gr.update(choices=D.list_datasets(s.data_dir), value=name),
-                          [dataset_picker], [dataset])
+    c["dataset"].change(guarded(on_dataset, [path_box, c["trigger"]], c["trigger"]), [c["dataset"]],
+                        [path_box, c["trigger"]])
+    path_box.blur(trigger_note, [path_box], [c["trigger"]], show_progress="hidden")
+    _wire_model_defaults(c)
+    by_key["dataset.resolution"].change(lambda r: r if r else gr.skip(), [by_key["dataset.resolution"]],
+                                        [c["bucket_resolution"]], show_progress="hidden")
+    c["dataset_picker"].change(lambda name: gr.update(choices=D.list_datasets(s.data_dir)), [c["dataset_picker"]],
+                               [c["dataset"]])
+    demo.load(lambda: F.config_to_values(initial_config(s)), None, form)
+    demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [c["dataset"]])
 
-    def render(followed_name):
-        v = live(s, followed_name)
-        return v["progress"], v["status"], loss_frame(v["losses"]), v["samples"] or None, v["failure"]
 
-    view_outputs = [progress, status, loss_plot, samples, failure]
+def _wire_model_defaults(c: dict) -> None:
+    """A new base model brings its native size, unless the user had changed the resolution."""
+    model, res = c["by_key"]["model.path"], c["by_key"]["dataset.resolution"]
+
+    def on_model(new, before, resolution):
+        if new == before:
+            return gr.skip(), before
+        follows = resolution == native_resolution(before or "")
+        return (native_resolution(new or "") if follows else gr.skip()), new
+
+    for event in (model.blur, model.submit):
+        event(on_model, [model, c["model_before"], res], [res, c["model_before"]], show_progress="hidden")
+
+
+def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
+    s = settings
+    outputs = [c["progress"], c["status"], c["loss_plot"], c["samples"], c["columns"], c["failure"]]
+
+    def render(followed, sent):
+        values, stamps = changed(live(s, followed), sent or {})
+        return (*values, stamps)
 
     def on_start(*vals):
-        _, text = start(s, list(vals))
-        return (None, text, gr.update(value=T.runs_table(s)), gr.update(choices=run_names(s)))
+        run_dir, text = start(s, list(vals))
+        return run_dir.name, text, runs_rows(s), gr.update(choices=run_names(s))
 
-    start_btn.click(guard(on_start), form, [followed, form_status, runs, picked], concurrency_limit=1).then(
-        render, [followed], view_outputs)
+    start_outputs = [c["followed"], c["form_status"], c["runs"], c["picked"]]
+    c["start_btn"].click(guarded(on_start, start_outputs, c["form_status"]), c["form"], start_outputs,
+                         concurrency_limit=1).then(render, [c["followed"], c["sent"]], outputs + [c["sent"]])
+    for btn, name in ((c["stop_btn"], "stop"), (c["save_btn"], "save"), (c["sample_btn"], "sample")):
+        btn.click(guarded(_command_handler(s, name), [c["form_status"]], c["form_status"]), [c["followed"]],
+                  [c["form_status"]])
+    c["timer"].tick(render, [c["followed"], c["sent"]], outputs + [c["sent"]], show_progress="hidden")
+    c["follow_btn"].click(lambda name: (name, {}), [c["picked"]], [c["followed"], c["sent"]]).then(
+        render, [c["followed"], c["sent"]], outputs + [c["sent"]])
+    demo.load(lambda: (_active_name(s), {}), None, [c["followed"], c["sent"]])
+    log_source = [c["followed"]]
+    c["log_btn"].click(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
+    c["log_box"].expand(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
 
-    def command(name: str):
-        def handler(followed_name):
-            run_dir = Path(s.runs_dir) / followed_name if followed_name else T.active_run(s)
-            if run_dir is not None and T.run_view(run_dir).state != "running":
-                run_dir = T.active_run(s)
-            gr.Info(T.send(run_dir, name))
-        return handler
 
-    stop_btn.click(guard(command("stop")), [followed], None)
-    save_btn.click(guard(command("save")), [followed], None)
-    sample_btn.click(guard(command("sample")), [followed], None)
-    timer.tick(render, [followed], view_outputs, show_progress="hidden")
+def _command_handler(settings: AppSettings, name: str):
+    def handler(followed):
+        return [command(settings, followed, name)]
+    return handler
+
+
+def _active_name(settings: AppSettings) -> str | None:
+    busy = active_run(settings.runs_dir)
+    return busy.run_dir.name if busy else None
+
+
+def _wire_runs(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
+    s = settings
 
     def refresh_runs(current):
         names = run_names(s)
-        return T.runs_table(s), gr.update(choices=names, value=current if current in names else None)
+        return runs_rows(s), gr.update(choices=names, value=current if current in names else None)
 
-    def refresh_run_choices():
-        # choices only: a tick that wrote the picked value back could undo a pick made while it was in flight
-        return T.runs_table(s), gr.update(choices=run_names(s))
+    def refresh_run_choices(shown):
+        # choices only: a tick that wrote the picked value back could undo a pick made while it was in flight;
+        # and nothing at all when nothing changed
+        rows = runs_rows(s)
+        return (gr.skip(), gr.skip(), shown) if rows == shown else (rows, gr.update(choices=[r[0] for r in rows]),
+                                                                    rows)
 
-    slow_timer.tick(refresh_run_choices, None, [runs, picked], show_progress="hidden")
-    demo.load(refresh_runs, [picked], [runs, picked])
-    demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [dataset])
-
-    follow_btn.click(lambda name: name, [picked], [followed]).then(render, [followed], view_outputs)
+    shown = gr.State(runs_rows(s))
+    c["slow_timer"].tick(refresh_run_choices, [shown], [c["runs"], c["picked"], shown], show_progress="hidden")
+    demo.load(refresh_runs, [c["picked"]], [c["runs"], c["picked"]])
 
     def on_resume(name):
-        if not name:
-            raise T.AppError("Pick a run to resume first.")
-        run_dir = T.resume_run(s, Path(s.runs_dir) / name)
+        run_dir = resume(s, name)
         gr.Info(f"Resuming {run_dir.name} from its last checkpoint.")
-        return None, *refresh_runs(name)
+        return run_dir.name, {}, *refresh_runs(name)
 
-    resume_btn.click(guard(on_resume), [picked], [followed, runs, picked], concurrency_limit=1)
+    resume_outputs = [c["followed"], c["sent"], c["runs"], c["picked"]]
+    c["resume_btn"].click(guarded(on_resume, resume_outputs), [c["picked"]], resume_outputs, concurrency_limit=1)
 
     def on_export(name, format, precision):
         if not name:
-            raise T.AppError("Pick a run first.")
+            raise AppError("Pick a run first.")
         path = export_run_adapter(Path(s.runs_dir) / name, Path(s.adapters_dir) / "exports", format, precision)
         return gr.update(value=str(path), visible=True)
 
-    export_btn.click(guard(on_export), [picked, fmt, dtype], [download])
-    log_btn.click(lambda f: T.read_log(Path(s.runs_dir) / f if f else T.latest_run(s)), [followed], [log])
-    log_box.expand(lambda f: T.read_log(Path(s.runs_dir) / f if f else T.latest_run(s)), [followed], [log])
+    c["export_btn"].click(guarded(on_export, c["download"]), [c["picked"], c["fmt"], c["dtype"]], c["download"])

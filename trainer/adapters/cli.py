@@ -2,6 +2,8 @@
 
 `trainer/__main__.py` calls `register(subparsers)`; each parser's `func` is a `cmd_<name>(args) -> int` that returns
 0 on success and 2 on a user error (message on stderr). `python -m trainer.adapters.cli ...` runs them alone.
+Like the rest of the CLI it uses only trainer's public API. Every adapter argument is a file, a checkpoint folder
+or a run folder (`trainer.adapter_file`).
 """
 from __future__ import annotations
 
@@ -9,21 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.atomic import save_image_atomic, write_json_atomic  # stdlib only: registering stays torch-free
+from trainer import UserError, adapter_file, save_image_atomic, write_json_atomic  # torch-free: registering is cheap
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad flag or argument; the message names the flag and the fix."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """The project's own errors for input a user can fix (imported on use, so registering the commands does not
-    load torch). Anything else is a bug and keeps its traceback."""
-    from trainer.config import ConfigError
-    from trainer.data.errors import DatasetError
-    from trainer.formats import AdapterFormatError
-    from trainer.models import ModelLoadError
-    return UsageError, AdapterFormatError, ModelLoadError, ConfigError, DatasetError
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
@@ -50,7 +42,8 @@ def register(subparsers) -> None:
 def _blend_parser(sub) -> None:
     p = sub.add_parser("blend", help="Merge weighted adapters into one adapter file.",
                        description="Merge adapters: exact (rank = sum of ranks) or SVD-compressed with --rank.")
-    p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files with weights (default 1)")
+    p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
+                   help="adapter files, checkpoint or run folders, with weights (default 1)")
     p.add_argument("--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, help="compress every layer to this rank by SVD (default: exact)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
@@ -113,22 +106,21 @@ def _generate_parser(sub) -> None:
 # ---- commands ----------------------------------------------------------------------------------------------------
 
 def _user_errors(fn):
-    """Turn a user's mistake into its message on stderr and exit status 2."""
+    """Turn a user's mistake (or a file that cannot be written, such as an --out in a read-only folder) into its
+    message on stderr and exit status 2. Anything else is a bug and keeps its traceback."""
     def run(args) -> int:
         try:
             return fn(args)
-        except Exception as e:
-            if not isinstance(e, _user_error_types()):
-                raise
+        except (UserError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
 
 
-def _check_file(path: str) -> None:
-    if not Path(path).is_file():
-        raise UsageError(f"adapter file {path} does not exist; check the path")
+def _check_file(path: str) -> Path:
+    """The adapter file an argument stands for (a file, a checkpoint folder or a run folder)."""
+    return adapter_file(path)
 
 
 def _check_out(path: str, suffix: str) -> None:
@@ -151,15 +143,13 @@ def _check_distinct(paths: list[str]) -> None:
 
 
 def _load(path: str):
-    from trainer.formats import load_adapter
-    _check_file(path)
-    return load_adapter(path)
+    from trainer import load_adapter
+    return load_adapter(_check_file(path))
 
 
 @_user_errors
 def cmd_blend(args) -> int:
-    from trainer.formats import save_adapter
-    from .merge import merge_exact, merge_svd
+    from trainer import merge_exact, merge_svd, save_adapter
     _check_out(args.out, ".safetensors")
     _check_rank(args.rank)
     specs = [parse_weighted(text) for text in args.adapters]
@@ -178,8 +168,7 @@ def cmd_blend(args) -> int:
 
 @_user_errors
 def cmd_resize(args) -> int:
-    from trainer.formats import save_adapter
-    from .resize import resize
+    from trainer import resize_adapter as resize, save_adapter
     _check_out(args.out, ".safetensors")
     _check_rank(args.rank)
     if args.keep is not None and not 0 < args.keep <= 1:
@@ -196,12 +185,10 @@ def cmd_resize(args) -> int:
 
 @_user_errors
 def cmd_bake(args) -> int:
-    from .bake import bake, is_foreign_folder
+    from trainer import bake, is_foreign_folder
     if not args.out.lower().endswith(".safetensors") and is_foreign_folder(args.out):
         raise UsageError(f"--out {args.out} exists and is not a diffusers model folder; choose a new output path")
-    specs = [parse_weighted(text) for text in args.adapters]
-    for path, _ in specs:
-        _check_file(path)
+    specs = [(_check_file(path), weight) for path, weight in map(parse_weighted, args.adapters)]
     out = bake(args.model, specs, args.out, args.dtype)  # paths, so the file names go into the metadata
     print(f"wrote {out}")
     return 0
@@ -209,7 +196,7 @@ def cmd_bake(args) -> int:
 
 @_user_errors
 def cmd_analyze(args) -> int:
-    from .analyze import analyze
+    from trainer import analyze
     if len(args.adapters) > 2:
         raise UsageError(f"analyze takes one or two adapter files, got {len(args.adapters)}")
     adapters = [_load(path) for path in args.adapters]
@@ -244,11 +231,6 @@ def _check_generate_flags(args) -> None:
             raise UsageError(f"{flag} must be at least 1, got {value}")
 
 
-def _native_size(base) -> int:
-    # what diffusers uses for a missing width or height: the UNet's latent size times the VAE's downsampling
-    return base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
-
-
 def _image_paths(out: str, n: int) -> list[Path]:
     out = Path(out)
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, n + 1)]
@@ -256,15 +238,13 @@ def _image_paths(out: str, n: int) -> list[Path]:
 
 @_user_errors
 def cmd_generate(args) -> int:
-    from .generate import Generator
+    from trainer import Generator
     _check_generate_flags(args)
-    specs = [parse_weighted(text) for text in args.lora]
-    for path, _ in specs:
-        _check_file(path)
+    specs = [(str(_check_file(path)), weight) for path, weight in map(parse_weighted, args.lora)]
     _check_distinct([path for path, _ in specs])
     generator = Generator(args.model)
     generator.set_adapters([(path, weight, True) for path, weight in specs])
-    native = _native_size(generator.base)
+    native = generator.base.native_resolution
     images = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance,
                                 args.width or native, args.height or native, num_images=args.num_images)
     for image, path in zip(images, _image_paths(args.out, args.num_images)):

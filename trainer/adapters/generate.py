@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -10,12 +11,25 @@ from PIL import Image
 from trainer.lora_state import Adapter
 
 from trainer.formats import load_adapter, save_adapter
+from trainer.runs import adapter_file
 from trainer.models import load_base_model
 from .blend import FusedBlender
 from .grid import image_grid
 from .merge import merge_exact, merge_svd
 
 Source = Adapter | str | Path
+Progress = Callable[[float, str], None]  # (share done, what is happening)
+
+
+def _step_reporter(progress: Progress | None, steps: int):
+    """A diffusers callback_on_step_end that reports each denoising step (None when nobody listens)."""
+    if progress is None:
+        return None
+
+    def report(pipe, i, timestep, kwargs):
+        progress((i + 1) / max(steps, 1), f"step {i + 1} of {steps}")
+        return kwargs
+    return report
 
 
 class Generator:
@@ -31,6 +45,11 @@ class Generator:
         self._lock = threading.RLock()
 
     # ---- model and adapters --------------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """True once the base model is in memory (the first use loads it, which takes a while)."""
+        return self._base is not None
 
     @property
     def base(self):
@@ -79,9 +98,7 @@ class Generator:
     def _resolve(self, source: Source) -> tuple[str, Adapter]:
         if isinstance(source, Adapter):
             return f"adapter@{id(source):x}", source
-        path = Path(source).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file {path} does not exist; check the path")
+        path = adapter_file(source).resolve()  # a file, or a checkpoint or run folder's adapter
         stat = path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._files.get(str(path))
@@ -94,18 +111,23 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
                  guidance: float = 7.5, width: int | None = None, height: int | None = None,
-                 num_images: int = 1) -> list[Image.Image]:
-        """Image k is seeded with seed + k, so it is the same image whatever num_images is."""
+                 num_images: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+        """Image k is seeded with seed + k, so it is the same image whatever num_images is. `progress(share, what)`
+        hears of the model load and of each denoising step."""
+        if self._base is None and progress:
+            progress(0.0, "loading the base model")
         self._load()
         with self._lock:
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
             result = self._pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images,
                                 num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                                generator=generators, output_type="pil")
+                                generator=generators, output_type="pil",
+                                callback_on_step_end=_step_reporter(progress, steps))
             return list(result.images)
 
     def comparison_grid(self, prompt: str, rows: list[float] | list[str | Path], seeds: list[int],
-                        adapter: str | None = None, **generate_kwargs) -> Image.Image:
+                        adapter: str | None = None, progress: Progress | None = None,
+                        **generate_kwargs) -> Image.Image:
         """Rows: weights of one adapter (default: the first enabled) or checkpoint files that take its place
         (each at that adapter's weight, or 1.0 with none in the blend); columns: seeds. The blend is restored after."""
         if not rows or not seeds:
@@ -113,11 +135,13 @@ class Generator:
         with self._lock:
             by_weight = all(isinstance(r, (int, float)) for r in rows)
             target = adapter or self._default_target(required=by_weight)
-            images, labels = [], []
-            for row in rows:
+            images, labels, total = [], [], len(rows) * len(seeds)
+            for r, row in enumerate(rows):
                 with self._row(row, target, by_weight):
                     images.append([self.generate(prompt, seed=s, **generate_kwargs)[0] for s in seeds])
                 labels.append(f"weight {row:g}" if by_weight else Path(row).stem)
+                if progress:
+                    progress((r + 1) * len(seeds) / total, f"{(r + 1) * len(seeds)} of {total} images")
             return image_grid(images, labels, [f"seed {s}" for s in seeds])
 
     def _default_target(self, required: bool) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # looked up in this order next to each image
+DATASET_FILE = "loradesk-dataset.toml"  # in a dataset folder: its own settings (the trigger the app's Dataset tab sets)
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,55 @@ def read_caption(image_path: Path) -> CaptionFile:
     if not found:
         return CaptionFile("", None)
     issues = ("both_caption_files",) if len(found) > 1 else ()
-    raw = found[0].read_bytes()
+    text, legacy = decode_caption(found[0].read_bytes())
+    return CaptionFile(text, found[0], issues + (("not_utf8",) if legacy else ()))
+
+
+def decode_caption(raw: bytes) -> tuple[str, bool]:
+    """Caption text from a file's bytes, tidied as it is trained; True when it was not UTF-8."""
     try:
-        text = raw.decode("utf-8-sig")
+        return _tidy(raw.decode("utf-8-sig")), False
     except UnicodeDecodeError:  # old Windows editors: cp1252 holds what people type, latin-1 never fails
-        text = _decode_legacy(raw)
-        issues += ("not_utf8",)
-    return CaptionFile(_tidy(text), found[0], issues)
+        return _tidy(_decode_legacy(raw)), True
+
+
+def caption_file(image_path: Path) -> Path:
+    """The file an image's caption is written to: its existing caption file (in CAPTION_EXTENSIONS order), else a
+    new same-name .txt."""
+    found = [p for p in (image_path.with_suffix(ext) for ext in CAPTION_EXTENSIONS) if p.is_file()]
+    return found[0] if found else image_path.with_suffix(".txt")
+
+
+def write_caption(image_path: Path, text: str) -> Path:
+    """Save an image's caption as UTF-8 (atomically) where read_caption() will find it; returns the file."""
+    from trainer.atomic import write_text_atomic
+    return write_text_atomic(caption_file(Path(image_path)), text.strip() + "\n")
+
+
+def dataset_trigger(folder: str | Path) -> str:
+    """The trigger saved in a dataset folder's loradesk-dataset.toml ("" when none, or when the file is damaged:
+    the trigger is a convenience, and the config's dataset.trigger still wins)."""
+    import tomllib
+    path = Path(folder).expanduser() / DATASET_FILE
+    try:
+        value = tomllib.loads(path.read_text(encoding="utf-8")).get("trigger", "")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    return value.strip() if isinstance(value, str) else ""
+
+
+def set_dataset_trigger(folder: str | Path, trigger: str) -> Path:
+    """Save the dataset folder's own trigger (the one place the app keeps it)."""
+    import json
+    from trainer.atomic import write_text_atomic
+    text = (f"# loradesk: settings of this dataset folder\ntrigger = {json.dumps(trigger.strip(), ensure_ascii=False)}"
+            "\n")
+    return write_text_atomic(Path(folder).expanduser() / DATASET_FILE, text)
+
+
+def resolve_trigger(ds) -> str:
+    """The trigger a run uses: dataset.trigger, or when that is empty the dataset folder's own."""
+    return ds.trigger.strip() or (dataset_trigger(ds.path) if str(ds.path).strip() else "")
 
 
 def _decode_legacy(raw: bytes) -> str:
@@ -70,13 +113,14 @@ def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
     return ", ".join(head + tail)
 
 
-def build_caption(item, ds, rng: random.Random) -> str:
+def build_caption(item, ds, rng: random.Random, trigger: str | None = None) -> str:
     """The caption trained at one step: '' with probability caption_dropout, else trigger-prefixed (never for a
     regularization image) and, when shuffle_tags is on, tag-shuffled with the first keep_tokens tags (the trigger is
-    the first) kept in place."""
+    the first) kept in place. `trigger`: the resolved one (DatasetScan.trigger); default ds.trigger."""
     if ds.caption_dropout > 0 and rng.random() < ds.caption_dropout:
         return ""
-    caption = item.caption if item.regularization else with_trigger(item.caption, ds.trigger)
+    trigger = ds.trigger if trigger is None else trigger
+    caption = item.caption if item.regularization else with_trigger(item.caption, trigger)
     if ds.shuffle_tags:
         caption = shuffle_tags(caption, ds.keep_tokens, rng)
     return caption

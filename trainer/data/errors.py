@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be trained on; the message names the folder or file and the fix."""
 
 

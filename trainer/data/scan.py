@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import read_caption, split_tags, with_trigger
+from .captions import read_caption, resolve_trigger, split_tags, with_trigger
 from .errors import DatasetError, ImageLoadError
 from .images import IMAGE_EXTENSIONS, is_image_file, probe_image
 
@@ -78,11 +78,12 @@ class _Candidate:
     repeats: int
 
 
-def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
+def scan_dataset(ds, workers: int | None = None, require_images: bool = True) -> DatasetScan:
     """Scan `ds.path` (a DatasetSection), and `ds.regularization_path` when set. Raises DatasetError when a folder
-    is missing or holds no usable image."""
+    is missing or (unless require_images is False, as for a dataset still being filled) holds no usable image."""
     root = _folder(ds.path, "dataset.path", "dataset folder", "training images")
-    items, skipped, warnings = _scan_folder(root, ds, ds.trigger, workers)
+    trigger = resolve_trigger(ds)
+    items, skipped, warnings = _scan_folder(root, ds, trigger, workers, require_images=require_images)
     warnings += _size_warnings(root, items, ds.resolution)
     if ds.regularization_path.strip():
         reg_root = _folder(ds.regularization_path, "dataset.regularization_path", "regularization folder",
@@ -92,10 +93,11 @@ def scan_dataset(ds, workers: int | None = None) -> DatasetScan:
         skipped += reg_skipped
         warnings += [f"regularization folder: {w}" for w in reg_warnings]
         warnings += _balance_warnings(reg_root, items)
-    return DatasetScan(root, items, skipped, warnings, ds.trigger.strip())
+    return DatasetScan(root, items, skipped, warnings, trigger)
 
 
-def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularization: bool = False):
+def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularization: bool = False,
+                 require_images: bool = True):
     """(items, skipped, warnings) of one folder; DatasetError when it holds no usable image."""
     warnings: list[str] = []
     # dataset.repeats weighs training images; regularization images are balanced to them anyway (epoch_repeats)
@@ -107,7 +109,7 @@ def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularizati
             skipped.append(Skipped(candidate.path, probe.reason))
             continue
         items.append(_make_item(candidate, probe, issues, regularization))
-    if not items:
+    if not items and require_images:
         kind = "regularization folder" if regularization else "dataset folder"
         raise DatasetError(_no_images_message(root, candidates, skipped, warnings, kind))
     warnings += _caption_warnings(root, items, issues, trigger, regularization)
@@ -142,7 +144,7 @@ def _find_candidates(root: Path, default_repeats: int, warnings: list[str]) -> l
                         f"the folder's number, set dataset.path to its parent folder {root.parent}")
     out = []
     for entry in sorted(root.iterdir()):
-        if _hidden(entry):
+        if is_ignored(entry):
             continue
         if entry.is_file() and is_image_file(entry):
             out.append(_Candidate(entry, root.name, default_repeats))
@@ -165,22 +167,34 @@ def folder_repeats(name: str, default: int) -> int:
 def _walk_images(folder: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(Path(d)))
         out += [Path(dirpath, f) for f in sorted(filenames) if is_image_file(Path(f))]
     return out
 
 
-def _hidden(path: Path) -> bool:
+def is_ignored(path: Path) -> bool:
+    """Hidden files and folders, and macOS's __MACOSX resource forks: never part of a dataset."""
     return path.name.startswith(".") or path.name in _IGNORED_FOLDERS
+
+
+_probes: dict[tuple[str, int, int], object] = {}  # (path, mtime_ns, size) -> probe result: a rescan decodes only
+                                                 # new or changed files (the app rescans after every caption edit)
 
 
 def _probe_all(paths: list[Path], workers: int | None) -> list:
     """(width, height) or the ImageLoadError, per path, in order. Threads: PIL decodes without the GIL."""
     def probe(path):
         try:
-            return probe_image(path)
-        except ImageLoadError as e:
-            return e
+            stat = path.stat()
+        except OSError as e:
+            return ImageLoadError(path, f"cannot be read ({e.strerror or e})")
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _probes:
+            try:
+                _probes[key] = probe_image(path)
+            except ImageLoadError as e:
+                _probes[key] = e
+        return _probes[key]
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(paths) < 8:
         return [probe(p) for p in paths]

@@ -16,10 +16,11 @@ from .read import detect_format, load_adapter
 from .write import save_adapter, write_atomically
 
 __all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "build_metadata",
-           "check_against_model", "delta_shape", "detect_format", "export_file", "kohya_name", "load_adapter",
+           "check_against_model", "delta_shape", "detect_format", "export_adapter", "kohya_name", "load_adapter",
            "module_index", "normalise_kohya_name", "save_adapter", "split_kohya_name", "write_atomically"]
 
 
-def export_file(src_adapter_path, out_path, format: str = "kohya", dtype: str = "fp16") -> Path:
-    """Re-write any readable LoRA file in our kohya or diffusers layout (metadata carried over)."""
-    return save_adapter(load_adapter(src_adapter_path), out_path, format=format, dtype=dtype)
+def export_adapter(source, out_path, format: str = "kohya", dtype: str = "fp16") -> Path:
+    """Re-write any readable LoRA (a file, a checkpoint or a run folder) in our kohya or diffusers layout, metadata
+    carried over."""
+    return save_adapter(load_adapter(source), out_path, format=format, dtype=dtype)

@@ -14,9 +14,11 @@ _FAMILIES = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_at: float, finished_at: float,
                    num_reg_images: int = 0, base_model_version: str = "sd_v1", title: str | None = None,
-                   max_train_steps: int | None = None, num_epochs: int | None = None) -> dict[str, str]:
+                   max_train_steps: int | None = None, num_epochs: int | None = None,
+                   steps: int | None = None) -> dict[str, str]:
     """A flat dict of strings. `base_model_version` takes sd-scripts' names or a family ("sd1");
-    `max_train_steps`/`num_epochs` default to the config's (pass the resolved ones)."""
+    `max_train_steps`/`num_epochs` default to the config's (pass the resolved ones); `steps` is how many steps
+    were trained (kohya's ss_steps; fewer than ss_max_train_steps for a stopped run)."""
     from trainer import __version__
 
     base_model_version = _FAMILIES.get(base_model_version, base_model_version)
@@ -42,6 +44,8 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
         "ss_lr_scheduler": cfg.schedule.lr_scheduler,
         "ss_max_train_steps": str(max_train_steps if max_train_steps is not None else cfg.schedule.max_steps),
         "ss_num_epochs": str(num_epochs if num_epochs is not None else cfg.schedule.epochs),
+        "ss_steps": str(steps if steps is not None else max_train_steps if max_train_steps is not None
+                        else cfg.schedule.max_steps),
         "ss_seed": str(cfg.run.seed),
         "ss_mixed_precision": cfg.precision.mixed,
         "ss_noise_offset": str(cfg.loss.noise_offset),

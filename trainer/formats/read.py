@@ -38,9 +38,11 @@ _UNKNOWN_HINT = ("LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale), CP-de
                  "full-weight diffs are not LoRA layers loradesk can read")
 
 
-def load_adapter(path) -> Adapter:
-    """Read a kohya, diffusers or peft .safetensors LoRA; every layer is keyed by its kohya name, tensors fp32."""
-    path = Path(path)
+def load_adapter(source) -> Adapter:
+    """Read a kohya, diffusers or peft .safetensors LoRA (or the adapter of a checkpoint or run folder,
+    `runs.adapter_file`); every layer is keyed by its kohya name, tensors fp32."""
+    from trainer.runs import adapter_file
+    path = adapter_file(source) if Path(source).is_dir() else Path(source)
     state, file_meta = _read_safetensors(path)
     fmt = detect_format(state.keys())
     if fmt == "kohya":

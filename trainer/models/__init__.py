@@ -1,181 +1,22 @@
-"""Loading base models: a diffusers folder, a single-file checkpoint (offline, with local configs) or a hub id.
+"""Base models: loading a diffusers folder, a single-file checkpoint (offline, with local configs) or a hub id.
 
-`load_base_model(path)` finds out what `path` is, detects the model family (model_index.json, or the
-checkpoint's keys), lets the family module (`sd1.py`) load the components, then freezes them and moves them to
-the device. `""` means the tiny built-in model.
+`load_base_model(path)` finds out what `path` is, detects the model family (model_index.json, or the checkpoint's
+keys), lets the family module (`sd1.py`) load the components, then freezes them (`load.py`). `info.py` answers what
+the app needs to know before any weights load (the model's native size, training defaults) from its config files.
+Names are imported on first use, so `trainer.models.info` and `errors` stay free of torch.
 """
 from __future__ import annotations
 
-from pathlib import Path
+_EXPORTS = {
+    "BaseModel": "base", "ModelLoadError": "errors", "SUPPORTED_FAMILIES": "load", "load_base_model": "load",
+    "resolve_model_path": "info", "native_resolution": "info", "training_defaults": "info",
+}
 
-import torch
-
-from .base import FAMILY_MODULES, BaseModel, ModelLoadError, family_module
-from .checkpoint import CHECKPOINT_SUFFIXES, read_state_dict
-from .detect import NOT_YET, family_of_checkpoint, family_of_folder, unsupported
-from .hub import fetch_hub_model, looks_like_hub_id
-
-__all__ = ["BaseModel", "ModelLoadError", "SUPPORTED_FAMILIES", "load_base_model", "resolve_model_path"]
-
-# the families that load today (sd2/sdxl are detected and refused with a clear message until they land)
-SUPPORTED_FAMILIES = tuple(FAMILY_MODULES)
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+__all__ = list(_EXPORTS)
 
 
-def resolve_model_path(path: str) -> str:
-    """"" -> the tiny built-in model folder; an existing local path -> absolute; anything else unchanged."""
-    if not str(path).strip():
-        return str(_tiny_model_path())
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else str(path)
-
-
-def _tiny_model_path() -> Path:
-    try:
-        from trainer.assets import TINY_SD_PATH
-    except ImportError:  # the assets package is optional for this module; its folder has a fixed place
-        import trainer
-        return Path(trainer.__file__).parent / "assets" / "tiny-sd"
-    return Path(TINY_SD_PATH)
-
-
-def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool = False,
-                    dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-                    config_dir: str | Path | None = None) -> BaseModel:
-    """Load a frozen base model.
-
-    path: a diffusers folder (model_index.json), a single-file checkpoint in the original layout (.safetensors;
-    .ckpt/.pt/.pth/.bin only with trust_pickle=True), a hub id (needs network) or "" (the tiny built-in model).
-    config_dir: diffusers configs for a single file that is not SD1.5-size (else a '<stem>' or '<stem>.config'
-    folder beside the file is used, else the shipped SD1.5 configs).
-    """
-    dtype, device = _check_dtype(dtype), _check_device(device)
-    source = resolve_model_path(path)
-    local = Path(source)
-    if local.is_dir():
-        detected, parts = _load_folder(local, family, dtype, trust_pickle)
-    elif local.is_file():
-        detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir)
-    elif looks_like_hub_id(source):
-        detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, shown=source)
-    else:
-        raise ModelLoadError(_missing_message(source, path))
-    base = BaseModel(family=detected, source=source, **parts)
-    _freeze(base)
-    return _to_device(base, device)
-
-
-def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, shown: str | None = None):
-    if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(_not_a_model_folder(folder))
-    detected = _agree(family_of_folder(folder), family, shown or folder, "model")
-    return detected, family_module(detected).load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
-
-
-def _load_single_file(file: Path, family: str, dtype, trust_pickle: bool, config_dir):
-    state_dict = read_state_dict(file, trust_pickle=trust_pickle)
-    detected = _agree(family_of_checkpoint(state_dict, file), family, file, "checkpoint")
-    configs = _sidecar_configs(file, config_dir)
-    parts = family_module(detected).load_single_file(state_dict, source=file, config_dir=configs, dtype=dtype)
-    _apply_original_yaml(file, parts)
-    return detected, parts
-
-
-def _agree(detected: str, requested: str, where, kind: str) -> str:
-    """The detected family, refused when it is not supported yet or contradicts model.family."""
-    if detected in NOT_YET:
-        raise unsupported(detected, where, kind)
-    if requested not in ("auto", detected):
-        family_module(requested)  # an unknown name gets the list of supported families
-        raise ModelLoadError(f"{where} is a {detected} {kind}, but model.family is {requested!r}; set "
-                             f"model.family=auto (or {detected})")
-    return detected
-
-
-def _sidecar_configs(file: Path, config_dir) -> Path | None:
-    """Configs for a checkpoint: config_dir, else '<stem>/' or '<stem>.config/' beside it, else None (defaults)."""
-    if config_dir is not None:
-        folder = Path(config_dir).expanduser()
-        if not (folder / "model_index.json").is_file():
-            raise ModelLoadError(f"config_dir {folder} has no model_index.json; give a diffusers model folder "
-                                 f"(weights not needed) that describes {file.name}")
-        return folder
-    for folder in (file.with_suffix(""), file.parent / f"{file.stem}.config"):
-        if (folder / "model_index.json").is_file():
-            return folder
-    return None
-
-
-def _apply_original_yaml(file: Path, parts: dict) -> None:
-    """A1111 convention: '<stem>.yaml' beside a checkpoint with `parameterization: "v"` marks a v-prediction model."""
-    yaml_file = file.with_suffix(".yaml")
-    if not yaml_file.is_file():
-        return
-    import yaml
-    try:
-        original = yaml.safe_load(yaml_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ModelLoadError(f"{yaml_file} is not readable YAML ({err}); fix or remove it") from err
-    params = original.get("model", {}).get("params", {}) if isinstance(original, dict) else {}
-    if params.get("parameterization") == "v":
-        from .schedulers import training_scheduler
-        scheduler = parts["noise_scheduler"]
-        parts["noise_scheduler"] = training_scheduler({**scheduler.config, "prediction_type": "v_prediction"})
-
-
-def _freeze(base: BaseModel) -> None:
-    """Base weights never train (LoRA adds its own parameters); eval mode until the loop says otherwise."""
-    for module in (base.unet, base.vae, base.text_encoder, *base.text_encoders.values()):
-        module.requires_grad_(False)
-        module.eval()
-
-
-def _to_device(base: BaseModel, device: torch.device) -> BaseModel:
-    if device.type != "cpu":
-        for module in (base.unet, base.vae, base.text_encoder, *base.text_encoders.values()):
-            module.to(device)
-    return base
-
-
-def _check_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of fp32, fp16, bf16")
-
-
-def _check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ModelLoadError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {str(device)!r} was requested but this PyTorch ({torch.__version__}) sees no "
-                             f"CUDA GPU; use device 'cpu', or install a CUDA build of PyTorch and a GPU driver")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {str(device)!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("device 'mps' was requested but Apple's MPS backend is not available; use 'cpu'")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
-    return device
-
-
-def _missing_message(source: str, given: str) -> str:
-    if not str(given).strip():
-        return (f"the built-in tiny model is missing at {source}; reinstall loradesk (or rebuild it with "
-                f"tools/build_tiny_base.py)")
-    return (f"model.path {source} does not exist; give a diffusers folder (with model_index.json), a "
-            f".safetensors checkpoint, or a hub id like 'owner/name' (needs network); empty means the built-in "
-            f"tiny model")
-
-
-def _not_a_model_folder(folder: Path) -> str:
-    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
-    hint = f"; it contains {', '.join(files[:3])}: give that file as model.path" if files else ""
-    return (f"{folder} is not a diffusers model folder (no model_index.json); give the folder that contains "
-            f"model_index.json, or a single .safetensors checkpoint{hint}")
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer.models' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

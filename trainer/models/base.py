@@ -12,12 +12,10 @@ from types import ModuleType
 
 import torch
 
+from .errors import ModelLoadError
+
 # family name -> module implementing it (see sd1.py for the functions a family module provides)
 FAMILY_MODULES = {"sd1": "trainer.models.sd1"}
-
-
-class ModelLoadError(Exception):
-    """A base model that cannot be loaded; the message names the file or folder and says how to fix it."""
 
 
 def family_module(family: str) -> ModuleType:
@@ -61,6 +59,12 @@ class BaseModel:
         "euler", "euler_a") or a diffusers scheduler instance.
         """
         return self._family().pipeline(self, scheduler)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the model was trained at (512 for SD 1.5, the tiny model's own)."""
+        from .info import native_size
+        return native_size(self.unet.config, self.vae.config)
 
     def prediction_type(self) -> str:
         """"epsilon" or "v_prediction", as the model's scheduler config says."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import ModelLoadError
+from .errors import ModelLoadError
 
 NOT_YET = {
     "sdxl": "SDXL {kind}s are not supported yet; loradesk trains Stable Diffusion 1.x models for now. "

@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from .base import ModelLoadError
+from .errors import ModelLoadError
 from .checkpoint import CHECKPOINT_SUFFIXES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from .base import ModelLoadError
+from .errors import ModelLoadError
 from .checkpoint import pickle_refused_message
+from .info import SD15_CONFIG_DIR
 from .schedulers import inference_scheduler, training_scheduler
 
 FAMILY = "sd1"
-DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+DEFAULT_CONFIG_DIR = SD15_CONFIG_DIR
 TEXT_ENCODER_PREFIX = "lora_te"  # kohya's prefix for SD1's one text encoder
 WEIGHTED = ("unet", "vae", "text_encoder")
 

@@ -1,0 +1,68 @@
+"""How a failed action reaches the user: one readable message, and every widget left as it was.
+
+Raising gr.Error from a handler turns each of its output widgets into a red "Error" pill until it is closed, and
+prints a traceback in the terminal. A guarded handler instead shows the message as a toast (and in the tab's
+status line when it has one), prints it as one line, and returns "no change" for every other output.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from trainer import UserError
+
+
+class AppError(UserError):
+    """Something the user asked for that cannot be done now; the message says why and what to do."""
+
+
+def user_message(error: BaseException) -> str:
+    """The error's text without temporary server paths (a browser upload lives under the temp folder: the user
+    knows it by its file name)."""
+    text = str(error).strip() or type(error).__name__
+    for root in _temp_roots():
+        text = re.sub(re.escape(root) + r"[^\s'\"(),;:]*", lambda m: Path(m.group(0)).name or "upload", text)
+    return text
+
+
+def _temp_roots() -> list[str]:
+    roots = [os.environ.get("GRADIO_TEMP_DIR", ""), tempfile.gettempdir()]
+    return [str(Path(r).resolve()) for r in roots if r] + [r for r in roots if r]
+
+
+def guarded(fn, outputs, status=None, clear=()):
+    """`fn` as a Gradio handler: a user error (or a file that cannot be read or written) becomes one message.
+
+    `outputs` is what the handler is wired to (a component or a list); `status`, one of them, receives the
+    message; those in `clear` are emptied (an upload box, ready for the next file). Other errors are bugs and keep
+    their traceback.
+    """
+    many = isinstance(outputs, (list, tuple))
+    targets = list(outputs) if many else [outputs]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, OSError) as e:
+            message = user_message(e)
+            _announce(message)
+            values = [f"⚠ {message}" if t is status else None if any(t is x for x in clear) else _no_change()
+                      for t in targets]
+            return values if many else values[0]
+    return wrapper
+
+
+def _announce(message: str) -> None:
+    import gradio as gr
+    print(f"loradesk: {message.splitlines()[0]}", file=sys.stderr)  # one line in the terminal, no traceback
+    gr.Warning(message)
+
+
+def _no_change():
+    import gradio as gr
+    return gr.skip()

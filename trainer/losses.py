@@ -1,0 +1,61 @@
+"""The training losses: the noise-prediction loss and its weightings. Pure functions of tensors and a scheduler,
+so the tiny model's build script (tools/) and the loop share one copy of each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import config as C
+
+
+def loss_weights(items, prior_loss_weight: float) -> torch.Tensor | None:
+    """Per-image loss weights: prior_loss_weight for regularization images (DreamBooth's prior-preservation term,
+    Ruiz et al. 2023, eq. 2), 1 for training images; None when the batch holds no regularization image."""
+    if not any(item.regularization for item in items):
+        return None
+    return torch.tensor([prior_loss_weight if item.regularization else 1.0 for item in items])
+
+
+def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
+                   prediction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise-prediction loss (epsilon or v), with noise offset, min-SNR-gamma or high-noise weighting, and
+    per-image weights (regularization images)."""
+    sched = base.noise_scheduler
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.loss.noise_offset:  # per-channel shift lets the model learn overall brightness (Guttenberg 2023)
+        noise = noise + cfg.loss.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    pred = base.predict(noisy, timesteps, hidden)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.loss.min_snr_gamma:
+        loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
+    if cfg.loss.high_noise_weight_cap:
+        loss = loss * high_noise_weights(sched, timesteps, cfg.loss.high_noise_weight_cap, prediction)
+    if weights is not None:
+        loss = loss * weights.to(loss.device)
+    return loss.mean()
+
+
+def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, eq. 9): weight min(SNR, gamma)/SNR; for v-prediction divide by SNR + 1."""
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def high_noise_weights(sched, timesteps: torch.Tensor, cap: float, prediction: str) -> torch.Tensor:
+    """Epsilon-loss weight min(1/alpha_bar, cap): the v-prediction loss equals the epsilon loss / alpha_bar.
+
+    The plain epsilon loss is nearly blind to the high-noise steps (predicting noise from almost pure noise is
+    easy), yet those decide a new shape; on the tiny model a LoRA trained without this barely changed the shape.
+    A v-prediction loss already carries 1/alpha_bar, so there only the cap applies: min(1, cap * alpha_bar).
+    """
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
+    weight = torch.clamp(1.0 / alphas, max=cap)
+    return weight * alphas if prediction == "v_prediction" else weight

@@ -1,0 +1,75 @@
+"""What the files of a base model tell before any weights load: where it is, its native image size, the training
+settings that follow from it. Stdlib only (json), so the app can ask while it builds its first page.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"  # shipped, for single files without configs
+SD_DEFAULT_SIZE = 512  # SD 1.x; also what a hub id or an unreadable config is taken to be
+# the built-in tiny model trains at its own size in a few minutes on a CPU (the tiny-demo preset: 340 steps, ~100 s)
+TINY_MAX_STEPS = 300
+
+
+def resolve_model_path(path: str) -> str:
+    """"" -> the tiny built-in model folder; an existing local path -> absolute; anything else unchanged."""
+    if not str(path).strip():
+        return str(tiny_model_path())
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)
+
+
+def tiny_model_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+
+
+def is_tiny_model(path: str) -> bool:
+    return Path(resolve_model_path(path)) == tiny_model_path()
+
+
+def sidecar_config_dir(file: Path) -> Path | None:
+    """Diffusers configs beside a single-file checkpoint: a '<stem>/' or '<stem>.config/' folder."""
+    for folder in (file.with_suffix(""), file.parent / f"{file.stem}.config"):
+        if (folder / "model_index.json").is_file():
+            return folder
+    return None
+
+
+def native_size(unet_config: dict, vae_config: dict) -> int:
+    """The image side the model was trained at: the UNet's latent size times the VAE's downsampling (what
+    diffusers' pipelines use when no width or height is given)."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def native_resolution(path: str) -> int:
+    """The native image side of the model at `path` ("" = the tiny model), read from its config files only."""
+    folder = _config_folder(resolve_model_path(path))
+    if folder is None:
+        return SD_DEFAULT_SIZE
+    try:
+        return native_size(_json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return SD_DEFAULT_SIZE  # loading the model names the damage; a default size is enough to fill a form
+
+
+def training_defaults(path: str) -> dict[str, object]:
+    """Config values that follow the base model: its native resolution, and for the built-in tiny model a step
+    count that finishes in minutes on a CPU."""
+    values: dict[str, object] = {"dataset.resolution": native_resolution(path)}
+    if is_tiny_model(path):
+        values["schedule.max_steps"] = TINY_MAX_STEPS
+    return values
+
+
+def _config_folder(source: str) -> Path | None:
+    local = Path(source)
+    if local.is_dir():
+        return local
+    if local.is_file():
+        return sidecar_config_dir(local) or SD15_CONFIG_DIR
+    return None
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,106 @@
+"""Presets (sparse TOML files in presets/) and the config a form starts from.
+
+A preset sets training settings. What belongs to the user's data (the dataset, its regularization folder, its
+trigger, the sample prompts that show it) comes from a preset only when the user has no dataset yet, and every such
+choice is said, never made silently. Stdlib only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config as C
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+# keys a preset sets only together with its own dataset
+DATASET_KEYS = ("dataset.path", "dataset.regularization_path", "dataset.trigger", "sampling.prompts")
+# keys that belong to this installation, never to a preset
+LOCAL_KEYS = ("saving.runs_dir",)
+
+
+def list_presets(folder: str | Path = PRESETS_DIR) -> list[Path]:
+    return sorted(Path(folder).glob("*.toml")) if Path(folder).is_dir() else []
+
+
+def preset_note(path: Path) -> str:
+    """A preset's first comment line, its one-line description."""
+    first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def find_preset(name: str, folder: str | Path = PRESETS_DIR) -> Path:
+    """A preset by file path or by name ("tiny-demo" -> presets/tiny-demo.toml)."""
+    path = Path(name)
+    if not path.exists() and (Path(folder) / f"{name}.toml").exists():
+        path = Path(folder) / f"{name}.toml"
+    return path
+
+
+def load_preset(name: str, overrides: list[str] | None = None, folder: str | Path = PRESETS_DIR) -> C.TrainConfig:
+    """A preset or config file over the defaults, then `section.key=value` overrides. A shipped preset's relative
+    folders (examples/...) are found beside presets/ from any working directory."""
+    path = find_preset(name, folder)
+    cfg = C.load(path)
+    if path.resolve().parent == Path(folder).resolve():
+        C.find_folders_under(cfg, Path(folder).resolve().parent)
+    return C.apply_overrides(cfg, overrides or [])
+
+
+def default_config(model_path: str = "", runs_dir: str = "runs") -> C.TrainConfig:
+    """The defaults, with the settings that follow the base model (its native size; a short run on the tiny one)."""
+    from .models.info import training_defaults
+    cfg = C.TrainConfig()
+    cfg.model.path, cfg.saving.runs_dir = model_path, str(runs_dir)
+    for key, value in training_defaults(model_path).items():
+        C.set_value(cfg, key, value)
+    return cfg
+
+
+def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS_DIR
+                 ) -> tuple[C.TrainConfig, list[str]]:
+    """The config after picking a preset while `current` is shown: the preset's training settings, the user's
+    data kept. Returns the config and one note per user-facing choice that was kept or taken from the preset."""
+    path = find_preset(name, folder)
+    preset = load_preset(name, folder=folder)
+    given = _keys_in(path)
+    model = preset.model.path if "model.path" in given else current.model.path
+    cfg = default_config(model, current.saving.runs_dir)
+    notes = [f"The preset uses its own base model {model}: set model.path to your copy."] \
+        if "model.path" in given and model != current.model.path else []
+    for key in given - {"model.path", *LOCAL_KEYS}:
+        C.set_value(cfg, key, C.get_value(preset, key))
+    notes += _dataset_choice(cfg, current, preset, given)
+    return cfg, notes
+
+
+def _dataset_choice(cfg: C.TrainConfig, current: C.TrainConfig, preset: C.TrainConfig, given: set[str]) -> list[str]:
+    """Keep the user's dataset and what goes with it; with no dataset yet, take the preset's, saying so."""
+    if current.dataset.path.strip():
+        kept = [key for key in DATASET_KEYS if key in given and C.get_value(preset, key) != C.get_value(current, key)]
+        for key in DATASET_KEYS:
+            C.set_value(cfg, key, C.get_value(current, key))
+        return [f"Kept your {_words(kept)}; the preset's are for its own dataset."] if kept else []
+    taken = [key for key in DATASET_KEYS if key in given]
+    if not taken:
+        return []
+    shown = ", ".join(f"{key} = {_shown(C.get_value(preset, key))}" for key in taken)
+    return [f"You have no dataset yet, so the preset's example is used: {shown}. Pick your dataset to train on it."]
+
+
+def _keys_in(path: Path) -> set[str]:
+    """The section.key names a TOML file sets."""
+    import tomllib
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict) for key in values}
+
+
+def _words(keys: list[str]) -> str:
+    names = {"dataset.path": "dataset", "dataset.regularization_path": "regularization folder",
+             "dataset.trigger": "trigger", "sampling.prompts": "sample prompts"}
+    words = [names[k] for k in keys]
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return "; ".join(value)
+    return Path(value).name if "/" in str(value) else str(value)
