@@ -21,17 +21,18 @@ class AppError(UserError):
 
 
 def user_message(error: BaseException) -> str:
-    """The error's text without temporary server paths (a browser upload lives under the temp folder: the user
-    knows it by its file name)."""
+    """The error's text without temporary server paths: a browser upload lives in Gradio's upload folder (and an
+    unpacked zip in a loradesk-upload- folder), and the user knows it by its file name."""
     text = str(error).strip() or type(error).__name__
-    for root in _temp_roots():
+    for root in upload_roots():
         text = re.sub(re.escape(root) + r"[^\s'\"(),;:]*", lambda m: Path(m.group(0)).name or "upload", text)
-    return text
+    return re.sub(r"/[^\s'\"(),;:]*/loradesk-upload-[^/\s]+/[^\s'\"(),;:]*", lambda m: Path(m.group(0)).name, text)
 
 
-def _temp_roots() -> list[str]:
-    roots = [os.environ.get("GRADIO_TEMP_DIR", ""), tempfile.gettempdir()]
-    return [str(Path(r).resolve()) for r in roots if r] + [r for r in roots if r]
+def upload_roots() -> list[str]:
+    """Where Gradio keeps uploads (GRADIO_TEMP_DIR, else <temp>/gradio), as given and resolved."""
+    root = os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
+    return sorted({root, str(Path(root).resolve())}, key=len, reverse=True)
 
 
 def guarded(fn, outputs, status=None, clear=()):

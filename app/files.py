@@ -84,7 +84,8 @@ def extract_zip(zip_path: Path, dest: Path, keep_suffixes: set[str]) -> tuple[li
                     _copy_limited(src, dst, m.file_size, m.filename)
             except (UploadError, zipfile.BadZipFile, OSError) as e:
                 target.unlink(missing_ok=True)
-                skipped.append((m.filename, f"could not be extracted: {e}"))
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # no temporary paths
+                skipped.append((m.filename, f"could not be extracted: {why}"))
                 continue
             out.append(target)
     return out, skipped

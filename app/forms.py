@@ -32,6 +32,8 @@ def values_to_config(values: list, runs_dir: str) -> tuple[TrainConfig, dict[str
         if value is None and info.type in (int, float):
             errors[info.key] = f"{info.key} is empty; give a number"
             continue
+        if info.type is list and isinstance(value, str):
+            value = [line.strip() for line in value.splitlines() if line.strip()]  # one item per line, commas kept
         try:
             set_value(cfg, info.key, value)
         except ValueError as e:

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import active_run, adapter_file, checkpoint_dirs, list_runs, run_info  # torch-free; the rest on use
+from trainer import (active_run, adapter_file, checkpoint_dirs, checkpoint_step, list_runs,  # torch-free:
+                     run_info)  # the heavy names are imported where they are used
 
 from .device import free_device, get_generator, hold_device
 from .errors import AppError
@@ -75,6 +76,7 @@ class _Device:
         self.settings, self.model_path, self.slots, self.progress = settings, model_path, slots, progress
 
     def __enter__(self):
+        self.oom = _out_of_memory_type()
         if not hold_device():
             raise AppError("The device is busy (another generation, or a training starting); try again in a "
                            "moment.")
@@ -89,8 +91,17 @@ class _Device:
             raise
         return gen
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
         free_device()
+        if kind is not None and issubclass(kind, self.oom):  # a user error with advice, not a crash
+            from trainer import oom_advice
+            raise AppError(f"The device ran out of memory while generating. {oom_advice()} For generation: fewer "
+                           f"images at once, or a smaller width and height.") from None
+
+
+def _out_of_memory_type() -> type:
+    import torch
+    return torch.OutOfMemoryError
 
 
 def generate(settings, model_path: str, slots: list[Slot], prompt: str, negative_prompt: str = "", seed: int = 0,
@@ -150,8 +161,8 @@ def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtyp
     from trainer import export_adapter
     src = adapter_file(run_dir)
     name = safe_filename(run_info(run_dir).name, "lora")
-    if src.name == "adapter.safetensors":  # a checkpoint's: say which step it is
-        name += f"-{src.parent.name}"
+    if checkpoint_step(src) is not None:  # a checkpoint's adapter (the run has no final one): say which step
+        name += f"-step-{checkpoint_step(src)}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Path(export_adapter(src, out_dir / f"{name}-{format}-{dtype}.safetensors", format, dtype))

@@ -119,3 +119,20 @@ def test_starting_a_training_frees_the_cached_models(env):
     first = device.get_generator(s.base_model)
     device.release_models()
     assert device.get_generator(s.base_model) is not first
+
+
+def test_long_actions_report_progress(env):
+    """The comparison grid, the analysis and a first generation (the model load) show progress, not a bare timer."""
+    from app.main import build_app
+    s, _, _ = env
+    demo = build_app(s)
+    tracked = {}
+    for fn in demo.fns.values():
+        for target, _ in fn.targets:
+            block = demo.blocks.get(target) if isinstance(target, int) else target
+            tracked[getattr(block, "elem_id", None)] = fn.tracks_progress
+    assert tracked["gen-btn"] and tracked["grid-btn"] and tracked["analyze-btn"]
+    steps = []
+    G.generate(s, s.base_model, [], "a red square", steps=3, width=64, height=64,
+               progress=lambda share, what: steps.append((round(share, 2), what)))
+    assert steps[-3:] == [(0.33, "step 1 of 3"), (0.67, "step 2 of 3"), (1.0, "step 3 of 3")]

@@ -69,6 +69,12 @@ def test_blend_takes_a_checkpoint_folder_or_a_run_folder(rank4_alpha1_run, tmp_p
                                "--dtype", "fp32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert_same_deltas(load_adapter(out), trained)
+    from trainer.__main__ import main
+    for command in (["export", str(ckpt), "--dtype", "fp32"], ["resize", str(rank4_alpha1_run), "--rank", "4",
+                                                               "--dtype", "fp32"]):
+        out = tmp_path / f"{command[0]}.safetensors"
+        assert main(command + ["--out", str(out)]) == 0
+        assert_same_deltas(load_adapter(out), trained)  # resize to the same rank keeps every delta
 
 
 # 2. the trigger button follows the trainer's whole-word rule -------------------------------------------------------
@@ -162,8 +168,9 @@ def test_blend_export_works_with_the_default_rank_field(tmp_path, tiny_model_dir
 
 # 6. a failed action shows one message and leaves every widget usable ----------------------------------------------
 
-def test_a_bad_adapter_upload_is_one_message_without_server_paths(tmp_path, tiny_model_dir):
+def test_a_bad_adapter_upload_is_one_message_without_server_paths(tmp_path, tiny_model_dir, monkeypatch):
     import json
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # where Gradio puts a browser's upload
     from app.main import build_app
     from app.settings import AppSettings
     s = AppSettings(data_dir=tmp_path / "d", runs_dir=tmp_path / "r", adapters_dir=tmp_path / "a",
@@ -178,3 +185,68 @@ def test_a_bad_adapter_upload_is_one_message_without_server_paths(tmp_path, tiny
     assert "junk.safetensors" in shown and str(upload_dir) not in shown
     updates = [o for o in outputs if isinstance(o, dict)]
     assert all("value" not in o and "choices" not in o for o in updates[:4]), "the slots keep what they hold"
+
+
+# found in review -------------------------------------------------------------------------------------------------
+
+def test_a_form_list_keeps_commas_inside_one_item(tmp_path):
+    from app import forms as F
+    cfg = C.TrainConfig()
+    cfg.sampling.prompts = ["a photo of zqx, smiling"]
+    back, _ = F.values_to_config(F.config_to_values(cfg), str(tmp_path))
+    assert back.sampling.prompts == ["a photo of zqx, smiling"]
+
+
+def test_an_unknown_home_folder_is_a_field_problem_not_a_crash(tmp_path):
+    from app import forms as F
+    from app.settings import AppSettings
+    from app.tabs import train as tab
+    cfg = C.TrainConfig()
+    cfg.dataset.path = "~nosuchuser-loradesk/data"
+    errors, _ = tab.check_form(AppSettings(runs_dir=tmp_path), F.config_to_values(cfg))
+    assert "no user 'nosuchuser-loradesk'" in errors["dataset.path"]
+
+
+def test_downloads_are_named_by_what_they_are(rank4_alpha1_run, tmp_path):
+    from app import generation as G
+    out = G.export_run_adapter(rank4_alpha1_run, tmp_path / "exports", "kohya", "fp32")
+    assert out.name == "r4a1-step-4-kohya-fp32.safetensors"  # no final adapter: the newest checkpoint's, named so
+
+
+def test_messages_keep_user_folders_and_drop_upload_folders(tmp_path, monkeypatch):
+    from app.errors import user_message
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    text = user_message(ValueError(f"{tmp_path}/gradio/ab12/x.safetensors is bad; see {tmp_path}/data/y.png"))
+    assert text == f"x.safetensors is bad; see {tmp_path}/data/y.png"
+    assert user_message(ValueError("/tmp/loradesk-upload-k2j/zip0/a/b.png: truncated")) == "b.png: truncated"
+
+
+def test_a_crash_while_loading_still_ends_in_a_failed_event(tmp_path, tiny_model_dir, monkeypatch):
+    from trainer import read_events, run_info
+    from trainer.job import run_here
+    from trainer.loop import Trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_setup_model", out_of_memory)
+    cfg = C.TrainConfig()
+    cfg.model.path, cfg.dataset.path = str(tiny_model_dir), str(make_images(tmp_path / "data"))
+    cfg.saving.runs_dir = str(tmp_path / "runs")
+    run_dir = runs.create_run_dir(cfg)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_here(run_dir)
+    failed = [e for e in read_events(run_dir / "events.jsonl") if e.kind == "failed"]
+    assert len(failed) == 1 and "out of memory" in failed[0].error
+    info = run_info(run_dir)
+    assert info.state == "failed" and "gradient_checkpointing" in info.advice
+
+
+def test_the_cli_reports_an_unwritable_runs_folder_in_one_line(tmp_path, capsys):
+    from trainer.__main__ import main
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["train", "--set", f"dataset.path={make_images(tmp_path / 'data')}",
+                 "--set", f"saving.runs_dir={blocker / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err

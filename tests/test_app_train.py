@@ -75,8 +75,16 @@ def test_a_preset_sets_training_settings_and_keeps_the_users_dataset(settings, t
                                                                        str(tmp_path))
     assert (cfg.dataset.trigger, cfg.dataset.regularization_path, cfg.sampling.prompts) == (
         "", "", ["my dog on a sofa"]), "the demo's trigger, regularization images and prompts are its own"
-    assert notes == ["Kept your dataset, regularization folder, trigger and sample prompts; the preset's are for "
-                     "its own dataset."]
+    assert notes == ["Kept your dataset and sample prompts.",
+                     "Not taken from the preset: its regularization folder and trigger (they belong to its own "
+                     "dataset)."]
+    cfg, notes = apply_preset(mine, "sd15-character")  # made for SD1.5: the user's own model stays
+    assert cfg.model.path == "/models/mine" and notes[0].startswith("Kept your base model")
+    on_tiny = default_config("", str(settings.runs_dir))
+    on_tiny.dataset.path = str(tmp_path)
+    cfg, notes = apply_preset(on_tiny, "sd15-character")  # the built-in model gives way to the preset's
+    assert cfg.model.path == "models/v1-5-pruned-emaonly.safetensors" and "set model.path" in notes[0]
+    assert (cfg.dataset.resolution, cfg.network.rank) == (512, 16)
 
 
 def test_with_no_dataset_a_preset_brings_its_example_and_says_so(settings, tmp_path, monkeypatch):

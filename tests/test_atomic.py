@@ -44,11 +44,11 @@ def test_atomic_dir_swaps_a_whole_folder_and_cleans_up(tmp_path):
     assert (final / "w.bin").read_text() == "v2" and os.listdir(tmp_path) == ["model"]
 
 
-def test_runs_still_exports_the_helpers():
-    from trainer import runs
-    for name in ("atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic",
-                 "new_checkpoint_dir"):
-        assert callable(getattr(runs, name))
+def test_the_public_api_exports_the_helpers():
+    import trainer
+    from trainer import atomic
+    for name in ("atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"):
+        assert getattr(trainer, name) is getattr(atomic, name)
 
 
 def test_cli_report_and_png_writers_leave_no_temp_on_failure(tmp_path):

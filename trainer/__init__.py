@@ -26,7 +26,7 @@ Runs
   read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
   Failed), smoothed(values), JobError, oom_advice()
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
-  adapter_file(source), load_adapter(source) -> Adapter, LoraLayer, save_adapter(), export_adapter(),
+  adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter, LoraLayer, save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
   Generator, image_grid()
 Files
@@ -42,7 +42,7 @@ _EXPORTS = {
     **dict.fromkeys(["TrainConfig", "FieldInfo", "ConfigError", "SECTIONS", "fields", "field_info", "get_value",
                      "set_value", "apply_overrides", "dumps"], "config"),
     "load_config": "config:load",
-    **dict.fromkeys(["config_problems", "check_config"], "preflight"),
+    **dict.fromkeys(["config_problems", "check_config"], "job"),
     **dict.fromkeys(["default_config", "list_presets", "preset_note", "load_preset", "apply_preset"], "presets"),
     # base models
     **dict.fromkeys(["load_base_model", "BaseModel", "ModelLoadError", "resolve_model_path", "native_resolution",
@@ -56,7 +56,7 @@ _EXPORTS = {
     **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job"],
                     "job"),
     **dict.fromkeys(["create_run_dir", "list_runs", "run_info", "RunInfo", "load_run_config", "checkpoint_dirs",
-                     "adapter_file", "smoothed"], "runs"),
+                     "adapter_file", "checkpoint_step", "smoothed"], "runs"),
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
                      "CheckpointWritten", "Message", "Finished", "Failed"], "events"),
     "oom_advice": "advice",

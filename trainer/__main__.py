@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a folder that cannot be written (a read-only runs_dir, a full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

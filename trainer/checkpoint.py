@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .network import LoraParams, load_lora_state_dict, lora_state_dict
+from .runs import TRAINING_STATE
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
@@ -58,13 +59,13 @@ def save_training_state(folder: Path, params: LoraParams, optimizer, lr_schedule
     tensors["__torch_rng_state__"] = torch.get_rng_state()
     save_file(tensors, folder / "optimizer.safetensors")
     state = {"step": step, "epoch": epoch_hint, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict()}
-    (folder / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    (folder / TRAINING_STATE).write_text(json.dumps(state), encoding="utf-8")
 
 
 def load_training_state(folder: Path, params: LoraParams, optimizer, lr_scheduler) -> int:
     """Restore what save_training_state wrote; returns the step to continue from."""
     load_lora_state_dict(params, load_file(folder / "lora.safetensors"))
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    state = json.loads((folder / TRAINING_STATE).read_text(encoding="utf-8"))
     tensors = load_file(folder / "optimizer.safetensors")
     rng = tensors.pop("__torch_rng_state__", None)
     _optimizer_from_flat(optimizer, _param_names(optimizer, params), tensors, state["optimizer"])

@@ -377,7 +377,7 @@ def find_folders_under(cfg: TrainConfig, root: str | Path) -> TrainConfig:
     found from the working directory is taken under `root` when it is there, so a preset runs from anywhere."""
     for key in ("dataset.path", "dataset.regularization_path"):
         folder = get_value(cfg, key)
-        if not folder.strip() or Path(folder).expanduser().is_absolute() or Path(folder).exists():
+        if not folder.strip() or expand_path(folder).is_absolute() or Path(folder).exists():
             continue
         beside = Path(root).resolve() / folder
         if beside.exists():
@@ -489,14 +489,15 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
         problems.append(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below schedule.max_steps "
                         f"({cfg.schedule.max_steps})")
     if check_paths:
+        problems += _home_problems(cfg)
         if not cfg.dataset.path:
             problems.append("dataset.path is empty: give the folder that holds your training images")
-        elif not Path(cfg.dataset.path).expanduser().is_dir():
+        elif not expand_path(cfg.dataset.path).is_dir():
             problems.append(f"dataset.path {cfg.dataset.path} is not a folder; give the folder that holds your "
                             f"training images")
         problems += _regularization_problems(cfg.dataset)
         mp = cfg.model.path
-        if mp and _looks_local(mp) and not Path(mp).expanduser().exists():
+        if mp and _looks_local(mp) and not expand_path(mp).exists():
             problems.append(f"model.path {mp} does not exist; give a diffusers folder or a .safetensors file "
                             f"(empty = the built-in tiny model)")
         if mp and Path(mp).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not cfg.model.trust_pickle:
@@ -505,14 +506,36 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
     return problems
 
 
+PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "saving.runs_dir")
+
+
+def expand_path(text: str) -> Path:
+    """A user's path with ~ expanded; a ~name whose home folder is unknown stays as typed (validate() says so)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def _home_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    for key in PATH_KEYS:
+        value = get_value(cfg, key)
+        if value.startswith("~") and expand_path(value) == Path(value):
+            user = value[1:].split("/", 1)[0]
+            problems.append(f"{key} {value}: there is no user {user!r} on this machine whose home folder ~{user} "
+                            f"could stand for; give the full path")
+    return problems
+
+
 def _regularization_problems(ds: DatasetSection) -> list[str]:
     reg = ds.regularization_path.strip()
     if not reg:
         return []
-    if not Path(reg).expanduser().is_dir():
+    if not expand_path(reg).is_dir():
         return [f"dataset.regularization_path {reg} is not a folder; give the folder of regularization images, or "
                 f"leave it empty"]
-    if ds.path and Path(reg).expanduser().resolve() == Path(ds.path).expanduser().resolve():
+    if ds.path and expand_path(reg).resolve() == expand_path(ds.path).resolve():
         return [f"dataset.regularization_path is the training folder {ds.path}; regularization images need a folder "
                 f"of their own, captioned without the trigger"]
     return []
@@ -523,7 +546,7 @@ def _looks_local(path: str) -> bool:
     import re
     if Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         return True
-    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or Path(path).expanduser().exists()
+    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or expand_path(path).exists()
 
 
 def _expand_targets(names: list[str], groups: dict[str, list[str]]) -> list[str]:

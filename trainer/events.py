@@ -154,13 +154,15 @@ class EventTail:
     def __init__(self, path: str | Path):
         self.tail = JsonlTail(path)
         self.events: list[Event] = []
+        self.lock = threading.Lock()  # two browser tabs tick at once: their chunks must not interleave
 
     def read(self) -> list[Event]:
-        new = [e for e in map(_event, self.tail.read_new()) if e is not None]
-        if self.tail.restarted:
-            self.events = []
-        self.events += new
-        return list(self.events)
+        with self.lock:
+            new = [e for e in map(_event, self.tail.read_new()) if e is not None]
+            if self.tail.restarted:
+                self.events = []
+            self.events += new
+            return list(self.events)
 
 
 def read_events(path: str | Path) -> list[Event]:

@@ -1,6 +1,6 @@
 """A training in its own process: the app starts it, reads its events from the run folder and sends it commands.
 
-The path of a run: `start_run(cfg)` checks the config on this machine (`preflight`) before anything is written,
+The path of a run: `start_run(cfg)` checks the config on this machine (`check_config`) before anything is written,
 creates the run folder (`runs`) and starts `python -m trainer.job RUN_DIR`; that child calls `run_here`, which
 runs the `loop.Trainer` with `events.jsonl` as its consumer. The child owns the run folder, so a UI that restarts
 (or a second browser tab) sees the same state by reading events.jsonl. The CLI's `train` calls `run_here` in its
@@ -8,6 +8,8 @@ own process, with a progress bar as a second consumer.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,10 +18,48 @@ from pathlib import Path
 
 from . import config as C
 from . import runs
+from .advice import advice_for
 from .atomic import write_text_atomic
 from .errors import UserError
 from .events import Event, EventLog, Failed, send_command, tail_events
-from .preflight import check_config
+
+# ----------------------------------------------------------------------------------------------------------------
+# everything checked before a run folder exists: the config itself and what this machine can do for it (the CLI's
+# train and validate call check_config too, so both refuse the same configs with the same messages)
+
+def machine_problems(cfg: C.TrainConfig) -> list[str]:
+    """What this machine cannot do for cfg (no CUDA for fp16 or 8-bit AdamW, a missing optional package)."""
+    import torch
+    problems = []
+    cuda = torch.cuda.is_available()
+    if cfg.precision.device == "cuda" and not cuda:
+        problems.append("precision.device=cuda but no CUDA GPU is visible; use auto or cpu")
+    on_cuda = cuda and cfg.precision.device != "cpu"
+    if cfg.precision.mixed == "fp16" and not on_cuda:
+        problems.append("precision.mixed=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    if cfg.optimizer.name == "adamw8bit":
+        if not on_cuda:
+            problems.append("optimizer.name=adamw8bit needs a CUDA GPU (bitsandbytes); on the CPU use adamw")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'")
+    if cfg.optimizer.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
+    return problems
+
+
+def config_problems(cfg: C.TrainConfig, check_paths: bool = True) -> list[str]:
+    """Every problem with cfg on this machine (empty = it can train here)."""
+    problems = C.validate(cfg, check_paths)
+    return problems + [p for p in machine_problems(cfg) if p not in problems]
+
+
+def check_config(cfg: C.TrainConfig, source: str | None = None, check_paths: bool = True) -> C.TrainConfig:
+    """config_problems(), raised as one ConfigError naming every problem."""
+    problems = config_problems(cfg, check_paths)
+    if problems:
+        raise C.ConfigError(problems, source)
+    return cfg
+
 
 # keys that change what a checkpoint holds or which batches come next: a resumed run must keep them
 FROZEN_ON_RESUME = ("network.", "run.", "dataset.", "model.", "optimizer.name", "schedule.gradient_accumulation")
@@ -49,13 +89,30 @@ class Job:
         return self.process.wait(timeout)
 
 
-_children: list[subprocess.Popen] = []  # started here; polled so that finished ones are reaped, not zombies
+_children: list[Job] = []  # started here; polled so that finished ones are reaped, not left as zombies
 
 
 def active_run(runs_dir: str | Path) -> runs.RunInfo | None:
-    """The run whose trainer process is alive, if any (one device, one job)."""
-    _children[:] = [p for p in _children if p.poll() is None]
+    """The run whose trainer process is alive, if any (one device, one job). A child this process started counts
+    from its start, while it still loads the model and has written no event."""
+    _children[:] = [job for job in _children if job.process.poll() is None]
+    root = C.expand_path(runs_dir).resolve()
+    for job in _children:
+        if job.run_dir.resolve().parent != root:
+            continue
+        info = runs.run_info(job.run_dir)
+        if info.state in runs.FINAL_STATES and _exits_soon(job):
+            continue  # its last event is written; it only closes its files
+        return dataclasses.replace(info, state="running", error="", advice="")
     return runs.running_run(runs_dir)
+
+
+def _exits_soon(job: Job, seconds: float = 10.0) -> bool:
+    try:
+        job.process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def start_run(cfg: C.TrainConfig, env: dict | None = None) -> Job:
@@ -67,9 +124,8 @@ def start_run(cfg: C.TrainConfig, env: dict | None = None) -> Job:
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None, env: dict | None = None) -> Job:
     """Continue a stopped or crashed run from its last checkpoint (overrides: e.g. schedule.max_steps=2000)."""
-    run_dir = check_resumable(run_dir, overrides)
-    _refuse_if_busy(run_dir.parent)
-    return _spawn(run_dir, resume=True, env=env)
+    _refuse_if_busy(Path(run_dir).resolve().parent)
+    return _spawn(check_resumable(run_dir, overrides), resume=True, env=env)
 
 
 def check_resumable(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
@@ -111,8 +167,9 @@ def _spawn(run_dir: Path, resume: bool, env: dict | None) -> Job:
     with open(run_dir / "train.log", "ab") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=child_env(env), start_new_session=True)  # the run outlives a closed UI
-    _children.append(process)
-    return Job(run_dir, process)
+    job = Job(run_dir, process)
+    _children.append(job)
+    return job
 
 
 def child_env(env: dict | None = None) -> dict:
@@ -138,6 +195,10 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
         path = trainer.run(resume=resume)
     except UserError as e:  # bad data, model or config found while loading: the run never trained
         trainer.emit(Failed(step=getattr(trainer, "step", 0), error=str(e)))
+        raise
+    except Exception as e:  # out of memory while loading, a crash: the run's state must still say why
+        error = f"{type(e).__name__}: {e}"
+        trainer.emit(Failed(step=getattr(trainer, "step", 0), error=error, advice=advice_for(error)))
         raise
     return 0 if path is not None else 1
 

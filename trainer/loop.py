@@ -43,7 +43,7 @@ def _mix(*parts: int) -> int:
 
 @dataclass
 class Trainer:
-    """One run's training. `cfg` has passed `preflight.check_config` (the CLI and `job.start_run` check it before
+    """One run's training. `cfg` has passed `job.check_config` (the CLI and `job.start_run` check it before
     the run folder exists, so it is checked once)."""
     cfg: C.TrainConfig
     run_dir: Path
@@ -264,7 +264,7 @@ class Trainer:
         from .formats import adapter_from_model, save_adapter
         with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
             save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
-            save_adapter(adapter_from_model(self.base.unet, self.base.text_encoders), tmp / "adapter.safetensors",
+            save_adapter(adapter_from_model(self.base.unet, self.base.text_encoders), runs.checkpoint_adapter(tmp),
                          format="kohya", dtype="fp32", metadata=self.metadata())
         runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last)
         path = runs.last_checkpoint(self.run_dir)
@@ -337,7 +337,7 @@ def make_optimizer(cfg: C.TrainConfig, groups: list[dict]) -> torch.optim.Optimi
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if o.name == "adamw8bit":  # preflight.machine_problems() has checked CUDA and bitsandbytes
+    if o.name == "adamw8bit":  # job.machine_problems() has checked CUDA and bitsandbytes
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adafactor":

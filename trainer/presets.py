@@ -62,23 +62,36 @@ def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS
     path = find_preset(name, folder)
     preset = load_preset(name, folder=folder)
     given = _keys_in(path)
-    model = preset.model.path if "model.path" in given else current.model.path
+    model, notes = _model_choice(current, preset, given)
     cfg = default_config(model, current.saving.runs_dir)
-    notes = [f"The preset uses its own base model {model}: set model.path to your copy."] \
-        if "model.path" in given and model != current.model.path else []
     for key in given - {"model.path", *LOCAL_KEYS}:
         C.set_value(cfg, key, C.get_value(preset, key))
     notes += _dataset_choice(cfg, current, preset, given)
     return cfg, notes
 
 
+def _model_choice(current: C.TrainConfig, preset: C.TrainConfig, given: set[str]) -> tuple[str, list[str]]:
+    """The user's own base model stays; the built-in tiny one gives way to the model a preset is made for."""
+    if "model.path" not in given or preset.model.path == current.model.path:
+        return current.model.path, []
+    if current.model.path.strip():
+        return current.model.path, [f"Kept your base model; the preset was made for {preset.model.path}."]
+    return preset.model.path, [f"The preset is made for the base model {preset.model.path}: set model.path to your "
+                               f"copy of it."]
+
+
 def _dataset_choice(cfg: C.TrainConfig, current: C.TrainConfig, preset: C.TrainConfig, given: set[str]) -> list[str]:
     """Keep the user's dataset and what goes with it; with no dataset yet, take the preset's, saying so."""
     if current.dataset.path.strip():
-        kept = [key for key in DATASET_KEYS if key in given and C.get_value(preset, key) != C.get_value(current, key)]
+        differ = [key for key in DATASET_KEYS if key in given and C.get_value(preset, key) != C.get_value(current, key)]
         for key in DATASET_KEYS:
             C.set_value(cfg, key, C.get_value(current, key))
-        return [f"Kept your {_words(kept)}; the preset's are for its own dataset."] if kept else []
+        kept = [key for key in differ if C.get_value(current, key)]
+        unused = [key for key in differ if not C.get_value(current, key)]
+        notes = [f"Kept your {_words(kept)}."] if kept else []
+        if unused:
+            notes.append(f"Not taken from the preset: its {_words(unused)} (they belong to its own dataset).")
+        return notes
     taken = [key for key in DATASET_KEYS if key in given]
     if not taken:
         return []

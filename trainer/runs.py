@@ -58,9 +58,9 @@ def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
     for key in ("dataset.path", "dataset.regularization_path", "saving.runs_dir"):
         value = C.get_value(cfg, key).strip()
         if value:
-            C.set_value(cfg, key, str(Path(value).expanduser().resolve()))
-    if cfg.model.path.strip() and Path(cfg.model.path).expanduser().exists():
-        cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
+            C.set_value(cfg, key, str(C.expand_path(value).resolve()))
+    if cfg.model.path.strip() and C.expand_path(cfg.model.path).exists():
+        cfg.model.path = str(C.expand_path(cfg.model.path).resolve())
     cfg.dataset.trigger = resolve_trigger(cfg.dataset)
     return cfg
 
@@ -94,7 +94,7 @@ def checkpoint_adapter(checkpoint: str | Path) -> Path:
 def adapter_file(source: str | Path) -> Path:
     """The adapter file `source` stands for: an adapter file itself, a checkpoint folder's adapter, or a run
     folder's final adapter (its newest checkpoint's when the run has no final adapter yet)."""
-    path = Path(source).expanduser()
+    path = C.expand_path(source)
     if path.is_file():
         return path
     if not path.is_dir():
@@ -109,6 +109,14 @@ def adapter_file(source: str | Path) -> Path:
         return _run_adapter(path)
     raise UserError(f"{source} is a folder but neither a run folder (with config.toml) nor a checkpoint folder; "
                     f"give an adapter .safetensors file")
+
+
+def checkpoint_step(adapter: str | Path) -> int | None:
+    """The step of the checkpoint an adapter file belongs to; None for any other file (a final adapter)."""
+    path = Path(adapter)
+    if path.name != CHECKPOINT_ADAPTER or path.parent.parent.name != "checkpoints":
+        return None
+    return _checkpoint_step(path.parent.name)
 
 
 def _run_adapter(run_dir: Path) -> Path:
@@ -222,6 +230,7 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
         failures = [e for e in events if isinstance(e, Failed)]  # a config, data or model error before step 0
         info.error = failures[-1].error if failures else "the run never started (see train.log)"
         if failures:
+            info.advice = failures[-1].advice
             return info
         if (run_dir / "train.log").exists() and time.time() - run_dir.stat().st_mtime < 120:
             info.state = "running"  # still loading
@@ -249,7 +258,7 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
 
 def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     """Every run folder under runs_dir, newest first."""
-    root = Path(runs_dir).expanduser()
+    root = C.expand_path(runs_dir)
     if not root.is_dir():
         return []
     found = [run_info(p) for p in root.iterdir() if p.is_dir() and is_run_dir(p)]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from trainer import dataset_trigger
+from trainer import UserError, dataset_trigger
 
 from .. import datasets as D
-from ..errors import guarded
+from ..errors import guarded, user_message
 from ..files import UploadError, safe_dirname
 from ..settings import AppSettings
 
@@ -240,8 +240,8 @@ def _wire_captions(settings: AppSettings, c: dict) -> None:
     def on_select(name, evt: gr.SelectData):  # not wrapped: Gradio finds SelectData by this signature
         try:
             return select(s, name, evt.index)
-        except UploadError as e:
-            gr.Warning(str(e))
+        except (UserError, OSError) as e:
+            gr.Warning(user_message(e))
             return gr.skip(), gr.skip(), gr.skip()
 
     c["gallery"].select(on_select, [c["picker"]], editor)

@@ -134,7 +134,8 @@ def _wire_images(settings: AppSettings, c: dict) -> None:
     size_inputs = [c["prompt"], c["negative"], c["seed"], c["steps"], c["guidance"], c["width"], c["height"],
                    c["count"]]
 
-    def on_generate(model_path, *rest, progress=gr.Progress()):
+    # gr.Progress comes first: Gradio finds it only among the positional parameters
+    def on_generate(progress=gr.Progress(), model_path="", *rest):
         slot_values, (p, n, sd, st, g, w, h, k) = rest[:-8], rest[-8:]
         images = G.generate(s, model_path, slots_from(list(slot_values)), p, n, int(sd or 0), st, g, w, h, k,
                             progress=lambda share, what: progress(share, desc=what))
@@ -144,7 +145,7 @@ def _wire_images(settings: AppSettings, c: dict) -> None:
     c["gen_btn"].click(guarded(on_generate, outputs, c["status"]), inputs + size_inputs, outputs,
                        concurrency_limit=1, concurrency_id="device")
 
-    def on_grid(model_path, *rest, progress=gr.Progress()):
+    def on_grid(progress=gr.Progress(), model_path="", *rest):
         slot_values, (p, n, st, g, w, h, kind, wts, run_name, sds) = rest[:-10], rest[-10:]
         slots = slots_from(list(slot_values))
         rows = _grid_rows(s, slots, kind, wts, run_name)
@@ -157,12 +158,17 @@ def _wire_images(settings: AppSettings, c: dict) -> None:
     c["grid_btn"].click(guarded(on_grid, [c["grid"], c["status"]], c["status"]), inputs + grid_inputs,
                         [c["grid"], c["status"]], concurrency_limit=1, concurrency_id="device")
 
-    def on_model(path):
+    before = gr.State(settings.base_model)
+
+    def on_model(path, old):
+        """A new base model brings its native size; leaving the box unchanged keeps the user's width and height."""
+        if path == old:
+            return gr.skip(), gr.skip(), old
         size = native_resolution(path or "")
-        return size, size
+        return size, size, path
 
     for event in (c["model"].blur, c["model"].submit):
-        event(on_model, [c["model"]], [c["width"], c["height"]], show_progress="hidden")
+        event(on_model, [c["model"], before], [c["width"], c["height"], before], show_progress="hidden")
 
 
 def _grid_rows(settings: AppSettings, slots: list[G.Slot], kind: str, weights: str, run_name: str | None) -> list:
@@ -189,7 +195,7 @@ def _wire_tools(settings: AppSettings, c: dict) -> None:
     c["blend_btn"].click(guarded(on_blend, blend_outputs, c["status"]), inputs + [c["rank"]], blend_outputs,
                          concurrency_limit=1, concurrency_id="device")
 
-    def on_analyze(*slot_values, progress=gr.Progress()):
+    def on_analyze(progress=gr.Progress(), *slot_values):
         images, text = G.analyze_slots(s, slots_from(list(slot_values)),
                                        progress=lambda share, what: progress(share, desc=what))
         return images, text, ""

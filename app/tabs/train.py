@@ -5,6 +5,7 @@ the child process) -> the live view reads `events.jsonl` through `runview`.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -32,6 +33,8 @@ SECTION_WORDS = {"run": "Run", "model": "Model", "dataset": "Dataset", "network"
                  "saving": "Checkpoint"}
 FIELDS_PER_ROW = 2
 VIEW_KEYS = ("progress", "status", "losses", "samples", "columns", "failure")
+PLOT_EVERY_S = 5
+LIVE_EVERY_S = 2.0  # the live view while a run trains: every redraw of the big Train tab costs the browser CPU
 COMMAND_REPLIES = {"stop": "Stopping after the current step; the adapter so far will be saved.",
                    "save": "A checkpoint will be written after the current step.",
                    "sample": "Samples will be rendered after the current step."}
@@ -66,8 +69,8 @@ def start(settings: AppSettings, values: list) -> tuple[Path, str]:
     if not hold_device():
         raise AppError("Images are being generated; press Start again when they are done (one device, one job).")
     try:
-        release_models()  # the training gets the device memory the Generate tab held
         job = start_run(cfg)
+        release_models()  # the training gets the device memory the Generate tab held
     finally:
         free_device()
     return job.run_dir, f"Started **{job.run_dir.name}**."
@@ -79,8 +82,9 @@ def resume(settings: AppSettings, name: str | None) -> Path:
     if not hold_device():
         raise AppError("Images are being generated; press Resume again when they are done (one device, one job).")
     try:
+        job = resume_run(Path(settings.runs_dir) / name)
         release_models()
-        return resume_run(Path(settings.runs_dir) / name).run_dir
+        return job.run_dir
     finally:
         free_device()
 
@@ -94,7 +98,7 @@ def command(settings: AppSettings, followed: str | None, name: str) -> str:
     if run_dir is None:
         raise AppError("No run is training now.")
     send_command(run_dir, name)
-    return COMMAND_REPLIES[name]
+    return f"**{run_dir.name}**: {COMMAND_REPLIES[name]}"
 
 
 def followed_dir(settings: AppSettings, followed: str | None) -> Path | None:
@@ -115,16 +119,22 @@ def live(settings: AppSettings, followed: str | None) -> dict:
         return {"run": "", "progress": V.progress_html(None), "status": "No runs yet: press Start.",
                 "losses": [], "samples": [], "columns": "", "failure": "", "state": ""}
     view = V.run_view(run_dir)
+    busy = active_run(settings.runs_dir)
+    if busy is not None and busy.run_dir.resolve() == run_dir.resolve():
+        view.state, view.error = "running", ""  # its process lives (it may still be loading the model)
     return {"run": run_dir.name, "progress": V.progress_html(view), "status": V.status_text(view),
             "losses": view.losses, "samples": view.samples, "columns": V.sample_prompts_text(view),
             "failure": V.failure_text(view), "state": view.state, "view": view}
 
 
-def changed(view: dict, sent: dict) -> tuple[list, dict]:
+def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dict]:
     """The live view's outputs with gr.skip() for each one the browser already shows; and the new record of what
-    it shows. Plots and images are compared by what they are made of (the points, the sample sets)."""
-    stamps = {"progress": view["progress"], "status": view["status"], "failure": view["failure"],
-              "losses": (view["run"], len(view["losses"]), view["losses"][-1:]),
+    it shows. Plots and images are compared by what they are made of (the points, the sample sets); while a run
+    trains, the loss plot (the costliest widget to redraw) is sent at most every PLOT_EVERY_S seconds."""
+    losses = (view["run"], len(view["losses"]), view["losses"][-1:])
+    if view["state"] == "running":
+        losses = (view["run"], int((time.monotonic() if now is None else now) // PLOT_EVERY_S))
+    stamps = {"progress": view["progress"], "status": view["status"], "failure": view["failure"], "losses": losses,
               "samples": (view["run"], [(s.step, s.paths) for s in view["samples"]]), "columns": view["columns"]}
     out = []
     for key in VIEW_KEYS:
@@ -141,7 +151,6 @@ def changed(view: dict, sent: dict) -> tuple[list, dict]:
 
 def runs_rows(settings: AppSettings) -> list[list]:
     """Rows for the runs list: name, state, step/total, started, adapter."""
-    import time
     rows = []
     for info in list_runs(settings.runs_dir):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started_at))
@@ -290,7 +299,7 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, b
             _runs_column(settings, c)
     c["followed"] = gr.State(None)
     c["sent"] = gr.State({})
-    c["timer"] = gr.Timer(1.0)
+    c["timer"] = gr.Timer(LIVE_EVERY_S)
     c["slow_timer"] = gr.Timer(5.0)
     c["model_before"] = gr.State(settings.base_model)
     _wire_form(settings, demo, c)
@@ -310,15 +319,17 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
         updates = [gr.update(visible=i.key in errors, value=f"⚠ {errors.get(i.key, '')}") for i in infos]
         return (*updates, summary)
 
-    gr.on([x.change for x in form], on_check, form, c["form_errs"] + [c["form_status"]], show_progress="hidden",
-          trigger_mode="always_last")
+    gr.on([x.change for x in form], guarded(on_check, c["form_errs"] + [c["form_status"]], c["form_status"]), form,
+          c["form_errs"] + [c["form_status"]], show_progress="hidden", trigger_mode="always_last")
 
     def on_preset(name, *vals):
         if not name:
             return [gr.skip() for _ in form] + [gr.skip()]
         current, _ = F.values_to_config(list(vals), str(s.runs_dir))
         cfg, notes = apply_preset(current, name)
-        return F.config_to_values(cfg) + [" ".join(notes) or f"Preset **{name}** applied."]
+        if cfg.dataset.trigger and cfg.dataset.trigger != dataset_trigger(cfg.dataset.path or "."):
+            notes.append(f"Its trigger '{cfg.dataset.trigger}' lives with a dataset: set it in the Dataset tab.")
+        return F.config_to_values(cfg) + [" ".join([f"Preset **{name}** applied.", *notes])]
 
     c["preset"].change(guarded(on_preset, form + [c["form_status"]], c["form_status"]), [c["preset"], *form],
                        form + [c["form_status"]])
@@ -357,10 +368,18 @@ def _wire_model_defaults(c: dict) -> None:
 def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     s = settings
     outputs = [c["progress"], c["status"], c["loss_plot"], c["samples"], c["columns"], c["failure"]]
+    view_outputs = outputs + [c["sent"], c["timer"]]
 
     def render(followed, sent):
-        values, stamps = changed(live(s, followed), sent or {})
-        return (*values, stamps)
+        """The live view; its timer stops once the shown run is not training (the slow timer starts it
+        again when a run begins), so an idle page pays only for the 5-second runs refresh."""
+        view = live(s, followed)
+        values, stamps = changed(view, sent or {})
+        ticking = view["state"] == "running"
+        # stopping is always sent (a tick may come from a timer another handler woke); starting only once
+        timer = gr.Timer(active=False) if not ticking else gr.skip() if (sent or {}).get("ticking") else \
+            gr.Timer(active=True)
+        return (*values, {**stamps, "ticking": ticking}, timer)
 
     def on_start(*vals):
         run_dir, text = start(s, list(vals))
@@ -368,14 +387,15 @@ def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
     start_outputs = [c["followed"], c["form_status"], c["runs"], c["picked"]]
     c["start_btn"].click(guarded(on_start, start_outputs, c["form_status"]), c["form"], start_outputs,
-                         concurrency_limit=1).then(render, [c["followed"], c["sent"]], outputs + [c["sent"]])
+                         concurrency_limit=1).then(render, [c["followed"], c["sent"]], view_outputs)
     for btn, name in ((c["stop_btn"], "stop"), (c["save_btn"], "save"), (c["sample_btn"], "sample")):
         btn.click(guarded(_command_handler(s, name), [c["form_status"]], c["form_status"]), [c["followed"]],
                   [c["form_status"]])
-    c["timer"].tick(render, [c["followed"], c["sent"]], outputs + [c["sent"]], show_progress="hidden")
+    c["timer"].tick(render, [c["followed"], c["sent"]], view_outputs, show_progress="hidden")
     c["follow_btn"].click(lambda name: (name, {}), [c["picked"]], [c["followed"], c["sent"]]).then(
-        render, [c["followed"], c["sent"]], outputs + [c["sent"]])
-    demo.load(lambda: (_active_name(s), {}), None, [c["followed"], c["sent"]])
+        render, [c["followed"], c["sent"]], view_outputs)
+    demo.load(lambda: (_active_name(s), {}), None, [c["followed"], c["sent"]]).then(
+        render, [c["followed"], c["sent"]], view_outputs)
     log_source = [c["followed"]]
     c["log_btn"].click(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
     c["log_box"].expand(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
@@ -401,21 +421,25 @@ def _wire_runs(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
     def refresh_run_choices(shown):
         # choices only: a tick that wrote the picked value back could undo a pick made while it was in flight;
-        # and nothing at all when nothing changed
+        # and nothing at all when nothing changed. A run that started (here, in another tab or from the CLI)
+        # wakes the live view's timer.
         rows = runs_rows(s)
-        return (gr.skip(), gr.skip(), shown) if rows == shown else (rows, gr.update(choices=[r[0] for r in rows]),
-                                                                    rows)
+        wake = gr.Timer(active=True) if active_run(s.runs_dir) is not None else gr.skip()
+        if rows == shown:
+            return gr.skip(), gr.skip(), shown, wake
+        return rows, gr.update(choices=[r[0] for r in rows]), rows, wake
 
     shown = gr.State(runs_rows(s))
-    c["slow_timer"].tick(refresh_run_choices, [shown], [c["runs"], c["picked"], shown], show_progress="hidden")
+    c["slow_timer"].tick(refresh_run_choices, [shown], [c["runs"], c["picked"], shown, c["timer"]],
+                         show_progress="hidden")
     demo.load(refresh_runs, [c["picked"]], [c["runs"], c["picked"]])
 
     def on_resume(name):
         run_dir = resume(s, name)
         gr.Info(f"Resuming {run_dir.name} from its last checkpoint.")
-        return run_dir.name, {}, *refresh_runs(name)
+        return run_dir.name, {}, *refresh_runs(name), gr.Timer(active=True)
 
-    resume_outputs = [c["followed"], c["sent"], c["runs"], c["picked"]]
+    resume_outputs = [c["followed"], c["sent"], c["runs"], c["picked"], c["timer"]]
     c["resume_btn"].click(guarded(on_resume, resume_outputs), [c["picked"]], resume_outputs, concurrency_limit=1)
 
     def on_export(name, format, precision):

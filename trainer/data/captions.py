@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.config import expand_path
+
 CAPTION_EXTENSIONS = (".txt", ".caption")  # looked up in this order next to each image
 DATASET_FILE = "loradesk-dataset.toml"  # in a dataset folder: its own settings (the trigger the app's Dataset tab sets)
 
@@ -53,7 +55,7 @@ def dataset_trigger(folder: str | Path) -> str:
     """The trigger saved in a dataset folder's loradesk-dataset.toml ("" when none, or when the file is damaged:
     the trigger is a convenience, and the config's dataset.trigger still wins)."""
     import tomllib
-    path = Path(folder).expanduser() / DATASET_FILE
+    path = expand_path(folder) / DATASET_FILE
     try:
         value = tomllib.loads(path.read_text(encoding="utf-8")).get("trigger", "")
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -67,7 +69,7 @@ def set_dataset_trigger(folder: str | Path, trigger: str) -> Path:
     from trainer.atomic import write_text_atomic
     text = (f"# loradesk: settings of this dataset folder\ntrigger = {json.dumps(trigger.strip(), ensure_ascii=False)}"
             "\n")
-    return write_text_atomic(Path(folder).expanduser() / DATASET_FILE, text)
+    return write_text_atomic(expand_path(folder) / DATASET_FILE, text)
 
 
 def resolve_trigger(ds) -> str:

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config import expand_path
+
 from .captions import read_caption, resolve_trigger, split_tags, with_trigger
 from .errors import DatasetError, ImageLoadError
 from .images import IMAGE_EXTENSIONS, is_image_file, probe_image
@@ -119,7 +121,7 @@ def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularizati
 def _folder(path: str, key: str, kind: str, what: str) -> Path:
     if not str(path).strip():
         raise DatasetError(f"{key} is empty: choose the folder that holds your {what}")
-    root = Path(path).expanduser()
+    root = expand_path(path)
     if not root.exists():
         raise DatasetError(f"{kind} {root} does not exist: check {key}")
     if not root.is_dir():

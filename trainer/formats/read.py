@@ -42,7 +42,7 @@ def load_adapter(source) -> Adapter:
     """Read a kohya, diffusers or peft .safetensors LoRA (or the adapter of a checkpoint or run folder,
     `runs.adapter_file`); every layer is keyed by its kohya name, tensors fp32."""
     from trainer.runs import adapter_file
-    path = adapter_file(source) if Path(source).is_dir() else Path(source)
+    path = adapter_file(source) if Path(source).is_dir() else Path(source)  # a file: its own errors name the damage
     state, file_meta = _read_safetensors(path)
     fmt = detect_format(state.keys())
     if fmt == "kohya":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer.config import expand_path
+
 SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"  # shipped, for single files without configs
 SD_DEFAULT_SIZE = 512  # SD 1.x; also what a hub id or an unreadable config is taken to be
 # the built-in tiny model trains at its own size in a few minutes on a CPU (the tiny-demo preset: 340 steps, ~100 s)
@@ -16,7 +18,7 @@ def resolve_model_path(path: str) -> str:
     """"" -> the tiny built-in model folder; an existing local path -> absolute; anything else unchanged."""
     if not str(path).strip():
         return str(tiny_model_path())
-    local = Path(path).expanduser()
+    local = expand_path(path)
     return str(local.resolve()) if local.exists() else str(path)
 
 
