@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from trainer import UserError, dataset_trigger
+from trainer import UserError, dataset_trigger, native_resolution
 
 from .. import datasets as D
 from ..errors import guarded, user_message
@@ -142,7 +142,7 @@ def _left_column(settings: AppSettings, c: dict) -> None:
         c["replace_btn"] = gr.Button("Replace in every caption")
     c["status"] = gr.Markdown(elem_id="dataset-status")
     c["summary"] = gr.Markdown(elem_id="dataset-summary")
-    c["resolution"] = gr.Number(512, label="Bucket resolution", precision=0,
+    c["resolution"] = gr.Number(native_resolution(settings.base_model), label="Bucket resolution", precision=0,
                                 info="The training resolution (set in the Train tab) the buckets are for.")
     c["buckets"] = gr.Dataframe(headers=["bucket (w x h)", "images"], label="Aspect buckets", interactive=False)
     c["skipped"] = gr.Dataframe(headers=["file", "reason"], label="Skipped files", interactive=False)
