@@ -33,7 +33,7 @@ def test_the_form_has_one_widget_per_config_field_of_the_right_kind():
                                                                                    "saving.runs_dir")]
     kinds = {i.key: type(tab.component_for(i, i.default)) for i in infos}
     assert kinds["network.rank"] is gr.Number and kinds["optimizer.name"] is gr.Dropdown
-    assert kinds["network.text_encoder"] is gr.Checkbox and kinds["sampling.prompts"] is gr.Textbox
+    assert kinds["dataset.flip"] is gr.Checkbox and kinds["sampling.prompts"] is gr.Textbox
     alpha = tab.component_for(C.field_info("network.alpha"), 8.0)
     assert "scaled by alpha/rank" in alpha.info
     assert tab.component_for(C.field_info("dataset.resolution"), 512).info.endswith("(32 to 4096)")

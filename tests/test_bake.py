@@ -126,7 +126,7 @@ def test_cli_bake_rejects_an_adapter_for_another_model(tiny_model_dir, tmp_path,
     assert main(["bake", "--model", str(tiny_model_dir), str(tmp_path / "sdxl.safetensors"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "not in this base model" in err and "'sdxl.safetensors'" in err  # named by its file, not its position
+    assert "made for SDXL" in err and "Stable Diffusion 1.x" in err and "'sdxl.safetensors'" in err  # by its file
     assert not (tmp_path / "x.safetensors").exists()
     assert main(["bake", "--model", str(tmp_path / "no-model"), str(tmp_path / "sdxl.safetensors"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -9,7 +9,7 @@ from trainer import config as C
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = ["model.path", "dataset.path", "dataset.trigger", "dataset.resolution", "dataset.batch_size",
-                 "network.rank", "network.alpha", "network.text_encoder", "optimizer.unet_lr",
+                 "network.rank", "network.alpha", "network.text_encoders", "optimizer.unet_lr",
                  "optimizer.text_encoder_lr", "schedule.max_steps", "sampling.every_n_steps", "saving.every_n_steps",
                  "saving.runs_dir", "run.name", "precision.mixed", "run.seed"]
 
@@ -26,7 +26,7 @@ def test_required_keys_exist_with_help_and_defaults():
         assert key in keys, key
     for info in keys.values():
         assert len(info.help) > 10, f"{info.key} needs help text"
-    assert keys["network.text_encoder"].type is bool
+    assert keys["network.text_encoders"].type is list and keys["network.text_encoders"].default == ["all"]
     assert keys["precision.mixed"].choices == ["no", "fp16", "bf16"]
 
 
@@ -36,7 +36,7 @@ def test_dump_and_load_round_trip(tmp_path):
     again = C.load(write(tmp_path, C.dumps(cfg)))
     assert again == cfg
     sparse = tomllib.loads(C.dumps(cfg, sparse=True))
-    assert sparse == {"schema_version": 1, "dataset": {"trigger": "zqx"}, "network": {"rank": 16},
+    assert sparse == {"schema_version": 2, "dataset": {"trigger": "zqx"}, "network": {"rank": 16},
                       "sampling": {"prompts": ["a b", "c, d"]}}
 
 
@@ -102,7 +102,7 @@ def test_path_checks(tmp_path):
 
 def test_cross_field_rules():
     cfg = C.TrainConfig()
-    cfg.network.text_encoder = False
+    cfg.network.text_encoders = []
     cfg.network.unet_targets = []
     cfg.network.alpha, cfg.network.rank = 512.0, 4
     cfg.schedule.warmup_steps = 5000
@@ -117,24 +117,43 @@ def test_cross_field_rules():
 
 
 def test_set_overrides_parse_types_and_report_bad_ones():
-    cfg = C.apply_overrides(C.TrainConfig(), ["network.text_encoder=false", "optimizer.unet_lr=3e-4",
+    cfg = C.apply_overrides(C.TrainConfig(), ["network.text_encoders=[]", "optimizer.unet_lr=3e-4",
                                               "run.name=my-run", "dataset.resolution=768"])
-    assert cfg.network.text_encoder is False and cfg.optimizer.unet_lr == 3e-4
+    assert cfg.network.text_encoders == [] and cfg.optimizer.unet_lr == 3e-4
     assert cfg.run.name == "my-run" and cfg.dataset.resolution == 768
     with pytest.raises(C.ConfigError) as err:
         C.apply_overrides(C.TrainConfig(), ["network.rnk=3", "network.rank=abc", "oops"])
     assert len(err.value.problems) == 3
 
 
-def test_target_groups_expand():
+def test_target_groups_expand_through_the_family():
+    from trainer.models import get_family
+    family = get_family("sdxl")
+    assert C.expand_targets(["attention", "feed_forward", "projections"], family.unet_groups) == [
+        "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+    assert len(C.expand_targets(["attention", "mlp"], family.text_encoder_groups)) == 6
+    assert C.expand_targets(["attention", "to_q", "my.module"], family.unet_groups)[-1] == "my.module"
+
+
+def test_per_encoder_learning_rates_and_switches():
     cfg = C.TrainConfig()
-    cfg.network.unet_targets = ["attention", "feed_forward", "projections"]
-    cfg.network.text_encoder_targets = ["attention", "mlp"]
-    assert C.unet_target_modules(cfg) == ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-                                          "proj_in", "proj_out"]
-    assert len(C.text_encoder_target_modules(cfg)) == 6
-    cfg.network.text_encoder = False
-    assert C.text_encoder_target_modules(cfg) == []
+    C.apply_overrides(cfg, ["network.text_encoders=['te1']", "optimizer.text_encoder_lrs=['te1=2e-5', 'te2=0']"])
+    assert C.text_encoder_lr(cfg, "te1") == 2e-5 and C.text_encoder_lr(cfg, "te2") == 0.0
+    assert C.text_encoder_lr(cfg, "te") == cfg.optimizer.text_encoder_lr and C.trains_text_encoders(cfg)
+    cfg.optimizer.text_encoder_lrs = ["te3=1e-5", "te1=fast"]
+    problems = "\n".join(C.validate(cfg, check_paths=False))
+    assert "'te3=1e-5' is not prefix=rate" in problems and "'te1=fast'" in problems
+    cfg.optimizer.text_encoder_lrs, cfg.network.text_encoders = [], ["te", "clip"]
+    assert "'clip' is not a text encoder" in "\n".join(C.validate(cfg, check_paths=False))
+
+
+def test_a_schema_1_config_is_migrated_with_its_meaning(tmp_path):
+    old = write(tmp_path, "schema_version = 1\n[network]\ntext_encoder = false\nrank = 4\n")
+    cfg = C.load(old)
+    assert cfg.network.text_encoders == [] and cfg.network.rank == 4 and cfg.schema_version == 2
+    on = write(tmp_path, "[network]\ntext_encoder = true\n", "on.toml")  # no schema line: the oldest schema
+    assert C.load(on).network.text_encoders == ["all"]
+    assert "schema_version = 2" in C.dumps(cfg)
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.toml")), ids=lambda p: p.stem)

@@ -15,7 +15,7 @@ from tiny import tiny_components
 from trainer.config import TrainConfig
 from trainer.formats import (AdapterFormatError, adapter_from_model, align_to_model, build_metadata,
                              check_against_model, detect_format, export_adapter, kohya_name, load_adapter,
-                             module_index, save_adapter, split_kohya_name)
+                             module_index, resolve_paths, save_adapter)
 from trainer.formats.names import normalise_path
 from trainer.lora_state import Adapter, LoraLayer
 
@@ -55,7 +55,12 @@ def test_kohya_names_of_unet_and_text_encoder_paths():
     assert kohya_name("lora_te", "encoder.layers.0.self_attn.q_proj") == TE_Q
     assert kohya_name("lora_te", "text_model.encoder.layers.0.self_attn.q_proj") == TE_Q
     assert kohya_name("lora_te2", "text_projection") == "lora_te2_text_projection"
-    assert split_kohya_name(TE_Q) == ("lora_te", "text_model.encoder.layers.0.self_attn.q_proj")
+    parts = tiny_components()  # back from a name to the module: through a model's index, never by word lists
+    index = module_index(parts["unet"], {"lora_te": parts["text_encoder"]})
+    found, unknown = resolve_paths([TE_Q, Q, "lora_unet_down_blocks_1_attentions_7_proj_in"], index)
+    assert found[Q] == ("lora_unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert found["lora_unet_down_blocks_1_attentions_7_proj_in"][1] == "down_blocks.1.attentions.7.proj_in"
+    assert found[TE_Q] == index[TE_Q][:2] and not unknown
     with pytest.raises(ValueError, match="lora_vae"):
         kohya_name("lora_vae", "x")
 
@@ -156,7 +161,8 @@ def test_diffusers_files_as_save_lora_weights_writes_them(tmp_path):
 def test_old_diffusers_layouts(tmp_path):
     """`unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.*` and attention-processor keys."""
     adapter = random_adapter()
-    q_path = split_kohya_name(Q)[1]
+    parts = tiny_components()
+    q_path = resolve_paths([Q], module_index(parts["unet"], {}))[0][Q][1]
     q, te_q, conv = adapter.layers[Q], adapter.layers[TE_Q], adapter.layers[CONV]
     tensors = {
         f"unet.{q_path}.lora.down.weight": q.down, f"unet.{q_path}.lora.up.weight": q.up,
@@ -310,8 +316,10 @@ def test_bad_format_dtype_and_metadata_are_refused(tmp_path):
 
 def test_build_metadata_is_all_strings_with_the_kohya_and_modelspec_keys(tmp_path):
     cfg = TrainConfig()
+    from trainer.models import get_family
+    sd1 = get_family("sd1").metadata(None)
     meta = build_metadata(cfg=cfg, num_train_images=12, tag_frequency={"data": {"red square": 3}},
-                          started_at=1_700_000_000.5, finished_at=1_700_000_600.25)
+                          started_at=1_700_000_000.5, finished_at=1_700_000_600.25, family=sd1)
     required = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
                 "ss_v2", "ss_resolution", "ss_num_train_images", "ss_learning_rate", "ss_unet_lr",
                 "ss_text_encoder_lr", "ss_optimizer", "ss_lr_scheduler", "ss_max_train_steps", "ss_num_epochs",
@@ -327,9 +335,7 @@ def test_build_metadata_is_all_strings_with_the_kohya_and_modelspec_keys(tmp_pat
     assert json.loads(meta["ss_tag_frequency"]) == {"data": {"red square": 3}}
     assert json.loads(meta["ss_network_args"])["unet_targets"] == ["attention"]
     assert meta["modelspec.date"].startswith("2023-11-1")
-    family = build_metadata(cfg=cfg, num_train_images=1, tag_frequency={}, started_at=0.0, finished_at=0.0,
-                            base_model_version="sd1")  # BaseModel.family names are accepted too
-    assert family["ss_base_model_version"] == "sd_v1" and family["modelspec.architecture"].endswith("v1/lora")
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.implementation"] == "diffusers"
     path = save_adapter(random_adapter(), tmp_path / "a.safetensors", metadata=meta)
     assert load_adapter(path).metadata["ss_tag_frequency"] == meta["ss_tag_frequency"]
 
@@ -378,9 +384,11 @@ def test_sd15_key_set(tmp_path, unet_targets, te_targets, n_unet, n_te):
     unet, te = sd15_on_meta()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # the real SD1.5 UNet
     index = module_index(unet, {"lora_te": te})
-    # the name -> path inversion holds for every adaptable module of SD1.5
-    assert all(split_kohya_name(name) == (prefix, normalise_path(prefix, path))
-               for name, (prefix, path, _) in index.items())
+    # the name -> path inversion holds for every adaptable module of SD1.5, by the shapes of another model's names
+    tiny = tiny_components()
+    found, unknown = resolve_paths(index, module_index(tiny["unet"], {"lora_te": tiny["text_encoder"]}))
+    assert all(found[name][1] == path for name, (prefix, path, _) in index.items() if name in found)
+    assert len(found) > 300 and all(n.startswith("lora_unet_") for n in unknown)  # blocks the tiny UNet lacks
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=unet_targets, init_lora_weights="gaussian"))
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=te_targets), te)
     materialise_lora(unet, te)

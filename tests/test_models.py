@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.models import BaseModel, ModelLoadError, load_base_model, resolve_model_path, sd1
+from trainer.models import BaseModel, ModelLoadError, get_family, load_base_model, resolve_model_path, sd1
 
 SD15 = Path(sd1.__file__).parent / "configs" / "sd15"
 
@@ -142,7 +142,7 @@ def test_loads_a_diffusers_folder(tiny_base, tiny_model_dir):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    assert tiny_base.family == "sd1"
+    assert tiny_base.family.name == "sd1" and tiny_base.family is get_family("sd1")
     assert tiny_base.source == str(tiny_model_dir.resolve())
     assert isinstance(tiny_base.unet, UNet2DConditionModel) and isinstance(tiny_base.vae, AutoencoderKL)
     assert isinstance(tiny_base.text_encoder, CLIPTextModel) and isinstance(tiny_base.tokenizer, CLIPTokenizer)
@@ -150,6 +150,7 @@ def test_loads_a_diffusers_folder(tiny_base, tiny_model_dir):
     assert tiny_base.noise_scheduler.config.beta_start == 0.00085
     assert tiny_base.prediction_type() == "epsilon"
     assert tiny_base.text_encoders == {"lora_te": tiny_base.text_encoder}
+    assert tiny_base.tokenizers == {"lora_te": tiny_base.tokenizer}
     assert tiny_base.dtype == torch.float32 and tiny_base.device.type == "cpu"
 
 
@@ -159,19 +160,23 @@ def test_base_weights_are_frozen(tiny_base):
     assert not tiny_base.vae.training and not tiny_base.text_encoder.training
 
 
+def tokenize(base, captions):
+    return base.family.tokenize(base.tokenizer, captions)
+
+
 def test_tokenize_pads_and_truncates_to_77(tiny_base):
-    ids = tiny_base.tokenize(["a red circle", "a red circle " * 40])
+    ids = tokenize(tiny_base, ["a red circle", "a red circle " * 40])
     tok = tiny_base.tokenizer
     assert ids.dtype == torch.long and ids.shape == (2, 77)
     assert ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.pad_token_id
     assert ids[1, -1] == tok.eos_token_id  # truncated, still closed by end-of-text
-    assert torch.equal(tiny_base.tokenize("a red circle"), ids[:1])
+    assert torch.equal(tokenize(tiny_base, ["a red circle"]), ids[:1])
 
 
 def test_encode_text_gives_the_unets_conditioning(tiny_base):
-    ids = tiny_base.tokenize(["a red circle", "a blue star"])
-    hidden = tiny_base.encode_text(ids)
+    hidden = tiny_base.encode_text(["a red circle", "a blue star"])["encoder_hidden_states"]
     assert hidden.shape == (2, 77, tiny_base.unet.config.cross_attention_dim)
+    ids = tokenize(tiny_base, ["a red circle", "a blue star"])
     assert torch.equal(hidden, tiny_base.text_encoder(ids).last_hidden_state)
     assert not torch.equal(hidden[0], hidden[1])
 
@@ -237,12 +242,12 @@ def test_single_file_round_trip_with_sidecar_configs(tmp_path, tiny_file, tiny_b
     elif sidecar == "config_dir":
         kwargs["config_dir"] = (tmp_path / "tiny.config").rename(tmp_path / "elsewhere")
     loaded = load_base_model(str(tiny_file), **kwargs)
-    assert loaded.family == "sd1" and loaded.source == str(tiny_file)
+    assert loaded.family.name == "sd1" and loaded.source == str(tiny_file)
     assert_same_weights(loaded, tiny_base)
     assert not any(p.requires_grad for p in loaded.unet.parameters()) and not loaded.vae.training
-    ids = loaded.tokenize(["a red circle"])
-    assert torch.equal(ids, tiny_base.tokenize(["a red circle"]))
-    assert torch.equal(loaded.encode_text(ids), tiny_base.encode_text(ids))
+    assert torch.equal(tokenize(loaded, ["a red circle"]), tokenize(tiny_base, ["a red circle"]))
+    assert torch.equal(loaded.encode_text("a red circle")["encoder_hidden_states"],
+                       tiny_base.encode_text("a red circle")["encoder_hidden_states"])
 
 
 def test_single_file_loads_in_bf16(tiny_file):
@@ -318,7 +323,8 @@ def test_sd15_size_single_file_loads_with_the_shipped_configs(no_network):
     """The real SD1.5 key layout and shapes (on the meta device: no 4 GB file) fit the configs, offline."""
     state = to_original_layout(*_sd15_on_meta())
     assert len(state) == 686 + 248 + 196  # UNet, VAE and text-encoder tensors of an SD1.5 checkpoint
-    parts = sd1.load_single_file(state, source=Path("sd15.safetensors"), config_dir=None, dtype=torch.float16)
+    parts = get_family("sd1").load_single_file(state, source=Path("sd15.safetensors"), config_dir=None,
+                                               dtype=torch.float16)
     assert parts["unet"].dtype == torch.float16 and parts["unet"].config.cross_attention_dim == 768
     assert parts["noise_scheduler"].config.prediction_type == "epsilon"
     assert no_network == []
@@ -426,10 +432,12 @@ def test_empty_path_is_the_tiny_built_in_model():
 
 
 @pytest.mark.parametrize("keys, message", [
+    ({"conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": 1,
+      "model.diffusion_model.input_blocks.0.0.weight": 1}, "is an SDXL refiner"),
     ({"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": 1,
-      "model.diffusion_model.input_blocks.0.0.weight": 1}, "SDXL checkpoints are not supported yet"),
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "9 input channels .*SDXL"),
     ({"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": 1,
-      "model.diffusion_model.input_blocks.0.0.weight": 1}, "Stable Diffusion 2.x checkpoints are not supported"),
+      "model.diffusion_model.input_blocks.0.0.weight": 1}, "do not fit the configs in .*sd2-768-v.*Stable Diffusion 2.x"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": 1}, "LoRA adapter, not a base model"),
     ({"model.diffusion_model.input_blocks.0.0.weight": 1}, "no text encoder"),
     ({"down_blocks.0.resnets.0.conv1.weight": 1}, "diffusers layout"),
@@ -442,13 +450,24 @@ def test_other_checkpoint_kinds_are_named(tmp_path, keys, message):
     assert str(file) in str(err.value)
 
 
-def test_sdxl_folder_is_refused(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelLoadError, match="SDXL models are not supported yet"):
+def test_an_incomplete_sdxl_folder_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                          "unet": ["diffusers", "UNet2DConditionModel"],
+                                                          "text_encoder": ["transformers", "CLIPTextModel"]}))
+    with pytest.raises(ModelLoadError, match="unet is missing; a SDXL folder needs"):
+        load_base_model(str(tmp_path))
+
+
+def test_an_sdxl_refiner_folder_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline",
+                                                          "text_encoder": [None, None], "unet": ["x", "y"]}))
+    with pytest.raises(ModelLoadError, match="SDXL refiner"):
         load_base_model(str(tmp_path))
 
 
 def test_family_must_agree_with_the_model(tiny_model_dir):
-    assert load_base_model(str(tiny_model_dir), family="sd1").family == "sd1"
-    with pytest.raises(ModelLoadError, match="supported: sd1"):
+    assert load_base_model(str(tiny_model_dir), family="sd1").family.name == "sd1"
+    with pytest.raises(ModelLoadError, match=r"Stable Diffusion 1.x model \(sd1\), but model.family is 'sdxl' \(SDXL\)"):
         load_base_model(str(tiny_model_dir), family="sdxl")
+    with pytest.raises(ModelLoadError, match="choose one of sd1, sd2, sdxl"):
+        load_base_model(str(tiny_model_dir), family="sd3")

@@ -61,8 +61,9 @@ def test_lora_at_init_is_a_no_op():
     cfg = C.TrainConfig()
     C.apply_overrides(cfg, ["network.unet_targets=['attention', 'feed_forward', 'projections']",
                             "network.text_encoder_targets=['attention', 'mlp']"])
-    params = inject_lora(SimpleNamespace(unet=unet, text_encoder=te), cfg)
-    assert len(params.unet) > 0 and len(params.text_encoder) > 0
+    from trainer.models import get_family
+    params = inject_lora(SimpleNamespace(unet=unet, text_encoders={"lora_te": te}, family=get_family("sd1")), cfg)
+    assert len(params.unet) > 0 and len(params.text_encoders["text_encoder"]) > 0
     assert all(p.abs().sum() > 0 for n, p in params.unet.items() if "lora_A" in n), "A starts random"
     assert all(p.abs().sum() == 0 for n, p in params.unet.items() if "lora_B" in n), "B starts at zero"
     with torch.no_grad():
@@ -76,7 +77,7 @@ def test_lora_at_init_is_a_no_op():
 
 def test_loss_falls(tiny_model_dir, image_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": 40, "optimizer.unet_lr": 3e-3,
-                                                           "network.text_encoder": False, "dataset.batch_size": 4})
+                                                           "network.text_encoders": [], "dataset.batch_size": 4})
     path, events, _ = train(cfg)
     losses = [e.loss for e in events if isinstance(e, Progress)]
     assert len(losses) == 40
@@ -252,7 +253,7 @@ def test_adafactor_and_epochs(tiny_model_dir, image_dir, tmp_path):
 
 def test_latents_and_text_are_cached_when_nothing_random_needs_fresh_pixels(tiny_model_dir, image_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.cache_latents": "disk",
-                                                           "network.text_encoder": False,
+                                                           "network.text_encoders": [],
                                                            "precision.gradient_checkpointing": True})
     trainer = Trainer(cfg, runs.create_run_dir(cfg))
     assert trainer.run().exists()

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: network.text_encoders (a list: SDXL has two) replaced network.text_encoder (a bool)
 
 
 class ConfigError(UserError, ValueError):
@@ -35,15 +35,12 @@ def opt(default, help: str, *, choices=None, min=None, max=None, basic=False, la
     return field(default=default, metadata=meta)
 
 
-UNET_TARGET_GROUPS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "feed_forward": ["ff.net.0.proj", "ff.net.2"],
-    "projections": ["proj_in", "proj_out"],
-}
-TEXT_ENCODER_TARGET_GROUPS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "mlp": ["fc1", "fc2"],
-}
+# the LoRA target groups every family's diffusers models share (trainer.models.family owns the module lists; these
+# are the names the config accepts, for validate() and the help text)
+UNET_GROUP_NAMES = ("attention", "feed_forward", "projections")
+TEXT_ENCODER_GROUP_NAMES = ("attention", "mlp")
+# text encoders by kohya prefix without "lora_": te (SD 1.x/2.x), te1 = CLIP ViT-L and te2 = OpenCLIP bigG (SDXL)
+TEXT_ENCODER_NAMES = ("te", "te1", "te2")
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -58,7 +55,9 @@ class RunSection:
 class ModelSection:
     path: str = opt("", "Base model: a diffusers folder, a single .safetensors checkpoint, or a hub id (needs "
                         "network). Empty means the tiny built-in model.", basic=True, label="Base model")
-    family: str = opt("auto", "Model family; 'auto' reads it from the checkpoint.", choices=["auto", "sd1"])
+    family: str = opt("auto", "Model family: 'auto' reads it from the model; sd1, sd2 or sdxl force it (a model whose "
+                              "structure says otherwise is refused, naming both).",
+                      choices=["auto", "sd1", "sd2", "sdxl"])
     trust_pickle: bool = opt(False, "Allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True). Only for "
                                     "files you trust; prefer .safetensors.")
 
@@ -103,8 +102,10 @@ class NetworkSection:
     unet_targets: list = opt(["attention"], "UNet modules to adapt: groups 'attention' (to_q, to_k, to_v, "
                                             "to_out.0), 'feed_forward' (ff.net.0.proj, ff.net.2), 'projections' "
                                             "(proj_in, proj_out), or module names.")
-    text_encoder: bool = opt(True, "Also train a LoRA on the text encoder.", basic=True,
-                             label="Train text encoder")
+    text_encoders: list = opt(["all"], "Text encoders that also get a LoRA: 'all' (every one the base model has), "
+                                       "or by kohya prefix: te (SD 1.x and 2.x), te1 (SDXL's CLIP ViT-L), te2 "
+                                       "(SDXL's OpenCLIP bigG). Empty = the UNet only.", basic=True,
+                              label="Text encoders to train")
     text_encoder_targets: list = opt(["attention"], "Text-encoder modules: groups 'attention' (q/k/v/out_proj), "
                                                     "'mlp' (fc1, fc2), or module names.")
     init: str = opt("gaussian", "Initialisation of A (B starts at zero, so step 0 is the base model).",
@@ -117,8 +118,11 @@ class OptimizerSection:
                     choices=["adamw", "adamw8bit", "adafactor", "prodigy"], basic=True)
     unet_lr: float = opt(1e-4, "Learning rate of the UNet LoRA (use 1.0 with prodigy).", min=0.0, basic=True,
                          label="UNet learning rate")
-    text_encoder_lr: float = opt(5e-5, "Learning rate of the text-encoder LoRA.", min=0.0, basic=True,
-                                 label="Text encoder learning rate")
+    text_encoder_lr: float = opt(5e-5, "Learning rate of each text encoder's LoRA (unless text_encoder_lrs sets "
+                                       "it).", min=0.0, basic=True, label="Text encoder learning rate")
+    text_encoder_lrs: list = opt([], "Learning rates per text encoder as prefix=rate, for example te1=5e-5 and "
+                                     "te2=2e-5 (kohya's SDXL trainer has both); others use text_encoder_lr. A rate "
+                                     "of 0 keeps that encoder frozen.", label="Per-encoder learning rates")
     weight_decay: float = opt(0.01, "Decoupled weight decay.", min=0.0)
     beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=1.0)
     beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=1.0)
@@ -331,10 +335,12 @@ def from_dict(data: dict, source: str = "config", base: TrainConfig | None = Non
     """Apply a nested dict (a parsed TOML file) over `base` (default: the defaults). Unknown keys are errors."""
     cfg = base if base is not None else TrainConfig()
     problems = []
-    version = data.get("schema_version", SCHEMA_VERSION)
+    version = data.get("schema_version", 1)  # a file without the line is read as the oldest schema, then migrated
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
         problems.append(f"schema_version {version!r} is not supported (this loradesk reads 1 to {SCHEMA_VERSION}); "
                         f"update loradesk or remove the line")
+    elif version < SCHEMA_VERSION:
+        data = migrate(data, version)
     for section, values in data.items():
         if section == "schema_version":
             continue
@@ -356,6 +362,19 @@ def from_dict(data: dict, source: str = "config", base: TrainConfig | None = Non
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def migrate(data: dict, version: int) -> dict:
+    """A parsed config of an older schema in the current one (OneTrainer-style versioned configs: a preset or run
+    folder written by an older loradesk still loads, with the same meaning)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    network = data.get("network")
+    if version < 2 and isinstance(network, dict) and "text_encoder" in network:
+        on = network.pop("text_encoder")
+        if "text_encoders" not in network:  # 1: one switch for the one text encoder SD 1.x has
+            network["text_encoders"] = ["all"] if on in (True, "true", 1) else []
+    data["schema_version"] = SCHEMA_VERSION
+    return data
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -459,24 +478,10 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
     if cfg.network.alpha > 0 and cfg.network.rank > 0 and cfg.network.alpha / cfg.network.rank > 16:
         problems.append(f"network.alpha/rank = {cfg.network.alpha / cfg.network.rank:g} scales the update by more "
                         f"than 16x, which usually diverges; lower network.alpha")
-    unet_names = _expand_targets(cfg.network.unet_targets, UNET_TARGET_GROUPS)
-    if not unet_names and not (cfg.network.text_encoder and cfg.network.text_encoder_targets):
-        problems.append("network.unet_targets is empty and the text encoder is off: nothing would be trained")
-    for name in cfg.network.unet_targets:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
-            problems.append(f"network.unet_targets: {name!r} is not a group "
-                            f"({', '.join(UNET_TARGET_GROUPS)}) or a module name")
-    for name in cfg.network.text_encoder_targets:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
-            problems.append(f"network.text_encoder_targets: {name!r} is not a group "
-                            f"({', '.join(TEXT_ENCODER_TARGET_GROUPS)}) or a module name")
-    if cfg.network.text_encoder and not cfg.network.text_encoder_targets:
-        problems.append("network.text_encoder is on but network.text_encoder_targets is empty")
+    problems += _network_problems(cfg)
     if cfg.optimizer.name == "prodigy" and cfg.optimizer.unet_lr < 0.1:
         problems.append(f"optimizer.unet_lr is {cfg.optimizer.unet_lr:g} with prodigy, which sets its own step "
                         f"size; use 1.0")
-    if cfg.optimizer.unet_lr == 0 and not (cfg.network.text_encoder and cfg.optimizer.text_encoder_lr > 0):
-        problems.append("optimizer.unet_lr is 0 and the text encoder is not trained: nothing would change")
     if cfg.loss.min_snr_gamma and cfg.loss.high_noise_weight_cap:
         problems.append("loss.min_snr_gamma and loss.high_noise_weight_cap are both set; they are two loss "
                         "weightings, choose one (set the other to 0)")
@@ -528,6 +533,58 @@ def _home_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def _network_problems(cfg: TrainConfig) -> list[str]:
+    import re
+    net, problems = cfg.network, []
+    for key, names, groups in (("unet_targets", net.unet_targets, UNET_GROUP_NAMES),
+                               ("text_encoder_targets", net.text_encoder_targets, TEXT_ENCODER_GROUP_NAMES)):
+        problems += [f"network.{key}: {name!r} is not a group ({', '.join(groups)}) or a module name"
+                     for name in names if not re.fullmatch(r"[A-Za-z0-9_.]+", name)]
+    problems += [f"network.text_encoders: {name!r} is not a text encoder; use all, or te (SD 1.x/2.x), te1 and "
+                 f"te2 (SDXL)" for name in net.text_encoders if name not in ("all", *TEXT_ENCODER_NAMES)]
+    lrs, lr_problems = parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)
+    problems += lr_problems
+    te_trains = trains_text_encoders(cfg)
+    if net.text_encoders and not net.text_encoder_targets:
+        problems.append("network.text_encoders names text encoders but network.text_encoder_targets is empty")
+    if not net.unet_targets and not te_trains:
+        problems.append("network.unet_targets is empty and no text encoder is trained: nothing would be trained")
+    if cfg.optimizer.unet_lr == 0 and not te_trains:
+        problems.append("optimizer.unet_lr is 0 and no text encoder is trained: nothing would change")
+    return problems
+
+
+def parse_text_encoder_lrs(entries: list[str]) -> tuple[dict[str, float], list[str]]:
+    """optimizer.text_encoder_lrs ("te1=5e-5") as {"te1": 5e-5}, and the problems of the entries that are not."""
+    out, problems = {}, []
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        try:
+            rate = float(value) if sep else -1.0
+        except ValueError:
+            rate = -1.0
+        if name.strip() not in TEXT_ENCODER_NAMES or not (rate >= 0 and math.isfinite(rate)):
+            problems.append(f"optimizer.text_encoder_lrs: {entry!r} is not prefix=rate with a prefix among "
+                            f"{', '.join(TEXT_ENCODER_NAMES)} and a rate of at least 0, for example te1=5e-5")
+            continue
+        out[name.strip()] = rate
+    return out, problems
+
+
+def text_encoder_lr(cfg: TrainConfig, name: str) -> float:
+    """The learning rate of one text encoder (kohya prefix without lora_: te, te1, te2)."""
+    return parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)[0].get(name, cfg.optimizer.text_encoder_lr)
+
+
+def trains_text_encoders(cfg: TrainConfig) -> bool:
+    """Whether any text encoder could get a LoRA that learns (its name listed, a rate above 0)."""
+    names = cfg.network.text_encoders
+    if not names or not cfg.network.text_encoder_targets:
+        return False
+    listed = TEXT_ENCODER_NAMES if "all" in names else [n for n in names if n in TEXT_ENCODER_NAMES]
+    return any(text_encoder_lr(cfg, name) > 0 for name in listed)
+
+
 def _regularization_problems(ds: DatasetSection) -> list[str]:
     reg = ds.regularization_path.strip()
     if not reg:
@@ -549,25 +606,14 @@ def _looks_local(path: str) -> bool:
     return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or expand_path(path).exists()
 
 
-def _expand_targets(names: list[str], groups: dict[str, list[str]]) -> list[str]:
+def expand_targets(names: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Group names expanded to their module names (a family's groups), other names kept; no duplicates."""
     out = []
     for name in names:
         for module in groups.get(name, [name]):
             if module not in out:
                 out.append(module)
     return out
-
-
-def unet_target_modules(cfg: TrainConfig) -> list[str]:
-    """Module-name suffixes for the UNet LoRA, groups expanded."""
-    return _expand_targets(cfg.network.unet_targets, UNET_TARGET_GROUPS)
-
-
-def text_encoder_target_modules(cfg: TrainConfig) -> list[str]:
-    """Module-name suffixes for the text-encoder LoRA (empty when it is not trained)."""
-    if not cfg.network.text_encoder:
-        return []
-    return _expand_targets(cfg.network.text_encoder_targets, TEXT_ENCODER_TARGET_GROUPS)
 
 
 def check(cfg: TrainConfig, check_paths: bool = True, source: str | None = None) -> TrainConfig:

@@ -47,9 +47,29 @@ def machine_problems(cfg: C.TrainConfig) -> list[str]:
     return problems
 
 
+def model_problems(cfg: C.TrainConfig) -> list[str]:
+    """What the base model's family says of cfg (read from its config files or keys, not its weights): a forced
+    model.family that its structure contradicts, text encoders it does not have."""
+    from .models import family_name, get_family
+    from .network import text_encoder_problems
+    name = family_name(cfg.model.path)
+    if name is None:
+        return []
+    family = get_family(name)
+    problems = text_encoder_problems(family, cfg)
+    if cfg.model.family not in ("auto", name):
+        forced = get_family(cfg.model.family)
+        where = cfg.model.path or "the built-in tiny model"
+        problems.append(f"model.family is {cfg.model.family} ({forced.label}), but {where} is a {family.label} model "
+                        f"({name}); set model.family=auto or {name}")
+    return problems
+
+
 def config_problems(cfg: C.TrainConfig, check_paths: bool = True) -> list[str]:
     """Every problem with cfg on this machine (empty = it can train here)."""
     problems = C.validate(cfg, check_paths)
+    if not any(p.startswith("model.") for p in problems):
+        problems += model_problems(cfg)
     return problems + [p for p in machine_problems(cfg) if p not in problems]
 
 

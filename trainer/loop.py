@@ -22,7 +22,7 @@ from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, M
 from .advice import nan_advice, oom_advice
 from .atomic import save_image_atomic
 from .losses import diffusion_loss, loss_weights
-from .network import inject_lora, trains_text_encoder
+from .network import inject_lora, trained_text_encoders
 
 
 class TrainingError(RuntimeError):
@@ -115,32 +115,43 @@ class Trainer:
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
         torch.manual_seed(cfg.run.seed)  # the LoRA A init
         self.params = inject_lora(self.base, cfg)
-        self.train_te = trains_text_encoder(cfg)
+        self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train
+        self._place_modules(device)
+        self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
+        use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
+        cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
+        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir,
+                                        model_key=f"posterior-{vae_fingerprint(self.base)}") if use_cache else None
+        self.text_cache: dict[str, dict] | None = {} if (cfg.dataset.cache_text and not self.trained_encoders) \
+            else None
+
+    def _place_modules(self, device: str) -> None:
+        """Frozen weights to the device in the training dtype (a VAE that overflows in fp16, as SDXL's does, says
+        force_upcast and stays fp32); LoRA weights in fp32; gradient checkpointing and train modes."""
+        cfg, base = self.cfg, self.base
         self.weight_dtype = _frozen_dtype(cfg, device)
-        for module in (self.base.unet, self.base.vae, self.base.text_encoder):
+        for module in base.components:
             module.to(self.device)
-            if self.weight_dtype != torch.float32:
+            keep_fp32 = module is base.vae and base.vae.config.get("force_upcast", False)
+            if self.weight_dtype != torch.float32 and not keep_fp32:
                 module.to(dtype=self.weight_dtype)
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
-            if self.train_te:
-                self.base.text_encoder.gradient_checkpointing_enable()
+            base.unet.enable_gradient_checkpointing()
+            for prefix in self.trained_encoders:
+                base.text_encoders[prefix].gradient_checkpointing_enable()
+        self._train_mode()
+
+    def _train_mode(self) -> None:
         self.base.unet.train()
-        self.base.text_encoder.train(self.train_te)
-        self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
-        use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
-        cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
-        self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir, model_key=f"posterior-{vae_fingerprint(self.base)}") \
-            if use_cache else None
-        self.text_cache: dict[str, torch.Tensor] | None = {} if (cfg.dataset.cache_text and not self.train_te) \
-            else None
+        for prefix, encoder in self.base.text_encoders.items():
+            encoder.train(prefix in self.trained_encoders)
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg = self.cfg
-        self.optimizer = make_optimizer(cfg, self.params.param_groups(cfg))
+        self.optimizer = make_optimizer(cfg, self.params.param_groups())
         self.lr_scheduler = get_scheduler(cfg.schedule.lr_scheduler, self.optimizer,
                                           num_warmup_steps=cfg.schedule.warmup_steps,
                                           num_training_steps=self.total_steps)
@@ -179,10 +190,10 @@ class Trainer:
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total = 0.0
         for batch_index in batches:
-            latents, hidden, weights = self.micro_batch(batch_index)
+            latents, cond, weights = self.micro_batch(batch_index)
             gen = torch.Generator().manual_seed(_mix(cfg.run.seed, batch_index, 2))
             with self.accelerator.autocast():
-                loss = diffusion_loss(self.base, latents, hidden, gen, cfg, self.prediction, weights)
+                loss = diffusion_loss(self.base, latents, cond, gen, cfg, self.prediction, weights)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped and "
                                     f"the last good checkpoint is kept",
@@ -201,42 +212,45 @@ class Trainer:
         """The epoch of the batch the next step starts with."""
         return micro_batches(self.cfg, self.step, self.plan.steps_per_epoch)[0] // self.plan.steps_per_epoch
 
-    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Latents, text conditioning and per-image loss weights (None when all are 1) of one batch, from the
-        plan's deterministic order."""
+    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """Latents, the UNet's conditioning (text, and for SDXL each image's size and crop) and per-image loss
+        weights (None when all are 1) of one batch, from the plan's deterministic order."""
         from .data import build_caption
         epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
         indices = self._epoch_batches(epoch)[pos]
         rng = random.Random(_mix(self.cfg.run.seed, batch_index, 3))
         items = [self.scan.items[i] for i in indices]
-        posterior = torch.cat([self.posterior_of(i, rng) for i in indices])
-        mean, std = posterior.chunk(2, dim=1)
+        posteriors, sizes = zip(*[self.posterior_of(i, rng) for i in indices])
+        mean, std = torch.cat(posteriors).chunk(2, dim=1)
         noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(_mix(self.cfg.run.seed,
                                                                                     batch_index, 4)))
         latents = (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
         captions = [build_caption(item, self.cfg.dataset, rng, self.scan.trigger) for item in items]
-        return latents, self.encode_captions(captions), loss_weights(items, self.cfg.loss.prior_loss_weight)
+        cond = self.base.conditioning(self.encode_captions(captions), list(sizes))
+        return latents, cond, loss_weights(items, self.cfg.loss.prior_loss_weight)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_epoch_cache", (None,))[0] != epoch:
             self._epoch_cache = (epoch, self.plan.epoch(epoch))
         return self._epoch_cache[1]
 
-    def posterior_of(self, index: int, rng: random.Random) -> torch.Tensor:
-        """The VAE posterior of one image as [1, 2C, h, w] (mean and std), cached when no random augmentation
-        needs fresh pixels; sampling happens per step, so a cache hit and a miss give the same latents."""
-        from .data import load_pixels
+    def posterior_of(self, index: int, rng: random.Random):
+        """The VAE posterior of one image as [1, 2C, h, w] (mean and std) and where it was cropped from (SizeInfo);
+        cached when no random augmentation needs fresh pixels; sampling happens per step, so a cache hit and a miss
+        give the same latents."""
+        from .data import crop_geometry, load_pixels, size_info
         item, size, ds = self.scan.items[index], self.plan.bucket_of(index), self.cfg.dataset
+        flip = ds.flip and rng.random() < 0.5
+        _, box = crop_geometry(item, size, ds.crop, rng)
         if self.latent_cache is not None:
             cached = self.latent_cache.get(item, size, ds.crop)
             if cached is not None:
-                return cached.to(self.device)
-        flip = ds.flip and rng.random() < 0.5
-        pixels = load_pixels(item, size, ds.crop, flip, rng).unsqueeze(0)
+                return cached.to(self.device), size_info(item, size, box)
+        pixels = load_pixels(item, size, ds.crop, flip, rng, box=box).unsqueeze(0)
         posterior = self.encode_pixels(pixels)
         if self.latent_cache is not None:
             self.latent_cache.put(item, size, ds.crop, posterior.cpu())
-        return posterior
+        return posterior, size_info(item, size, box)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -244,27 +258,28 @@ class Trainer:
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).float()
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text conditioning; cached per caption when the text encoder is frozen."""
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The text conditioning of a batch; cached per caption (all of it: both encoders' states for SDXL) when no
+        text encoder trains."""
         if self.text_cache is None:
-            return self._encode(captions, grad=self.train_te)
+            return self._encode(captions, grad=bool(self.trained_encoders))
         missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
         if missing:
-            for c, h in zip(missing, self._encode(missing, grad=False)):
-                self.text_cache[c] = h
-        return torch.stack([self.text_cache[c] for c in captions])
+            encoded = self._encode(missing, grad=False)
+            for i, c in enumerate(missing):
+                self.text_cache[c] = {k: v[i] for k, v in encoded.items()}
+        return {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in self.text_cache[captions[0]]}
 
-    def _encode(self, captions: list[str], grad: bool) -> torch.Tensor:
-        ids = self.base.tokenize(captions).to(self.device)
+    def _encode(self, captions: list[str], grad: bool) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
-            return self.base.encode_text(ids).float()
+            return {k: v.float() for k, v in self.base.encode_text(captions).items()}
 
     # ------------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        from .formats import adapter_from_model, save_adapter
+        from .formats import save_adapter
         with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
             save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
-            save_adapter(adapter_from_model(self.base.unet, self.base.text_encoders), runs.checkpoint_adapter(tmp),
+            save_adapter(self.base.injected_adapter(), runs.checkpoint_adapter(tmp),
                          format="kohya", dtype="fp32", metadata=self.metadata())
         runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last)
         path = runs.last_checkpoint(self.run_dir)
@@ -272,11 +287,10 @@ class Trainer:
         return path
 
     def export_final(self) -> Path:
-        from .formats import adapter_from_model, save_adapter
+        from .formats import save_adapter
         path = runs.final_adapter_path(self.run_dir, self.cfg)
-        adapter = adapter_from_model(self.base.unet, self.base.text_encoders)
-        return save_adapter(adapter, path, format=self.cfg.saving.format, dtype=self.cfg.saving.dtype,
-                            metadata=self.metadata())
+        return save_adapter(self.base.injected_adapter(), path, format=self.cfg.saving.format,
+                            dtype=self.cfg.saving.dtype, metadata=self.metadata(), index=self.base.module_index())
 
     def metadata(self) -> dict[str, str]:
         from .formats import build_metadata
@@ -285,7 +299,7 @@ class Trainer:
         return build_metadata(cfg=self.cfg, num_train_images=self.scan.num_images,
                               num_reg_images=self.scan.num_reg_images,
                               tag_frequency=self.scan.tag_frequency(), started_at=self.started_at,
-                              finished_at=time.time(), base_model_version=f"{self.base.family}",
+                              finished_at=time.time(), family=self.base.metadata(), prediction=self.prediction,
                               max_train_steps=self.total_steps, num_epochs=max(1, epochs), steps=self.step)
 
     @torch.no_grad()
@@ -294,8 +308,8 @@ class Trainer:
         cfg = self.cfg
         prompts = cfg.sampling.prompts or [self.scan.trigger or "a photo"]
         pipe = self.base.pipeline()
-        self.base.unet.eval()
-        self.base.text_encoder.eval()
+        for module in (self.base.unet, *self.base.text_encoders.values()):
+            module.eval()
         paths = []
         try:
             for i, prompt in enumerate(prompts):
@@ -305,8 +319,7 @@ class Trainer:
                              height=cfg.dataset.resolution, width=cfg.dataset.resolution, generator=gen).images[0]
                 paths.append(save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png"))
         finally:
-            self.base.unet.train()
-            self.base.text_encoder.train(self.train_te)
+            self._train_mode()
         self.emit(SampleWritten(step=self.step, paths=[str(p) for p in paths], prompts=list(prompts)))
         return paths
 

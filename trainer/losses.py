@@ -17,7 +17,7 @@ def loss_weights(items, prior_loss_weight: float) -> torch.Tensor | None:
     return torch.tensor([prior_loss_weight if item.regularization else 1.0 for item in items])
 
 
-def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, cfg: C.TrainConfig,
+def diffusion_loss(base, latents: torch.Tensor, cond: dict, gen: torch.Generator, cfg: C.TrainConfig,
                    prediction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Noise-prediction loss (epsilon or v), with noise offset, min-SNR-gamma or high-noise weighting, and
     per-image weights (regularization images)."""
@@ -30,7 +30,7 @@ def diffusion_loss(base, latents: torch.Tensor, hidden: torch.Tensor, gen: torch
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-    pred = base.predict(noisy, timesteps, hidden)
+    pred = base.predict(noisy, timesteps, cond)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.loss.min_snr_gamma:
         loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)

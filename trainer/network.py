@@ -1,11 +1,12 @@
 """LoRA injection through peft: which modules, what rank and alpha, how A starts, which parameters train at which lr.
 
 h = W0 x + (alpha / r) B A x with W0 frozen, A random and B zero, so step 0 is exactly the base model (Hu et al.
-2021, section 4.1). peft owns the layers; this module only decides where they go.
+2021, section 4.1). peft owns the layers; this module only decides where they go: the base model's family names
+its text encoders (kohya prefix -> module) and its target groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,20 +21,21 @@ ADAPTER_NAME = "default"
 class LoraParams:
     """The trainable parameters, by component, in a fixed order (names matter for checkpoints, not positions)."""
     unet: dict[str, nn.Parameter]
-    text_encoder: dict[str, nn.Parameter]
+    text_encoders: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # component -> name -> param
+    lrs: dict[str, float] = field(default_factory=dict)  # component -> learning rate
 
     def named(self) -> dict[str, nn.Parameter]:
-        """Every trainable parameter keyed by '<component>.<parameter name>'."""
+        """Every trainable parameter keyed by '<component>.<parameter name>' (unet, text_encoder, text_encoder_2:
+        diffusers' component names, the same for every family)."""
         out = {f"unet.{k}": v for k, v in self.unet.items()}
-        out.update({f"text_encoder.{k}": v for k, v in self.text_encoder.items()})
+        for component, params in self.text_encoders.items():
+            out.update({f"{component}.{k}": v for k, v in params.items()})
         return out
 
-    def param_groups(self, cfg: C.TrainConfig) -> list[dict]:
-        """Separate learning rates for the UNet and the text encoder (as kohya and OneTrainer offer)."""
-        groups = [{"params": list(self.unet.values()), "lr": cfg.optimizer.unet_lr, "name": "unet"}]
-        if self.text_encoder:
-            groups.append({"params": list(self.text_encoder.values()), "lr": cfg.optimizer.text_encoder_lr,
-                           "name": "text_encoder"})
+    def param_groups(self) -> list[dict]:
+        """One group per component with its own learning rate (kohya's and OneTrainer's per-encoder rates)."""
+        groups = [{"params": list(self.unet.values()), "lr": self.lrs.get("unet", 0.0), "name": "unet"}]
+        groups += [{"params": list(p.values()), "lr": self.lrs[c], "name": c} for c, p in self.text_encoders.items()]
         return [g for g in groups if g["params"]]
 
 
@@ -48,17 +50,16 @@ def _lora_config(cfg: C.TrainConfig, targets: list[str]):
                       lora_dropout=cfg.network.dropout, init_lora_weights=init, bias="none")
 
 
-def _check_targets(model: nn.Module, targets: list[str], what: str) -> None:
+def _check_targets(model: nn.Module, targets: list[str], what: str, key: str) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise TargetError(f"{what} has no module named {', '.join(missing)}; check network."
-                          f"{'unet' if what == 'UNet' else 'text_encoder'}_targets")
+        raise TargetError(f"{what} has no module named {', '.join(missing)}; check network.{key}")
 
 
-def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str) -> dict[str, nn.Parameter]:
+def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str, key: str) -> dict[str, nn.Parameter]:
     from peft import inject_adapter_in_model
-    _check_targets(model, targets, what)
+    _check_targets(model, targets, what, key)
     model.requires_grad_(False)
     inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
     params = {}
@@ -70,16 +71,46 @@ def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str)
     return params
 
 
+def trained_text_encoders(base, cfg: C.TrainConfig) -> dict[str, float]:
+    """kohya prefix -> learning rate of each text encoder of the base model that gets a LoRA (a rate of 0 keeps
+    one frozen). network.text_encoders names them: 'all', or te / te1 / te2."""
+    names = cfg.network.text_encoders
+    if not cfg.network.text_encoder_targets:
+        return {}
+    out = {}
+    for spec in base.family.text_encoder_specs:
+        short = spec.prefix.removeprefix("lora_")
+        if ("all" in names or short in names) and C.text_encoder_lr(cfg, short) > 0:
+            out[spec.prefix] = C.text_encoder_lr(cfg, short)
+    return out
+
+
+def text_encoder_problems(family, cfg: C.TrainConfig) -> list[str]:
+    """Text encoders named in the config that the base model's family does not have."""
+    have = [spec.prefix.removeprefix("lora_") for spec in family.text_encoder_specs]
+    named = [n for n in cfg.network.text_encoders if n != "all"]
+    named += list(C.parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)[0])
+    wrong = sorted({n for n in named if n not in have})
+    if not wrong:
+        return []
+    return [f"network.text_encoders / optimizer.text_encoder_lrs name {', '.join(wrong)}, but the base model is "
+            f"{family.label}, whose text encoder{'s are' if len(have) > 1 else ' is'} {' and '.join(have)}"]
+
+
 def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
-    """Add a LoRA adapter named 'default' to base.unet (and base.text_encoder when it is trained)."""
-    unet = _inject(base.unet, cfg, C.unet_target_modules(cfg), "UNet") if C.unet_target_modules(cfg) else {}
-    te_targets = C.text_encoder_target_modules(cfg)
-    te = _inject(base.text_encoder, cfg, te_targets, "text encoder") if te_targets else {}
-    return LoraParams(unet=unet, text_encoder=te)
-
-
-def trains_text_encoder(cfg: C.TrainConfig) -> bool:
-    return bool(C.text_encoder_target_modules(cfg)) and cfg.optimizer.text_encoder_lr > 0
+    """Add a LoRA adapter named 'default' to base.unet and to each text encoder that trains."""
+    family = base.family
+    unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
+    unet = _inject(base.unet, cfg, unet_targets, "UNet", "unet_targets") if unet_targets else {}
+    params = LoraParams(unet=unet, lrs={"unet": cfg.optimizer.unet_lr})
+    te_targets = C.expand_targets(cfg.network.text_encoder_targets, family.text_encoder_groups)
+    specs = {spec.prefix: spec for spec in family.text_encoder_specs}
+    for prefix, lr in trained_text_encoders(base, cfg).items():
+        spec = specs[prefix]
+        params.text_encoders[spec.component] = _inject(base.text_encoders[prefix], cfg, te_targets,
+                                                       f"text encoder {spec.label}", "text_encoder_targets")
+        params.lrs[spec.component] = lr
+    return params
 
 
 def lora_state_dict(params: LoraParams) -> dict[str, torch.Tensor]:

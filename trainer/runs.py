@@ -119,6 +119,20 @@ def checkpoint_step(adapter: str | Path) -> int | None:
     return _checkpoint_step(path.parent.name)
 
 
+def run_model_index(source: str | Path) -> dict | None:
+    """The module index of the base model a run (or a checkpoint or final adapter inside one) trained on, from
+    its config files; None for anything else, or when that model's configs are not at hand."""
+    path = Path(source).resolve()
+    run_dir = next((p for p in (path, *path.parents) if is_run_dir(p)), None)
+    if run_dir is None:
+        return None
+    from .models import model_index
+    try:
+        return model_index(load_run_config(run_dir).model.path)
+    except (OSError, ValueError, C.ConfigError):
+        return None
+
+
 def _run_adapter(run_dir: Path) -> Path:
     final = final_adapter_path(run_dir, load_run_config(run_dir))
     if final.is_file():

@@ -12,7 +12,6 @@ from trainer.lora_state import Adapter
 from trainer.formats import load_adapter
 from trainer.models import load_base_model
 from .blend import FusedBlender
-from .original_layout import original_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,7 +33,7 @@ def bake(model_path: str, pairs: list[tuple[Adapter | str | Path, float]], out: 
 
 def fuse_into(base, pairs: list[tuple[Adapter | str | Path, float]]) -> None:
     """Fuse the adapters into base's weights for good (the blender's pristine copies are dropped)."""
-    blender = FusedBlender(base.unet, base.text_encoders)
+    blender = FusedBlender.of(base)
     for label, (adapter, weight) in zip(adapter_labels([a for a, _ in pairs]), pairs):
         blender.add(label, _as_adapter(adapter), weight)
 
@@ -47,11 +46,11 @@ def adapter_labels(adapters: list[Adapter | str | Path]) -> list[str]:
 
 
 def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
-    """UNet + VAE + text encoder as one original-layout .safetensors (written atomically)."""
+    """UNet + VAE + text encoders as one original-layout .safetensors (the family's layout), written atomically."""
     from safetensors.torch import save_file
     path = Path(path)
     cast = _dtype(dtype)
-    state = original_checkpoint(base.unet, base.vae, base.text_encoder)
+    state = base.family.original_checkpoint(base)
     tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})

@@ -20,6 +20,7 @@ import torch
 from trainer.lora_state import Adapter, LoraLayer
 
 from trainer.formats import AdapterFormatError, module_index
+from trainer.formats.check import aligned_names, family_mismatch
 
 
 @dataclass
@@ -32,15 +33,23 @@ class _Entry:
 class FusedBlender:
     """Blend named adapters into `unet` (and text encoders, `{kohya prefix: module}`) in place."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None):
-        self._index = module_index(unet, text_encoders or {})
+    def __init__(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None,
+                 unet_path=None, family=None):
+        self._index = module_index(unet, text_encoders or {}, unet_path)
+        self._family = family
         self._entries: dict[str, _Entry] = {}  # insertion order = summation order
         self._pristine: dict[str, torch.Tensor] = {}  # W0 of every layer currently holding a delta
+
+    @classmethod
+    def of(cls, base) -> "FusedBlender":
+        """A blender over a loaded BaseModel, with its family's names."""
+        return cls(base.unet, base.text_encoders, base.kohya_unet_path, base.family)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
     def add(self, name: str, adapter: Adapter, weight: float = 1.0, enabled: bool = True) -> None:
         """Blend `adapter` in under `name` (an existing `name` is replaced)."""
+        adapter = aligned_names(adapter, self._index)
         self._check(name, adapter)
         old = self._entries.pop(name, None)
         self._entries[name] = _Entry(adapter, float(weight), bool(enabled))
@@ -116,6 +125,9 @@ class FusedBlender:
 
     def _check(self, name: str, adapter: Adapter) -> None:
         missing = [k for k in adapter.layers if k not in self._index]
+        mismatch = family_mismatch(adapter, self._family) if missing else None
+        if mismatch:
+            raise AdapterFormatError(f"adapter {name!r}: {mismatch}")
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise AdapterFormatError(f"adapter {name!r}: {len(missing)} of its {len(adapter)} layers are not in this "

@@ -71,7 +71,7 @@ class Generator:
             base = load_base_model(self.model_path, dtype=dtype, device=self.device)
             self._pipe = base.pipeline()
             self._pipe.set_progress_bar_config(disable=True)
-            self._blender = FusedBlender(base.unet, base.text_encoders)
+            self._blender = FusedBlender.of(base)
             self._base = base
 
     def set_adapters(self, specs: list[tuple]) -> None:

@@ -10,15 +10,15 @@ from .captions import (CAPTION_EXTENSIONS, DATASET_FILE, build_caption, caption_
                        resolve_trigger, set_dataset_trigger, shuffle_tags, split_tags, with_trigger, write_caption)
 from .errors import DatasetError, ImageLoadError
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image, probe_image, to_rgb
-from .pixels import cover_size, crop_box, load_pixels, needs_fresh_pixels
+from .pixels import cover_size, crop_box, crop_geometry, load_pixels, needs_fresh_pixels, size_info
 from .scan import DatasetScan, ImageItem, Skipped, folder_repeats, is_ignored, scan_dataset
 
 __all__ = [
     "BatchPlan", "Bucket", "CAPTION_EXTENSIONS", "DATASET_FILE", "DatasetError", "DatasetScan", "IMAGE_EXTENSIONS", "ImageItem",
     "ImageLoadError", "LatentCache", "Skipped", "bucket_stats", "bucket_step", "build_caption", "caption_file", "cover_size",
-    "crop_box", "dataset_trigger", "decode_caption", "file_sha256", "folder_repeats", "is_ignored", "is_image_file", "load_image", "load_pixels", "make_buckets",
+    "crop_box", "crop_geometry", "dataset_trigger", "decode_caption", "file_sha256", "folder_repeats", "is_ignored", "is_image_file", "load_image", "load_pixels", "make_buckets",
     "nearest_bucket", "needs_fresh_pixels", "probe_image", "read_caption", "resolve_trigger", "scan_dataset",
-    "set_dataset_trigger", "shuffle_tags", "split_tags", "to_rgb", "uses_latent_cache", "with_trigger", "write_caption",
+    "set_dataset_trigger", "shuffle_tags", "size_info", "split_tags", "to_rgb", "uses_latent_cache", "with_trigger", "write_caption",
 ]
 
 

@@ -35,8 +35,25 @@ def crop_box(covered: tuple[int, int], size: tuple[int, int], crop: str, rng: ra
     return left, top, left + target_w, top + target_h
 
 
-def load_pixels(item, size: tuple[int, int], crop: str, flip: bool, rng: random.Random):
-    """FloatTensor [3, h, w] in [-1, 1] of `item` at `size` = (w, h)."""
+def crop_geometry(item, size: tuple[int, int], crop: str, rng: random.Random):
+    """Where a training sample of `item` comes from: the size its image is resized to (covering the bucket `size`,
+    aspect kept) and the crop box in it. Known from the scan alone, so cached latents carry it too; SDXL's
+    micro-conditioning is built from it (`size_info`). A random crop draws from rng."""
+    covered = cover_size((item.width, item.height), size)
+    return covered, crop_box(covered, size, crop, rng)
+
+
+def size_info(item, size: tuple[int, int], box: tuple[int, int, int, int]):
+    """The image's real original size, its crop offset in the resized image and the bucket size, as (h, w) pairs:
+    what kohya's sd-scripts and OneTrainer give SDXL (some trainers pass zeros, which wastes the conditioning)."""
+    from trainer.models.family import SizeInfo
+    return SizeInfo(original_hw=(item.height, item.width), crop_top_left=(box[1], box[0]),
+                    target_hw=(size[1], size[0]))
+
+
+def load_pixels(item, size: tuple[int, int], crop: str, flip: bool, rng: random.Random, box=None):
+    """FloatTensor [3, h, w] in [-1, 1] of `item` at `size` = (w, h); `box` is crop_geometry()'s, drawn here
+    when not given."""
     import numpy as np
     import torch
 
@@ -44,7 +61,7 @@ def load_pixels(item, size: tuple[int, int], crop: str, flip: bool, rng: random.
     covered = cover_size(img.size, size)
     if covered != img.size:
         img = img.resize(covered, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    img = img.crop(crop_box(covered, size, crop, rng))
+    img = img.crop(box if box is not None else crop_box(covered, size, crop, rng))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8))

@@ -11,16 +11,20 @@ from .errors import AdapterFormatError
 from .from_model import adapter_from_model
 from .layout import DTYPES, FORMATS
 from .metadata import build_metadata
-from .names import kohya_name, module_index, normalise_kohya_name, split_kohya_name
+from .names import diffusers_aliases, kohya_name, module_index, normalise_kohya_name, resolve_paths
 from .read import detect_format, load_adapter
 from .write import save_adapter, write_atomically
 
 __all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "build_metadata",
            "check_against_model", "delta_shape", "detect_format", "export_adapter", "kohya_name", "load_adapter",
-           "module_index", "normalise_kohya_name", "save_adapter", "split_kohya_name", "write_atomically"]
+           "diffusers_aliases", "module_index", "normalise_kohya_name", "resolve_paths", "save_adapter",
+           "write_atomically"]
 
 
-def export_adapter(source, out_path, format: str = "kohya", dtype: str = "fp16") -> Path:
+def export_adapter(source, out_path, format: str = "kohya", dtype: str = "fp16", index: dict | None = None) -> Path:
     """Re-write any readable LoRA (a file, a checkpoint or a run folder) in our kohya or diffusers layout, metadata
-    carried over."""
-    return save_adapter(load_adapter(source), out_path, format=format, dtype=dtype)
+    carried over. A run's adapter is written with the module names of the run's own base model."""
+    from trainer.runs import run_model_index
+    if index is None and format == "diffusers":
+        index = run_model_index(source)
+    return save_adapter(load_adapter(source), out_path, format=format, dtype=dtype, index=index)

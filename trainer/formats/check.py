@@ -6,6 +6,7 @@ from torch import nn
 from trainer.lora_state import Adapter
 
 from .errors import AdapterFormatError
+from .names import diffusers_aliases
 
 Index = dict[str, tuple[str, str, nn.Module]]
 
@@ -35,22 +36,48 @@ def check_against_model(adapter: Adapter, index: Index) -> None:
                                  "family, e.g. SDXL vs SD1.x?): " + " | ".join(problems))
 
 
-def align_to_model(adapter: Adapter, index: Index) -> Adapter:
-    """Rename `lora_te1_` <-> `lora_te_` to the spelling the model's index uses, then check the fit.
+def align_to_model(adapter: Adapter, index: Index, family=None) -> Adapter:
+    """aligned_names(), then the fit: every layer a module of the model, of its shape (naming the families when
+    they differ)."""
+    aligned = aligned_names(adapter, index)
+    mismatch = family_mismatch(aligned, family)
+    if mismatch and any(name not in index for name in aligned.layers):
+        raise AdapterFormatError(mismatch)
+    check_against_model(aligned, index)
+    return aligned
 
-    diffusers' kohya converter writes `lora_te1_` even for SD1.x, whose single text encoder kohya calls `lora_te`.
-    """
+
+def aligned_names(adapter: Adapter, index: Index) -> Adapter:
+    """The adapter under the names the model's index uses: `lora_te1_` <-> `lora_te_` (diffusers' kohya converter
+    writes `lora_te1_` even for SD1.x, whose single text encoder kohya calls `lora_te`), and diffusers' UNet paths
+    -> the original layout where the family names them so (SDXL)."""
     prefixes = {prefix for prefix, _, _ in index.values()}
+    aliases = diffusers_aliases(index)
     layers = {}
     for name, layer in adapter.layers.items():
+        name = aliases.get(name, name)
         if name.startswith("lora_te1_") and "lora_te" in prefixes and "lora_te1" not in prefixes:
             name = "lora_te_" + name[len("lora_te1_"):]
         elif name.startswith("lora_te_") and "lora_te1" in prefixes and "lora_te" not in prefixes:
             name = "lora_te1_" + name[len("lora_te_"):]
         layers[name] = layer
-    aligned = Adapter(layers=layers, metadata=dict(adapter.metadata))
-    check_against_model(aligned, index)
-    return aligned
+    if list(layers) == list(adapter.layers):
+        return adapter  # nothing renamed: the same object (callers compare adapters by identity)
+    return Adapter(layers=layers, metadata=dict(adapter.metadata))
+
+
+def family_mismatch(adapter: Adapter, family) -> str | None:
+    """'this adapter was made for SDXL; the base model is Stable Diffusion 1.x' when the adapter tells its family
+    and it is not the model's; None otherwise."""
+    if family is None:
+        return None
+    from trainer.models import family_of_adapter
+    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in adapter.layers.items()}
+    made_for = family_of_adapter(adapter.layers, shapes, adapter.metadata)
+    if made_for is None or made_for.name == family.name:
+        return None
+    return (f"this adapter was made for {made_for.label} ({made_for.name}); the base model is {family.label} "
+            f"({family.name}): pick a base model of the adapter's family, or an adapter trained for this one")
 
 
 def _same_shape(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,14 +14,17 @@ from .names import UNET_PREFIX, base_layer_path, kohya_name
 
 
 def adapter_from_model(unet: nn.Module | None, text_encoders: dict[str, nn.Module] | None = None,
-                       adapter_name: str = "default") -> Adapter:
-    """down = lora_A weight, up = lora_B weight, alpha such that alpha / r equals peft's scaling."""
+                       adapter_name: str = "default", unet_path: Callable[[str], str] | None = None) -> Adapter:
+    """down = lora_A weight, up = lora_B weight, alpha such that alpha / r equals peft's scaling; keyed by kohya
+    name (`unet_path`: the family's naming of UNet paths, as for module_index; BaseModel.injected_adapter())."""
     layers = {}
     components = ([(UNET_PREFIX, unet)] if unet is not None else []) + list((text_encoders or {}).items())
     for prefix, model in components:
         for path, module in model.named_modules():
             if _has_adapter(module, adapter_name):
-                layers[kohya_name(prefix, base_layer_path(path))] = _read_layer(module, adapter_name, prefix, path)
+                layer_path = base_layer_path(path)
+                named = unet_path(layer_path) if unet_path and prefix == UNET_PREFIX else layer_path
+                layers[kohya_name(prefix, named)] = _read_layer(module, adapter_name, prefix, path)
     return Adapter(layers=layers)
 
 

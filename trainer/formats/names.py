@@ -1,12 +1,18 @@
 """kohya module names <-> diffusers/transformers module paths, and the index of adaptable modules of a model.
 
-kohya names are `<prefix>_<module path with every '.' replaced by '_'>`. The format fixes the text-encoder names to
+kohya names are `<prefix>_<module path with every '.' replaced by '_'>`, the path in the layout the family's files
+use (diffusers' for SD 1.x/2.x, the original SGM layout for SDXL's UNet). The format fixes the text-encoder names to
 the `text_model.` layout of older transformers (ComfyUI maps only that literal form), so paths of a flattened
 transformers 5.x CLIPTextModel are normalised here.
+
+'.' -> '_' cannot be undone by rewriting strings (module names hold '_' too), so names are read back through an
+index built from a model's modules (`module_index`): exactly, or, for a model of the same classes with other block
+counts, by the shape of the index's names with their numbers free (`resolve_paths`).
 """
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from torch import nn
 
@@ -19,16 +25,6 @@ _CLIP_TRANSFORMER_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 _KOHYA_CLIP_ROOTS = tuple(r.replace(".", "_") for r in _CLIP_TRANSFORMER_ROOTS)
 # peft's inner modules of a wrapped layer: never adaptable targets themselves
 _PEFT_INNER = {"lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
-# module-name words that contain '_' in diffusers' UNet and transformers' CLIP; used to undo kohya's '.'->'_'
-_COMPOUND_WORDS = sorted(
-    ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
-     "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-     "linear_1", "linear_2", "add_embedding", "class_embedding", "add_k_proj", "add_v_proj", "text_model",
-     "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection", "final_layer_norm", "layer_norm1",
-     "layer_norm2", "token_embedding", "position_embedding"],
-    key=lambda w: -w.count("_"))
-
-
 def normalise_path(prefix: str, module_path: str) -> str:
     """The module path as the kohya format spells it: text-encoder paths always include `text_model.`."""
     if prefix in TEXT_ENCODER_PREFIXES and module_path.startswith(_CLIP_TRANSFORMER_ROOTS):
@@ -51,26 +47,6 @@ def normalise_kohya_name(name: str) -> str:
     return name
 
 
-def split_kohya_name(name: str) -> tuple[str, str]:
-    """`lora_unet_down_blocks_0_..._to_q` -> ("lora_unet", "down_blocks.0....to_q") without needing the model.
-
-    kohya's '.'->'_' is lossy, so the path is rebuilt from the words that diffusers/transformers module names use;
-    with a model at hand prefer `module_index`, which is exact.
-    """
-    prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
-    if prefix is None:
-        raise ValueError(f"{name!r} is not a kohya module name (expected a prefix among {', '.join(PREFIXES)})")
-    parts, words, i = name[len(prefix) + 1:].split("_"), [], 0
-    while i < len(parts):
-        for word in _COMPOUND_WORDS + [parts[i]]:
-            n = word.count("_") + 1
-            if "_".join(parts[i:i + n]) == word:
-                words.append(word)
-                i += n
-                break
-    return prefix, ".".join(words)
-
-
 def base_layer_path(module_path: str) -> str | None:
     """The adaptable layer a (possibly peft-wrapped) module path stands for, or None for peft's own modules."""
     parts = module_path.split(".")
@@ -81,10 +57,11 @@ def base_layer_path(module_path: str) -> str | None:
     return ".".join(parts)
 
 
-def module_index(unet: nn.Module | None, text_encoders: dict[str, nn.Module] | None = None
-                 ) -> dict[str, tuple[str, str, nn.Module]]:
+def module_index(unet: nn.Module | None, text_encoders: dict[str, nn.Module] | None = None,
+                 unet_path: Callable[[str], str] | None = None) -> dict[str, tuple[str, str, nn.Module]]:
     """kohya name -> (prefix, module path, layer) for every nn.Linear / nn.Conv2d of the UNet and text encoders
-    (`text_encoders` maps kohya prefix -> model, e.g. {"lora_te": text_encoder})."""
+    (`text_encoders` maps kohya prefix -> model, e.g. {"lora_te": text_encoder}). `unet_path` turns a UNet module
+    path into the one kohya names (the family's: SDXL's original layout); the stored path stays diffusers'."""
     index = {}
     components = ([(UNET_PREFIX, unet)] if unet is not None else []) + list((text_encoders or {}).items())
     for prefix, model in components:
@@ -93,5 +70,53 @@ def module_index(unet: nn.Module | None, text_encoders: dict[str, nn.Module] | N
                 continue
             layer_path = base_layer_path(path)
             if layer_path:
-                index[kohya_name(prefix, layer_path)] = (prefix, layer_path, module)
+                named = unet_path(layer_path) if unet_path and prefix == UNET_PREFIX else layer_path
+                index[kohya_name(prefix, named)] = (prefix, layer_path, module)
     return index
+
+
+def diffusers_aliases(index: dict) -> dict[str, str]:
+    """kohya name in diffusers' own layout -> the index's name, where they differ (SDXL files that diffusers'
+    kohya exporter wrote keep diffusers' UNet paths; kohya's trainer writes the original layout)."""
+    out = {}
+    for name, (prefix, path, _) in index.items():
+        plain = kohya_name(prefix, path)
+        if plain != name:
+            out[plain] = name
+    return out
+
+
+def resolve_paths(names, index: dict) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """kohya name -> (prefix, diffusers module path) for each name, from `index`: exactly, else (where kohya's name
+    is the module path itself) by a name of the index that differs only in its numbers; and the names found in
+    neither way."""
+    aliases = diffusers_aliases(index)
+    found, unknown = {}, []
+    templates = _templates(index)
+    for name in names:
+        entry = index.get(name) or index.get(aliases.get(name, ""))
+        if entry is not None:
+            found[name] = (entry[0], entry[1])
+            continue
+        match = next(((t, m) for t in templates if (m := t[0].fullmatch(name))), None)
+        if match is None:
+            unknown.append(name)
+            continue
+        (_, prefix, path_template), m = match
+        found[name] = (prefix, path_template.format(*m.groups()))
+    return found, unknown
+
+
+def _templates(index: dict) -> list[tuple[re.Pattern, str, str]]:
+    """(name pattern, prefix, path template) from the index's plain names (digits as groups), one per shape."""
+    seen, out = set(), []
+    for name, (prefix, path, _) in index.items():
+        if kohya_name(prefix, path) != name:
+            continue  # an original-layout UNet name: only exact matches map it back
+        shape = re.sub(r"\d+", "#", name)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        pattern = re.compile(r"(\d+)".join(map(re.escape, shape.split("#"))))
+        out.append((pattern, prefix, re.sub(r"\d+", "{}", path)))
+    return out

@@ -17,7 +17,7 @@ from trainer.lora_state import Adapter, LoraLayer
 
 from .errors import AdapterFormatError
 from .layout import DIFFUSERS_CONFIG_KEY, shape_problem
-from .names import UNET_PREFIX, kohya_name, normalise_kohya_name
+from .names import UNET_PREFIX, diffusers_aliases, kohya_name, normalise_kohya_name
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -58,7 +58,23 @@ def load_adapter(source) -> Adapter:
                                  f"to a plain LoRA or use the tool that made it.")
     if not parts:
         raise AdapterFormatError(f"{path} holds no LoRA layers; is it an adapter file?")
-    return Adapter(layers=_assemble(parts, path), metadata=dict(file_meta))
+    layers = _assemble(parts, path)
+    return Adapter(layers=_original_unet_names(layers, file_meta), metadata=dict(file_meta))
+
+
+def _original_unet_names(layers: dict[str, LoraLayer], file_meta: dict) -> dict[str, LoraLayer]:
+    """An adapter of a family whose files name UNet modules in the original layout (SDXL), read from a file that
+    names them as diffusers does (diffusers' own kohya exporter, diffusers and peft files), under the family's
+    names: mapped through the module index of the family's standard model, never by rewriting strings."""
+    from trainer.models import family_of_adapter, meta_index
+    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in layers.items()}
+    family = family_of_adapter(layers, shapes, file_meta)
+    diffusers_named = [n for n in layers if n.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_",
+                                                          "lora_unet_up_blocks_"))]
+    if family is None or not family.original_unet_names or not diffusers_named:
+        return layers
+    aliases = diffusers_aliases(meta_index(family.name))
+    return {aliases.get(name, name): layer for name, layer in layers.items()}
 
 
 def detect_format(keys_or_path) -> str:

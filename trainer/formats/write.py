@@ -14,12 +14,14 @@ from trainer.lora_state import Adapter
 
 from .errors import AdapterFormatError
 from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
-from .names import split_kohya_name
+from .names import normalise_path, resolve_paths
 
 
 def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp16",
-                 metadata: dict[str, str] | None = None) -> Path:
-    """Write `adapter` to `path` (.safetensors) in the kohya or diffusers layout; returns the path."""
+                 metadata: dict[str, str] | None = None, index: dict | None = None) -> Path:
+    """Write `adapter` to `path` (.safetensors) in the kohya or diffusers layout; returns the path. The diffusers
+    layout needs each layer's module path: from `index` (a model's module_index), else from the standard model of
+    the family the adapter was made for."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"adapter files are written as .safetensors; name {path} with that suffix")
@@ -38,7 +40,7 @@ def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp
     if format == "kohya":
         tensors = kohya_tensors(adapter, dt)
     else:
-        tensors, configs = diffusers_tensors(adapter, dt)
+        tensors, configs = diffusers_tensors(adapter, dt, index)
         meta[DIFFUSERS_CONFIG_KEY] = json.dumps(configs, sort_keys=True)
     meta = check_metadata(meta, str(path))
     write_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
@@ -71,16 +73,20 @@ def _alpha(layer) -> float:
     return float(layer.alpha) if layer.alpha is not None else float(layer.rank)
 
 
-def diffusers_tensors(adapter: Adapter, dt: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    """What `StableDiffusionPipeline.save_lora_weights` writes: `unet.<path>.lora_A.weight` / `.lora_B.weight`.
+def diffusers_tensors(adapter: Adapter, dt: torch.dtype, index: dict | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """What `save_lora_weights` writes: `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`,
+    `text_encoder_2.`), paths in diffusers' layout whatever layout the kohya names were in.
 
     diffusers refuses tensor keys without 'lora' in them, so alphas cannot travel as `.alpha` keys; they go, as
     diffusers itself stores them, into a peft LoraConfig per component under the `lora_adapter_metadata` key.
     """
+    paths = _module_paths(adapter, index)
     tensors, layers_by_component = {}, collections.defaultdict(dict)
     for name in sorted(adapter.layers):
         layer = adapter.layers[name]
-        prefix, path = split_kohya_name(name)
+        prefix, path = paths[name]
+        path = normalise_path(prefix, path)
         component = COMPONENTS[prefix]
         tensors[f"{component}.{path}.lora_A.weight"] = _copy(layer.down, dt)
         tensors[f"{component}.{path}.lora_B.weight"] = _copy(layer.up, dt)
@@ -92,6 +98,16 @@ def diffusers_tensors(adapter: Adapter, dt: torch.dtype) -> tuple[dict[str, torc
         for key, value in lora_config(layers).items():
             configs[f"{component}.{key}"] = value
     return tensors, configs
+
+
+def _module_paths(adapter: Adapter, index: dict | None) -> dict[str, tuple[str, str]]:
+    from trainer.models import adapter_index
+    found, unknown = resolve_paths(adapter.layers, index if index is not None else adapter_index(adapter))
+    if unknown:
+        raise AdapterFormatError(f"{len(unknown)} layer(s) are not modules of the model this adapter was made for "
+                                 f"(e.g. {', '.join(unknown[:3])}); export it with that base model at hand (a run "
+                                 f"folder, or --model) so its own module names are used")
+    return found
 
 
 def lora_config(layers: dict[str, tuple[int, float]]) -> dict:

@@ -1,56 +1,38 @@
-"""The loaded base model and the one error type of `trainer.models`.
-
-`BaseModel` holds the frozen components; what differs between families (how captions become the UNet's
-conditioning, which pipeline samples from it) is delegated to the family module named by `family`, so SDXL/SD2
-only add a module beside `sd1.py`.
-"""
+"""The loaded base model. What differs between families is the `family` object's (see family.py): the model only
+holds the frozen components and asks it, so the loop, the exporter and the toolkit stay family-free."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
-from .errors import ModelLoadError
-
-# family name -> module implementing it (see sd1.py for the functions a family module provides)
-FAMILY_MODULES = {"sd1": "trainer.models.sd1"}
-
-
-def family_module(family: str) -> ModuleType:
-    if family not in FAMILY_MODULES:
-        raise ModelLoadError(f"unknown model family {family!r}; supported: {', '.join(FAMILY_MODULES)} "
-                             f"(or 'auto' to read it from the model)")
-    return importlib.import_module(FAMILY_MODULES[family])
+from .family import Family, SizeInfo
 
 
 @dataclass
 class BaseModel:
-    family: str
+    family: Family
     unet: torch.nn.Module  # diffusers UNet2DConditionModel
     vae: torch.nn.Module  # diffusers AutoencoderKL
-    text_encoder: torch.nn.Module  # transformers CLIPTextModel
-    tokenizer: object  # transformers CLIPTokenizer
+    text_encoder: torch.nn.Module  # the first text encoder (transformers CLIPTextModel)
+    tokenizer: object  # its tokenizer
     noise_scheduler: object  # diffusers DDPMScheduler, built from the model's scheduler config
     source: str  # the resolved path or hub id
-    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)  # kohya prefix -> module
+    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)  # kohya prefix -> module, in order
+    tokenizers: dict[str, object] = field(default_factory=dict)  # kohya prefix -> tokenizer
 
-    def _family(self) -> ModuleType:
-        return family_module(self.family)
+    # ---- conditioning --------------------------------------------------------------------------------------------
+    def encode_text(self, captions: list[str] | str) -> dict[str, torch.Tensor]:
+        """The text conditioning of each caption (gradients flow where a text encoder trains)."""
+        return self.family.encode_text(self, [captions] if isinstance(captions, str) else list(captions))
 
-    def tokenize(self, captions: list[str]) -> torch.LongTensor:
-        """Token ids padded to the tokenizer's model_max_length and truncated to it."""
-        return self._family().tokenize(self, captions)
+    def conditioning(self, text: dict[str, torch.Tensor], sizes: list[SizeInfo]) -> dict[str, torch.Tensor]:
+        """What the UNet takes for a batch: the text conditioning plus, for SDXL, the size and crop ids."""
+        return self.family.conditioning(self, text, sizes)
 
-    def encode_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """The UNet's encoder_hidden_states for these ids (gradients flow when the text encoder trains)."""
-        return self._family().encode_text(self, input_ids)
-
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning) -> torch.Tensor:
-        """The UNet's prediction for noisy latents under `conditioning` (what encode_text returned).
-        SDXL will add its pooled embeddings and size/crop ids here, so the training loop stays family-free."""
-        return self._family().predict(self, noisy_latents, timesteps, conditioning)
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The UNet's prediction for noisy latents under `conditioning` (what conditioning() returned)."""
+        return self.family.predict(self, noisy_latents, timesteps, conditioning)
 
     def pipeline(self, scheduler=None):
         """An inference pipeline sharing these very modules (no copy), no safety checker, progress bar off.
@@ -58,17 +40,40 @@ class BaseModel:
         `scheduler`: None (DPM-Solver++ from the model's scheduler config), a name ("dpmsolver", "ddim",
         "euler", "euler_a") or a diffusers scheduler instance.
         """
-        return self._family().pipeline(self, scheduler)
+        return self.family.pipeline(self, scheduler)
+
+    # ---- facts ---------------------------------------------------------------------------------------------------
+    def kohya_unet_path(self, path: str) -> str:
+        """A UNet module path as kohya names it in this family's files."""
+        return self.family.kohya_unet_path(path, self.unet.config)
+
+    def module_index(self):
+        """kohya name -> (prefix, module path, layer) of every adaptable layer (trainer.formats.module_index)."""
+        from trainer.formats import module_index
+        return module_index(self.unet, self.text_encoders, self.kohya_unet_path)
+
+    def injected_adapter(self):
+        """The LoRA injected into this model (trainer.network), as an Adapter keyed by this family's kohya names."""
+        from trainer.formats import adapter_from_model
+        return adapter_from_model(self.unet, self.text_encoders, unet_path=self.kohya_unet_path)
+
+    def metadata(self) -> dict[str, str]:
+        """The family's ss_*/modelspec values for adapters trained on this model."""
+        return self.family.metadata(self)
 
     @property
     def native_resolution(self) -> int:
-        """The image side the model was trained at (512 for SD 1.5, the tiny model's own)."""
+        """The image side the model was trained at (512 for SD 1.5, 1024 for SDXL, the tiny model's own)."""
         from .info import native_size
         return native_size(self.unet.config, self.vae.config)
 
     def prediction_type(self) -> str:
         """"epsilon" or "v_prediction", as the model's scheduler config says."""
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def components(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders.values()]
 
     @property
     def device(self) -> torch.device:

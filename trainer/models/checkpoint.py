@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, pickle_refused_message
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -27,12 +27,6 @@ def read_state_dict(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor
     raise ModelLoadError(f"{path} is not a model checkpoint loradesk can read (expected .safetensors, or "
                          f"{'/'.join(PICKLE_SUFFIXES)} with model.trust_pickle=true); give a .safetensors file or "
                          f"a diffusers folder")
-
-
-def pickle_refused_message(path: Path) -> str:
-    return (f"{path} is a pickle checkpoint, which can run code when it is loaded. Convert it to .safetensors "
-            f"(e.g. with a checkpoint converter you trust), or, if you trust the file, set model.trust_pickle=true "
-            f"(it is then read with torch.load(weights_only=True), which refuses code)")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

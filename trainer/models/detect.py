@@ -1,48 +1,72 @@
-"""Which model family a diffusers folder or a single-file checkpoint holds, read from its configs or its keys."""
+"""Which model family a diffusers folder, a single-file checkpoint or a LoRA belongs to. Torch-free: the families'
+modules import torch only inside their functions, so the app can ask while it builds a form."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 from .errors import ModelLoadError
 
-NOT_YET = {
-    "sdxl": "SDXL {kind}s are not supported yet; loradesk trains Stable Diffusion 1.x models for now. "
-            "Choose an SD 1.x (e.g. SD1.5-based) model",
-    "sd2": "Stable Diffusion 2.x {kind}s are not supported yet; loradesk trains Stable Diffusion 1.x models for "
-           "now. Choose an SD 1.x (e.g. SD1.5-based) model",
-}
+# name -> (module, instance); the order is the order of detection (the most specific first)
+FAMILIES = {"sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"), "sd1": ("sd1", "SD1_FAMILY")}
 
 
-def unsupported(family: str, path: Path | str, kind: str) -> ModelLoadError:
-    return ModelLoadError(f"{path}: " + NOT_YET[family].format(kind=kind))
+def get_family(name: str):
+    """The Family object of a name in FAMILIES."""
+    if name not in FAMILIES:
+        raise ModelLoadError(f"unknown model family {name!r}; choose one of {', '.join(sorted(FAMILIES))} (or "
+                             f"'auto' to read it from the model)")
+    module, attr = FAMILIES[name]
+    return getattr(importlib.import_module(f".{module}", __package__), attr)
 
 
-def family_of_folder(folder: Path) -> str:
-    """'sd1', 'sd2' or 'sdxl' from model_index.json (and the UNet config, which tells SD2 from SD1)."""
+def all_families() -> list:
+    return [get_family(name) for name in FAMILIES]
+
+
+def family_of_folder(folder: Path):
+    """The family of a diffusers folder, from model_index.json and the UNet config."""
     index = read_json(folder / "model_index.json")
     name = str(index.get("_class_name", ""))
-    if "XL" in name:
-        return "sdxl"
     if not name.startswith("StableDiffusion") or "unet" not in index:
         raise ModelLoadError(f"{folder} holds a {name or 'unknown'} model, not a Stable Diffusion pipeline; give "
-                             f"a Stable Diffusion 1.x model folder or checkpoint")
+                             f"a Stable Diffusion 1.x, 2.x or SDXL model folder or checkpoint")
     unet_config = folder / "unet" / "config.json"
-    cross_dim = read_json(unet_config).get("cross_attention_dim") if unet_config.is_file() else None
-    return "sd2" if cross_dim == 1024 else "sd1"
+    config = read_json(unet_config) if unet_config.is_file() else {}
+    return next(f for f in all_families() if f.claims_folder(index, config))
 
 
-def family_of_checkpoint(state_dict: dict, path: Path) -> str:
-    """'sd1', 'sd2' or 'sdxl' from the original (CompVis/SGM) key layout of a single-file checkpoint."""
-    keys = list(state_dict)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text encoder
-        return "sd2"
+def family_of_checkpoint(state_dict: dict, path: Path):
+    """The family of a single-file checkpoint in the original (CompVis/SGM) key layout."""
+    keys = set(state_dict)
+    for family in all_families():
+        if family.claims_checkpoint(keys):
+            return family
     has_unet = any(k.startswith("model.diffusion_model.") for k in keys)
-    if has_unet and any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise ModelLoadError(f"{path} is not a full Stable Diffusion checkpoint: {_what_it_is(keys, has_unet)}")
+    raise ModelLoadError(f"{path} is not a full Stable Diffusion checkpoint: {_what_it_is(sorted(keys), has_unet)}")
+
+
+def family_of_adapter(names, shapes: dict[str, tuple], metadata: dict | None = None):
+    """The family a LoRA was made for, from sd-scripts' metadata, else its kohya names (SDXL's two text encoders
+    and SGM UNet names) and the widths of its text layers (768 for SD 1.x's CLIP, 1024 for SD 2.x's OpenCLIP);
+    None when nothing tells (a LoRA of a small custom model)."""
+    version = (metadata or {}).get("ss_base_model_version", "")
+    for prefix, name in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            return get_family(name)
+    names = set(names)
+    if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
+                         "lora_unet_output_blocks")) for n in names):
+        return get_family("sdxl")
+    widths = {shape[1] for name, shape in shapes.items() if name.endswith(("attn2_to_k", "self_attn_q_proj"))}
+    if widths & {2048}:  # SDXL's joined text conditioning (768 + 1280), in a diffusers-named file
+        return get_family("sdxl")
+    if widths & {1024}:
+        return get_family("sd2")
+    if widths & {768}:
+        return get_family("sd1")
+    return None
 
 
 def _what_it_is(keys: list[str], has_unet: bool) -> str:

@@ -46,7 +46,7 @@ def native_size(unet_config: dict, vae_config: dict) -> int:
 
 def native_resolution(path: str) -> int:
     """The native image side of the model at `path` ("" = the tiny model), read from its config files only."""
-    folder = _config_folder(resolve_model_path(path))
+    folder = config_folder(resolve_model_path(path))
     if folder is None:
         return SD_DEFAULT_SIZE
     try:
@@ -64,13 +64,57 @@ def training_defaults(path: str) -> dict[str, object]:
     return values
 
 
-def _config_folder(source: str) -> Path | None:
+def config_folder(source: str) -> Path | None:
+    """The diffusers configs that describe a model: a folder itself, a single file's sidecar configs, or the
+    shipped configs of the family the file's keys show (read from its header, not its weights)."""
     local = Path(source)
     if local.is_dir():
         return local
     if local.is_file():
-        return sidecar_config_dir(local) or SD15_CONFIG_DIR
+        return sidecar_config_dir(local) or _shipped_configs(local)
     return None
+
+
+def _shipped_configs(file: Path) -> Path:
+    if file.suffix.lower() != ".safetensors":
+        return SD15_CONFIG_DIR  # a pickle is not opened before it is loaded (and trusted)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            state = {k: None for k in keys} | ({"global_step": f.get_tensor("global_step")}
+                                               if "global_step" in keys else {})
+        from .detect import family_of_checkpoint
+        return family_of_checkpoint(state, file).shipped_configs(state, original_yaml_prediction(file))
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: loading it names the damage
+        return SD15_CONFIG_DIR
+
+
+def original_yaml_prediction(file: Path) -> str | None:
+    """A1111's convention: a '<stem>.yaml' beside a checkpoint (the original inference config) says v-prediction
+    with `parameterization: "v"`, epsilon without it; None when there is no such file."""
+    yaml_file = file.with_suffix(".yaml")
+    if not yaml_file.is_file():
+        return None
+    import yaml
+    from .errors import ModelLoadError
+    try:
+        original = yaml.safe_load(yaml_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ModelLoadError(f"{yaml_file} is not readable YAML ({err}); fix or remove it") from err
+    params = original.get("model", {}).get("params", {}) if isinstance(original, dict) else {}
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def family_name(path: str) -> str | None:
+    """The family of the model at path ("" = the tiny one) from its configs or keys: sd1, sd2, sdxl; None when
+    it cannot be told without loading it (a hub id, a damaged folder)."""
+    from .detect import family_of_folder
+    folder = config_folder(resolve_model_path(path))
+    try:
+        return family_of_folder(folder).name if folder is not None else None
+    except Exception:  # noqa: BLE001 - not a readable model folder: loading it names the damage
+        return None
 
 
 def _json(path: Path) -> dict:

@@ -1,8 +1,8 @@
 """Loading a base model: a diffusers folder, a single-file checkpoint (offline, with local configs) or a hub id.
 
 `load_base_model(path)` finds out what `path` is, detects the model family (model_index.json, or the
-checkpoint's keys), lets the family module (`sd1.py`) load the components, then freezes them and moves them to
-the device. `""` means the tiny built-in model.
+checkpoint's keys), lets the family (sd1.py, sd2.py, sdxl.py) load the components, then freezes them and moves them
+to the device. `""` means the tiny built-in model.
 """
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from pathlib import Path
 
 import torch
 
-from .base import FAMILY_MODULES, BaseModel, family_module
+from .base import BaseModel
 from .checkpoint import CHECKPOINT_SUFFIXES, read_state_dict
-from .detect import NOT_YET, family_of_checkpoint, family_of_folder, unsupported
+from .detect import FAMILIES, family_of_checkpoint, family_of_folder, get_family
 from .errors import ModelLoadError
 from .hub import fetch_hub_model, looks_like_hub_id
-from .info import resolve_model_path, sidecar_config_dir
+from .info import original_yaml_prediction, resolve_model_path, sidecar_config_dir
 
 __all__ = ["SUPPORTED_FAMILIES", "load_base_model"]
 
-# the families that load today (sd2/sdxl are detected and refused with a clear message until they land)
-SUPPORTED_FAMILIES = tuple(FAMILY_MODULES)
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -33,8 +32,8 @@ def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool 
 
     path: a diffusers folder (model_index.json), a single-file checkpoint in the original layout (.safetensors;
     .ckpt/.pt/.pth/.bin only with trust_pickle=True), a hub id (needs network) or "" (the tiny built-in model).
-    config_dir: diffusers configs for a single file that is not SD1.5-size (else a '<stem>' or '<stem>.config'
-    folder beside the file is used, else the shipped SD1.5 configs).
+    config_dir: diffusers configs for a single file that is not standard-size (else a '<stem>' or '<stem>.config'
+    folder beside the file is used, else the family's shipped configs).
     """
     dtype, device = _check_dtype(dtype), _check_device(device)
     source = resolve_model_path(path)
@@ -56,26 +55,24 @@ def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, shown: st
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(_not_a_model_folder(folder))
     detected = _agree(family_of_folder(folder), family, shown or folder, "model")
-    return detected, family_module(detected).load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
+    return detected, detected.load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
 
 
 def _load_single_file(file: Path, family: str, dtype, trust_pickle: bool, config_dir):
     state_dict = read_state_dict(file, trust_pickle=trust_pickle)
     detected = _agree(family_of_checkpoint(state_dict, file), family, file, "checkpoint")
     configs = _sidecar_configs(file, config_dir)
-    parts = family_module(detected).load_single_file(state_dict, source=file, config_dir=configs, dtype=dtype)
-    _apply_original_yaml(file, parts)
+    parts = detected.load_single_file(state_dict, source=file, config_dir=configs, dtype=dtype,
+                                      prediction=original_yaml_prediction(file))
     return detected, parts
 
 
-def _agree(detected: str, requested: str, where, kind: str) -> str:
-    """The detected family, refused when it is not supported yet or contradicts model.family."""
-    if detected in NOT_YET:
-        raise unsupported(detected, where, kind)
-    if requested not in ("auto", detected):
-        family_module(requested)  # an unknown name gets the list of supported families
-        raise ModelLoadError(f"{where} is a {detected} {kind}, but model.family is {requested!r}; set "
-                             f"model.family=auto (or {detected})")
+def _agree(detected, requested: str, where, kind: str):
+    """The detected family, refused when model.family names another one (the structure decides)."""
+    if requested not in ("auto", detected.name):
+        forced = get_family(requested)  # an unknown name gets the list of families
+        raise ModelLoadError(f"{where} is a {detected.label} {kind} ({detected.name}), but model.family is "
+                             f"{requested!r} ({forced.label}); set model.family=auto (or {detected.name})")
     return detected
 
 
@@ -90,33 +87,16 @@ def _sidecar_configs(file: Path, config_dir) -> Path | None:
     return sidecar_config_dir(file)
 
 
-def _apply_original_yaml(file: Path, parts: dict) -> None:
-    """A1111 convention: '<stem>.yaml' beside a checkpoint with `parameterization: "v"` marks a v-prediction model."""
-    yaml_file = file.with_suffix(".yaml")
-    if not yaml_file.is_file():
-        return
-    import yaml
-    try:
-        original = yaml.safe_load(yaml_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ModelLoadError(f"{yaml_file} is not readable YAML ({err}); fix or remove it") from err
-    params = original.get("model", {}).get("params", {}) if isinstance(original, dict) else {}
-    if params.get("parameterization") == "v":
-        from .schedulers import training_scheduler
-        scheduler = parts["noise_scheduler"]
-        parts["noise_scheduler"] = training_scheduler({**scheduler.config, "prediction_type": "v_prediction"})
-
-
 def _freeze(base: BaseModel) -> None:
     """Base weights never train (LoRA adds its own parameters); eval mode until the loop says otherwise."""
-    for module in (base.unet, base.vae, base.text_encoder, *base.text_encoders.values()):
+    for module in base.components:
         module.requires_grad_(False)
         module.eval()
 
 
 def _to_device(base: BaseModel, device: torch.device) -> BaseModel:
     if device.type != "cpu":
-        for module in (base.unet, base.vae, base.text_encoder, *base.text_encoders.values()):
+        for module in base.components:
             module.to(device)
     return base
 

@@ -1,217 +1,147 @@
-"""Stable Diffusion 1.x: loading (diffusers folder or original single file), text conditioning, sampling.
-
-A family module provides: FAMILY, DEFAULT_CONFIG_DIR, load_folder(), load_single_file(), tokenize(),
-encode_text(), pipeline(). `trainer.models` picks the module from the model's family and calls only these.
-"""
+"""Stable Diffusion 1.x: one CLIP ViT-L text encoder (kohya prefix lora_te), 512 px, epsilon prediction."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .errors import ModelLoadError
-from .checkpoint import pickle_refused_message
+from .family import Family, TextEncoderSpec, text_encoder_modules
 from .info import SD15_CONFIG_DIR
-from .schedulers import inference_scheduler, training_scheduler
+from .loading import Fit, clip_keys, empty_models, load_component, noise_scheduler, refuse_inpainting, tokenizer
+from .schedulers import inference_scheduler
 
-FAMILY = "sd1"
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_CONFIG_DIR = SD15_CONFIG_DIR
-TEXT_ENCODER_PREFIX = "lora_te"  # kohya's prefix for SD1's one text encoder
-WEIGHTED = ("unet", "vae", "text_encoder")
+UNET_KEY = "model.diffusion_model."
 
 
-# --- a diffusers folder -------------------------------------------------------------------------------------------
+class SD1(Family):
+    name = "sd1"
+    label = "Stable Diffusion 1.x"
+    text_encoder_specs = (TextEncoderSpec("lora_te", "text_encoder", "CLIP ViT-L"),)
+    pad_token = "<|endoftext|>"
+    text_width = 768  # CLIP ViT-L; SD 2.x's OpenCLIP ViT-H is 1024 wide
 
-def load_folder(folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
-    """The components of a diffusers StableDiffusionPipeline folder, loaded one by one (no safety checker)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    # ---- telling it apart ----------------------------------------------------------------------------------------
+    def claims_folder(self, index: dict, unet_config: dict) -> bool:
+        return "XL" not in str(index.get("_class_name", "")) and unet_config.get("cross_attention_dim") != 1024
 
-    for sub in WEIGHTED:
-        _check_weights_present(folder / sub, trust_pickle)
-    safe_only = None if trust_pickle else True  # None: prefer safetensors, fall back to .bin (weights_only)
-    unet = _load(folder / "unet", lambda: UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", torch_dtype=dtype, local_files_only=True, use_safetensors=safe_only))
-    _refuse_inpainting(unet.config.in_channels, folder / "unet")
-    vae = _load(folder / "vae", lambda: AutoencoderKL.from_pretrained(
-        folder, subfolder="vae", torch_dtype=dtype, local_files_only=True, use_safetensors=safe_only))
-    text_encoder = _load(folder / "text_encoder", lambda: CLIPTextModel.from_pretrained(
-        folder, subfolder="text_encoder", dtype=dtype, local_files_only=True, use_safetensors=safe_only))
-    return _components(unet, vae, text_encoder, folder)
+    def claims_checkpoint(self, keys: set[str]) -> bool:
+        return any(k.startswith(UNET_KEY) for k in keys) and any(k.startswith("cond_stage_model.transformer.")
+                                                                 for k in keys)
 
+    # ---- loading -------------------------------------------------------------------------------------------------
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
+        unet = load_component(folder, "unet", UNet2DConditionModel, **load)
+        refuse_inpainting(unet.config.in_channels, folder / "unet", self.label)
+        vae = load_component(folder, "vae", AutoencoderKL, **load)
+        text_encoder = load_component(folder, "text_encoder", CLIPTextModel, **load)
+        return self.components({"unet": unet, "vae": vae, "text_encoder": text_encoder}, folder)
 
-def _check_weights_present(sub: Path, trust_pickle: bool) -> None:
-    if not sub.is_dir():
-        raise ModelLoadError(f"{sub} is missing; a Stable Diffusion 1.x folder needs unet/, vae/, text_encoder/, "
-                             f"tokenizer/ and scheduler/: copy the complete model folder")
-    has_safetensors = any(sub.glob("*.safetensors"))
-    if not has_safetensors and any(sub.glob("*.bin")) and not trust_pickle:
-        raise ModelLoadError(pickle_refused_message(sub))
+    def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
+                         prediction: str | None = None) -> dict:
+        """`prediction`: what a sidecar '<stem>.yaml' says (None without one)."""
+        configs = config_dir or self.shipped_configs(state_dict, prediction)
+        fit = Fit(source, configs, default_configs=config_dir is None, family_label=self.label)
+        refuse_inpainting(unet_in_channels(state_dict), source, self.label)
+        models = self.empty_unet_vae(state_dict, fit, configs, dtype)
+        models.update(self.load_text_encoders(state_dict, fit, configs, dtype))
+        overrides = self.scheduler_overrides(state_dict)
+        if prediction:
+            overrides["prediction_type"] = prediction
+        return self.components(models, configs, overrides)
 
+    def shipped_configs(self, state_dict: dict, prediction: str | None) -> Path:
+        return DEFAULT_CONFIG_DIR
 
-def _load(where: Path, load):
-    try:
-        return load()
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ModelLoadError(f"could not load {where} ({type(err).__name__}: {_first_line(err)}); a file there is "
-                             f"probably missing, truncated or corrupt: copy the complete model folder again") from err
+    def scheduler_overrides(self, state_dict: dict) -> dict:
+        return {}
 
+    def empty_unet_vae(self, state_dict: dict, fit: Fit, configs: Path, dtype) -> dict:
+        """The UNet and the VAE built from configs, holding the file's converted weights."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+        unet_config = fit.config(lambda: UNet2DConditionModel.load_config(configs, subfolder="unet"), "unet")
+        vae_config = fit.config(lambda: AutoencoderKL.load_config(configs, subfolder="vae"), "vae")
+        models = empty_models({"unet": lambda: UNet2DConditionModel.from_config(unet_config),
+                               "vae": lambda: AutoencoderKL.from_config(vae_config)})
+        fit.load(models["unet"], "UNet", fit.convert(lambda: convert_ldm_unet_checkpoint(state_dict, unet_config)),
+                 dtype)
+        fit.load(models["vae"], "VAE", fit.convert(lambda: convert_ldm_vae_checkpoint(state_dict, vae_config)),
+                 dtype)
+        return models
 
-# --- an original-layout single file (CompVis / A1111 / ComfyUI) ---------------------------------------------------
+    def load_text_encoders(self, state_dict: dict, fit: Fit, configs: Path, dtype) -> dict:
+        """SD 1.x's CLIP ViT-L, stored under cond_stage_model.transformer. in transformers' own names."""
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+        from transformers import CLIPTextModel
+        te = empty_clip(fit, configs, "text_encoder", CLIPTextModel)
+        fit.load(te, "text encoder", clip_keys(fit.convert(lambda: convert_ldm_clip_checkpoint(state_dict)), te),
+                 dtype)
+        return {"text_encoder": te}
 
-def load_single_file(state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype) -> dict:
-    """UNet, VAE and CLIP text encoder from one original-layout state dict, shaped by local diffusers configs.
+    def components(self, models: dict, config_dir: Path, scheduler_overrides: dict | None = None) -> dict:
+        """The BaseModel fields, with tokenizers and the training scheduler read from `config_dir`."""
+        tokenizers = {spec.prefix: tokenizer(config_dir, spec.component.replace("text_encoder", "tokenizer"),
+                                             self.pad_token_of(spec)) for spec in self.text_encoder_specs}
+        first = self.text_encoder_specs[0]
+        return {"unet": models["unet"], "vae": models["vae"], "text_encoder": models[first.component],
+                "tokenizer": tokenizers[first.prefix], "tokenizers": tokenizers,
+                "noise_scheduler": noise_scheduler(config_dir, scheduler_overrides),
+                "text_encoders": text_encoder_modules(models, self.text_encoder_specs)}
 
-    diffusers' converters rename the keys; we build each model on the meta device and assign the tensors with a
-    strict load ourselves because `from_single_file` leaves missing weights on the meta device and only warns
-    about unexpected ones, while checking the converted dict lets us name every key and shape that does not fit.
-    """
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-    from transformers import CLIPTextConfig, CLIPTextModel
+    def pad_token_of(self, spec: TextEncoderSpec) -> str:
+        return self.pad_token
 
-    configs = config_dir or DEFAULT_CONFIG_DIR
-    fit = _Fit(source, configs, default_configs=config_dir is None)
-    _refuse_inpainting(_unet_in_channels(state_dict), source)
-    unet_config = fit.config(lambda: UNet2DConditionModel.load_config(configs, subfolder="unet"), "unet")
-    vae_config = fit.config(lambda: AutoencoderKL.load_config(configs, subfolder="vae"), "vae")
-    te_config = fit.config(lambda: CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder"), "text_encoder")
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = AutoencoderKL.from_config(vae_config)
-        text_encoder = CLIPTextModel(te_config)
-    fit.load(unet, "UNet", fit.convert(lambda: convert_ldm_unet_checkpoint(state_dict, unet_config)), dtype)
-    fit.load(vae, "VAE", fit.convert(lambda: convert_ldm_vae_checkpoint(state_dict, vae_config)), dtype)
-    te_weights = _clip_keys(fit.convert(lambda: convert_ldm_clip_checkpoint(state_dict)), text_encoder)
-    fit.load(text_encoder, "text encoder", te_weights, dtype)
-    return _components(unet, vae, text_encoder, configs)
+    # ---- conditioning --------------------------------------------------------------------------------------------
+    def tokenize(self, tok, captions: list[str]) -> torch.LongTensor:
+        """Ids padded to model_max_length (77) and truncated to it: SD always conditions on 77 positions."""
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
 
+    def encode_text(self, base, captions: list[str]) -> dict[str, torch.Tensor]:
+        """CLIP's last hidden state, without an attention mask, as SD 1.x was trained."""
+        encoder = base.text_encoder
+        ids = self.tokenize(base.tokenizer, captions).to(encoder.device)
+        return {"encoder_hidden_states": encoder(ids).last_hidden_state}
 
-def _unet_in_channels(state_dict: dict) -> int | None:
-    conv_in = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
-    return None if conv_in is None else conv_in.shape[1]
+    # ---- names, metadata, sampling, baking -------------------------------------------------------------------------
+    def metadata(self, base) -> dict[str, str]:
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False",
+                "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers"}
 
+    def pipeline(self, base, scheduler=None):
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=inference_scheduler(scheduler, base.noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-def _clip_keys(weights: dict, text_encoder) -> dict:
-    """Converted CLIP keys as the installed transformers names them."""
-    if not hasattr(text_encoder, "text_model"):  # transformers >= 5 dropped the `text_model.` level
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    # old checkpoints store CLIP's position_ids buffer, which transformers now rebuilds instead of loading
-    return {k: v for k, v in weights.items() if not k.endswith("position_ids")}
+    def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
+        from trainer.adapters.original_layout import original_checkpoint
+        return original_checkpoint(base.unet, base.vae, base.text_encoder)
 
-
-class _Fit:
-    """Fits converted weights into models built from configs, with errors that name the file and the fix."""
-
-    def __init__(self, source: Path, config_dir: Path, default_configs: bool):
-        self.source, self.config_dir = source, config_dir
-        if default_configs:
-            self.fix = (f"if it is not an SD1.5-size model, put its diffusers configs (a model folder without "
-                        f"weights) beside it in a folder named '{source.stem}' or '{source.stem}.config', or pass "
-                        f"config_dir")
-        else:
-            self.fix = f"check that {config_dir} holds the configs of this checkpoint"
-
-    def config(self, read, sub: str):
-        try:
-            return read()
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{self.config_dir / sub} has no readable config ({_first_line(err)}); the config "
-                                 f"folder needs model_index.json and unet/, vae/, text_encoder/, tokenizer/, "
-                                 f"scheduler/ configs") from err
-
-    def convert(self, run) -> dict:
-        try:
-            weights = run()
-        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
-            raise ModelLoadError(f"{self.source}: its keys could not be converted from the original layout "
-                                 f"({type(err).__name__}: {_first_line(err)}); {self.fix}") from err
-        return {k: v.contiguous() for k, v in weights.items() if v is not None}
-
-    def load(self, model: torch.nn.Module, what: str, weights: dict, dtype: torch.dtype) -> None:
-        if not weights:
-            raise ModelLoadError(f"{self.source} contains no {what} weights; give a complete Stable Diffusion "
-                                 f"checkpoint (UNet, VAE and text encoder)")
-        problems = _misfits(model.state_dict(), weights)
-        if problems:
-            raise ModelLoadError(f"{self.source}: its {what} weights do not fit the configs in {self.config_dir} "
-                                 f"({'; '.join(problems)}); {self.fix}")
-        # cast here rather than with model.to(dtype): diffusers' .to() warns on every cast
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        model.load_state_dict(weights, strict=True, assign=True)
-        model.eval()
+    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+        return DEFAULT_CONFIG_DIR
 
 
-def _misfits(expected: dict, weights: dict) -> list[str]:
-    """Counts of shape mismatches, missing and unexpected keys, each with its first two examples."""
-    shapes = [f"{k} is {tuple(weights[k].shape)} but the config wants {tuple(v.shape)}"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    problems = []
-    for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
-        if items:
-            problems.append(f"{len(items)} {label}, e.g. {', '.join(items[:2])}")
-    return problems
+def empty_clip(fit: Fit, configs: Path, sub: str, cls):
+    """A CLIP text model of `cls` built on the meta device from configs/<sub>."""
+    from transformers import CLIPTextConfig
+    config = fit.config(lambda: CLIPTextConfig.from_pretrained(configs, subfolder=sub), sub)
+    return empty_models({sub: lambda: cls(config)})[sub]
 
 
-# --- shared -------------------------------------------------------------------------------------------------------
-
-def _refuse_inpainting(in_channels: int | None, where: Path) -> None:
-    if in_channels not in (None, 4):
-        raise ModelLoadError(f"{where}: its UNet takes {in_channels} input channels (an inpainting or other "
-                             f"special model); loradesk trains regular text-to-image SD 1.x models (4 channels)")
+def unet_in_channels(state_dict: dict) -> int | None:
+    conv_in = state_dict.get(UNET_KEY + "input_blocks.0.0.weight")
+    return conv_in.shape[1] if conv_in is not None and conv_in.dim() == 4 else None
 
 
-def _components(unet, vae, text_encoder, config_dir: Path) -> dict:
-    """The BaseModel fields, with tokenizer and training scheduler read from `config_dir`."""
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
-
-    tokenizer = _load(config_dir / "tokenizer", lambda: CLIPTokenizer.from_pretrained(
-        config_dir, subfolder="tokenizer", local_files_only=True))
-    scheduler_config = _load(config_dir / "scheduler", lambda: DDPMScheduler.load_config(
-        config_dir, subfolder="scheduler", local_files_only=True))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "noise_scheduler": training_scheduler(scheduler_config),
-            "text_encoders": {TEXT_ENCODER_PREFIX: text_encoder}}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
-# --- conditioning and sampling ------------------------------------------------------------------------------------
-
-def tokenize(base, captions) -> torch.LongTensor:
-    """Ids padded to model_max_length (77) and truncated to it: SD1 always conditions on 77 positions."""
-    captions = [captions] if isinstance(captions, str) else list(captions)
-    tok = base.tokenizer
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
-def encode_text(base, input_ids: torch.LongTensor) -> torch.Tensor:
-    """CLIP's last hidden state, without an attention mask, as SD1 was trained."""
-    text_encoder = base.text_encoder
-    return text_encoder(input_ids.to(text_encoder.device)).last_hidden_state
-
-
-def predict(base, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-    """SD 1.x conditions the UNet on the text encoder's last hidden state alone."""
-    dtype = base.unet.dtype
-    return base.unet(noisy_latents.to(dtype), timesteps, conditioning.to(dtype)).sample
-
-
-def pipeline(base, scheduler=None):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=inference_scheduler(scheduler, base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+SD1_FAMILY = SD1()

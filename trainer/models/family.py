@@ -1,0 +1,124 @@
+"""The model-family seam: everything that differs between SD 1.x, SD 2.x and SDXL, behind one interface.
+
+A `Family` owns its text encoders (an ordered mapping from kohya prefix to module), how captions and image sizes
+become the UNet's conditioning, its LoRA target groups, its kohya names (from the model's modules and the original
+checkpoint layout), its native size, prediction type and noise schedule, its metadata values, its sample pipeline,
+and loading from a diffusers folder or an original single file and baking back to one. Nothing outside
+`trainer/models/` branches on a family name: the loop, the dataset, the formats, the adapter toolkit and the app
+ask the base model's family (`BaseModel.family`) instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the families load without torch (the app asks them before any model)
+    import torch
+    from torch import nn
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+# kohya's module groups for LoRA (names are suffixes of module paths; the same in every family's diffusers models)
+UNET_GROUPS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "feed_forward": ["ff.net.0.proj", "ff.net.2"],
+    "projections": ["proj_in", "proj_out"],
+}
+TEXT_ENCODER_GROUPS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "mlp": ["fc1", "fc2"],
+}
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """What SDXL's micro-conditioning needs of one training image (SDXL paper, section 2.2), in pixels:
+    its original size, the top-left corner of the crop in the resized image, and the size trained at."""
+    original_hw: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_hw: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    prefix: str       # kohya's: lora_te (SD 1.x/2.x), lora_te1 / lora_te2 (SDXL)
+    component: str    # diffusers pipeline component: text_encoder, text_encoder_2
+    label: str        # for people: "CLIP ViT-L", "OpenCLIP bigG"
+
+
+class Family:
+    """The interface every family implements; see sd1.py, sd2.py and sdxl.py."""
+
+    name = ""                # "sd1", "sd2", "sdxl": model.family in the config
+    label = ""               # "Stable Diffusion 1.x"
+    text_encoder_specs: tuple[TextEncoderSpec, ...] = ()
+    unet_groups = UNET_GROUPS
+    text_encoder_groups = TEXT_ENCODER_GROUPS
+    original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
+
+    # ---- telling it apart ----------------------------------------------------------------------------------------
+    def claims_folder(self, index: dict, unet_config: dict) -> bool:
+        """True for a diffusers folder of this family (its model_index.json and UNet config)."""
+        raise NotImplementedError
+
+    def claims_checkpoint(self, keys: set[str]) -> bool:
+        """True for an original single-file checkpoint of this family (its key layout)."""
+        raise NotImplementedError
+
+    # ---- loading -------------------------------------------------------------------------------------------------
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+        """BaseModel fields from a diffusers folder."""
+        raise NotImplementedError
+
+    def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
+                         prediction: str | None = None) -> dict:
+        """BaseModel fields from an original-layout state dict, shaped by configs (shipped ones by default);
+        `prediction` is what the file's '<stem>.yaml' says (None without one)."""
+        raise NotImplementedError
+
+    # ---- conditioning --------------------------------------------------------------------------------------------
+    def encode_text(self, base, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The text part of the conditioning, one row per caption (what the text cache stores)."""
+        raise NotImplementedError
+
+    def conditioning(self, base, text: dict[str, torch.Tensor], sizes: list[SizeInfo]) -> dict[str, torch.Tensor]:
+        """Everything the UNet takes besides the noisy latents and timesteps, for a batch."""
+        return dict(text)
+
+    def predict(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        dtype = base.unet.dtype
+        return base.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype)).sample
+
+    # ---- names, sizes, metadata, sampling, baking ------------------------------------------------------------------
+    def kohya_unet_path(self, path: str, unet_config) -> str:
+        """A UNet module path as kohya names it (the diffusers path for SD 1.x/2.x)."""
+        return path
+
+    def diffusers_unet_path(self, kohya_path: str, unet_config) -> str:
+        """The inverse of kohya_unet_path."""
+        return kohya_path
+
+    def metadata(self, base) -> dict[str, str]:
+        """ss_base_model_version, ss_v2, modelspec.architecture and modelspec.implementation as sd-scripts writes."""
+        raise NotImplementedError
+
+    def pipeline(self, base, scheduler=None):
+        raise NotImplementedError
+
+    def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
+        """The model's weights under the original single-file names (A1111, ComfyUI)."""
+        raise NotImplementedError
+
+    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+        """The shipped configs of this family's standard model (for key sets and name maps without weights)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+def text_encoder_modules(parts: dict, specs: tuple[TextEncoderSpec, ...]) -> dict[str, nn.Module]:
+    """prefix -> module, in the family's order."""
+    return {spec.prefix: parts[spec.component] for spec in specs}
