@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("LORADESK_TEST_THREADS", "1"))
 sys.path.insert(0, str(Path(__file__).parent))
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -24,3 +26,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def image_dir(tmp_path) -> Path:
     from tiny import make_images
     return make_images(tmp_path / "data", n=4)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt fails and is recorded; hub offline mode is off, so nothing hides an attempt."""
+    from huggingface_hub import constants
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL diffusers folder built from configs (seed 0), shared by the whole session."""
+    from tiny import save_tiny_sdxl
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

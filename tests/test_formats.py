@@ -16,7 +16,6 @@ from trainer.config import TrainConfig
 from trainer.formats import (AdapterFormatError, adapter_from_model, align_to_model, build_metadata,
                              check_against_model, detect_format, export_adapter, kohya_name, load_adapter,
                              module_index, resolve_paths, save_adapter)
-from trainer.formats.names import normalise_path
 from trainer.lora_state import Adapter, LoraLayer
 
 Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"

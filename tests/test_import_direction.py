@@ -156,3 +156,22 @@ def test_no_function_in_the_app_is_over_60_lines():
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
                             f"({node.end_lineno - node.lineno + 1} lines)")
     assert not long, "\n".join(long)
+
+
+def test_nothing_outside_the_models_names_a_family():
+    """The family seam: trainer/models owns what differs; nothing else compares family names or hard-codes a
+    family's text encoders (help texts and messages may mention them; code may not branch on them)."""
+    import re
+    names = re.compile(r"""["'](sd1|sd2|sdxl)["']|family\.name\s*[!=]=|["']lora_te[12]["']""")
+    files = [p for p in sorted((ROOT / "trainer").rglob("*.py")) if "models" not in p.relative_to(ROOT).parts]
+    files += sorted((ROOT / "app").rglob("*.py"))
+    bad = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in files
+           for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if names.search(line)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_family_grep_sees_a_branch(tmp_path):
+    import re
+    names = re.compile(r"""["'](sd1|sd2|sdxl)["']|family\.name\s*[!=]=|["']lora_te[12]["']""")
+    assert names.search('if base.family.name == "sdxl":') and names.search("prefix = 'lora_te2'")
+    assert not names.search("help='SDXL has two text encoders'")

@@ -5,7 +5,6 @@ import gzip
 import importlib.util
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -118,22 +117,6 @@ def tiny_file(tmp_path, tiny_model_dir, tiny_original) -> Path:
     save_file(tiny_original, str(file))
     copy_configs(tiny_model_dir, tmp_path / "tiny.config")
     return file
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every connection attempt fails and is recorded; hub offline mode is off, so nothing hides an attempt."""
-    from huggingface_hub import constants
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled by the test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return attempts
 
 
 # --- a diffusers folder -------------------------------------------------------------------------------------------

@@ -103,3 +103,87 @@ def make_images(folder: str | Path, n: int = 4, size: int = 32, caption: str | N
         if caption is not None:
             (folder / f"img{i}.txt").write_text(caption, encoding="utf-8")
     return folder
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """An SDXL-layout pipeline at toy size: two CLIP encoders (the second with a projection), a three-block UNet
+    with SDXL's block types and layers_per_block (so kohya's original-layout names are SDXL's), text_time added
+    conditioning."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="tiny-tok-") as tmp:
+        tok_dir = write_tokenizer(tmp)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                                    pad_token="!")
+
+    def clip(hidden: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+                              pad_token_id=len(tokenizer) - 1, hidden_size=hidden, intermediate_size=37,
+                              layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=3,
+                              vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu", **extra)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(clip(32))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip(40, projection_dim=16))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4), cross_attention_dim=72, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon",
+                                       timestep_spacing="leading")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": scheduler}
+
+
+def save_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny SDXL components as a standard diffusers StableDiffusionXLPipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+    folder = Path(folder)
+    StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_sd2(folder: str | Path, seed: int = 0, prediction: str = "v_prediction") -> Path:
+    """An SD 2.x-layout pipeline at toy size: SD's UNet blocks with linear projections, reading a 1024-wide
+    OpenCLIP-style text encoder (gelu), as a diffusers StableDiffusionPipeline folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="tiny-tok-") as tmp:
+        tok_dir = write_tokenizer(tmp)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                                  pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=0, hidden_size=1024,
+        intermediate_size=64, num_attention_heads=16, num_hidden_layers=2, vocab_size=len(tokenizer),
+        max_position_embeddings=77, hidden_act="gelu"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024, attention_head_dim=(2, 4), norm_num_groups=32, use_linear_projection=True)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              num_train_timesteps=1000, steps_offset=1, prediction_type=prediction)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(Path(folder), safe_serialization=True)
+    return Path(folder)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import UserError
+from .paths import expand_path
 
 SCHEMA_VERSION = 2  # 2: network.text_encoders (a list: SDXL has two) replaced network.text_encoder (a bool)
 
@@ -39,8 +40,17 @@ def opt(default, help: str, *, choices=None, min=None, max=None, basic=False, la
 # are the names the config accepts, for validate() and the help text)
 UNET_GROUP_NAMES = ("attention", "feed_forward", "projections")
 TEXT_ENCODER_GROUP_NAMES = ("attention", "mlp")
-# text encoders by kohya prefix without "lora_": te (SD 1.x/2.x), te1 = CLIP ViT-L and te2 = OpenCLIP bigG (SDXL)
-TEXT_ENCODER_NAMES = ("te", "te1", "te2")
+
+
+def _families() -> tuple[list[str], tuple[str, ...]]:
+    """The model families (trainer/models owns them; detect.py lists them without importing torch) and their text
+    encoders by kohya prefix without "lora_": te for SD 1.x/2.x, te1 and te2 for SDXL."""
+    from .models.detect import FAMILIES, all_families
+    encoders = (s.prefix.removeprefix("lora_") for f in all_families() for s in f.text_encoder_specs)
+    return list(FAMILIES), tuple(sorted(set(encoders)))
+
+
+FAMILY_NAMES, TEXT_ENCODER_NAMES = _families()
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -57,7 +67,7 @@ class ModelSection:
                         "network). Empty means the tiny built-in model.", basic=True, label="Base model")
     family: str = opt("auto", "Model family: 'auto' reads it from the model; sd1, sd2 or sdxl force it (a model whose "
                               "structure says otherwise is refused, naming both).",
-                      choices=["auto", "sd1", "sd2", "sdxl"])
+                      choices=["auto", *sorted(FAMILY_NAMES)])
     trust_pickle: bool = opt(False, "Allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True). Only for "
                                     "files you trust; prefer .safetensors.")
 
@@ -512,14 +522,6 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
 
 
 PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "saving.runs_dir")
-
-
-def expand_path(text: str) -> Path:
-    """A user's path with ~ expanded; a ~name whose home folder is unknown stays as typed (validate() says so)."""
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:
-        return Path(text)
 
 
 def _home_problems(cfg: TrainConfig) -> list[str]:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import expand_path
+from trainer.paths import expand_path
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # looked up in this order next to each image
 DATASET_FILE = "loradesk-dataset.toml"  # in a dataset folder: its own settings (the trigger the app's Dataset tab sets)

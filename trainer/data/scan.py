@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import expand_path
+from trainer.paths import expand_path
 
 from .captions import read_caption, resolve_trigger, split_tags, with_trigger
 from .errors import DatasetError, ImageLoadError

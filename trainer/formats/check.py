@@ -51,19 +51,29 @@ def aligned_names(adapter: Adapter, index: Index) -> Adapter:
     """The adapter under the names the model's index uses: `lora_te1_` <-> `lora_te_` (diffusers' kohya converter
     writes `lora_te1_` even for SD1.x, whose single text encoder kohya calls `lora_te`), and diffusers' UNet paths
     -> the original layout where the family names them so (SDXL)."""
-    prefixes = {prefix for prefix, _, _ in index.values()}
     aliases = diffusers_aliases(index)
+    renames = _single_encoder_rename(adapter, {prefix for prefix, _, _ in index.values()})
     layers = {}
     for name, layer in adapter.layers.items():
         name = aliases.get(name, name)
-        if name.startswith("lora_te1_") and "lora_te" in prefixes and "lora_te1" not in prefixes:
-            name = "lora_te_" + name[len("lora_te1_"):]
-        elif name.startswith("lora_te_") and "lora_te1" in prefixes and "lora_te" not in prefixes:
-            name = "lora_te1_" + name[len("lora_te_"):]
+        for old, new in renames.items():
+            if name.startswith(old + "_"):
+                name = new + name[len(old):]
         layers[name] = layer
     if list(layers) == list(adapter.layers):
         return adapter  # nothing renamed: the same object (callers compare adapters by identity)
     return Adapter(layers=layers, metadata=dict(adapter.metadata))
+
+
+def _single_encoder_rename(adapter: Adapter, model_prefixes: set[str]) -> dict[str, str]:
+    """{adapter's text-encoder prefix: the model's} when both have exactly one text encoder under different
+    prefixes (lora_te1 written for SD 1.x's lora_te, or the other way round); {} otherwise."""
+    from .names import TEXT_ENCODER_PREFIXES
+    model = model_prefixes & set(TEXT_ENCODER_PREFIXES)
+    theirs = {p for p in TEXT_ENCODER_PREFIXES if any(n.startswith(p + "_") for n in adapter.layers)}
+    if len(model) == 1 and len(theirs) == 1 and model != theirs:
+        return {theirs.pop(): model.pop()}
+    return {}
 
 
 def family_mismatch(adapter: Adapter, family) -> str | None:

@@ -9,9 +9,18 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("kohya", "diffusers")
 # diffusers keeps a peft LoraConfig per component in this safetensors metadata key (what save_lora_weights writes)
 DIFFUSERS_CONFIG_KEY = "lora_adapter_metadata"
-# kohya prefix -> the pipeline component name diffusers puts in front of module paths
-COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-              "lora_te2": "text_encoder_2"}
+
+
+def _components() -> dict[str, str]:
+    """kohya prefix -> the pipeline component name diffusers puts in front of module paths (the families' specs)."""
+    from trainer.models.detect import all_families
+    out = {"lora_unet": "unet"}
+    for family in all_families():
+        out.update({spec.prefix: spec.component for spec in family.text_encoder_specs})
+    return out
+
+
+COMPONENTS = _components()
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

@@ -16,8 +16,10 @@ from typing import Callable
 
 from torch import nn
 
+from .layout import COMPONENTS
+
 UNET_PREFIX = "lora_unet"
-TEXT_ENCODER_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
+TEXT_ENCODER_PREFIXES = tuple(p for p in COMPONENTS if p != UNET_PREFIX)  # every family's (trainer/models owns them)
 PREFIXES = (UNET_PREFIX, *TEXT_ENCODER_PREFIXES)
 
 # roots of CLIPTextModel's inner CLIPTextTransformer, which transformers 5.x hoisted to the top level

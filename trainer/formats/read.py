@@ -143,15 +143,18 @@ def _parse_kohya(state: dict) -> tuple[dict, list[str]]:
 # diffusers / peft
 
 def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[str]]:
-    has_te2 = any(_strip_peft_root(k).startswith("text_encoder_2.") for k in state)
+    from trainer.models.detect import text_encoder_prefixes
+    found_keys = {key: _module_and_part(_strip_peft_root(key).replace(".processor.", ".")) for key in state}
+    components = {found[0][0] for found in found_keys.values() if found and found[0][0].startswith("text_encoder")}
+    prefixes = {"unet": UNET_PREFIX, **text_encoder_prefixes(components)}
     parts, unknown, paths = {}, [], {}
     for key, tensor in state.items():
-        found = _module_and_part(_strip_peft_root(key).replace(".processor.", "."))
+        found = found_keys[key]
         if found is None:
             unknown.append(key)
             continue
         (component, path), part = found
-        prefix = _prefix_of(component, path, has_te2)
+        prefix = prefixes[_component_of(component, path)]
         name = kohya_name(prefix, path)
         paths[name] = (component, path)
         parts.setdefault(name, {})[part] = tensor
@@ -184,12 +187,11 @@ def _split_component(path: str) -> tuple[str, str]:
     return "", path  # a bare peft file: the component is guessed from the path
 
 
-def _prefix_of(component: str, path: str, has_te2: bool) -> str:
-    if component == "text_encoder_2":
-        return "lora_te2"
-    if component == "text_encoder" or (not component and path.startswith(("text_model.", "encoder.layers."))):
-        return "lora_te1" if has_te2 else "lora_te"
-    return UNET_PREFIX
+def _component_of(component: str, path: str) -> str:
+    """The diffusers component of a module; a bare peft file's is guessed from its path."""
+    if component:
+        return component
+    return "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
 
 
 def _strip_peft_root(key: str) -> str:

@@ -69,6 +69,18 @@ def family_of_adapter(names, shapes: dict[str, tuple], metadata: dict | None = N
     return None
 
 
+def text_encoder_prefixes(components: set[str]) -> dict[str, str]:
+    """diffusers component -> kohya prefix for a file whose text-encoder components are `components` (text_encoder
+    alone: lora_te; with text_encoder_2: SDXL's lora_te1 and lora_te2): the family with the fewest encoders that
+    has them all."""
+    families = sorted(all_families(), key=lambda f: len(f.text_encoder_specs))
+    for family in families:
+        specs = {spec.component: spec.prefix for spec in family.text_encoder_specs}
+        if components <= set(specs):
+            return specs
+    return {spec.component: spec.prefix for spec in families[-1].text_encoder_specs}
+
+
 def _what_it_is(keys: list[str], has_unet: bool) -> str:
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
         return "it is a LoRA adapter, not a base model; give the base model it was trained on"

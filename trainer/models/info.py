@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.config import expand_path
+from trainer.paths import expand_path
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"  # shipped, for single files without configs
 SD_DEFAULT_SIZE = 512  # SD 1.x; also what a hub id or an unreadable config is taken to be
