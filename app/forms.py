@@ -1,17 +1,21 @@
 """The Train form <-> a TrainConfig: one widget per config field, generated from trainer.fields().
 
-Two fields are not in the form because they live elsewhere: the trigger belongs to the dataset (the Dataset tab
-saves it in the dataset folder, and the trainer reads it from there) and the runs folder is this app's setting.
+Some fields are not plain widgets. The trigger belongs to the dataset (the Dataset tab saves it in the dataset
+folder, and the trainer reads it from there) and the runs folder is this app's setting. The text encoders are one
+row per encoder of the chosen base model's family (a switch and a learning rate each: SDXL has two), which stand
+for network.text_encoders, optimizer.text_encoder_lr and optimizer.text_encoder_lrs.
 """
 from __future__ import annotations
 
-from trainer import FieldInfo, TrainConfig, config_problems, fields, get_value, set_value
+from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, model_summary,
+                     set_value, text_encoder_lr)
 
 ELSEWHERE = ("dataset.trigger", "saving.runs_dir")
+ENCODER_KEYS = ("network.text_encoders", "optimizer.text_encoder_lr", "optimizer.text_encoder_lrs")
 
 
 def form_fields() -> list[FieldInfo]:
-    return [info for info in fields() if info.key not in ELSEWHERE]
+    return [info for info in fields() if info.key not in ELSEWHERE + ENCODER_KEYS]
 
 
 def config_to_values(cfg: TrainConfig) -> list:
@@ -23,9 +27,46 @@ def config_to_values(cfg: TrainConfig) -> list:
     return out
 
 
-def values_to_config(values: list, runs_dir: str) -> tuple[TrainConfig, dict[str, str]]:
-    """A config from widget values, plus every problem keyed by field: the complete check a run gets (the
-    config and this machine), so the form refuses what the trainer would."""
+def family_encoders(model_path: str) -> list[tuple[str, str]]:
+    """(name, label) of the base model's text encoders (te for SD 1.x/2.x; te1, te2 for SDXL)."""
+    summary = model_summary(model_path or "")
+    return summary["encoders"] if summary else [("te", "text encoder")]
+
+
+def model_note(path: str) -> str:
+    """The detected family of the base model the form names, its native size and text encoders."""
+    summary = model_summary(path or "")
+    if summary is None:
+        return "Base model: its family shows once it loads (a hub id, or a folder without model_index.json)."
+    encoders = " and ".join(f"{label} ({name})" for name, label in summary["encoders"])
+    return f"Base model: **{summary['label']}**, native {summary['native']} px; text encoders: {encoders}."
+
+
+def encoder_values(cfg: TrainConfig) -> list:
+    """[on, learning rate] for each of TEXT_ENCODER_NAMES, as the encoder rows show them."""
+    names = cfg.network.text_encoders
+    out = []
+    for name in TEXT_ENCODER_NAMES:
+        out += [("all" in names or name in names), text_encoder_lr(cfg, name)]
+    return out
+
+
+def apply_encoder_values(cfg: TrainConfig, values: list) -> None:
+    """The encoder rows of the model's family back into the three config keys (rows of other families are
+    hidden and ignored): all on -> ['all']; a learning rate per encoder that differs from the first one's."""
+    rows = dict(zip(TEXT_ENCODER_NAMES, zip(values[0::2], values[1::2])))
+    mine = [name for name, _ in family_encoders(cfg.model.path)]
+    on = [name for name in mine if rows[name][0]]
+    cfg.network.text_encoders = ["all"] if on == mine else on
+    rates = {name: float(rows[name][1] or 0.0) for name in mine}
+    cfg.optimizer.text_encoder_lr = rates[mine[0]]
+    cfg.optimizer.text_encoder_lrs = [f"{n}={r:g}" for n, r in rates.items() if r != rates[mine[0]]]
+
+
+def values_to_config(values: list, runs_dir: str, encoders: list | None = None
+                     ) -> tuple[TrainConfig, dict[str, str]]:
+    """A config from widget values (and the encoder rows' values, when given), plus every problem keyed by field:
+    the complete check a run gets (the config and this machine), so the form refuses what the trainer would."""
     cfg, errors = TrainConfig(), {}
     cfg.saving.runs_dir = str(runs_dir)
     for info, value in zip(form_fields(), values):
@@ -38,6 +79,8 @@ def values_to_config(values: list, runs_dir: str) -> tuple[TrainConfig, dict[str
             set_value(cfg, info.key, value)
         except ValueError as e:
             errors[info.key] = f"{info.key}: {e}"
+    if encoders is not None:
+        apply_encoder_values(cfg, encoders)
     for problem in config_problems(cfg):
         key = problem_key(problem)
         if key in errors and problem not in errors[key]:

@@ -28,9 +28,11 @@ def form_values(cfg: C.TrainConfig, **changes) -> list:
 def test_the_form_has_one_widget_per_config_field_of_the_right_kind():
     import gradio as gr
     infos = F.form_fields()
-    # the trigger lives with the dataset (Dataset tab) and the runs folder is the app's: not in the form
-    assert [i.key for i in infos] == [i.key for i in C.fields() if i.key not in ("dataset.trigger",
-                                                                                   "saving.runs_dir")]
+    # the trigger lives with the dataset (Dataset tab), the runs folder is the app's, and the text encoders are one
+    # row per encoder of the base model (test_the_text_encoder_rows_follow_the_base_models_family)
+    elsewhere = ("dataset.trigger", "saving.runs_dir", "network.text_encoders", "optimizer.text_encoder_lr",
+                 "optimizer.text_encoder_lrs")
+    assert [i.key for i in infos] == [i.key for i in C.fields() if i.key not in elsewhere]
     kinds = {i.key: type(tab.component_for(i, i.default)) for i in infos}
     assert kinds["network.rank"] is gr.Number and kinds["optimizer.name"] is gr.Dropdown
     assert kinds["dataset.flip"] is gr.Checkbox and kinds["sampling.prompts"] is gr.Textbox
@@ -277,3 +279,21 @@ def test_the_periodic_refresh_never_writes_the_picked_run_back(settings):
     for f in ticks:
         out = dict(zip([getattr(o, "elem_id", None) for o in f.outputs], f.fn(*[None] * len(f.inputs))))
         assert "choices" in out["run-picker"] and "value" not in out["run-picker"]
+
+
+def test_the_text_encoder_rows_follow_the_base_models_family(settings, tiny_sdxl_dir):
+    sdxl = str(tiny_sdxl_dir)
+    assert F.family_encoders(sdxl) == [("te1", "CLIP ViT-L"), ("te2", "OpenCLIP bigG")]
+    assert F.family_encoders("") == [("te", "CLIP ViT-L")]
+    rows = tab.encoder_rows(sdxl)  # te, te1, te2: (row visibility, checkbox label) each
+    assert [r["visible"] for r in rows[0::2]] == [False, True, True] and rows[5]["label"] == "Train OpenCLIP bigG (te2)"
+    assert "**SDXL**" in F.model_note(sdxl) and "te1" in F.model_note(sdxl)
+    cfg = tab.initial_config(settings)
+    cfg.model.path = sdxl
+    F.apply_encoder_values(cfg, [True, 1e-4, True, 1e-5, False, 5e-6])  # the hidden te row is ignored
+    assert (cfg.network.text_encoders, cfg.optimizer.text_encoder_lr, cfg.optimizer.text_encoder_lrs) == (
+        ["te1"], 1e-5, ["te2=5e-06"])
+    F.apply_encoder_values(cfg, [False, 0, True, 1e-5, True, 2e-5])
+    assert (cfg.network.text_encoders, cfg.optimizer.text_encoder_lrs) == (["all"], ["te2=2e-05"])
+    back = F.encoder_values(cfg)
+    assert back[2:] == [True, 1e-5, True, 2e-5]

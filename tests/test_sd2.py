@@ -41,7 +41,9 @@ def test_tiny_sd2_bakes_to_a_single_file_that_both_loaders_read_back(tmp_path, n
     shutil.copytree(model, tmp_path / "v2.config", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     ours = load_base_model(str(file))
     theirs = StableDiffusionPipeline.from_single_file(str(file), config=str(model), local_files_only=True)
-    assert ours.family.name == "sd2"
+    assert ours.family.name == "sd2" and ours.metadata() == {
+        "ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec.architecture": "stable-diffusion-v2-512/lora",
+        "modelspec.implementation": "diffusers"}  # the 512 base predicts epsilon
     for name in ("unet", "vae", "text_encoder"):
         original = getattr(base, name).state_dict()
         for what, model_ in (("ours", getattr(ours, name)), ("diffusers", getattr(theirs, name))):

@@ -13,7 +13,8 @@ Config (stdlib only)
   list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name) -> (cfg, notes)
 Base models
   load_base_model(path) -> BaseModel, ModelLoadError, resolve_model_path(), native_resolution(path),
-  training_defaults(path)
+  training_defaults(path), model_summary(path) (family, native size, text encoders: from config files only),
+  TEXT_ENCODER_NAMES (te, te1, te2: how the config names text encoders)
 Datasets
   scan_dataset(ds) -> DatasetScan (items, skipped, warnings, trigger), DatasetError, ImageLoadError, probe_image(),
   IMAGE_EXTENSIONS, CAPTION_EXTENSIONS, DATASET_FILE, is_image_file(), is_ignored(), read_caption(),
@@ -46,7 +47,8 @@ _EXPORTS = {
     **dict.fromkeys(["default_config", "list_presets", "preset_note", "load_preset", "apply_preset"], "presets"),
     # base models
     **dict.fromkeys(["load_base_model", "BaseModel", "ModelLoadError", "resolve_model_path", "native_resolution",
-                     "training_defaults"], "models"),
+                     "training_defaults", "model_summary"], "models"),
+    **dict.fromkeys(["TEXT_ENCODER_NAMES", "text_encoder_lr"], "config"),
     # datasets
     **dict.fromkeys(["scan_dataset", "DatasetScan", "DatasetError", "ImageLoadError", "probe_image",
                      "IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS", "DATASET_FILE", "read_caption", "decode_caption",

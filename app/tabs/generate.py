@@ -9,6 +9,7 @@ from trainer import list_runs, native_resolution
 
 from .. import generation as G
 from ..errors import AppError, guarded
+from ..forms import model_note
 from ..settings import AppSettings
 
 HELP = ("Try your adapters on the base model. Each slot adds one adapter at its weight (1 = as trained, 0 = off, "
@@ -41,7 +42,9 @@ def run_names(settings: AppSettings) -> list[str]:
 def _slots_column(settings: AppSettings, c: dict) -> None:
     c["model"] = gr.Textbox(settings.base_model, label="Base model", elem_id="gen-model",
                             placeholder="empty = the tiny built-in model",
-                            info="A diffusers folder or a .safetensors checkpoint; loaded once and kept.")
+                            info="A diffusers folder or a .safetensors checkpoint (SD 1.x, 2.x or SDXL); loaded "
+                                 "once and kept.")
+    c["model_note"] = gr.Markdown(model_note(settings.base_model), elem_id="gen-model-note")
     choices = G.adapter_choices(settings)
     c["slots"] = []
     for i in range(G.NUM_SLOTS):
@@ -161,14 +164,16 @@ def _wire_images(settings: AppSettings, c: dict) -> None:
     before = gr.State(settings.base_model)
 
     def on_model(path, old):
-        """A new base model brings its native size; leaving the box unchanged keeps the user's width and height."""
+        """A new base model brings its native size and family note; leaving the box unchanged keeps the user's
+        width and height."""
         if path == old:
-            return gr.skip(), gr.skip(), old
+            return gr.skip(), gr.skip(), old, gr.skip()
         size = native_resolution(path or "")
-        return size, size, path
+        return size, size, path, model_note(path)
 
     for event in (c["model"].blur, c["model"].submit):
-        event(on_model, [c["model"], before], [c["width"], c["height"], before], show_progress="hidden")
+        event(on_model, [c["model"], before], [c["width"], c["height"], before, c["model_note"]],
+              show_progress="hidden")
 
 
 def _grid_rows(settings: AppSettings, slots: list[G.Slot], kind: str, weights: str, run_name: str | None) -> list:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import (FieldInfo, SECTIONS, active_run, apply_preset, dataset_trigger, default_config, fields,
-                     list_presets, list_runs, load_run_config, native_resolution, resume_run, send_command,
-                     start_run)
+from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, dataset_trigger,
+                     default_config, fields, list_presets, list_runs, load_run_config, native_resolution,
+                     resume_run, send_command, start_run)
 
 from .. import datasets as D
 from .. import forms as F
@@ -52,9 +52,20 @@ def initial_config(settings: AppSettings):
     return default_config(settings.base_model, str(settings.runs_dir))
 
 
+def to_config(settings: AppSettings, values: list):
+    """(config, problems by field) from the form's values: its fields, then the text-encoder rows."""
+    n = len(F.form_fields())
+    return F.values_to_config(values[:n], str(settings.runs_dir), list(values[n:]) or None)
+
+
+def form_values(cfg) -> list:
+    """What the form's widgets show for cfg: its fields, then the text-encoder rows."""
+    return F.config_to_values(cfg) + F.encoder_values(cfg)
+
+
 def check_form(settings: AppSettings, values: list) -> tuple[dict[str, str], str]:
     """Problems by field key, and a one-line summary for the Start button's status."""
-    _, errors = F.values_to_config(values, str(settings.runs_dir))
+    _, errors = to_config(settings, values)
     if not errors:
         return {}, "Ready to start."
     general = f" {errors['']}" if "" in errors else ""  # a problem no single field owns
@@ -63,7 +74,7 @@ def check_form(settings: AppSettings, values: list) -> tuple[dict[str, str], str
 
 def start(settings: AppSettings, values: list) -> tuple[Path, str]:
     """Start a run from the form: the same complete check as the CLI, before any run folder exists."""
-    cfg, errors = F.values_to_config(values, str(settings.runs_dir))
+    cfg, errors = to_config(settings, values)
     if errors:
         raise AppError("Not started: " + "; ".join(errors.values()))
     if not hold_device():
@@ -163,6 +174,16 @@ def run_names(settings: AppSettings) -> list[str]:
     return [row[0] for row in runs_rows(settings)]
 
 
+def encoder_rows(path: str) -> list:
+    """Updates for the text-encoder rows: the base model's encoders shown, with their names; the others hidden."""
+    mine = dict(F.family_encoders(path))
+    out = []
+    for name in TEXT_ENCODER_NAMES:
+        label = f"Train {mine[name]} ({name})" if name in mine else name
+        out += [gr.update(visible=name in mine), gr.update(label=label)]
+    return out
+
+
 def trigger_note(path: str) -> str:
     """The dataset's trigger, shown beside the dataset picker (it is set in the Dataset tab, its one place)."""
     if not path or not Path(path).is_dir():
@@ -219,8 +240,9 @@ def _field_grid(infos: list[FieldInfo], values: dict) -> tuple[list, list]:
     return comps, errs
 
 
-def _form(infos: list[FieldInfo], values: dict) -> tuple[list, list, dict]:
-    """Basic fields in view, the rest in one collapsed group per section; returns widgets in form order."""
+def _form(infos: list[FieldInfo], values: dict, after_basic=None) -> tuple[list, list, dict]:
+    """Basic fields in view (then `after_basic()`), the rest in one collapsed group per section; returns widgets
+    in form order."""
     comps_by_key, errs_by_key = {}, {}
     groups = [("", [i for i in infos if i.basic])]
     groups += [(s, [i for i in infos if i.section == s and not i.basic]) for s in SECTIONS]
@@ -232,14 +254,30 @@ def _form(infos: list[FieldInfo], values: dict) -> tuple[list, list, dict]:
                 comps, errs = _field_grid(members, values)
         else:
             comps, errs = _field_grid(members, values)
+            if after_basic:
+                after_basic()
         comps_by_key.update(zip([i.key for i in members], comps))
         errs_by_key.update(zip([i.key for i in members], errs))
     return [comps_by_key[i.key] for i in infos], [errs_by_key[i.key] for i in infos], comps_by_key
 
 
+def _encoder_rows(cfg, c: dict) -> None:
+    """One row per text encoder the base model's family has: a switch and a learning rate (kohya's SDXL trainer
+    sets each of its two apart); rows of other families are built hidden."""
+    gr.Markdown("**Text encoders** (each its own LoRA and learning rate; off = the UNet only)", elem_classes=["ld-note"])
+    values, mine = F.encoder_values(cfg), dict(F.family_encoders(cfg.model.path))
+    c["encoders"], c["encoder_rows"] = [], []
+    for i, name in enumerate(TEXT_ENCODER_NAMES):
+        with gr.Row(visible=name in mine, elem_id=f"encoder-{name}") as row:
+            on = gr.Checkbox(values[2 * i], label=f"Train {mine.get(name, name)} ({name})", elem_id=f"te-{name}-on")
+            lr = gr.Number(values[2 * i + 1], label="Learning rate", elem_id=f"te-{name}-lr")
+        c["encoders"] += [on, lr]
+        c["encoder_rows"] += [row, on]
+
+
 def _left_column(settings: AppSettings, c: dict) -> None:
-    infos = F.form_fields()
-    values = dict(zip([i.key for i in infos], F.config_to_values(initial_config(settings))))
+    infos, cfg = F.form_fields(), initial_config(settings)
+    values = dict(zip([i.key for i in infos], F.config_to_values(cfg)))
     with gr.Row():
         c["preset"] = gr.Dropdown([p.stem for p in list_presets()], value=None, label="Preset",
                                   elem_id="preset-picker",
@@ -247,7 +285,9 @@ def _left_column(settings: AppSettings, c: dict) -> None:
         c["dataset"] = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset",
                                    elem_id="train-dataset", info="A dataset from the Dataset tab.")
     c["trigger"] = gr.Markdown(trigger_note(values["dataset.path"]), elem_id="train-trigger")
-    c["form"], c["form_errs"], c["by_key"] = _form(infos, values)
+    c["model_note"] = gr.Markdown(F.model_note(values["model.path"]), elem_id="train-model-note")
+    c["form"], c["form_errs"], c["by_key"] = _form(infos, values, lambda: _encoder_rows(cfg, c))
+    c["inputs"] = c["form"] + c["encoders"]
 
 
 def _live_column(c: dict) -> None:
@@ -311,7 +351,7 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, b
 # wiring
 
 def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
-    s, form, by_key = settings, c["form"], c["by_key"]
+    s, inputs, by_key = settings, c["inputs"], c["by_key"]
     infos = F.form_fields()
 
     def on_check(*vals):
@@ -319,20 +359,20 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
         updates = [gr.update(visible=i.key in errors, value=f"⚠ {errors.get(i.key, '')}") for i in infos]
         return (*updates, summary)
 
-    gr.on([x.change for x in form], guarded(on_check, c["form_errs"] + [c["form_status"]], c["form_status"]), form,
-          c["form_errs"] + [c["form_status"]], show_progress="hidden", trigger_mode="always_last")
+    gr.on([x.change for x in inputs], guarded(on_check, c["form_errs"] + [c["form_status"]], c["form_status"]),
+          inputs, c["form_errs"] + [c["form_status"]], show_progress="hidden", trigger_mode="always_last")
 
     def on_preset(name, *vals):
         if not name:
-            return [gr.skip() for _ in form] + [gr.skip()]
-        current, _ = F.values_to_config(list(vals), str(s.runs_dir))
+            return [gr.skip() for _ in inputs] + [gr.skip()]
+        current, _ = to_config(s, list(vals))
         cfg, notes = apply_preset(current, name)
         if cfg.dataset.trigger and cfg.dataset.trigger != dataset_trigger(cfg.dataset.path or "."):
             notes.append(f"Its trigger '{cfg.dataset.trigger}' lives with a dataset: set it in the Dataset tab.")
-        return F.config_to_values(cfg) + [" ".join([f"Preset **{name}** applied.", *notes])]
+        return form_values(cfg) + [" ".join([f"Preset **{name}** applied.", *notes])]
 
-    c["preset"].change(guarded(on_preset, form + [c["form_status"]], c["form_status"]), [c["preset"], *form],
-                       form + [c["form_status"]])
+    c["preset"].change(guarded(on_preset, inputs + [c["form_status"]], c["form_status"]), [c["preset"], *inputs],
+                       inputs + [c["form_status"]])
     path_box = by_key["dataset.path"]
 
     def on_dataset(name):
@@ -347,22 +387,25 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
                                         [c["bucket_resolution"]], show_progress="hidden")
     c["dataset_picker"].change(lambda name: gr.update(choices=D.list_datasets(s.data_dir)), [c["dataset_picker"]],
                                [c["dataset"]])
-    demo.load(lambda: F.config_to_values(initial_config(s)), None, form)
+    demo.load(lambda: form_values(initial_config(s)), None, inputs)
     demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [c["dataset"]])
 
 
 def _wire_model_defaults(c: dict) -> None:
-    """A new base model brings its native size, unless the user had changed the resolution."""
+    """A new base model brings its native size (unless the user had changed the resolution), its family's note and
+    one text-encoder row per encoder it has."""
     model, res = c["by_key"]["model.path"], c["by_key"]["dataset.resolution"]
+    outputs = [res, c["model_before"], c["model_note"], *c["encoder_rows"]]
 
     def on_model(new, before, resolution):
         if new == before:
-            return gr.skip(), before
+            return [gr.skip() for _ in outputs]
         follows = resolution == native_resolution(before or "")
-        return (native_resolution(new or "") if follows else gr.skip()), new
+        return [native_resolution(new or "") if follows else gr.skip(), new, F.model_note(new), *encoder_rows(new)]
 
-    for event in (model.blur, model.submit):
-        event(on_model, [model, c["model_before"], res], [res, c["model_before"]], show_progress="hidden")
+    for event in (model.blur, model.submit, model.change):
+        event(on_model, [model, c["model_before"], res], outputs, show_progress="hidden",
+              trigger_mode="always_last")
 
 
 def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
@@ -386,7 +429,7 @@ def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
         return run_dir.name, text, runs_rows(s), gr.update(choices=run_names(s))
 
     start_outputs = [c["followed"], c["form_status"], c["runs"], c["picked"]]
-    c["start_btn"].click(guarded(on_start, start_outputs, c["form_status"]), c["form"], start_outputs,
+    c["start_btn"].click(guarded(on_start, start_outputs, c["form_status"]), c["inputs"], start_outputs,
                          concurrency_limit=1).then(render, [c["followed"], c["sent"]], view_outputs)
     for btn, name in ((c["stop_btn"], "stop"), (c["save_btn"], "save"), (c["sample_btn"], "sample")):
         btn.click(guarded(_command_handler(s, name), [c["form_status"]], c["form_status"]), [c["followed"]],

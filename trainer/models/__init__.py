@@ -10,6 +10,7 @@ from __future__ import annotations
 _EXPORTS = {
     "BaseModel": "base", "ModelLoadError": "errors", "SUPPORTED_FAMILIES": "load", "load_base_model": "load",
     "resolve_model_path": "info", "native_resolution": "info", "training_defaults": "info", "family_name": "info",
+    "model_summary": "info",
     "get_family": "detect", "family_of_adapter": "detect", "meta_index": "meta", "adapter_index": "meta",
     "model_index": "meta", "SizeInfo": "family",
 }

@@ -119,3 +119,16 @@ def family_name(path: str) -> str | None:
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def model_summary(path: str) -> dict | None:
+    """What a form shows of a base model before loading it: its family, native size and text encoders
+    ({"family", "label", "native", "encoders": [(name, label)]}, names as config keys take them: te, te1, te2);
+    None when its files do not tell."""
+    from .detect import get_family
+    name = family_name(path)
+    if name is None:
+        return None
+    family = get_family(name)
+    return {"family": name, "label": family.label, "native": native_resolution(path),
+            "encoders": [(spec.prefix.removeprefix("lora_"), spec.label) for spec in family.text_encoder_specs]}
