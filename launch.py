@@ -5,6 +5,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -28,7 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="first port to try (the next free one is used)")
     p.add_argument("--no-browser", action="store_true", help="do not open the browser")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link (off by default)")
-    p.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    p.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password (visible in the shell "
+                                                       "history: prefer --auth-file or LORADESK_AUTH)")
+    p.add_argument("--auth-file", metavar="FILE", help="a file of USER:PASS lines ('#' starts a comment)")
+    p.add_argument("--allow-import", metavar="DIR", action="append",
+                   help="a server folder the page may import datasets from and train on (repeat for more; or set "
+                        "LORADESK_IMPORT_DIRS); by default only the data folder and the shipped examples")
     p.add_argument("--data-dir", help="folder of datasets (default: ./datasets)")
     p.add_argument("--runs-dir", help="folder of run folders (default: ./runs)")
     p.add_argument("--adapters-dir", help="folder of uploaded and exported adapters (default: ./adapters)")
@@ -40,23 +46,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def read_auth(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """(user, password) pairs from --auth, else --auth-file, else LORADESK_AUTH (USER:PASS); None: no login."""
+    if args.auth:
+        lines, where = [args.auth], "--auth"
+    elif args.auth_file:
+        try:
+            lines, where = Path(args.auth_file).expanduser().read_text(encoding="utf-8").splitlines(), args.auth_file
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"--auth-file {args.auth_file} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                     f"give a text file of USER:PASS lines")
+    elif os.environ.get("LORADESK_AUTH"):
+        lines, where = [os.environ["LORADESK_AUTH"]], "LORADESK_AUTH"
+    else:
+        return None
+    pairs = [tuple(line.strip().split(":", 1)) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not pairs or any(len(pair) != 2 or not pair[0] for pair in pairs):
+        sys.exit(f"{where}: every line must be USER:PASS, for example me:secret")
+    return pairs
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.auth import app_kwargs
     from app.main import build_app, launch_options
     from app.settings import AppSettings
 
     settings = AppSettings.from_env(data_dir=args.data_dir, runs_dir=args.runs_dir, adapters_dir=args.adapters_dir,
-                                    base_model=args.base_model)
+                                    base_model=args.base_model, import_dirs=args.allow_import)
+    auth = read_auth(args)
     if args.host not in LOCAL_HOSTS:
         print(f"WARNING: listening on {args.host} lets other computers on the network use this app"
-              f"{'' if args.auth else ' without a password (add --auth user:pass)'}.", file=sys.stderr)
+              f"{'' if auth else ' without a password (add --auth-file FILE)'}.", file=sys.stderr)
     port = free_port(args.host, args.port)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=port, share=args.share, inbrowser=not args.no_browser,
-                auth=auth, **launch_options(settings))
+                auth=auth, app_kwargs=app_kwargs(), **launch_options(settings))
 
 
 if __name__ == "__main__":

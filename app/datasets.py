@@ -6,15 +6,21 @@ tab lists, how captions are read and written, and the trigger rule are the engin
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BatchPlan, DatasetError, ImageLoadError, TrainConfig,
-                     bucket_stats, dataset_trigger, decode_caption, is_ignored, probe_image, read_caption,
-                     scan_dataset, set_dataset_trigger, with_trigger, write_caption)
+                     bucket_stats, dataset_trigger, decode_caption, is_ignored, leaves_folder,
+                     probe_image, read_caption, scan_dataset, set_dataset_trigger, with_trigger, write_caption, write_text_atomic)
 
-from .files import UploadError, copy_atomic, extract_zip, safe_dirname, safe_filename, unique_path
+from .files import (Budget, UploadError, copy_atomic, extract_zip, human_size, safe_dirname, safe_filename,
+                    unique_path)
+
+MAX_UPLOAD_BYTES = 2 * 1024**3     # what one upload, zip or folder import may add
+MAX_DATASET_BYTES = 20 * 1024**3   # what one dataset folder may hold (thousands of photos)
+MAX_CAPTION_BYTES = 64 * 1024      # kohya's longest captions are a few hundred tokens; more is not a caption
 
 
 @dataclass
@@ -79,27 +85,94 @@ def dataset_dir(data_dir: Path, name: str | None) -> Path:
     return folder
 
 
-def import_folder(data_dir: Path, source: str, name: str = "") -> tuple[Path, UploadReport]:
-    """Copy a folder's images and captions (keeping N_name subfolders) into a new dataset folder."""
-    src = Path(source.strip()).expanduser() if source else None
-    if src is None or not src.is_dir():
-        raise UploadError(f"{source!r} is not a folder; give the full path of the folder that holds your images")
+def import_folder(data_dir: Path, source: str, name: str = "", allowed: tuple[Path, ...] = ()
+                  ) -> tuple[Path, UploadReport]:
+    """Copy a folder's images and captions (keeping N_name subfolders) into a new dataset folder. The folder must
+    lie in one of the `allowed` folders (the person running the app chose them); a link out of it is not followed,
+    and only files that are valid images or captions are copied."""
+    src = _allowed_folder(source, (Path(data_dir), *allowed))
     folder = Path(data_dir) / safe_dirname(name or src.name)
     if folder.exists() and any(folder.iterdir()):
         folder = unique_path(Path(data_dir), folder.name)
     folder.mkdir(parents=True, exist_ok=True)
-    report = UploadReport()
-    for path in sorted(src.rglob("*")):
-        if not path.is_file() or any(is_ignored(Path(part)) for part in path.relative_to(src).parts):
-            continue
+    report, budget = UploadReport(), dataset_budget(folder)
+    for path, why in _walk_source(src):
         rel = Path(*[safe_filename(p) for p in path.relative_to(src).parts])
-        if path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix.lower() in CAPTION_EXTENSIONS:
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            copy_atomic(path, folder / rel)
-            (report.added if path.suffix.lower() in IMAGE_EXTENSIONS else report.captions).append(rel.as_posix())
-        else:
-            report.skipped.append((str(path.relative_to(src)), "not an image or caption file"))
+        why = why or _import_one(path, folder, rel, budget, report)
+        if why:
+            report.skipped.append((path.relative_to(src).as_posix(), why))
     return folder, report
+
+
+def _allowed_folder(source: str, roots: tuple[Path, ...]) -> Path:
+    src = Path(source.strip()).expanduser() if source and source.strip() else None
+    if src is None or not src.is_dir():
+        raise UploadError(f"{source!r} is not a folder; give the full path of the folder that holds your images")
+    if all(leaves_folder(src, root) for root in roots):
+        raise UploadError(f"{source} is not in a folder this app may import from; whoever runs it can allow one "
+                          f"with --allow-import DIR (or LORADESK_IMPORT_DIRS)")
+    return Path(os.path.realpath(src))
+
+
+def _walk_source(src: Path):
+    """(file, "") for each candidate under src, and (path, reason) for links that are not followed."""
+    for dirpath, dirnames, filenames in os.walk(src):  # followlinks=False: a linked folder is listed, not entered
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if (here / d).is_symlink() and not is_ignored(Path(d)):
+                yield here / d, "a linked folder; not followed"
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(Path(d)) and not (here / d).is_symlink())
+        for f in sorted(filenames):
+            path = here / f
+            if not is_ignored(path):
+                yield path, ("a link that leaves the folder; not copied" if leaves_folder(path, src) else "")
+
+
+def _import_one(path: Path, folder: Path, rel: Path, budget: Budget, report: UploadReport) -> str:
+    """Copy one file to folder/rel if it is a valid image or caption; returns why not ("" when copied)."""
+    suffix, dst = path.suffix.lower(), folder / rel
+    try:
+        if suffix in IMAGE_EXTENSIONS:
+            probe_image(path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            copy_atomic(path, dst, budget)
+            report.added.append(rel.as_posix())
+        elif suffix in CAPTION_EXTENSIONS:
+            _copy_caption(path, dst, budget)
+            report.captions.append(rel.as_posix())
+        else:
+            return "not an image or caption file"
+    except ImageLoadError as e:
+        return e.reason
+    except UploadError as e:
+        return str(e).split(": ", 1)[-1]
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return ""
+
+
+def _copy_caption(path: Path, dst: Path, budget: Budget) -> None:
+    """A caption as text: refused when it is too long or not text at all; written UTF-8, as the trainer reads it."""
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        raise UploadError(f"{path.name}: over {MAX_CAPTION_BYTES // 1024} KB, which is not a caption")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise UploadError(f"{path.name}: not a text file")
+    text, _ = decode_caption(raw)
+    budget.take(len(text.encode("utf-8")) + 1, path.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dst, text + "\n")
+
+
+def dataset_budget(folder: Path) -> Budget:
+    """What one upload into this dataset may still write: the per-upload cap, or the room the dataset has left."""
+    held = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files
+               if not os.path.islink(os.path.join(d, f)))
+    room = MAX_DATASET_BYTES - held
+    if room < MAX_UPLOAD_BYTES:
+        return Budget(max(room, 0), f"dataset {Path(folder).name} is full: it holds {human_size(held)} and the limit "
+                                    f"is {human_size(MAX_DATASET_BYTES)}; start another dataset")
+    return Budget(MAX_UPLOAD_BYTES, f"the limit of one upload is {human_size(MAX_UPLOAD_BYTES)}; split it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,30 +260,35 @@ def add_uploads(folder: Path, files: list) -> UploadReport:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = UploadReport()
+    budget = dataset_budget(folder)
     with tempfile.TemporaryDirectory(prefix="loradesk-upload-") as tmp:
-        paths = _expand_zips([upload_path(f) for f in files or []], Path(tmp), report)
+        paths = _expand_zips([upload_path(f) for f in files or []], Path(tmp), report,
+                             Budget(budget.left, budget.refusal))
         images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
         captions = {(p.parent, p.stem): p for p in paths if p.suffix.lower() in CAPTION_EXTENSIONS}
         for p in paths:
             if p not in images and p.suffix.lower() not in CAPTION_EXTENSIONS:
                 kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
                 report.skipped.append((p.name, f"not an image ({kinds}), caption or .zip"))
-        renamed = _add_images(folder, images, report)
+        renamed = _add_images(folder, images, report, budget)
         for key, src in captions.items():
             _add_caption(folder, key, src, renamed, report)
     return report
 
 
-def _add_images(folder: Path, images: list[Path], report: UploadReport) -> dict:
+def _add_images(folder: Path, images: list[Path], report: UploadReport, budget: Budget) -> dict:
     renamed = {}
     for src in images:
         try:
             probe_image(src)
+            dst = unique_path(folder, safe_filename(src.name, "image"))
+            copy_atomic(src, dst, budget)
         except ImageLoadError as e:
             report.skipped.append((src.name, e.reason))
             continue
-        dst = unique_path(folder, safe_filename(src.name, "image"))
-        copy_atomic(src, dst)
+        except UploadError as e:
+            report.skipped.append((src.name, str(e).split(": ", 1)[-1]))
+            continue
         renamed[(src.parent, src.stem)] = dst
         report.added.append(dst.name)
     return renamed
@@ -221,7 +299,7 @@ def upload_path(f) -> Path:
     return Path(f) if isinstance(f, (str, Path)) else Path(f.name)
 
 
-def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport) -> list[Path]:
+def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Budget) -> list[Path]:
     keep = set(IMAGE_EXTENSIONS) | set(CAPTION_EXTENSIONS)
     out = []
     for i, path in enumerate(paths):
@@ -229,7 +307,7 @@ def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport) -> list[Pat
             out.append(path)
             continue
         try:
-            files, skipped = extract_zip(path, tmp / f"zip{i}", keep)
+            files, skipped = extract_zip(path, tmp / f"zip{i}", keep, budget)
         except UploadError as e:
             report.skipped.append((path.name, str(e)))
             continue

@@ -1,16 +1,18 @@
 """The Train form <-> a TrainConfig: one widget per config field, generated from trainer.fields().
 
 Some fields are not plain widgets. The trigger belongs to the dataset (the Dataset tab saves it in the dataset
-folder, and the trainer reads it from there) and the runs folder is this app's setting. The text encoders are one
+folder, and the trainer reads it from there); the runs folder and the disk cache's folder are this app's settings
+(a cache beside any folder the form named could be written anywhere on the server). The text encoders are one
 row per encoder of the chosen base model's family (a switch and a learning rate each: SDXL has two), which stand
 for network.text_encoders, optimizer.text_encoder_lr and optimizer.text_encoder_lrs.
 """
 from __future__ import annotations
 
-from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, model_summary,
-                     set_value, text_encoder_lr)
+from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, leaves_folder,
+                     model_summary, set_value, text_encoder_lr)
 
-ELSEWHERE = ("dataset.trigger", "saving.runs_dir")
+ELSEWHERE = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir")
+READ_KEYS = ("dataset.path", "dataset.regularization_path")  # folders the app reads images from
 ENCODER_KEYS = ("network.text_encoders", "optimizer.text_encoder_lr", "optimizer.text_encoder_lrs")
 
 
@@ -63,12 +65,15 @@ def apply_encoder_values(cfg: TrainConfig, values: list) -> None:
     cfg.optimizer.text_encoder_lrs = [f"{n}={r:g}" for n, r in rates.items() if r != rates[mine[0]]]
 
 
-def values_to_config(values: list, runs_dir: str, encoders: list | None = None
+def values_to_config(values: list, runs_dir: str, encoders: list | None = None, settings=None
                      ) -> tuple[TrainConfig, dict[str, str]]:
     """A config from widget values (and the encoder rows' values, when given), plus every problem keyed by field:
-    the complete check a run gets (the config and this machine), so the form refuses what the trainer would."""
+    the complete check a run gets (the config and this machine), so the form refuses what the trainer would. With
+    the app's settings, the cache lives in its data folder and images are read only from the folders it may read."""
     cfg, errors = TrainConfig(), {}
     cfg.saving.runs_dir = str(runs_dir)
+    if settings is not None:
+        cfg.dataset.cache_dir = str(settings.data_dir / ".loradesk-cache")
     for info, value in zip(form_fields(), values):
         if value is None and info.type in (int, float):
             errors[info.key] = f"{info.key} is empty; give a number"
@@ -81,12 +86,26 @@ def values_to_config(values: list, runs_dir: str, encoders: list | None = None
             errors[info.key] = f"{info.key}: {e}"
     if encoders is not None:
         apply_encoder_values(cfg, encoders)
+    if settings is not None:
+        errors.update(unreadable_folders(cfg, settings.readable_dirs()))
     for problem in config_problems(cfg):
         key = problem_key(problem)
         if key in errors and problem not in errors[key]:
             errors[key] += "\n" + problem
         errors.setdefault(key, problem)
     return cfg, errors
+
+
+def unreadable_folders(cfg: TrainConfig, roots) -> dict[str, str]:
+    """The image folders of the form outside every folder the app may read (anyone who reaches the page could
+    otherwise train on, and see samples of, any folder on the server)."""
+    out = {}
+    for key in READ_KEYS:
+        path = str(get_value(cfg, key)).strip()
+        if path and all(leaves_folder(path, root) for root in roots):
+            out[key] = (f"{key}: {path} is not in a folder this app may read; add the images in the Dataset tab, or "
+                        f"whoever runs the app can allow the folder with --allow-import DIR")
+    return out
 
 
 def problem_key(problem: str) -> str:

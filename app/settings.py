@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = REPO_ROOT / "examples"  # the shipped demo concept and regularization images
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,14 @@ class AppSettings:
     adapters_dir: Path = Path("adapters")  # uploaded .safetensors adapters and exported blends
     base_model: str = ""  # "" = the tiny built-in model
     presets_dir: Path = REPO_ROOT / "presets"
+    # Server folders a browser may import from or train on, besides the data folder and the shipped examples. The
+    # page can be reached by anyone who can reach the port: without this list, "Import a folder" copied any server
+    # file into datasets/, from where it was served (issue 15).
+    import_dirs: tuple[Path, ...] = ()
+
+    def readable_dirs(self) -> tuple[Path, ...]:
+        """The folders whose images the page may import or train on."""
+        return (self.data_dir, EXAMPLES_DIR, *self.import_dirs)
 
     @classmethod
     def from_env(cls, **overrides) -> "AppSettings":
@@ -25,9 +34,13 @@ class AppSettings:
             "adapters_dir": os.environ.get("LORADESK_ADAPTERS_DIR"),
             "base_model": os.environ.get("LORADESK_BASE_MODEL"),
         }
+        imports = os.environ.get("LORADESK_IMPORT_DIRS")
+        env["import_dirs"] = [p for p in imports.split(os.pathsep) if p.strip()] if imports else None
         values = {k: v for k, v in env.items() if v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("data_dir", "runs_dir", "adapters_dir", "presets_dir"):
             if key in values:
                 values[key] = Path(values[key]).expanduser()
+        if "import_dirs" in values:
+            values["import_dirs"] = tuple(Path(p).expanduser() for p in values["import_dirs"])
         return cls(**values)

@@ -1,5 +1,6 @@
 """Dataset tab handlers, called directly (no server): uploads, captions, bulk edits, summary, persistence."""
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,7 @@ def test_import_folder_copies_images_captions_and_repeat_folders(settings, tmp_p
     (src / "10_dog" / "d.txt").write_text("a dog")
     png(src / "e.webp")
     (src / "notes.docx").write_text("x")
-    name, choices, text = tab.import_folder(settings, str(src))
+    name, choices, text = tab.import_folder(replace(settings, import_dirs=(src,)), str(src))
     assert name == "photos" and choices == ["photos"]
     assert "Added 2 image(s), 1 caption(s), skipped 1" in text
     assert [(i.name, i.caption) for i in D.load_items(settings.data_dir / name)] == [

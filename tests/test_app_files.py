@@ -1,4 +1,5 @@
 """Upload safety: sanitised names, no overwrites, atomic writes, zip-slip and zip-bomb refusal."""
+import os
 import zipfile
 
 import pytest
@@ -50,7 +51,7 @@ def test_extract_zip_flattens_member_paths_so_nothing_escapes(tmp_path):
         z.writestr("sub/ok.png", b"png2")
         z.writestr("notes.exe", b"MZ")
     dest = tmp_path / "out"
-    files, skipped = F.extract_zip(archive, dest, {".png"})
+    files, skipped = F.extract_zip(archive, dest, {".png"}, F.Budget(10**6, "over the limit"))
     assert sorted(p.relative_to(dest).as_posix() for p in files) == [
         "abs/root.png", "escape.png", "sub/dir/ok.png", "sub/ok.png"]
     assert all(dest in p.resolve().parents for p in files)
@@ -59,12 +60,17 @@ def test_extract_zip_flattens_member_paths_so_nothing_escapes(tmp_path):
 
 
 def test_extract_zip_refuses_bombs_and_garbage(tmp_path, monkeypatch):
+    budget = F.Budget(1_000_000, "the limit is 1 MB")
     archive = tmp_path / "big.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.png", os.urandom(2_000_000))
+    with pytest.raises(F.UploadError, match="unpacks to 2.0 MB: the limit is 1 MB"):
+        F.extract_zip(archive, tmp_path / "out", {".png"}, budget)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("a.png", b"\0" * 2_000_000)
-    monkeypatch.setattr(F, "MAX_ZIP_BYTES", 1_000_000)
-    with pytest.raises(F.UploadError, match="unpacks to"):
-        F.extract_zip(archive, tmp_path / "out", {".png"})
+    with pytest.raises(F.UploadError, match="zip bomb"):
+        F.extract_zip(tmp_path / "bomb.zip", tmp_path / "out", {".png"}, budget)
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(F.UploadError, match="bad.zip is not a readable zip"):
-        F.extract_zip(tmp_path / "bad.zip", tmp_path / "out", {".png"})
+        F.extract_zip(tmp_path / "bad.zip", tmp_path / "out", {".png"}, budget)
+    assert not list((tmp_path / "out").rglob("*.png"))

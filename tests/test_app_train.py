@@ -16,7 +16,8 @@ from trainer import config as C
 
 @pytest.fixture
 def settings(tmp_path) -> AppSettings:
-    return AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", adapters_dir=tmp_path / "ad")
+    return AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", adapters_dir=tmp_path / "ad",
+                       import_dirs=(tmp_path,))  # the tests keep their images beside the app folders
 
 
 def form_values(cfg: C.TrainConfig, **changes) -> list:
@@ -28,10 +29,10 @@ def form_values(cfg: C.TrainConfig, **changes) -> list:
 def test_the_form_has_one_widget_per_config_field_of_the_right_kind():
     import gradio as gr
     infos = F.form_fields()
-    # the trigger lives with the dataset (Dataset tab), the runs folder is the app's, and the text encoders are one
-    # row per encoder of the base model (test_the_text_encoder_rows_follow_the_base_models_family)
-    elsewhere = ("dataset.trigger", "saving.runs_dir", "network.text_encoders", "optimizer.text_encoder_lr",
-                 "optimizer.text_encoder_lrs")
+    # the trigger lives with the dataset (Dataset tab), the runs and cache folders are the app's, and the text
+    # encoders are one row per encoder of the base model (test_the_text_encoder_rows_follow_the_base_models_family)
+    elsewhere = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir", "network.text_encoders",
+                 "optimizer.text_encoder_lr", "optimizer.text_encoder_lrs")
     assert [i.key for i in infos] == [i.key for i in C.fields() if i.key not in elsewhere]
     kinds = {i.key: type(tab.component_for(i, i.default)) for i in infos}
     assert kinds["network.rank"] is gr.Number and kinds["optimizer.name"] is gr.Dropdown
@@ -55,7 +56,7 @@ def test_form_values_round_trip_through_the_config():
 def test_problems_are_keyed_by_the_field_they_are_about(tmp_path):
     cfg = C.TrainConfig()
     cfg.dataset.path = str(tmp_path)
-    s = AppSettings(runs_dir=tmp_path / "runs")
+    s = AppSettings(runs_dir=tmp_path / "runs", import_dirs=(tmp_path,))
     errors, summary = tab.check_form(s, form_values(cfg, network__rank=0, dataset__resolution=100,
                                                     optimizer__unet_lr="fast", run__name="bad name"))
     assert set(errors) == {"network.rank", "dataset.resolution", "optimizer.unet_lr", "run.name"}
@@ -228,7 +229,8 @@ def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tm
     from trainer import Started, active_run, read_events
     from trainer.formats import load_adapter
     from app import generation as G
-    s = AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", base_model=str(tiny_model_dir))
+    s = AppSettings(data_dir=tmp_path / "datasets", runs_dir=tmp_path / "runs", base_model=str(tiny_model_dir),
+                    import_dirs=(tmp_path,))
     values = form_values(tab.initial_config(s), dataset__path=str(image_dir), dataset__resolution=32,
                          schedule__max_steps=200, network__rank=2, network__alpha=2.0, run__name="app-test",
                          dataset__cache_latents="off")

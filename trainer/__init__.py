@@ -19,7 +19,7 @@ Datasets
   scan_dataset(ds) -> DatasetScan (items, skipped, warnings, trigger), DatasetError, ImageLoadError, probe_image(),
   IMAGE_EXTENSIONS, CAPTION_EXTENSIONS, DATASET_FILE, is_image_file(), is_ignored(), read_caption(),
   decode_caption(), write_caption(), with_trigger(), dataset_trigger(), set_dataset_trigger(), BatchPlan,
-  bucket_stats()
+  bucket_stats(), leaves_folder(path, root) (a link out of a folder: never opened)
 Runs
   start_run(cfg) -> Job (in a child process), resume_run(run_dir); in this process: create_run_dir(cfg),
   check_resumable(run_dir, overrides), run_here(run_dir, resume, callbacks); send_command(run_dir, "stop"|"save"|"sample"), active_run(runs_dir),
@@ -53,7 +53,7 @@ _EXPORTS = {
     **dict.fromkeys(["scan_dataset", "DatasetScan", "DatasetError", "ImageLoadError", "probe_image",
                      "IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS", "DATASET_FILE", "read_caption", "decode_caption",
                      "write_caption", "with_trigger", "dataset_trigger", "set_dataset_trigger", "is_image_file",
-                     "is_ignored", "BatchPlan", "bucket_stats"], "data"),
+                     "is_ignored", "leaves_folder", "BatchPlan", "bucket_stats"], "data"),
     # runs
     **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job"],
                     "job"),

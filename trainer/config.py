@@ -100,6 +100,8 @@ class DatasetSection:
     cache_latents: str = opt("memory", "Cache VAE latents when no random augmentation needs fresh pixels.",
                              choices=["off", "memory", "disk"])
     cache_text: bool = opt(True, "Cache text-encoder outputs when the text encoder is not trained.")
+    cache_dir: str = opt("", "Folder of the disk latent cache (cache_latents = disk); empty = .loradesk-cache inside "
+                             "the dataset folder. Entries are keyed by image content, so datasets can share one.")
 
 
 @dataclass

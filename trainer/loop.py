@@ -104,7 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         from accelerate import Accelerator
-        from .data import LatentCache, needs_fresh_pixels
+        from .data import LatentCache, cache_folder, needs_fresh_pixels
         from .models import load_base_model
         cfg = self.cfg
         device = resolve_device(cfg)
@@ -119,7 +119,7 @@ class Trainer:
         self._place_modules(device)
         self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
-        cache_dir = Path(cfg.dataset.path) / ".loradesk-cache" if cfg.dataset.cache_latents == "disk" else None
+        cache_dir = cache_folder(cfg.dataset) if cfg.dataset.cache_latents == "disk" else None
         self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir,
                                         model_key=f"posterior-{vae_fingerprint(self.base)}") if use_cache else None
         self.text_cache: dict[str, dict] | None = {} if (cfg.dataset.cache_text and not self.trained_encoders) \

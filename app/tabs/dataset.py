@@ -59,7 +59,7 @@ def upload(settings: AppSettings, name: str | None, files: list) -> str:
 
 def import_folder(settings: AppSettings, source: str, new_name: str = ""):
     """Copy a folder in as a new dataset; returns its name, the dropdown choices and a report."""
-    folder, report = D.import_folder(settings.data_dir, source, new_name)
+    folder, report = D.import_folder(settings.data_dir, source, new_name, settings.readable_dirs())
     return folder.name, D.list_datasets(settings.data_dir), f"Dataset **{folder.name}**: {report.text()}"
 
 

@@ -55,7 +55,7 @@ def initial_config(settings: AppSettings):
 def to_config(settings: AppSettings, values: list):
     """(config, problems by field) from the form's values: its fields, then the text-encoder rows."""
     n = len(F.form_fields())
-    return F.values_to_config(values[:n], str(settings.runs_dir), list(values[n:]) or None)
+    return F.values_to_config(values[:n], str(settings.runs_dir), list(values[n:]) or None, settings)
 
 
 def form_values(cfg) -> list:

@@ -11,6 +11,12 @@ MODES = ("off", "memory", "disk")
 PIPELINE_VERSION = "1"  # bump when load_pixels changes what a (file, size, crop) gives, so old entries are not reused
 
 
+def cache_folder(ds) -> Path:
+    """Where a dataset section's disk latent cache lives: dataset.cache_dir, else .loradesk-cache in the dataset."""
+    from trainer.paths import expand_path
+    return expand_path(ds.cache_dir) if ds.cache_dir.strip() else expand_path(ds.path) / ".loradesk-cache"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:

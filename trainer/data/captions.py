@@ -1,6 +1,7 @@
 """Caption files, the trigger word, tag shuffling and caption dropout (kohya's conventions)."""
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ class CaptionFile:
 
 
 def read_caption(image_path: Path) -> CaptionFile:
-    """The same-name .txt (else .caption) file, lines joined with ', ' and whitespace tidied; '' if none."""
-    found = [p for p in (image_path.with_suffix(ext) for ext in CAPTION_EXTENSIONS) if p.is_file()]
+    """The same-name .txt (else .caption) file, lines joined with ', ' and whitespace tidied; '' if none. A caption
+    that is a link out of its image's folder is not one (it could point at any file on the machine)."""
+    found = _caption_files(Path(image_path))
     if not found:
         return CaptionFile("", None)
     issues = ("both_caption_files",) if len(found) > 1 else ()
@@ -41,8 +43,14 @@ def decode_caption(raw: bytes) -> tuple[str, bool]:
 def caption_file(image_path: Path) -> Path:
     """The file an image's caption is written to: its existing caption file (in CAPTION_EXTENSIONS order), else a
     new same-name .txt."""
-    found = [p for p in (image_path.with_suffix(ext) for ext in CAPTION_EXTENSIONS) if p.is_file()]
+    found = _caption_files(Path(image_path))
     return found[0] if found else image_path.with_suffix(".txt")
+
+
+def _caption_files(image_path: Path) -> list[Path]:
+    folder = os.path.realpath(image_path.parent)
+    return [p for p in (image_path.with_suffix(ext) for ext in CAPTION_EXTENSIONS)
+            if p.is_file() and os.path.dirname(os.path.realpath(p)) == folder]
 
 
 def write_caption(image_path: Path, text: str) -> Path:

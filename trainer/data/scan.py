@@ -103,9 +103,11 @@ def _scan_folder(root: Path, ds, trigger: str, workers: int | None, regularizati
     """(items, skipped, warnings) of one folder; DatasetError when it holds no usable image."""
     warnings: list[str] = []
     # dataset.repeats weighs training images; regularization images are balanced to them anyway (epoch_repeats)
-    candidates = _find_candidates(root, 1 if regularization else ds.repeats, warnings)
+    found = _find_candidates(root, 1 if regularization else ds.repeats, warnings)
+    skipped = [Skipped(c.path, LINK_OUT) for c in found if leaves_folder(c.path, root)]  # never opened
+    candidates = [c for c in found if not leaves_folder(c.path, root)]
     probes = _probe_all([c.path for c in candidates], workers)
-    items, skipped, issues = [], [], {}
+    items, issues = [], {}
     for candidate, probe in zip(candidates, probes):
         if isinstance(probe, ImageLoadError):
             skipped.append(Skipped(candidate.path, probe.reason))
@@ -150,6 +152,8 @@ def _find_candidates(root: Path, default_repeats: int, warnings: list[str]) -> l
             continue
         if entry.is_file() and is_image_file(entry):
             out.append(_Candidate(entry, root.name, default_repeats))
+        elif entry.is_dir() and leaves_folder(entry, root):
+            warnings.append(f"folder {entry.name} is a link that leaves the dataset folder; it is not read")
         elif entry.is_dir():
             repeats = folder_repeats(entry.name, default_repeats)
             if repeats == 0:
@@ -158,6 +162,19 @@ def _find_candidates(root: Path, default_repeats: int, warnings: list[str]) -> l
                 continue
             out += [_Candidate(p, entry.name, repeats) for p in _walk_images(entry)]
     return out
+
+
+LINK_OUT = "a link that leaves the dataset folder; not opened"
+
+
+def leaves_folder(path: Path, root: Path) -> bool:
+    """True for a path that resolves outside root (a symlink, or a link in a folder above it): such a file belongs
+    to someone else's folder, so a dataset never reads it (it could be /etc/passwd)."""
+    try:
+        real = Path(os.path.realpath(os.path.expanduser(path)))
+        return not real.is_relative_to(os.path.realpath(os.path.expanduser(root)))
+    except (OSError, ValueError):
+        return True
 
 
 def folder_repeats(name: str, default: int) -> int:
