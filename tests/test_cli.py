@@ -82,10 +82,15 @@ def test_train_then_export(tiny_model_dir, image_dir, tmp_path, capsys):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from trainer import create_run_dir
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert main(["train", "--resume", str(run_dir)]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "not a loradesk run folder" in capsys.readouterr().err
+    cfg = C.TrainConfig()
+    cfg.saving.runs_dir = str(tmp_path / "runs")
+    assert main(["train", "--resume", str(create_run_dir(cfg))]) == 2
+    assert "no checkpoint to resume from; set saving.every_n_steps" in capsys.readouterr().err
 
 
 def wait_for(predicate, timeout=120.0):

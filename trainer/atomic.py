@@ -55,12 +55,31 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # on disk before the rename makes the folder visible (a power cut)
+            if path.is_file():
+                _fsync_file(path)
         os.chmod(tmp, DIR_MODE)
         _swap_in(tmp, final)
         _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_leftovers(folder: str | Path) -> None:
+    """After a crash, in a folder no writer is using: remove the temporary files and folders of interrupted
+    writes, and finish an interrupted swap (an `.X.old` without `X` is the only complete copy: it is put back)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(".*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    for old in folder.glob(".*.old"):
+        final = old.with_name(old.name[1:-len(".old")])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(old, final)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:

@@ -392,6 +392,9 @@ def migrate(data: dict, version: int) -> dict:
 def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a (sparse) TOML config or preset over the defaults, then apply `--set` overrides."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"config file {path} is a folder; give the path of a .toml file in it (or, to continue "
+                           f"a run, `python -m trainer train --resume {path}`)"], str(path))
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist; give the path of a .toml file "
                            f"(`python -m trainer presets` lists the shipped ones)"], str(path))

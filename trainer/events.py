@@ -105,9 +105,9 @@ class JsonlTail:
     once. A file that shrank was replaced, so it is read again from the start (`restarted` says so). The one
     reader of events.jsonl and commands.jsonl; a line that is not a JSON object is skipped."""
 
-    def __init__(self, path: str | Path, from_end: bool = False):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.offset = self._size() if from_end else 0
+        self.offset = 0
         self.restarted = False
         self.lock = threading.Lock()
 
@@ -218,10 +218,12 @@ def send_command(run_dir: str | Path, command: str) -> None:
 
 
 class CommandInbox:
-    """Polled by the loop once per step: returns commands appended since the inbox was made, plus local requests."""
+    """Polled by the loop once per step: every command in commands.jsonl, plus local requests. The file starts
+    empty for each attempt (runs.begin_attempt, before the trainer process exists), so a stop sent while the model
+    still loads counts; reading from the end of the file lost it (issue 15)."""
 
     def __init__(self, run_dir: str | Path | None = None):
-        self.tail = JsonlTail(Path(run_dir) / "commands.jsonl", from_end=True) if run_dir else None
+        self.tail = JsonlTail(Path(run_dir) / "commands.jsonl") if run_dir else None
         self.pending: list[str] = []
 
     def request(self, command: str) -> None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
-from . import runs
+from . import runlock, runs
 from .advice import advice_for
 from .atomic import write_text_atomic
 from .errors import UserError
@@ -152,18 +152,31 @@ def check_resumable(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The run folder, once it is known to resume: a checkpoint, not running, its config (with the overrides
     applied and saved) valid on this machine."""
     run_dir = Path(run_dir).resolve()
-    if not runs.last_checkpoint(run_dir):
-        raise JobError(f"{run_dir} has no checkpoint to resume from; set saving.every_n_steps to write "
-                       f"checkpoints, or start a new run")
     cfg = runs.load_run_config(run_dir)
     if runs.run_info(run_dir).state == "running":
         raise JobError(f"{run_dir.name} is still running")
+    runs.begin_attempt(run_dir)  # first: a checkpoint caught mid-swap is put back before we look for one
+    _refuse_without_checkpoint(run_dir, cfg)
     if overrides:
         cfg = _resume_overrides(cfg, overrides)
     check_config(cfg, source=str(run_dir / "config.toml"))
     if overrides:
         write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
     return run_dir
+
+
+def _refuse_without_checkpoint(run_dir: Path, cfg: C.TrainConfig) -> None:
+    found, skipped = runs.resumable_checkpoint(run_dir)
+    if found is not None:
+        return
+    if skipped:
+        damaged = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise JobError(f"every checkpoint of {run_dir.name} is damaged ({damaged}); start a new run")
+    if cfg.saving.every_n_steps > 0:
+        raise JobError(f"{run_dir.name} ended before its first checkpoint (one is written every "
+                       f"{cfg.saving.every_n_steps} steps), so there is nothing to resume; start it again")
+    raise JobError(f"{run_dir} has no checkpoint to resume from; set saving.every_n_steps to write "
+                   f"checkpoints, or start a new run")
 
 
 def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig:
@@ -212,7 +225,10 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
                       callbacks=[EventLog(run_dir / "events.jsonl"), *(callbacks or [])])
     _stop_on_interrupt(trainer)
     try:
-        path = trainer.run(resume=resume)
+        with runlock.holding(run_dir):  # held until this process ends: the run's liveness (runlock.py)
+            path = trainer.run(resume=resume)
+    except runlock.RunLockedError as e:
+        raise JobError(str(e)) from None
     except UserError as e:  # bad data, model or config found while loading: the run never trained
         trainer.emit(Failed(step=getattr(trainer, "step", 0), error=str(e)))
         raise

@@ -71,8 +71,8 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.started_at = time.time()
-        if resume and runs.last_checkpoint(self.run_dir):
-            self.step = self._resume_state(runs.last_checkpoint(self.run_dir))
+        if resume:
+            self.step = self._resume_from(runs.resumable_checkpoint(self.run_dir))
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
                           num_images=self.scan.num_images, pid=_pid()))
         try:
@@ -89,6 +89,15 @@ class Trainer:
         self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
         self.emit(Finished(step=self.step, adapter_path=str(path), stopped=stopped))
         return path
+
+    def _resume_from(self, found: tuple) -> int:
+        """The newest checkpoint that verifies; each newer, damaged one is named with why it was skipped."""
+        checkpoint, skipped = found
+        for path, problem in skipped:
+            self.emit(Message(level="warning", text=f"skipped checkpoint {path.name}: {problem}"))
+        if checkpoint is None:
+            raise C.ConfigError([f"{self.run_dir.name} has no checkpoint that verifies; start a new run"])
+        return self._resume_state(checkpoint)
 
     def _resume_state(self, checkpoint: Path) -> int:
         """Load a checkpoint; a network that no longer matches it is a config error, not a crash."""

@@ -16,38 +16,46 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as C
 from .advice import advice_for
-from .atomic import atomic_dir, write_text_atomic
+from .atomic import atomic_dir, clean_leftovers, write_json_atomic, write_text_atomic
 from .errors import UserError
 from .events import Failed, Finished, Progress, Started, tail_events
+from .runlock import is_held, pid_alive
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"  # in checkpoints/step-<n>/: what exports, blends and the app use
 TRAINING_STATE = "state.json"  # its presence marks a complete checkpoint folder
+MANIFEST = "manifest.json"  # each file's size and sha256, written last: resume trusts only what verifies
+REQUIRED_FILES = ("lora.safetensors", "optimizer.safetensors", TRAINING_STATE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # run folders
 
 def create_run_dir(cfg: C.TrainConfig) -> Path:
-    """A fresh run folder holding the resolved config (see resolved_config)."""
+    """A fresh run folder holding the resolved config (see resolved_config). mkdir is the claim: two runs started
+    in the same second (two processes) each get their own folder."""
     cfg = resolved_config(cfg)
     root = Path(cfg.saving.runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = root / f"{cfg.run.name}-{stamp}"
-    n = 2
-    while run_dir.exists():
-        run_dir = root / f"{cfg.run.name}-{stamp}-{n}"
-        n += 1
-    run_dir.mkdir(parents=True)
-    write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
-    return run_dir
+    for n in range(1, 10_000):
+        run_dir = root / (f"{cfg.run.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
+        return run_dir
+    raise UserError(f"{root} holds 10,000 runs named {cfg.run.name}-{stamp}; give the run another name")
 
 
 def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
@@ -167,14 +175,82 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+@contextmanager
 def new_checkpoint_dir(run_dir: str | Path, step: int):
-    """A context yielding a temporary folder to fill; it becomes checkpoints/step-<n> in one rename."""
-    return atomic_dir(Path(run_dir) / "checkpoints" / f"step-{step:06d}")
+    """A context yielding a temporary folder to fill; sealed with a manifest (each file's size and sha256), it
+    becomes checkpoints/step-<n> in one rename once every file is on disk (atomic_dir fsyncs them)."""
+    from .data.cache import file_sha256
+    with atomic_dir(Path(run_dir) / "checkpoints" / f"step-{step:06d}") as tmp:
+        yield tmp
+        write_json_atomic(tmp / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                                           for p in sorted(tmp.iterdir()) if p.is_file()})
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str:
+    """Why a checkpoint folder cannot be trusted ("" when it verifies): a file missing, or not the size and hash
+    its manifest recorded. A checkpoint of an older loradesk (no manifest) is checked by parsing its files."""
+    from .data.cache import file_sha256
+    folder = Path(checkpoint)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _parse_problem(folder)
+    except (OSError, ValueError):
+        return "its manifest.json is damaged"
+    for name in REQUIRED_FILES:
+        if name not in manifest:
+            return f"its manifest does not list {name}"
+    for name, want in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("size") or file_sha256(path) != want.get("sha256"):
+            return f"{name} is damaged (not the size or content that was written)"
+    return ""
+
+
+def _parse_problem(folder: Path) -> str:
+    from safetensors import safe_open
+    for name in REQUIRED_FILES:
+        path = folder / name
+        try:
+            if name.endswith(".json"):
+                json.loads(path.read_text(encoding="utf-8"))
+            else:
+                with safe_open(str(path), "pt"):
+                    pass
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except Exception:  # safetensors raises its own error types
+            return f"{name} is damaged (it cannot be read)"
+    return ""
+
+
+def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped with the reason."""
+    skipped = []
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if not problem:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problem))
+    return None, skipped
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def begin_attempt(run_dir: str | Path) -> None:
+    """Ready a run folder for a new attempt (a start or a resume), before the trainer process exists: commands of
+    an earlier attempt are dropped, so every command sent from now on counts (the trainer reads commands.jsonl
+    from its start); temporary files of killed runs are removed, and a checkpoint caught between the two renames
+    of a swap (only its .old copy complete) is put back."""
+    run_dir = Path(run_dir)
+    (run_dir / "commands.jsonl").unlink(missing_ok=True)
+    for folder in (run_dir, run_dir / "samples", run_dir / "checkpoints"):
+        clean_leftovers(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,21 +270,10 @@ class RunInfo:
     last_loss: float | None = None
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child has exited but is still in the table
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
+def _trains_now(run_dir: Path, pid: int) -> bool:
+    """The trainer's file lock says it (see runlock); only where the OS has no flock, the recorded PID."""
+    held = is_held(run_dir)
+    return pid_alive(pid) if held is None else held
 
 
 FINAL_STATES = ("finished", "stopped", "failed")
@@ -246,7 +311,8 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
         if failures:
             info.advice = failures[-1].advice
             return info
-        if (run_dir / "train.log").exists() and time.time() - run_dir.stat().st_mtime < 120:
+        if _trains_now(run_dir, 0) or (is_held(run_dir) is None and (run_dir / "train.log").exists()
+                                       and time.time() - run_dir.stat().st_mtime < 120):
             info.state = "running"  # still loading
         return info
     attempt = events[starts[-1]:]
@@ -263,7 +329,7 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
         elif isinstance(e, Failed):
             info.error, info.advice = e.error, e.advice
             return info
-    if _pid_alive(first.pid):
+    if _trains_now(run_dir, first.pid):
         info.state = "running"
     else:
         info.error = "the training process ended without a final event (killed or crashed); it can be resumed"

@@ -1,0 +1,84 @@
+"""Is a run training right now? A fact, not a guess: the trainer holds an OS file lock on RUN_DIR/.trainer.lock
+for as long as it lives, and the kernel drops it the moment the process dies (kill -9 included).
+
+A recorded PID was the old answer, and a wrong one: a dead run whose PID the OS gave to another process looked
+alive forever, and blocked every new training (issue 15). Where the OS has no flock (Windows), the PID check stays
+as the fallback. Stdlib only.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_FILE = ".trainer.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process trains this run."""
+
+
+@contextmanager
+def holding(run_dir: str | Path, wait: float = 5.0):
+    """Hold the run's lock for the body. A reader may hold it for a moment (is_held), so a busy lock is retried
+    for `wait` seconds before RunLockedError."""
+    if fcntl is None:
+        yield
+        return
+    f = open(Path(run_dir) / LOCK_FILE, "a+b")
+    try:
+        deadline = time.monotonic() + wait
+        while not _try_lock(f, fcntl.LOCK_EX):
+            if time.monotonic() > deadline:
+                raise RunLockedError(f"run {Path(run_dir).name} is already training in another process")
+            time.sleep(0.05)
+        yield
+    finally:
+        f.close()  # closing drops the lock
+
+
+def is_held(run_dir: str | Path) -> bool | None:
+    """True while a trainer holds the run's lock, False when none does, None where the OS cannot tell."""
+    if fcntl is None:
+        return None
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return False  # never locked (a run of an older loradesk, or one that never started)
+    with f:
+        if _try_lock(f, fcntl.LOCK_SH):
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+        return True
+
+
+def _try_lock(f, kind: int) -> bool:
+    try:
+        fcntl.flock(f, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """The fallback where flock is missing: a process with this PID exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
