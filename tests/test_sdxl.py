@@ -383,3 +383,36 @@ def test_blend_resize_bake_analyze_and_generate_work_on_sdxl(sdxl_run, tiny_sdxl
                  "--steps", "2", "--width", "32", "--height", "32", "--out", str(png)]) == 0
     from PIL import Image
     assert Image.open(png).size == (32, 32)
+
+
+def test_every_family_implements_the_whole_seam():
+    """The seam is a base class: each registered family is one, and overrides every method the base leaves open."""
+    import inspect
+    from trainer.models.detect import FAMILIES, get_family
+    from trainer.models.family import Family
+    open_methods = [name for name, fn in inspect.getmembers(Family, inspect.isfunction)
+                    if "raise NotImplementedError" in inspect.getsource(fn)]
+    assert len(open_methods) >= 8
+    for name in FAMILIES:
+        family = get_family(name)
+        assert isinstance(family, Family) and family.name == name
+        missing = [m for m in open_methods if getattr(type(family), m) is getattr(Family, m)]
+        assert not missing, f"{family} leaves {missing} to the base class"
+        for name in ("name", "label", "text_encoder_specs"):
+            assert getattr(family, name, None) not in (None, ""), (family, name)
+
+
+def test_the_generate_tab_draws_an_sdxl_base_with_its_adapter(sdxl_run, tiny_sdxl_dir, tmp_path):
+    import numpy as np
+    from app import generation as G
+    from app.settings import AppSettings
+    s = AppSettings(data_dir=tmp_path / "d", runs_dir=sdxl_run.parent, adapters_dir=tmp_path / "a",
+                    base_model=str(tiny_sdxl_dir))
+
+    def draw(slots):
+        images = G.generate(s, s.base_model, slots, "a red square", seed=3, steps=2, guidance=3.0, width=64,
+                            height=48, num_images=1)
+        return np.asarray(images[0], dtype=np.int16)
+
+    base, adapted = draw([]), draw([G.Slot(str(sdxl_run), 1.0)])  # a run folder: its final adapter
+    assert base.shape == (48, 64, 3) and np.abs(adapted - base).mean() > 0.5

@@ -270,9 +270,8 @@ class RunInfo:
     last_loss: float | None = None
 
 
-def _trains_now(run_dir: Path, pid: int) -> bool:
+def _trains_now(held: bool | None, pid: int) -> bool:
     """The trainer's file lock says it (see runlock); only where the OS has no flock, the recorded PID."""
-    held = is_held(run_dir)
     return pid_alive(pid) if held is None else held
 
 
@@ -285,11 +284,12 @@ def run_info(run_dir: str | Path) -> RunInfo:
     tailed, and a finished run's state is kept until its events.jsonl grows, so polling every run each second
     (every browser tab does) costs only the new lines."""
     run_dir = Path(run_dir)
-    events = tail_events(run_dir / "events.jsonl")
+    held = is_held(run_dir)  # before the events: a trainer that writes its last event and exits in between is
+    events = tail_events(run_dir / "events.jsonl")  # then seen finished, not "killed" (the lock is already gone)
     cached = _final_infos.get(run_dir)
     if cached and cached[0] == len(events):
         return cached[1]
-    info = _info_from_events(run_dir, events)
+    info = _info_from_events(run_dir, events, held)
     if not info.advice and info.error:
         info.advice = advice_for(info.error)
     if info.state in FINAL_STATES and events:
@@ -297,7 +297,7 @@ def run_info(run_dir: str | Path) -> RunInfo:
     return info
 
 
-def _info_from_events(run_dir: Path, events: list) -> RunInfo:
+def _info_from_events(run_dir: Path, events: list, held: bool | None) -> RunInfo:
     name = run_dir.name
     try:
         name = load_run_config(run_dir).run.name
@@ -311,8 +311,8 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
         if failures:
             info.advice = failures[-1].advice
             return info
-        if _trains_now(run_dir, 0) or (is_held(run_dir) is None and (run_dir / "train.log").exists()
-                                       and time.time() - run_dir.stat().st_mtime < 120):
+        if held or (held is None and (run_dir / "train.log").exists()
+                    and time.time() - run_dir.stat().st_mtime < 120):
             info.state = "running"  # still loading
         return info
     attempt = events[starts[-1]:]
@@ -329,7 +329,7 @@ def _info_from_events(run_dir: Path, events: list) -> RunInfo:
         elif isinstance(e, Failed):
             info.error, info.advice = e.error, e.advice
             return info
-    if _trains_now(run_dir, first.pid):
+    if _trains_now(held, first.pid):
         info.state = "running"
     else:
         info.error = "the training process ended without a final event (killed or crashed); it can be resumed"
