@@ -151,14 +151,19 @@ def _import_one(path: Path, folder: Path, rel: Path, budget: Budget, report: Upl
     return ""
 
 
-def _copy_caption(path: Path, dst: Path, budget: Budget) -> None:
-    """A caption as text: refused when it is too long or not text at all; written UTF-8, as the trainer reads it."""
+def caption_text(path: Path) -> str:
+    """A caption file's text as the trainer reads it; UploadError when it is too long or not text at all."""
     if path.stat().st_size > MAX_CAPTION_BYTES:
         raise UploadError(f"{path.name}: over {MAX_CAPTION_BYTES // 1024} KB, which is not a caption")
     raw = path.read_bytes()
     if b"\0" in raw:
         raise UploadError(f"{path.name}: not a text file")
-    text, _ = decode_caption(raw)
+    return decode_caption(raw)[0]
+
+
+def _copy_caption(path: Path, dst: Path, budget: Budget) -> None:
+    """A caption written UTF-8, as the trainer reads it."""
+    text = caption_text(path)
     budget.take(len(text.encode("utf-8")) + 1, path.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(dst, text + "\n")
@@ -254,34 +259,39 @@ def find_replace(folder: Path, find: str, replace: str) -> int:
 def add_uploads(folder: Path, files: list) -> UploadReport:
     """Copy uploaded images, .txt captions and .zip archives into the dataset with safe, unique names.
 
-    An image the trainer could not read is reported as skipped, with the reason, and not copied. A caption is
-    paired with the image of the same original name in the upload (renamed with it); a caption for an image
-    already in the dataset is written only if that image has none."""
+    An image the trainer could not read is reported as skipped, with the reason, and not copied. A zip keeps its
+    folders (a `10_dog/` folder repeats its images 10 times). A caption is paired with the image of the same
+    original name in the upload (renamed with it); a caption for an image already in the dataset is written only
+    if that image has none."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = UploadReport()
     budget = dataset_budget(folder)
     with tempfile.TemporaryDirectory(prefix="loradesk-upload-") as tmp:
+        subfolders: dict[Path, Path] = {}  # an extracted member -> its folder inside the zip
         paths = _expand_zips([upload_path(f) for f in files or []], Path(tmp), report,
-                             Budget(budget.left, budget.refusal))
+                             Budget(budget.left, budget.refusal), subfolders)
         images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
         captions = {(p.parent, p.stem): p for p in paths if p.suffix.lower() in CAPTION_EXTENSIONS}
         for p in paths:
             if p not in images and p.suffix.lower() not in CAPTION_EXTENSIONS:
                 kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
                 report.skipped.append((p.name, f"not an image ({kinds}), caption or .zip"))
-        renamed = _add_images(folder, images, report, budget)
+        renamed = _add_images(folder, images, report, budget, subfolders)
         for key, src in captions.items():
-            _add_caption(folder, key, src, renamed, report)
+            _add_caption(folder / subfolders.get(src, Path()), key, src, renamed, report)
     return report
 
 
-def _add_images(folder: Path, images: list[Path], report: UploadReport, budget: Budget) -> dict:
+def _add_images(folder: Path, images: list[Path], report: UploadReport, budget: Budget,
+                subfolders: dict[Path, Path]) -> dict:
     renamed = {}
     for src in images:
         try:
             probe_image(src)
-            dst = unique_path(folder, safe_filename(src.name, "image"))
+            target = folder / subfolders.get(src, Path())
+            target.mkdir(parents=True, exist_ok=True)
+            dst = unique_path(target, safe_filename(src.name, "image"))
             copy_atomic(src, dst, budget)
         except ImageLoadError as e:
             report.skipped.append((src.name, e.reason))
@@ -290,7 +300,7 @@ def _add_images(folder: Path, images: list[Path], report: UploadReport, budget: 
             report.skipped.append((src.name, str(e).split(": ", 1)[-1]))
             continue
         renamed[(src.parent, src.stem)] = dst
-        report.added.append(dst.name)
+        report.added.append(dst.relative_to(folder).as_posix())
     return renamed
 
 
@@ -299,7 +309,8 @@ def upload_path(f) -> Path:
     return Path(f) if isinstance(f, (str, Path)) else Path(f.name)
 
 
-def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Budget) -> list[Path]:
+def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Budget,
+                 subfolders: dict[Path, Path]) -> list[Path]:
     keep = set(IMAGE_EXTENSIONS) | set(CAPTION_EXTENSIONS)
     out = []
     for i, path in enumerate(paths):
@@ -311,6 +322,7 @@ def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Bud
         except UploadError as e:
             report.skipped.append((path.name, str(e)))
             continue
+        subfolders.update({f: f.parent.relative_to(tmp / f"zip{i}") for f in files})
         out += files
         report.skipped += [(f"{path.name}:{n}", r) for n, r in skipped]
     return out
@@ -318,12 +330,17 @@ def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Bud
 
 def _add_caption(folder: Path, key: tuple, src: Path, renamed: dict, report: UploadReport) -> None:
     """Pair a caption with the image of the same folder and stem in this upload, else with a dataset image."""
-    text, _ = decode_caption(src.read_bytes())
+    try:
+        text = caption_text(src)
+    except UploadError as e:
+        report.skipped.append((src.name, str(e).split(": ", 1)[-1]))
+        return
     if key in renamed:
         report.captions.append(write_caption(renamed[key], text).name)
         return
     stem = safe_filename(src.name).rsplit(".", 1)[0]
-    existing = [p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS]
+    existing = [p for p in (folder.iterdir() if folder.is_dir() else [])
+                if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not existing:
         report.skipped.append((src.name, "no image with the same name; upload the image with its caption"))
     elif read_caption(existing[0]).path:

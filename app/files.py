@@ -27,7 +27,16 @@ def safe_filename(name: str, fallback: str = "file") -> str:
     if not base or base in (".", ".."):
         base = fallback
     stem, suffix = os.path.splitext(base)
-    return stem[:120] + suffix[:16].lower()
+    suffix = suffix[:16].lower()
+    return _head_bytes(stem[:120], MAX_NAME_BYTES - len(suffix.encode("utf-8"))) + suffix
+
+
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; an atomic write adds '.' and '.XXXXXXXX.tmp' to the name
+
+
+def _head_bytes(text: str, limit: int) -> str:
+    """The longest start of text that is at most `limit` bytes in UTF-8 (never half a character)."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def safe_dirname(name: str) -> str:

@@ -45,18 +45,19 @@ def adapter_choices(settings) -> list[tuple[str, str]]:
     return out
 
 
-def add_adapter_upload(settings, file) -> Path:
-    """Keep an uploaded .safetensors adapter (kohya or diffusers layout) after checking that it reads."""
-    from trainer import load_adapter
+def add_adapter_upload(settings, file, model_path: str | None = None) -> Path:
+    """Keep an uploaded .safetensors adapter (kohya, diffusers or peft layout) after checking that it reads, holds
+    only finite values and fits the base model (the Generate tab's, else the app's default)."""
+    from trainer import check_adapter
 
     from .datasets import upload_path
     src = upload_path(file)
     if src.suffix.lower() != ".safetensors":
         raise UploadError(f"{src.name} is not a .safetensors file; convert .ckpt/.pt adapters to .safetensors first")
     try:
-        load_adapter(src)
+        check_adapter(src, settings.base_model if model_path is None else model_path)
     except Exception as e:  # any reader error means the file is not a usable adapter
-        raise UploadError(f"{src.name} could not be read as a LoRA adapter: {e}") from None
+        raise UploadError(f"{src.name} could not be used as a LoRA adapter: {e}") from None
     folder = Path(settings.adapters_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return copy_atomic(src, unique_path(folder, safe_filename(src.name, "adapter.safetensors")))

@@ -58,13 +58,14 @@ def test_a_zip_with_captions_is_extracted_safely(settings, tmp_path):
         z.writestr("cat.txt", "a cat")
         z.writestr("__MACOSX/._cat.png", b"junk")
         z.writestr("._cat.png", b"junk")
-        z.write(src, "b/cat.png")  # same name in another folder: kept, renamed with its own caption
+        z.write(src, "b/cat.png")  # same name in another folder: kept in that folder with its own caption
         z.writestr("b/cat.txt", "another cat")
     report = D.add_uploads(folder, [archive])
-    assert sorted(report.added) == ["cat-2.png", "cat.png"] and len(report.captions) == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["cat-2.png", "cat-2.txt", "cat.png", "cat.txt"]
-    assert {(folder / "cat.txt").read_text().strip(), (folder / "cat-2.txt").read_text().strip()} == {
-        "a cat", "another cat"}
+    assert sorted(report.added) == ["b/cat.png", "outside/cat.png"] and report.captions == ["cat.txt"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "b/cat.png", "b/cat.txt", "outside/cat.png"]
+    assert (folder / "b" / "cat.txt").read_text().strip() == "another cat"
+    assert report.skipped == [("cat.txt", "no image with the same name; upload the image with its caption")]
     assert not (tmp_path / "outside").exists()
 
 

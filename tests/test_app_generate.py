@@ -91,7 +91,7 @@ def test_uploaded_adapters_are_checked_kept_and_listed(env, tmp_path):
     assert ("uploaded: my lora.safetensors", str(saved)) in G.adapter_choices(s)
     assert G.add_adapter_upload(s, str(diffusers_file)).name == "my lora-2.safetensors"  # no overwrite
     (tmp_path / "junk.safetensors").write_bytes(b"garbage")
-    with pytest.raises(UploadError, match="junk.safetensors could not be read as a LoRA adapter"):
+    with pytest.raises(UploadError, match="junk.safetensors could not be used as a LoRA adapter"):
         G.add_adapter_upload(s, str(tmp_path / "junk.safetensors"))
     with pytest.raises(UploadError, match="not a .safetensors file"):
         G.add_adapter_upload(s, str(tmp_path / "x.ckpt"))

@@ -180,7 +180,8 @@ def test_a_bad_adapter_upload_is_one_message_without_server_paths(tmp_path, tiny
     upload_dir.mkdir(parents=True)
     junk = upload_dir / "junk.safetensors"
     junk.write_bytes(b"garbage")
-    outputs = fn.fn(str(junk))  # a user error is an answer, not an exception (which turns widgets into pills)
+    outputs = fn.fn(str(junk), str(tiny_model_dir))  # a user error is an answer, not an exception (which turns
+    # widgets into pills); the second input is the tab's base model box
     shown = json.dumps(outputs, default=str)
     assert "junk.safetensors" in shown and str(upload_dir) not in shown
     updates = [o for o in outputs if isinstance(o, dict)]

@@ -148,7 +148,7 @@ def generate_steps(page, workdir: Path, run_dir: Path) -> None:
     junk.parent.mkdir()
     junk.write_bytes(b"not an adapter")
     page.locator("#adapter-upload input[type=file]").set_input_files(str(junk))
-    page.locator("#gen-status").get_by_text("junk.safetensors could not be read as a LoRA adapter").wait_for()
+    page.locator("#gen-status").get_by_text("junk.safetensors could not be used as a LoRA adapter").wait_for()
     assert str(workdir) not in page.locator("#gen-status").inner_text(), "no server paths in messages"
     no_error_pills(page)
     good = workdir / "upload" / "mine.safetensors"

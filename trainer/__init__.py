@@ -27,7 +27,8 @@ Runs
   read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
   Failed), smoothed(values), JobError, oom_advice()
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
-  adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter, LoraLayer, save_adapter(), export_adapter(),
+  adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
+  check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
   Generator, image_grid()
 Files
@@ -63,7 +64,8 @@ _EXPORTS = {
                      "CheckpointWritten", "Message", "Finished", "Failed"], "events"),
     "oom_advice": "advice",
     # adapters
-    **dict.fromkeys(["load_adapter", "save_adapter", "export_adapter", "AdapterFormatError"], "formats"),
+    **dict.fromkeys(["load_adapter", "check_adapter", "save_adapter", "export_adapter", "AdapterFormatError"],
+                    "formats"),
     **dict.fromkeys(["Adapter", "LoraLayer"], "lora_state"),
     # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
     **dict.fromkeys(["merge_exact", "merge_svd"], "adapters.merge"),

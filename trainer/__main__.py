@@ -80,6 +80,8 @@ def cmd_train(args) -> int:
         run_dir = check_resumable(args.resume, args.set)  # e.g. --set schedule.max_steps=2000 to train longer
     else:
         run_dir = create_run_dir(check_config(resolve_config(args.config, args.set), source=args.config))
+    if args.quiet:
+        _quiet_libraries()
     try:
         code = run_here(run_dir, resume=bool(args.resume), callbacks=[] if args.quiet else [ProgressBar()])
     except UserError:
@@ -92,6 +94,14 @@ def cmd_train(args) -> int:
     else:
         print(f"adapter: {info.adapter_path}")
     return code
+
+
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars of transformers and diffusers either ("Loading weights"); errors still print."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
 
 def _trained(run_dir: Path) -> bool:

@@ -10,12 +10,37 @@ def nan_advice(cfg) -> str:
     return "Try: " + "; ".join(tips) + "."
 
 
-def oom_advice() -> str:
+def oom_advice(device: str = "cuda") -> str:
+    if device == "cpu":
+        return ("Out of CPU memory (RAM). Try: lower dataset.batch_size or dataset.resolution; turn on "
+                "precision.gradient_checkpointing; dataset.cache_latents=disk instead of memory; precision.mixed=bf16; "
+                "close other programs.")
     return ("Out of memory. Try: lower dataset.batch_size or dataset.resolution; turn on "
             "precision.gradient_checkpointing; keep dataset.cache_latents on (memory or disk); use "
             "optimizer.name=adamw8bit on CUDA; precision.mixed=fp16 or bf16.")
 
 
+CPU_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "Cannot allocate memory")
+DISK_MARKERS = {"No space left on device": "The disk is full: free space there, or set saving.runs_dir (and "
+                                           "dataset.cache_dir) to a disk with room; the checkpoints already "
+                                           "written are kept and the run can be resumed.",
+                "Read-only file system": "That folder cannot be written: choose a writable saving.runs_dir (or "
+                                         "dataset.cache_dir).",
+                "Permission denied": "loradesk may not write there: choose a folder you own for saving.runs_dir "
+                                     "(or dataset.cache_dir), or fix its permissions.",
+                "File exists": "A file stands where a folder is needed: rename or remove it, or choose another "
+                               "folder."}
+
+
+def is_cpu_oom(error: str) -> bool:
+    return any(marker in error for marker in CPU_OOM_MARKERS)
+
+
 def advice_for(error: str) -> str:
-    """Advice for an error message written without any (an out-of-memory error raised outside the loop)."""
-    return oom_advice() if "out of memory" in error.lower() else ""
+    """Advice for an error message written without any (out of memory, a full or read-only disk, raised outside
+    the loop's own checks)."""
+    if is_cpu_oom(error):
+        return oom_advice("cpu")
+    if "out of memory" in error.lower():
+        return oom_advice()
+    return next((tip for marker, tip in DISK_MARKERS.items() if marker in error), "")

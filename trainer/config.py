@@ -490,6 +490,9 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.run.name or ""):
         problems.append(f"run.name {cfg.run.name!r} must start with a letter or digit and hold only letters, "
                         f"digits, '-', '_' and '.' (it names the run folder and the adapter file)")
+    if cfg.network.alpha == 0:
+        problems.append("network.alpha is 0, which scales every update to zero: the adapter would do nothing; use "
+                        "alpha = rank (scale 1) or rank / 2")
     if cfg.network.alpha > 0 and cfg.network.rank > 0 and cfg.network.alpha / cfg.network.rank > 16:
         problems.append(f"network.alpha/rank = {cfg.network.alpha / cfg.network.rank:g} scales the update by more "
                         f"than 16x, which usually diverges; lower network.alpha")

@@ -19,7 +19,7 @@ from . import runs
 from .checkpoint import load_training_state, save_training_state
 from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
                      Started, read_events)
-from .advice import nan_advice, oom_advice
+from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .atomic import save_image_atomic
 from .losses import diffusion_loss, loss_weights
 from .network import inject_lora, trained_text_encoders
@@ -77,18 +77,31 @@ class Trainer:
                           num_images=self.scan.num_images, pid=_pid()))
         try:
             stopped = self._loop()
-        except torch.OutOfMemoryError as e:
-            self.emit(Failed(step=self.step, error=f"out of memory: {e}", advice=oom_advice(),
-                             last_checkpoint=str(runs.last_checkpoint(self.run_dir) or "")))
+            path = self.export_final()
+            self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
+        except (TrainingError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            self.emit(self._failure(e))
             return None
-        except TrainingError as e:
-            last = runs.last_checkpoint(self.run_dir)
-            self.emit(Failed(step=self.step, error=str(e), advice=e.advice, last_checkpoint=str(last or "")))
-            return None
-        path = self.export_final()
-        self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
         self.emit(Finished(step=self.step, adapter_path=str(path), stopped=stopped))
         return path
+
+    def _failure(self, e: Exception) -> Failed:
+        """The Failed event of a run that cannot go on: NaN, out of memory (CUDA or CPU), a full or read-only disk.
+        Anything else is a bug and propagates (run_here still records it)."""
+        if isinstance(e, TrainingError):
+            error, advice = str(e), e.advice
+        elif isinstance(e, torch.OutOfMemoryError):
+            error, advice = f"out of memory: {e}", oom_advice()
+        elif isinstance(e, OSError):
+            error = f"could not write {e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}"
+            advice = advice_for(str(e))
+        elif is_cpu_oom(str(e)):
+            error, advice = f"out of CPU memory: {str(e).splitlines()[0][-160:]}", oom_advice("cpu")
+        else:
+            raise e
+        last = runs.last_checkpoint(self.run_dir)
+        kept = f"; the last good checkpoint ({last.name}) is kept" if last else "; no checkpoint was written yet"
+        return Failed(step=self.step, error=error + kept, advice=advice, last_checkpoint=str(last or ""))
 
     def _resume_from(self, found: tuple) -> int:
         """The newest checkpoint that verifies; each newer, damaged one is named with why it was skipped."""
@@ -204,8 +217,7 @@ class Trainer:
             with self.accelerator.autocast():
                 loss = diffusion_loss(self.base, latents, cond, gen, cfg, self.prediction, weights)
             if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped and "
-                                    f"the last good checkpoint is kept",
+                raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped",
                                     advice=nan_advice(cfg))
             self.accelerator.backward(loss / len(batches))
             total += loss.item() / len(batches)
@@ -253,6 +265,9 @@ class Trainer:
         _, box = crop_geometry(item, size, ds.crop, rng)
         if self.latent_cache is not None:
             cached = self.latent_cache.get(item, size, ds.crop)
+            for text in self.latent_cache.rejected:
+                self.emit(Message(level="warning", text=text))
+            self.latent_cache.rejected.clear()
             if cached is not None:
                 return cached.to(self.device), size_info(item, size, box)
         pixels = load_pixels(item, size, ds.crop, flip, rng, box=box).unsqueeze(0)

@@ -220,15 +220,15 @@ def _wire_lists(settings: AppSettings, demo: gr.Blocks, tab: gr.Tab, c: dict) ->
     paths = c["slots"][0::3]
     lists = [*paths, c["run"]]
 
-    def on_upload(file):
+    def on_upload(file, model_path):
         if file is None:
             return [gr.skip() for _ in lists] + [gr.skip(), gr.skip()]
-        saved = G.add_adapter_upload(s, file)
+        saved = G.add_adapter_upload(s, file, model_path or "")
         return _choices(s) + [None, f"Added **{saved.name}**: pick it in a slot."]
 
     upload_outputs = lists + [c["upload"], c["status"]]
-    c["upload"].upload(guarded(on_upload, upload_outputs, c["status"], clear=[c["upload"]]), [c["upload"]],
-                       upload_outputs)
+    c["upload"].upload(guarded(on_upload, upload_outputs, c["status"], clear=[c["upload"]]),
+                       [c["upload"], c["model"]], upload_outputs)
     c["refresh_btn"].click(lambda: _choices(s), None, lists)
     demo.load(lambda: _choices(s), None, lists)
     tab.select(lambda: _choices(s), None, lists)  # runs finished since the page loaded show up

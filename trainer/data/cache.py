@@ -42,6 +42,7 @@ class LatentCache:
         self.misses = 0
         self._memory: dict[str, object] = {}
         self._hashes: dict[tuple, str] = {}
+        self.rejected: list[str] = []  # why disk entries were recomputed; the loop reports and clears it
 
     def file_hash(self, path: Path) -> str:
         """sha256 of the file bytes, computed once per file version (path, size, mtime)."""
@@ -61,7 +62,7 @@ class LatentCache:
         if self.mode == "off":
             return None
         key = self.key(item, size, crop_key, flip)
-        latents = self._memory.get(key) if self.mode == "memory" else self._read(key)
+        latents = self._memory.get(key) if self.mode == "memory" else self._read(key, item, size)
         if latents is None:
             self.misses += 1
         else:
@@ -93,17 +94,19 @@ class LatentCache:
     def _entry(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
-    def _read(self, key: str):
-        from safetensors.torch import load_file
-
+    def _read(self, key: str, item, size: tuple[int, int]):
+        """A disk entry only when it verifies: readable, the checksum it was written with, a float dtype, a shape
+        that fits the image size, finite. Anything else is recomputed (and said): on main a wrong-shape entry
+        trained silently on garbage and a NaN one failed every run with "lower the learning rate"."""
         path = self._entry(key)
         if not path.is_file():
             return None
-        try:
-            return load_file(str(path))["latents"]
-        except Exception:  # a damaged entry (disk full, foreign file): recompute it rather than fail the run
+        problem, latents = _verified(path, size)
+        if problem:
+            self.rejected.append(f"latent cache entry of {Path(item.path).name} ({problem}) was recomputed")
             path.unlink(missing_ok=True)
             return None
+        return latents
 
     def _write(self, key: str, latents, item, size, crop_key, flip) -> None:
         from safetensors.torch import save_file
@@ -111,5 +114,33 @@ class LatentCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         metadata = {"source": str(item.path), "size": f"{size[0]}x{size[1]}", "crop": str(crop_key),
                     "flip": str(bool(flip)), "pipeline_version": PIPELINE_VERSION, "model_key": self.model_key}
+        tensor = latents.detach().cpu().contiguous()
+        metadata.update(shape="x".join(map(str, tensor.shape)), sha256=_tensor_sha256(tensor))
         with atomic_path(self._entry(key)) as tmp:
-            save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
+            save_file({"latents": tensor}, str(tmp), metadata=metadata)
+
+
+def _tensor_sha256(tensor) -> str:
+    import torch
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _verified(path: Path, size: tuple[int, int]) -> tuple[str, object]:
+    """("", latents) for an entry that verifies, else (what is wrong, None)."""
+    import torch
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, latents = f.metadata() or {}, f.get_tensor("latents")
+    except Exception:  # safetensors raises its own types for a damaged file
+        return "unreadable", None
+    if meta.get("sha256") != _tensor_sha256(latents):
+        return "its checksum does not match", None
+    if not latents.is_floating_point() or latents.dim() < 3 or "x".join(map(str, latents.shape)) != meta.get("shape"):
+        return f"shape {tuple(latents.shape)} or dtype {latents.dtype} is not a latent's", None
+    height, width = latents.shape[-2:]
+    if size[0] % width or size[1] % height or size[0] // width != size[1] // height:
+        return f"shape {tuple(latents.shape)} does not fit {size[0]}x{size[1]} pixels", None
+    if not torch.isfinite(latents).all():
+        return "it holds NaN or infinite values", None
+    return "", latents

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .check import align_to_model, check_against_model, delta_shape
+from .check import align_to_model, check_adapter, check_against_model, delta_shape
 from .errors import AdapterFormatError
 from .from_model import adapter_from_model
 from .layout import DTYPES, FORMATS
@@ -16,7 +16,7 @@ from .read import detect_format, load_adapter
 from .write import save_adapter, write_atomically
 
 __all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "build_metadata",
-           "check_against_model", "delta_shape", "detect_format", "export_adapter", "kohya_name", "load_adapter",
+           "check_adapter", "check_against_model", "delta_shape", "detect_format", "export_adapter", "kohya_name", "load_adapter",
            "diffusers_aliases", "module_index", "normalise_kohya_name", "resolve_paths", "save_adapter",
            "write_atomically"]
 

@@ -93,3 +93,22 @@ def family_mismatch(adapter: Adapter, family) -> str | None:
 def _same_shape(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     # a linear delta fits a 1x1 conv and back (SD2 vs SD1 proj_in/proj_out); A1111 and diffusers reshape likewise
     return delta == weight or (delta[:2] == weight[:2] and all(d == 1 for d in delta[2:] + weight[2:]))
+
+
+def check_adapter(source, model_path: str = "") -> Adapter:
+    """An adapter file (or checkpoint or run folder) read and checked against a base model from its config files
+    only, without loading weights: finite values (the reader), every layer a module of the model, of its shape.
+    Where the model's configs cannot be found without loading it, only the reading is checked (the fit is then
+    checked when the model loads)."""
+    from trainer.models.detect import family_of_folder
+    from trainer.models.info import config_folder, resolve_model_path
+    from trainer.models.meta import model_index
+
+    from .read import load_adapter
+    adapter = load_adapter(source)
+    try:
+        index = model_index(model_path)
+    except FileNotFoundError:
+        return adapter
+    align_to_model(adapter, index, family_of_folder(config_folder(resolve_model_path(model_path))))
+    return adapter

@@ -59,7 +59,20 @@ def load_adapter(source) -> Adapter:
     if not parts:
         raise AdapterFormatError(f"{path} holds no LoRA layers; is it an adapter file?")
     layers = _assemble(parts, path)
+    _refuse_non_finite(layers, path)
     return Adapter(layers=_original_unet_names(layers, file_meta), metadata=dict(file_meta))
+
+
+def _refuse_non_finite(layers: dict[str, LoraLayer], path: Path) -> None:
+    """An adapter with NaN or infinite values draws a black image wherever it is used: refused at load, naming it
+    (a run whose loss became NaN, or a damaged file)."""
+    bad = [name for name, layer in layers.items()
+           if not (torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all()
+                   and (layer.alpha is None or math.isfinite(float(layer.alpha))))]
+    if bad:
+        raise AdapterFormatError(f"{path.name} holds NaN or infinite values in {len(bad)} of its {len(layers)} "
+                                 f"layers ({_listing(bad, 3)}); it would draw black images. Use an earlier "
+                                 f"checkpoint of its run, or train again with a lower learning rate")
 
 
 def _original_unet_names(layers: dict[str, LoraLayer], file_meta: dict) -> dict[str, LoraLayer]:
