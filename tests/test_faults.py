@@ -237,3 +237,19 @@ def test_a_zip_keeps_its_repeat_folders_and_shortens_an_overlong_name(tmp_path):
     cfg.dataset.path = str(s.data_dir / "d")
     repeats = {i.path.name: i.repeats for i in scan_dataset(cfg.dataset).items}
     assert (repeats["a.png"], repeats["b.png"]) == (10, 1)
+
+
+def test_a_read_only_dataset_with_a_disk_cache_is_a_failed_run_that_names_the_fix(
+        tiny_model_dir, image_dir, tmp_path, capsys, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if Path(self).is_relative_to(image_dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code = main(["train", "--quiet", *cli_sets(tiny_model_dir, image_dir, tmp_path / "runs",
+                                               "dataset.cache_latents=disk")])
+    err = capsys.readouterr().err
+    assert code == 1 and ".loradesk-cache" in err and "dataset.cache_dir" in err and no_traceback(err), err

@@ -177,3 +177,42 @@ def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path, capsys):
     assert main(["validate", "--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is a folder" in err and "does not exist" not in err
+
+
+# 18: Ctrl+C while the model loads ---------------------------------------------------------------------------------
+
+def test_ctrl_c_while_loading_stops_at_once_and_writes_nothing(tiny_model_dir, image_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    import signal
+    import time
+    import trainer.models as models
+    real_load, finished_loading = models.load_base_model, []
+
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl+C while the weights load
+        time.sleep(30)                        # (on main the run waited for the load, then wrote a step-0 adapter)
+        finished_loading.append(True)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_base_model", slow_load)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["train", "--quiet", *[x for item in (f"model.path={tiny_model_dir}", f"dataset.path={image_dir}",
+                                                          f"saving.runs_dir={tmp_path / 'runs'}", "run.name=c")
+                                           for x in ("--set", item)]])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 130 and not finished_loading
+    assert "nothing was written" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/*.safetensors")) and not list((tmp_path / "runs").glob("*/checkpoints"))
+
+
+def test_a_stop_before_the_first_step_writes_no_adapter(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": 40})
+    run_dir = runs.create_run_dir(cfg)
+    send_command(run_dir, "stop")
+    path, events, _ = train(cfg, run_dir=run_dir)
+    assert path is None and not runs.final_adapter_path(run_dir, cfg).exists() and not runs.checkpoint_dirs(run_dir)
+    info = runs.run_info(run_dir)
+    assert info.state == "stopped" and info.adapter_path is None

@@ -22,7 +22,8 @@ Datasets
   bucket_stats(), leaves_folder(path, root) (a link out of a folder: never opened)
 Runs
   start_run(cfg) -> Job (in a child process), resume_run(run_dir); in this process: create_run_dir(cfg),
-  check_resumable(run_dir, overrides), run_here(run_dir, resume, callbacks); send_command(run_dir, "stop"|"save"|"sample"), active_run(runs_dir),
+  check_resumable(run_dir, overrides), run_here(run_dir, resume, callbacks) (INTERRUPTED: its code after a Ctrl+C
+  while loading); send_command(run_dir, "stop"|"save"|"sample"), active_run(runs_dir),
   list_runs(runs_dir), run_info(run_dir) -> RunInfo, load_run_config(), checkpoint_dirs(), tail_events(path),
   read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
   Failed), smoothed(values), JobError, oom_advice()
@@ -56,8 +57,8 @@ _EXPORTS = {
                      "write_caption", "with_trigger", "dataset_trigger", "set_dataset_trigger", "is_image_file",
                      "is_ignored", "leaves_folder", "BatchPlan", "bucket_stats"], "data"),
     # runs
-    **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job"],
-                    "job"),
+    **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job",
+                     "INTERRUPTED"], "job"),
     **dict.fromkeys(["create_run_dir", "list_runs", "run_info", "RunInfo", "load_run_config", "checkpoint_dirs",
                      "adapter_file", "checkpoint_step", "smoothed"], "runs"),
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer import (UserError, check_config, check_resumable, config_problems, create_run_dir, fields, list_presets,
+from trainer import (INTERRUPTED, UserError, check_config, check_resumable, config_problems, create_run_dir, fields, list_presets,
                      load_preset, preset_note, run_here, run_info)
 
 
@@ -88,9 +88,16 @@ def cmd_train(args) -> int:
         if not args.resume and not _trained(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
         raise
+    if code == INTERRUPTED:
+        if not args.resume and not _trained(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print("stopped while the model loaded; nothing was written", file=sys.stderr)
+        return code
     info = run_info(run_dir)
     if code:  # a failed run says why on stderr, --quiet or not
         print(f"training failed: {info.error}" + (f"\n{info.advice}" if info.advice else ""), file=sys.stderr)
+    elif info.adapter_path is None:
+        print("stopped before the first training step; no adapter was written", file=sys.stderr)
     else:
         print(f"adapter: {info.adapter_path}")
     return code

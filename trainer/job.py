@@ -21,7 +21,7 @@ from . import runlock, runs
 from .advice import advice_for
 from .atomic import write_text_atomic
 from .errors import UserError
-from .events import Event, EventLog, Failed, send_command, tail_events
+from .events import Event, EventLog, Failed, Finished, send_command, tail_events
 
 # ----------------------------------------------------------------------------------------------------------------
 # everything checked before a run folder exists: the config itself and what this machine can do for it (the CLI's
@@ -229,6 +229,9 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
             path = trainer.run(resume=resume)
     except runlock.RunLockedError as e:
         raise JobError(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl+C while the model loaded: stopped at once, nothing written
+        trainer.emit(Finished(step=getattr(trainer, "step", 0), adapter_path="", stopped=True))
+        return INTERRUPTED
     except UserError as e:  # bad data, model or config found while loading: the run never trained
         trainer.emit(Failed(step=getattr(trainer, "step", 0), error=str(e)))
         raise
@@ -236,12 +239,23 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
         error = f"{type(e).__name__}: {e}"
         trainer.emit(Failed(step=getattr(trainer, "step", 0), error=error, advice=advice_for(error)))
         raise
-    return 0 if path is not None else 1
+    return 0 if path is not None or _stopped_untrained(run_dir) else 1
+
+
+INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
+
+
+def _stopped_untrained(run_dir: Path) -> bool:
+    info = runs.run_info(run_dir)
+    return info.state == "stopped" and info.adapter_path is None
 
 
 def _stop_on_interrupt(trainer) -> None:
-    """First Ctrl+C: stop after this step and write the adapter. Second: abort (writes are atomic)."""
+    """While the model loads, Ctrl+C (or SIGTERM) stops at once and writes nothing. Then the first one stops after
+    this step and writes the adapter; a second aborts (writes are atomic)."""
     def handler(signum, frame):
+        if not getattr(trainer, "loaded", False):
+            raise KeyboardInterrupt  # loading takes seconds to minutes: do not wait for it (issue 15)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
         if trainer.inbox is not None:

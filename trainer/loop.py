@@ -73,10 +73,15 @@ class Trainer:
         self.started_at = time.time()
         if resume:
             self.step = self._resume_from(runs.resumable_checkpoint(self.run_dir))
+        self.loaded = True  # from here a Ctrl+C stops after a step (before, it interrupts the loading)
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
                           num_images=self.scan.num_images, pid=_pid()))
+        start = self.step
         try:
             stopped = self._loop()
+            if stopped and self.step == start:  # stopped before one step: nothing new that looks like an adapter
+                self.emit(Finished(step=self.step, adapter_path="", stopped=True))
+                return None
             path = self.export_final()
             self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
         except (TrainingError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError

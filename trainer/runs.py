@@ -305,6 +305,9 @@ def _info_from_events(run_dir: Path, events: list, held: bool | None) -> RunInfo
         pass
     starts = [i for i, e in enumerate(events) if isinstance(e, Started)]
     info = RunInfo(run_dir, name, "failed", 0, 0, None, run_dir.stat().st_mtime)
+    if not starts and any(isinstance(e, Finished) for e in events):  # Ctrl+C while the model loaded
+        info.state = "stopped"
+        return info
     if not starts:
         failures = [e for e in events if isinstance(e, Failed)]  # a config, data or model error before step 0
         info.error = failures[-1].error if failures else "the run never started (see train.log)"
@@ -323,7 +326,7 @@ def _info_from_events(run_dir: Path, events: list, held: bool | None) -> RunInfo
             info.step, info.last_loss = e.step, e.loss
         elif isinstance(e, Finished):
             info.state = "stopped" if e.stopped else "finished"
-            info.adapter_path = Path(e.adapter_path)
+            info.adapter_path = Path(e.adapter_path) if e.adapter_path else None  # "": stopped before a step
             info.step = e.step
             return info
         elif isinstance(e, Failed):
