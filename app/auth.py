@@ -3,8 +3,9 @@ seconds (at most a minute) before the next one is even checked.
 
 Written by hand because Gradio checks `--auth` credentials as fast as they arrive (100 wrong passwords were checked
 at 461 per second) and has no hook for it. The throttle is an ASGI middleware on Gradio's own `/login` route, passed
-to its FastAPI app through `launch(app_kwargs=...)`; the client is the connecting address (behind a reverse proxy
-every client is the proxy, so there the proxy should throttle).
+to its FastAPI app through `launch(app_kwargs=...)`. The client is the address uvicorn reports: the connecting one,
+or the X-Forwarded-For of a proxy on this machine (uvicorn trusts 127.0.0.1 by default); behind a proxy that passes
+the header on unchecked, the proxy should throttle.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class LoginThrottle:
             count, last = self._failures.get(client, (0, 0.0))
         if count < self.free_failures:
             return 0.0
-        wait = min(self.max_wait, self.first_wait * 2 ** (count - self.free_failures))
+        wait = min(self.max_wait, self.first_wait * 2 ** min(count - self.free_failures, 16))
         return max(0.0, last + wait - self.clock())
 
     def failed(self, client: str) -> None:
@@ -47,8 +48,8 @@ class LoginThrottle:
 
 
 class ThrottledLogin:
-    """ASGI middleware: a POST to /login from a client that must wait gets 429 unchecked; the answer of every
-    checked try (400 wrong, 200 right) counts for or against that client."""
+    """ASGI middleware: a POST to /login from a client that must wait gets 429 unchecked; every checked try counts
+    as a failure until it answers 200 (which clears the client's record)."""
 
     def __init__(self, app, throttle: LoginThrottle):
         self.app, self.throttle = app, throttle
@@ -60,6 +61,7 @@ class ThrottledLogin:
         wait = self.throttle.wait_seconds(client)
         if wait > 0:
             return await _too_many(send, wait)
+        self.throttle.failed(client)  # counted before it is checked: guesses sent all at once count too
         status = {}
 
         async def record(message):
@@ -70,8 +72,6 @@ class ThrottledLogin:
         await self.app(scope, receive, record)
         if status.get("code") == 200:
             self.throttle.succeeded(client)
-        elif status.get("code") in (400, 401, 403):
-            self.throttle.failed(client)
 
 
 async def _too_many(send, wait: float) -> None:

@@ -7,6 +7,7 @@ tab lists, how captions are read and written, and the trigger rule are the engin
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +125,12 @@ def _walk_source(src: Path):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(Path(d)) and not (here / d).is_symlink())
         for f in sorted(filenames):
             path = here / f
-            if not is_ignored(path):
-                yield path, ("a link that leaves the folder; not copied" if leaves_folder(path, src) else "")
+            if is_ignored(path):
+                continue
+            if leaves_folder(path, src):
+                yield path, "a link that leaves the folder; not copied"
+            else:  # a FIFO or device named x.png would block or stream forever
+                yield path, "" if stat.S_ISREG(os.stat(path).st_mode) else "not a regular file"
 
 
 def _import_one(path: Path, folder: Path, rel: Path, budget: Budget, report: UploadReport) -> str:
@@ -208,7 +213,14 @@ def _item_path(folder: Path, name: str) -> Path:
 
 def save_caption(folder: Path, name: str, caption: str) -> Path:
     """Write one image's caption where the trainer reads it (its existing caption file, else a new .txt)."""
+    _check_caption_size(name, caption)
     return write_caption(_item_path(folder, name), caption)
+
+
+def _check_caption_size(name: str, caption: str) -> None:
+    if len(caption.encode("utf-8")) > MAX_CAPTION_BYTES:
+        raise UploadError(f"the caption of {name} would be over {MAX_CAPTION_BYTES // 1024} KB, which is not a "
+                          f"caption; shorten it")
 
 
 def remove_image(folder: Path, name: str) -> None:
@@ -245,12 +257,12 @@ def find_replace(folder: Path, find: str, replace: str) -> int:
     """Replace text in every caption; returns the number of captions changed."""
     if not find:
         raise UploadError("type the text to find first")
-    changed = 0
-    for item in load_items(folder):
-        if find in item.caption:
-            save_caption(folder, item.name, item.caption.replace(find, replace))
-            changed += 1
-    return changed
+    items = [item for item in load_items(folder) if find in item.caption]
+    for item in items:  # all checked before any is written: a refused replace changes nothing
+        _check_caption_size(item.name, item.caption.replace(find, replace))
+    for item in items:
+        save_caption(folder, item.name, item.caption.replace(find, replace))
+    return len(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +291,7 @@ def add_uploads(folder: Path, files: list) -> UploadReport:
                 report.skipped.append((p.name, f"not an image ({kinds}), caption or .zip"))
         renamed = _add_images(folder, images, report, budget, subfolders)
         for key, src in captions.items():
-            _add_caption(folder / subfolders.get(src, Path()), key, src, renamed, report)
+            _add_caption(folder / subfolders.get(src, Path()), key, src, renamed, report, budget)
     return report
 
 
@@ -328,10 +340,12 @@ def _expand_zips(paths: list[Path], tmp: Path, report: UploadReport, budget: Bud
     return out
 
 
-def _add_caption(folder: Path, key: tuple, src: Path, renamed: dict, report: UploadReport) -> None:
+def _add_caption(folder: Path, key: tuple, src: Path, renamed: dict, report: UploadReport, budget: Budget
+                 ) -> None:
     """Pair a caption with the image of the same folder and stem in this upload, else with a dataset image."""
     try:
         text = caption_text(src)
+        budget.take(len(text.encode("utf-8")) + 1, src.name)
     except UploadError as e:
         report.skipped.append((src.name, str(e).split(": ", 1)[-1]))
         return

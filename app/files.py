@@ -48,8 +48,9 @@ def safe_dirname(name: str) -> str:
 
 
 class Budget:
-    """The bytes an upload may still write. It counts what is actually written (a zip header can lie) and refuses
-    before the limit is passed, so a refused upload leaves nothing half-written behind."""
+    """The bytes an upload may still write: zip members are counted as they are written (a header can lie), other
+    files by their size before they are copied; it refuses before the limit is passed, so a refused upload leaves
+    nothing half-written behind."""
 
     def __init__(self, limit: int, refusal: str):
         self.left, self.refusal = limit, refusal

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import (active_run, adapter_file, checkpoint_dirs, checkpoint_step, list_runs,  # torch-free:
-                     run_info)  # the heavy names are imported where they are used
+from trainer import (active_run, adapter_file, checkpoint_dirs, checkpoint_step, leaves_folder,  # torch-free:
+                     list_runs, run_info)  # the heavy names are imported where they are used
 
 from .device import free_device, get_generator, hold_device
 from .errors import AppError
@@ -63,6 +63,16 @@ def add_adapter_upload(settings, file, model_path: str | None = None) -> Path:
     return copy_atomic(src, unique_path(folder, safe_filename(src.name, "adapter.safetensors")))
 
 
+def check_slot_paths(settings, slots: list[Slot]) -> None:
+    """Adapters come from this app's folders only (runs, uploads and blends, and the folders it may read): a slot
+    takes a typed value, and any other server file would be read, and copied into adapters/ by a blend export."""
+    roots = (settings.adapters_dir, settings.runs_dir, *settings.readable_dirs())
+    for slot in slots:
+        if slot.path and all(leaves_folder(slot.path, root) for root in roots):
+            raise AppError(f"{Path(slot.path).name} is not one of this app's adapters: pick one from the list, or "
+                           f"add the file with 'Add an adapter file'.")
+
+
 def _check_idle(settings) -> None:
     busy = active_run(settings.runs_dir)
     if busy is not None:
@@ -78,6 +88,7 @@ class _Device:
 
     def __enter__(self):
         self.oom = _out_of_memory_type()
+        check_slot_paths(self.settings, self.slots)
         if not hold_device():
             raise AppError("The device is busy (another generation, or a training starting); try again in a "
                            "moment.")
@@ -185,6 +196,7 @@ def analyze_slots(settings, slots: list[Slot], progress=None) -> tuple[list[tupl
     """What the adapters in the first two filled slots learned (LoRA paper, section 7): the singular values of each
     one's updates and, for two adapters, subspace-similarity heatmaps. Returns (heatmap images, markdown summary)."""
     from trainer import analyze, load_adapter
+    check_slot_paths(settings, slots)
     paths = [slot.path for slot in slots if slot.path][:2]
     if not paths:
         raise AppError("Pick an adapter in a slot (and a second one to compare their subspaces).")

@@ -50,4 +50,5 @@ def launch_options(settings: AppSettings) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
     return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS,
             "allowed_paths": [str(f.resolve()) for f in folders], "footer_links": [],
+            "max_file_size": "2gb",  # Gradio's own upload route, before loradesk's budget (datasets.py) applies
             "show_error": True}  # an unexpected error still shows its message, not just "Error"

@@ -205,4 +205,4 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
     assert adapter.layers and all(layer.rank == 4 for layer in adapter.layers.values())
     log = (workdir / "server.log").read_text()
     assert "Traceback" not in log, log[-3000:]
-    assert "loradesk: junk.safetensors could not be read" in log, "a user error is one line in the terminal"
+    assert "loradesk: junk.safetensors could not be used" in log, "a user error is one line in the terminal"

@@ -14,7 +14,7 @@ from trainer import config as C
 from trainer import runs
 from trainer.__main__ import main
 from trainer.events import EventLog, Finished, Message, Progress, Started, read_events, send_command
-from trainer.job import active_run, start_run
+from trainer.job import active_run, check_resumable, start_run
 from trainer.runlock import holding
 
 
@@ -216,3 +216,26 @@ def test_a_stop_before_the_first_step_writes_no_adapter(tiny_model_dir, image_di
     assert path is None and not runs.final_adapter_path(run_dir, cfg).exists() and not runs.checkpoint_dirs(run_dir)
     info = runs.run_info(run_dir)
     assert info.state == "stopped" and info.adapter_path is None
+
+
+def test_a_resumed_run_still_loading_reads_as_running(stopped_run):
+    """Review finding: while a resumed trainer loaded (lock held, no Started yet) the run read as stopped, so a
+    second training could start and a second resume could drop the first one's commands."""
+    assert runs.run_info(stopped_run).state == "stopped"
+    with holding(stopped_run):
+        assert runs.run_info(stopped_run).state == "running"
+        assert active_run(stopped_run.parent).run_dir == stopped_run
+        with pytest.raises(Exception, match="still running"):
+            check_resumable(stopped_run)
+    assert runs.run_info(stopped_run).state == "stopped"
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_so_pruning_keeps_the_good_one(stopped_run, capsys):
+    newest = stopped_run / "checkpoints" / "step-000004"
+    (newest / "optimizer.safetensors").write_bytes(b"")
+    code, events, err = resume_cli(stopped_run, capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in (stopped_run / "checkpoints").iterdir())
+    assert "step-000004.damaged" in names and "step-000008" in names
+    assert runs.last_checkpoint(stopped_run).name == "step-000008"
+    assert all(runs.checkpoint_problem(p) == "" for p in runs.checkpoint_dirs(stopped_run))

@@ -284,3 +284,65 @@ def test_the_engine_writes_a_disk_cache_where_the_config_says(tmp_path):
     assert cache_folder(cfg.dataset) == tmp_path / "ds" / ".loradesk-cache"
     cfg.dataset.cache_dir = str(tmp_path / "c")
     assert cache_folder(cfg.dataset) == tmp_path / "c"
+
+
+def test_guesses_sent_all_at_once_are_throttled_too():
+    """Review finding: the failure was recorded only after the answer, so parallel guesses all saw 'no wait'."""
+    import asyncio
+    from app.auth import LoginThrottle, ThrottledLogin
+    throttle = LoginThrottle(free_failures=5, clock=Clock())
+    checked = []
+
+    async def gradio_login(scope, receive, send):
+        checked.append(1)
+        await asyncio.sleep(0.01)  # every request is in flight before the first answers
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def sink(message):
+        pass
+
+    app = ThrottledLogin(gradio_login, throttle)
+    scope = {"type": "http", "method": "POST", "path": "/login", "client": ("10.0.0.9", 1)}
+
+    async def burst():
+        await asyncio.gather(*[app(scope, None, sink) for _ in range(100)])
+
+    asyncio.run(burst())
+    assert len(checked) == 5
+    for _ in range(2000):  # a long campaign never overflows the backoff into a 500
+        throttle.failed("10.0.0.9")
+    assert 0 < throttle.wait_seconds("10.0.0.9") <= throttle.max_wait
+
+
+def test_an_adapter_slot_reads_only_the_apps_own_adapters(tmp_path, outside):
+    """Review finding: a typed slot value read any server file, and a blend export copied it into adapters/."""
+    from app import generation as G
+    from app.errors import AppError
+    s = settings_for(tmp_path)
+    (outside / "private.safetensors").write_bytes(b"\0" * 16)
+    for call in (lambda slots: G.export_blend(s, "", slots), lambda slots: G.analyze_slots(s, slots)):
+        with pytest.raises(AppError, match="not one of this app's adapters"):
+            call([G.Slot(str(outside / "private.safetensors"), 1.0)])
+    assert not s.adapters_dir.exists() or not any(s.adapters_dir.iterdir())
+
+
+def test_caption_edits_cannot_grow_without_bound(tmp_path):
+    s = settings_for(tmp_path)
+    folder = D.create_dataset(s.data_dir, "d")
+    png(folder / "a.png")
+    (folder / "a.txt").write_text("a" * 100)
+    with pytest.raises(UploadError, match="not a caption"):
+        D.find_replace(folder, "a", "a" * 1000)
+    assert (folder / "a.txt").read_text() == "a" * 100
+    with pytest.raises(UploadError, match="not a caption"):
+        D.save_caption(folder, "a.png", "b" * (D.MAX_CAPTION_BYTES + 1))
+
+
+def test_a_fifo_named_like_an_image_is_not_opened_by_the_import(tmp_path):
+    src = tmp_path / "photos"
+    png(src / "a.png")
+    os.mkfifo(src / "pipe.png")
+    name, _, text = tab.import_folder(settings_for(tmp_path, src), str(src))
+    assert "pipe.png (not a regular file)" in text
+    assert sorted(p.name for p in (tmp_path / "datasets" / name).iterdir()) == ["a.png"]

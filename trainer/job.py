@@ -225,10 +225,15 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
                       callbacks=[EventLog(run_dir / "events.jsonl"), *(callbacks or [])])
     _stop_on_interrupt(trainer)
     try:
-        with runlock.holding(run_dir):  # held until this process ends: the run's liveness (runlock.py)
-            path = trainer.run(resume=resume)
+        with runlock.holding(run_dir):  # held until the last event is written: the run's liveness (runlock.py)
+            return _train_holding_lock(trainer, resume)
     except runlock.RunLockedError as e:
         raise JobError(str(e)) from None
+
+
+def _train_holding_lock(trainer, resume: bool) -> int:
+    try:
+        path = trainer.run(resume=resume)
     except KeyboardInterrupt:  # Ctrl+C while the model loaded: stopped at once, nothing written
         trainer.emit(Finished(step=getattr(trainer, "step", 0), adapter_path="", stopped=True))
         return INTERRUPTED
@@ -239,15 +244,10 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
         error = f"{type(e).__name__}: {e}"
         trainer.emit(Failed(step=getattr(trainer, "step", 0), error=error, advice=advice_for(error)))
         raise
-    return 0 if path is not None or _stopped_untrained(run_dir) else 1
+    return 0 if path is not None or getattr(trainer, "stopped_untrained", False) else 1
 
 
 INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
-
-
-def _stopped_untrained(run_dir: Path) -> bool:
-    info = runs.run_info(run_dir)
-    return info.state == "stopped" and info.adapter_path is None
 
 
 def _stop_on_interrupt(trainer) -> None:

@@ -80,6 +80,7 @@ class Trainer:
         try:
             stopped = self._loop()
             if stopped and self.step == start:  # stopped before one step: nothing new that looks like an adapter
+                self.stopped_untrained = True
                 self.emit(Finished(step=self.step, adapter_path="", stopped=True))
                 return None
             path = self.export_final()
@@ -111,8 +112,10 @@ class Trainer:
     def _resume_from(self, found: tuple) -> int:
         """The newest checkpoint that verifies; each newer, damaged one is named with why it was skipped."""
         checkpoint, skipped = found
-        for path, problem in skipped:
-            self.emit(Message(level="warning", text=f"skipped checkpoint {path.name}: {problem}"))
+        for path, problem in skipped:  # moved aside: kept for the user, but never again the "newest" one
+            aside = runs.set_aside(path)
+            self.emit(Message(level="warning", text=f"skipped checkpoint {path.name}: {problem} (kept as "
+                                                    f"{aside.name})"))
         if checkpoint is None:
             raise C.ConfigError([f"{self.run_dir.name} has no checkpoint that verifies; start a new run"])
         return self._resume_state(checkpoint)

@@ -16,6 +16,7 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -200,6 +201,9 @@ def checkpoint_problem(checkpoint: str | Path) -> str:
     for name in REQUIRED_FILES:
         if name not in manifest:
             return f"its manifest does not list {name}"
+    if not isinstance(manifest, dict) or not all(isinstance(v, dict) and Path(k).name == k and k not in ("", ".", "..")
+                                                  for k, v in manifest.items()):
+        return "its manifest.json is damaged"
     for name, want in manifest.items():
         path = folder / name
         if not path.is_file():
@@ -240,6 +244,16 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[P
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to step-<n>.damaged (a name checkpoint_dirs ignores); returns the new path."""
+    aside = checkpoint.with_name(f"{checkpoint.name}.damaged")
+    n = 2
+    while aside.exists():
+        aside, n = checkpoint.with_name(f"{checkpoint.name}.damaged-{n}"), n + 1
+    os.replace(checkpoint, aside)
+    return aside
 
 
 def begin_attempt(run_dir: str | Path) -> None:
@@ -287,9 +301,11 @@ def run_info(run_dir: str | Path) -> RunInfo:
     held = is_held(run_dir)  # before the events: a trainer that writes its last event and exits in between is
     events = tail_events(run_dir / "events.jsonl")  # then seen finished, not "killed" (the lock is already gone)
     cached = _final_infos.get(run_dir)
-    if cached and cached[0] == len(events):
+    if cached and cached[0] == len(events) and not held:
         return cached[1]
     info = _info_from_events(run_dir, events, held)
+    if held and info.state != "running":  # a resumed trainer still loading (its Started is not written yet), or
+        info = dataclasses.replace(info, state="running", error="", advice="")  # one writing its last files
     if not info.advice and info.error:
         info.advice = advice_for(info.error)
     if info.state in FINAL_STATES and events:

@@ -1,0 +1,127 @@
+"""Issue 17: a held-out, deterministic validation loss, the best checkpoint, and export --step best."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_training import make_cfg, train
+from tiny import make_images
+from trainer import config as C
+from trainer import runs
+from trainer.__main__ import main
+from trainer.data import BatchPlan, scan_dataset
+from trainer.events import Progress, Validation, read_events
+from trainer.validation import fixed_timesteps, split_validation
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def eight_images(tmp_path):
+    return make_images(tmp_path / "eight", n=8)
+
+
+def val_cfg(tiny_model_dir, data_dir, tmp_path, **overrides):
+    values = {"validation.split": 0.25, "validation.every_n_steps": 2, "saving.every_n_steps": 4,
+              "schedule.max_steps": 8, "saving.keep_last": 1, "optimizer.unet_lr": 3e-3, "network.dropout": 0.1}
+    values.update(overrides)
+    return make_cfg(tiny_model_dir, data_dir, tmp_path, **values)
+
+
+def validations(run_dir: Path) -> list[Validation]:
+    return [e for e in read_events(run_dir / "events.jsonl") if isinstance(e, Validation)]
+
+
+def test_the_timesteps_are_evenly_spaced():
+    assert fixed_timesteps(1000, 4) == [200, 400, 600, 800]
+
+
+def test_held_out_images_never_appear_in_a_training_batch(tiny_model_dir, eight_images, tmp_path):
+    for repeats_folder in (False, True):
+        data = eight_images
+        if repeats_folder:
+            data = tmp_path / "with-repeats"
+            make_images(data / "3_subject", n=8)
+        cfg = val_cfg(tiny_model_dir, data, tmp_path)
+        scan = scan_dataset(cfg.dataset)
+        train_scan, held = split_validation(scan, cfg)
+        assert len(held) == 2 and len(train_scan.items) == 6
+        plan = BatchPlan(train_scan, cfg.dataset, cfg.run.seed)
+        trained = {train_scan.items[i].path for epoch in range(3) for batch in plan.epoch(epoch) for i in batch}
+        assert trained == {item.path for item in train_scan.items}
+        assert not trained & {item.path for item in held}
+        assert split_validation(scan, cfg)[1] == held, "drawn by the seed: the same images every time"
+
+
+def test_the_validation_loss_is_deterministic_and_moves_with_the_adapter(tiny_model_dir, eight_images, tmp_path):
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path)
+    _, events, first = train(cfg)
+    _, _, second = train(cfg)
+    a, b = validations(first), validations(second)
+    assert [v.step for v in a] == [0, 2, 4, 6, 8]
+    assert [(v.loss, v.per_timestep) for v in a] == [(v.loss, v.per_timestep) for v in b], "same run, same numbers"
+    assert set(a[0].per_timestep) == {"200", "400", "600", "800"}
+    assert len({v.loss for v in a}) == len(a), "it changes as the adapter trains"
+    train_losses = {e.step: e.loss for e in events if isinstance(e, Progress)}
+    assert all(v.loss != train_losses.get(v.step) for v in a)
+    with (first / "events.jsonl").open() as f:
+        assert any(json.loads(line).get("type") == "validation" for line in f)
+    assert all(isinstance(e.loss_ema, float) for e in events if isinstance(e, Progress))
+
+
+def test_the_same_adapter_evaluated_twice_gives_the_same_value(tiny_model_dir, eight_images, tmp_path):
+    from trainer.loop import Trainer
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"schedule.max_steps": 2})
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    trainer.run()
+    assert trainer.validator.loss() == trainer.validator.loss()
+
+
+def test_metadata_counts_only_training_images(tiny_model_dir, eight_images, tmp_path):
+    from safetensors import safe_open
+    path, _, _ = train(val_cfg(tiny_model_dir, eight_images, tmp_path))
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_num_train_images"] == "6"
+
+
+def test_the_best_checkpoint_is_kept_recorded_and_exported(tiny_model_dir, eight_images, tmp_path, capsys):
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"schedule.max_steps": 12, "saving.every_n_steps": 2,
+                                                              "optimizer.unet_lr": 5e-2})
+    _, _, run_dir = train(cfg)
+    info = runs.run_info(run_dir)
+    at_checkpoints = {v.step: v.loss for v in validations(run_dir) if v.step > 0 and v.step % 2 == 0}
+    assert info.best_step == min(at_checkpoints, key=at_checkpoints.get)
+    best_dir = run_dir / "checkpoints" / f"step-{info.best_step:06d}"
+    assert best_dir.is_dir(), "the best checkpoint survives saving.keep_last"
+    out = tmp_path / "best.safetensors"
+    assert main(["export", str(run_dir), "--step", "best", "--dtype", "fp32", "--out", str(out)]) == 0
+    want = load_file(str(best_dir / "adapter.safetensors"))
+    got = load_file(str(out))
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+    assert main(["export", str(run_dir), "--step", "999", "--out", str(out)]) == 2
+    assert "no checkpoint at step 999" in capsys.readouterr().err
+
+
+def test_patience_stops_a_run_that_stopped_improving(tiny_model_dir, eight_images, tmp_path, monkeypatch):
+    from trainer.validation import Validator
+    scripted = iter([1.0, 0.9, 0.8, 0.85, 0.86, 0.7, 0.6])  # no better than 0.8 twice in a row after step 4
+    monkeypatch.setattr(Validator, "loss", lambda self: (v := next(scripted), {"500": v}))
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"schedule.max_steps": 40, "validation.patience": 2})
+    _, events, run_dir = train(cfg)
+    assert [v.step for v in validations(run_dir)] == [0, 2, 4, 6, 8]
+    info = runs.run_info(run_dir)
+    assert info.state == "stopped" and info.step == 8 and info.best_step == 4
+
+
+def test_on_the_demo_concept_the_validation_loss_falls(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = C.load(ROOT / "presets" / "tiny-demo.toml",
+                 [f"saving.runs_dir={tmp_path}", "sampling.every_n_steps=0", "validation.split=0.25",
+                  "validation.every_n_steps=50", "schedule.max_steps=150", "dataset.regularization_path="])
+    _, _, run_dir = train(C.check(cfg))
+    losses = [(v.step, v.loss) for v in validations(run_dir)]
+    print("validation loss by step:", [(s, round(v, 4)) for s, v in losses])
+    assert losses[0][0] == 0 and losses[-1][1] < losses[0][1]
