@@ -12,7 +12,7 @@ from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems
                      model_summary, set_value, text_encoder_lr)
 
 ELSEWHERE = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir")
-READ_KEYS = ("dataset.path", "dataset.regularization_path")  # folders the app reads images from
+READ_KEYS = ("dataset.path", "dataset.regularization_path", "validation.path")  # folders it reads images from
 ENCODER_KEYS = ("network.text_encoders", "optimizer.text_encoder_lr", "optimizer.text_encoder_lrs")
 
 

@@ -37,7 +37,8 @@ def adapter_choices(settings) -> list[tuple[str, str]]:
             ending = "final" if info.state == "finished" else f"{info.state} at step {info.step}"
             out.append((f"{info.run_dir.name} ({ending})", str(info.adapter_path)))
         for ckpt in reversed(checkpoint_dirs(info.run_dir)):
-            out.append((f"{info.run_dir.name} / {ckpt.name}", str(ckpt)))
+            best = " (best validation loss)" if checkpoint_step(ckpt / "adapter.safetensors") == info.best_step else ""
+            out.append((f"{info.run_dir.name} / {ckpt.name}{best}", str(ckpt)))
     folder = Path(settings.adapters_dir)
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):

@@ -9,8 +9,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer import (CheckpointWritten, Failed, Finished, Message, Progress, SampleWritten, Started, image_grid,
-                     run_info, smoothed, tail_events)
+from trainer import (CheckpointWritten, Failed, Finished, Message, Progress, SampleWritten, Started, Validation,
+                     image_grid, run_info, smoothed, tail_events)
 
 MAX_PLOT_POINTS = 1000
 SAMPLE_CELL = 160  # px: sample images are shown whole, scaled to this size in the history grid
@@ -38,6 +38,8 @@ class RunView:
     error: str = ""
     advice: str = ""
     adapter_path: str = ""
+    validations: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss by step
+    best_step: int | None = None  # the checkpoint with the lowest validation loss
 
     @property
     def fraction(self) -> float:
@@ -47,7 +49,7 @@ class RunView:
 def run_view(run_dir: Path) -> RunView:
     info = run_info(run_dir)
     view = RunView(Path(run_dir), info.name, info.state, info.step, info.total_steps, error=info.error,
-                   advice=info.advice, adapter_path=str(info.adapter_path or ""))
+                   advice=info.advice, adapter_path=str(info.adapter_path or ""), best_step=info.best_step)
     for e in tail_events(Path(run_dir) / "events.jsonl"):
         _apply(view, e)
     view.step = max(view.step, info.step)
@@ -58,10 +60,13 @@ def _apply(view: RunView, e) -> None:
     if isinstance(e, Started):
         view.total_steps = e.total_steps
         view.losses = [(s, v) for s, v in view.losses if s <= e.start_step]  # a resume replays later steps
+        view.validations = [(s, v) for s, v in view.validations if s <= e.start_step]
         view.samples = [s for s in view.samples if s.step <= e.start_step]
     elif isinstance(e, Progress):
         view.step, view.total_steps, view.it_per_s, view.eta_s = e.step, e.total_steps, e.it_per_s, e.eta_s
         view.losses.append((e.step, e.loss))
+    elif isinstance(e, Validation):
+        view.validations = [(s, v) for s, v in view.validations if s != e.step] + [(e.step, e.loss)]
     elif isinstance(e, SampleWritten):
         view.samples = [s for s in view.samples if s.step != e.step] + [SampleSet(e.step, e.paths, e.prompts)]
     elif isinstance(e, Message):
@@ -93,6 +98,9 @@ def status_text(view: RunView) -> str:
         parts += [f"{view.it_per_s:.2f} it/s", f"ETA {format_eta(view.eta_s)}"]
     if view.losses:
         parts.append(f"loss {view.losses[-1][1]:.4f} (smoothed {smoothed([v for _, v in view.losses])[-1]:.4f})")
+    if view.validations:
+        best = f" (best checkpoint: step {view.best_step})" if view.best_step is not None else ""
+        parts.append(f"validation {view.validations[-1][1]:.4f}{best}")
     text = " · ".join(parts)
     if view.adapter_path and view.state in ("finished", "stopped"):
         text += f"  \nAdapter: `{Path(view.adapter_path).name}` in the run folder"
@@ -111,14 +119,15 @@ def failure_text(view: RunView) -> str:
                   "the run under **Runs** and press **Resume**."
 
 
-def loss_frame(losses: list[tuple[int, float]]):
-    """The raw loss and its smoothed curve (an exponential moving average, as TensorBoard draws it) for
-    gr.LinePlot, thinned to at most ~MAX_PLOT_POINTS per curve."""
+def loss_frame(losses: list[tuple[int, float]], validations: list[tuple[int, float]] = ()):
+    """The raw loss, its smoothed curve (an exponential moving average, as TensorBoard draws it) and the held-out
+    validation loss for gr.LinePlot, thinned to at most ~MAX_PLOT_POINTS per curve."""
     import pandas as pd  # gradio's own dependency; LinePlot takes a DataFrame
     smooth = smoothed([v for _, v in losses])
     stride = max(1, len(losses) // MAX_PLOT_POINTS)
     keep = list(range(0, len(losses), stride)) + ([len(losses) - 1] if losses and (len(losses) - 1) % stride else [])
     rows = [(losses[i][0], losses[i][1], "raw") for i in keep] + [(losses[i][0], smooth[i], "smoothed") for i in keep]
+    rows += [(step, value, "validation") for step, value in validations]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"])
 
 

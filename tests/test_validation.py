@@ -103,6 +103,16 @@ def test_the_best_checkpoint_is_kept_recorded_and_exported(tiny_model_dir, eight
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
     assert main(["export", str(run_dir), "--step", "999", "--out", str(out)]) == 2
     assert "no checkpoint at step 999" in capsys.readouterr().err
+    from app import generation as G
+    from app import runview as V
+    from app.settings import AppSettings
+    labels = [label for label, _ in G.adapter_choices(AppSettings(runs_dir=run_dir.parent,
+                                                                  adapters_dir=tmp_path / "a"))]
+    assert f"{run_dir.name} / step-{info.best_step:06d} (best validation loss)" in labels
+    view = V.run_view(run_dir)
+    assert len(view.validations) == len(validations(run_dir))
+    assert f"(best checkpoint: step {info.best_step})" in V.status_text(view)
+    assert set(V.loss_frame(view.losses, view.validations)["curve"]) == {"raw", "smoothed", "validation"}
 
 
 def test_patience_stops_a_run_that_stopped_improving(tiny_model_dir, eight_images, tmp_path, monkeypatch):

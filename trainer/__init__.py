@@ -25,8 +25,9 @@ Runs
   check_resumable(run_dir, overrides), run_here(run_dir, resume, callbacks) (INTERRUPTED: its code after a Ctrl+C
   while loading); send_command(run_dir, "stop"|"save"|"sample"), active_run(runs_dir),
   list_runs(runs_dir), run_info(run_dir) -> RunInfo, load_run_config(), checkpoint_dirs(), tail_events(path),
-  read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
-  Failed), smoothed(values), JobError, oom_advice()
+  read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Validation, Message,
+  Finished, Failed), smoothed(values), run_checkpoint(run_dir, step|'best'), best_checkpoint(run_dir), JobError,
+  oom_advice()
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
@@ -60,9 +61,9 @@ _EXPORTS = {
     **dict.fromkeys(["start_run", "resume_run", "check_resumable", "run_here", "active_run", "JobError", "Job",
                      "INTERRUPTED"], "job"),
     **dict.fromkeys(["create_run_dir", "list_runs", "run_info", "RunInfo", "load_run_config", "checkpoint_dirs",
-                     "adapter_file", "checkpoint_step", "smoothed"], "runs"),
+                     "adapter_file", "checkpoint_step", "smoothed", "run_checkpoint", "best_checkpoint"], "runs"),
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
-                     "CheckpointWritten", "Message", "Finished", "Failed"], "events"),
+                     "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
     "oom_advice": "advice",
     # adapters
     **dict.fromkeys(["load_adapter", "check_adapter", "save_adapter", "export_adapter", "AdapterFormatError"],

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     e.add_argument("--out", required=True, help="output .safetensors")
+    e.add_argument("--step", help="with a run folder: the checkpoint at this step, or 'best' (the lowest "
+                                   "validation loss)")
     e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
@@ -140,8 +142,8 @@ class ProgressBar:
 
 
 def cmd_export(args) -> int:
-    from trainer import adapter_file, export_adapter
-    src = adapter_file(args.source)
+    from trainer import adapter_file, export_adapter, run_checkpoint
+    src = adapter_file(run_checkpoint(args.source, args.step) if args.step else args.source)
     try:
         out = export_adapter(src, args.out, format=args.format, dtype=args.dtype)
     except (ValueError, OSError) as e:

@@ -189,6 +189,19 @@ class SamplingSection:
 
 
 @dataclass
+class ValidationSection:
+    split: float = opt(0.0, "Share of the training images held out for a validation loss (round(split x images), at "
+                            "least 1, drawn by run.seed); 0 = off. Regularization images are never held out.",
+                       min=0.0, max=0.9)
+    path: str = opt("", "A folder of validation images (instead of validation.split).")
+    every_n_steps: int = opt(0, "Validation loss every N steps, besides at each checkpoint and the end (0 = only "
+                                "there).", min=0)
+    timesteps: int = opt(4, "Fixed timesteps the validation loss is taken at, evenly spaced (4: 200, 400, 600, 800).",
+                         min=1, max=50)
+    patience: int = opt(0, "Stop after this many validations without a lower loss (0 = never stop early).", min=0)
+
+
+@dataclass
 class SavingSection:
     runs_dir: str = opt("runs", "Folder that holds the run folders.")
     every_n_steps: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0)
@@ -210,6 +223,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     saving: SavingSection = field(default_factory=SavingSection)
 
 
@@ -519,6 +533,7 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
             problems.append(f"dataset.path {cfg.dataset.path} is not a folder; give the folder that holds your "
                             f"training images")
         problems += _regularization_problems(cfg.dataset)
+        problems += _validation_problems(cfg.validation)
         mp = cfg.model.path
         if mp and _looks_local(mp) and not expand_path(mp).exists():
             problems.append(f"model.path {mp} does not exist; give a diffusers folder or a .safetensors file "
@@ -529,7 +544,16 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
     return problems
 
 
-PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "saving.runs_dir")
+PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir")
+
+
+def _validation_problems(val: ValidationSection) -> list[str]:
+    if val.path.strip() and val.split:
+        return [f"validation.path and validation.split are both set; use one (the folder, or a share of the "
+                f"dataset held out)"]
+    if val.path.strip() and not expand_path(val.path).is_dir():
+        return [f"validation.path {val.path} is not a folder; give a folder of validation images"]
+    return []
 
 
 def _home_problems(cfg: TrainConfig) -> list[str]:

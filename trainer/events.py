@@ -46,6 +46,16 @@ class Progress(Event):
     it_per_s: float
     eta_s: float
     epoch: int = 0
+    loss_ema: float = 0.0  # the loss smoothed (debiased exponential moving average, as TensorBoard draws it)
+
+
+@dataclass
+class Validation(Event):
+    """The held-out validation loss (trainer/validation.py): the mean over fixed timesteps, and each one's."""
+    kind: ClassVar[str] = "validation"
+    step: int
+    loss: float
+    per_timestep: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,8 +98,8 @@ class Failed(Event):
     last_checkpoint: str = ""
 
 
-EVENT_TYPES = {cls.kind: cls for cls in (Started, Progress, SampleWritten, CheckpointWritten, Message, Finished,
-                                         Failed)}
+EVENT_TYPES = {cls.kind: cls for cls in (Started, Progress, SampleWritten, CheckpointWritten, Validation, Message,
+                                         Finished, Failed)}
 
 Callback = Callable[[Event], None]
 

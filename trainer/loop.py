@@ -18,8 +18,9 @@ from . import config as C
 from . import runs
 from .checkpoint import load_training_state, save_training_state
 from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, Message, Progress, SampleWritten,
-                     Started, read_events)
+                     Started, Validation, read_events)
 from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
+from .validation import Validator, split_validation
 from .atomic import save_image_atomic
 from .losses import diffusion_loss, loss_weights
 from .network import inject_lora, trained_text_encoders
@@ -49,6 +50,11 @@ class Trainer:
     run_dir: Path
     callbacks: list[Callable[[Event], None]] = field(default_factory=list)
     inbox: CommandInbox | None = None
+    validator: Validator | None = None  # set by run() when validation.split or validation.path holds images out
+    best: tuple[float, int] | None = None  # (validation loss, step) of the best checkpoint so far
+    _validated: tuple = (None, None)  # (step, loss) of the last validation: once per step
+    _lowest: float | None = None  # lowest validation loss so far, and validations since (validation.patience)
+    _stale: int = 0
 
     # ------------------------------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -60,24 +66,30 @@ class Trainer:
         from .data import BatchPlan, scan_dataset
         cfg = self.cfg
         self.inbox = self.inbox or CommandInbox(self.run_dir)
-        self.scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
-        for warning in self.scan.warnings:
+        scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
+        for warning in scan.warnings:
             self.emit(Message(level="warning", text=warning))
-        for skipped in self.scan.skipped:
+        for skipped in scan.skipped:
             self.emit(Message(level="warning", text=f"skipped {skipped.path}: {skipped.reason}"))
+        self.scan, held_out = split_validation(scan, cfg)  # held-out images never enter the batch plan
         self.plan = BatchPlan(self.scan, cfg.dataset, cfg.run.seed)
         self._setup_model()
+        self.validator = Validator(self, held_out) if held_out else None
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
         self._setup_optimizer()
         self.step = 0
         self.started_at = time.time()
         if resume:
             self.step = self._resume_from(runs.resumable_checkpoint(self.run_dir))
+            self.best = runs.best_checkpoint(self.run_dir)
+            self._lowest = min(runs.validation_losses(self.run_dir).values(), default=None)
         self.loaded = True  # from here a Ctrl+C stops after a step (before, it interrupts the loading)
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
                           num_images=self.scan.num_images, pid=_pid()))
         start = self.step
         try:
+            if self.step == 0:
+                self.validate()  # the base model's value: what the adapter must beat
             stopped = self._loop()
             if stopped and self.step == start:  # stopped before one step: nothing new that looks like an adapter
                 self.stopped_untrained = True
@@ -191,7 +203,7 @@ class Trainer:
     def _loop(self) -> bool:
         """Optimizer steps until the end; True if a stop request ended it early."""
         cfg, start = self.cfg, self.step
-        t0 = time.time()
+        t0, ema = time.time(), runs.Ema()
         while self.step < self.total_steps:
             for command in self.inbox.poll():
                 if command == "stop":
@@ -206,7 +218,9 @@ class Trainer:
             self.emit(Progress(step=self.step, total_steps=self.total_steps, loss=loss,
                                lr=self.lr_scheduler.get_last_lr()[0], it_per_s=rate,
                                eta_s=(self.total_steps - self.step) / max(rate, 1e-9),
-                               epoch=self.epoch()))
+                               epoch=self.epoch(), loss_ema=ema.add(loss)))
+            if _every(cfg.validation.every_n_steps, self.step):
+                self.validate()
             if _every(cfg.saving.every_n_steps, self.step) and self.step < self.total_steps:
                 self.save_checkpoint()
             if _every(cfg.sampling.every_n_steps, self.step):
@@ -309,14 +323,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         from .formats import save_adapter
+        loss = self.validate()  # every checkpoint has its validation loss: that is how the best one is found
         with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
             save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
             save_adapter(self.base.injected_adapter(), runs.checkpoint_adapter(tmp),
                          format="kohya", dtype="fp32", metadata=self.metadata())
-        runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last)
+        if loss is not None and (self.best is None or loss < self.best[0]):
+            self.best = (loss, self.step)
+        runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last, keep=self.best[1] if self.best else None)
         path = runs.last_checkpoint(self.run_dir)
         self.emit(CheckpointWritten(step=self.step, path=str(path)))
         return path
+
+    def validate(self) -> float | None:
+        """The validation loss now (once per step), emitted; asks for a stop once validation.patience
+        validations in a row did not beat the lowest one."""
+        if self.validator is None:
+            return None
+        if self._validated[0] == self.step:
+            return self._validated[1]
+        loss, per_t = self.validator.loss()
+        self._validated = (self.step, loss)
+        self.emit(Validation(step=self.step, loss=loss, per_timestep=per_t))
+        if self._lowest is None or loss < self._lowest:
+            self._lowest, self._stale = loss, 0
+        else:
+            self._stale += 1
+            patience = self.cfg.validation.patience
+            if patience and self._stale >= patience:
+                self.emit(Message(level="info", text=f"the validation loss has not improved for {patience} "
+                                                     f"validations: stopping early (validation.patience)"))
+                self.inbox.request("stop")
+        return loss
 
     def export_final(self) -> Path:
         from .formats import save_adapter

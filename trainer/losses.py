@@ -41,6 +41,17 @@ def diffusion_loss(base, latents: torch.Tensor, cond: dict, gen: torch.Generator
     return loss.mean()
 
 
+def fixed_noise_loss(base, latents: torch.Tensor, cond: dict, noise: torch.Tensor, timestep: int,
+                     prediction: str) -> float:
+    """The plain noise-prediction MSE at one given timestep with given noise (no weighting, no offset): one term of
+    the validation loss, comparable across runs whatever their loss settings."""
+    sched = base.noise_scheduler
+    t = torch.full((latents.shape[0],), int(timestep), dtype=torch.long, device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+    return F.mse_loss(base.predict(noisy, t, cond).float(), target.float()).item()
+
+
 def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Min-SNR-gamma (Hang et al. 2023, eq. 9): weight min(SNR, gamma)/SNR; for v-prediction divide by SNR + 1."""
     alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]

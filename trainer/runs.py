@@ -29,7 +29,7 @@ from . import config as C
 from .advice import advice_for
 from .atomic import atomic_dir, clean_leftovers, write_json_atomic, write_text_atomic
 from .errors import UserError
-from .events import Failed, Finished, Progress, Started, tail_events
+from .events import Failed, Finished, Progress, Started, Validation, tail_events
 from .runlock import is_held, pid_alive
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"  # in checkpoints/step-<n>/: what exports, blends and the app use
@@ -64,7 +64,7 @@ def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
     and the trigger it will use (dataset.trigger, else the dataset folder's own)."""
     from .data.captions import resolve_trigger
     cfg = copy.deepcopy(cfg)
-    for key in ("dataset.path", "dataset.regularization_path", "saving.runs_dir"):
+    for key in ("dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir"):
         value = C.get_value(cfg, key).strip()
         if value:
             C.set_value(cfg, key, str(C.expand_path(value).resolve()))
@@ -241,9 +241,11 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[P
     return None, skipped
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: int | None = None) -> None:
+    """Delete all but the newest keep_last checkpoints, and the one at step `keep` (the best one)."""
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if _checkpoint_step(old.name) != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def set_aside(checkpoint: Path) -> Path:
@@ -282,6 +284,8 @@ class RunInfo:
     error: str = ""
     advice: str = ""
     last_loss: float | None = None
+    best_step: int | None = None  # the checkpoint with the lowest validation loss (None without validation)
+    best_loss: float | None = None
 
 
 def _trains_now(held: bool | None, pid: int) -> bool:
@@ -304,6 +308,9 @@ def run_info(run_dir: str | Path) -> RunInfo:
     if cached and cached[0] == len(events) and not held:
         return cached[1]
     info = _info_from_events(run_dir, events, held)
+    best = best_checkpoint(run_dir)
+    if best is not None:
+        info.best_loss, info.best_step = best
     if held and info.state != "running":  # a resumed trainer still loading (its Started is not written yet), or
         info = dataclasses.replace(info, state="running", error="", advice="")  # one writing its last files
     if not info.advice and info.error:
@@ -369,11 +376,53 @@ def running_run(runs_dir: str | Path) -> RunInfo | None:
     return next((info for info in list_runs(runs_dir) if info.state == "running"), None)
 
 
+class Ema:
+    """TensorBoard's smoothing of a noisy curve, one value at a time: an exponential moving average, debiased so
+    the first points are not pulled towards 0 (most of a diffusion loss's noise is the random timestep)."""
+
+    def __init__(self, weight: float = 0.9):
+        self.weight, self.last, self.n = weight, 0.0, 0
+
+    def add(self, value: float) -> float:
+        self.n += 1
+        self.last = self.weight * self.last + (1 - self.weight) * value
+        return self.last / (1 - self.weight ** self.n)
+
+
 def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
-    """TensorBoard's smoothing of a noisy curve: an exponential moving average, debiased so the first points are
-    not pulled towards 0 (most of a diffusion loss's noise is the random timestep, so the raw points say little)."""
-    out, last = [], 0.0
-    for n, value in enumerate(values, start=1):
-        last = weight * last + (1 - weight) * value
-        out.append(last / (1 - weight ** n))
-    return out
+    """Ema over a whole curve (the live view's smoothed loss)."""
+    ema = Ema(weight)
+    return [ema.add(v) for v in values]
+
+
+def run_checkpoint(run_dir: str | Path, step: str) -> Path:
+    """The checkpoint folder of a run at a step ('best': the lowest validation loss), or a UserError naming why."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise UserError(f"--step needs a run folder; {run_dir} is not one")
+    if step == "best":
+        best = best_checkpoint(run_dir)
+        if best is None:
+            raise UserError(f"run {run_dir.name} has no validation loss, so no best checkpoint: train with "
+                            f"validation.split or validation.path")
+        step = str(best[1])
+    if not step.isdigit():
+        raise UserError(f"--step must be a step number or 'best', not {step!r}")
+    found = {_checkpoint_step(p.name): p for p in checkpoint_dirs(run_dir)}
+    if int(step) not in found:
+        have = ", ".join(str(n) for n in sorted(found)) or "none"
+        raise UserError(f"run {run_dir.name} has no checkpoint at step {step} (it has: {have})")
+    return found[int(step)]
+
+
+def validation_losses(run_dir: str | Path) -> dict[int, float]:
+    """step -> validation loss, from the run's events (a resumed run's later value for a step wins)."""
+    return {e.step: e.loss for e in tail_events(Path(run_dir) / "events.jsonl") if isinstance(e, Validation)}
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[float, int] | None:
+    """(loss, step) of the existing checkpoint with the lowest validation loss; None without validation."""
+    losses = validation_losses(run_dir)
+    scored = [(losses[step], step) for step in (_checkpoint_step(p.name) for p in checkpoint_dirs(run_dir))
+              if step in losses]
+    return min(scored) if scored else None

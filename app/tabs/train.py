@@ -27,10 +27,11 @@ HELP = ("Pick a preset and a dataset, check the basic settings and press **Start
         "is scaled by alpha/rank, so alpha = rank means scale 1 and a lower alpha needs a higher learning rate.")
 SECTION_TITLES = {"run": "Run", "model": "Base model", "dataset": "Dataset and buckets", "network": "LoRA network",
                   "optimizer": "Optimizer", "schedule": "Schedule", "loss": "Loss", "precision": "Precision and memory",
-                  "sampling": "Samples during training", "saving": "Saving and checkpoints"}
+                  "sampling": "Samples during training", "validation": "Validation and the best checkpoint",
+                  "saving": "Saving and checkpoints"}
 SECTION_WORDS = {"run": "Run", "model": "Model", "dataset": "Dataset", "network": "LoRA", "optimizer": "Optimizer",
                  "schedule": "Schedule", "loss": "Loss", "precision": "Precision", "sampling": "Sample",
-                 "saving": "Checkpoint"}
+                 "validation": "Validation", "saving": "Checkpoint"}
 FIELDS_PER_ROW = 2
 VIEW_KEYS = ("progress", "status", "losses", "samples", "columns", "failure")
 PLOT_EVERY_S = 5
@@ -128,13 +129,14 @@ def live(settings: AppSettings, followed: str | None) -> dict:
     run_dir = followed_dir(settings, followed)
     if run_dir is None:
         return {"run": "", "progress": V.progress_html(None), "status": "No runs yet: press Start.",
-                "losses": [], "samples": [], "columns": "", "failure": "", "state": ""}
+                "losses": [], "validations": [], "samples": [], "columns": "", "failure": "", "state": ""}
     view = V.run_view(run_dir)
     busy = active_run(settings.runs_dir)
     if busy is not None and busy.run_dir.resolve() == run_dir.resolve():
         view.state, view.error = "running", ""  # its process lives (it may still be loading the model)
     return {"run": run_dir.name, "progress": V.progress_html(view), "status": V.status_text(view),
-            "losses": view.losses, "samples": view.samples, "columns": V.sample_prompts_text(view),
+            "losses": view.losses, "validations": view.validations, "samples": view.samples,
+            "columns": V.sample_prompts_text(view),
             "failure": V.failure_text(view), "state": view.state, "view": view}
 
 
@@ -142,7 +144,7 @@ def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dic
     """The live view's outputs with gr.skip() for each one the browser already shows; and the new record of what
     it shows. Plots and images are compared by what they are made of (the points, the sample sets); while a run
     trains, the loss plot (the costliest widget to redraw) is sent at most every PLOT_EVERY_S seconds."""
-    losses = (view["run"], len(view["losses"]), view["losses"][-1:])
+    losses = (view["run"], len(view["losses"]), view["losses"][-1:], len(view["validations"]))
     if view["state"] == "running":
         losses = (view["run"], int((time.monotonic() if now is None else now) // PLOT_EVERY_S))
     stamps = {"progress": view["progress"], "status": view["status"], "failure": view["failure"], "losses": losses,
@@ -152,7 +154,7 @@ def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dic
         if sent.get(key) == stamps[key]:
             out.append(gr.skip())
         elif key == "losses":
-            out.append(V.loss_frame(view["losses"]))
+            out.append(V.loss_frame(view["losses"], view["validations"]))
         elif key == "samples":
             out.append(V.sample_grid(view["view"]) if view.get("view") else None)
         else:
