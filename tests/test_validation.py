@@ -135,3 +135,21 @@ def test_on_the_demo_concept_the_validation_loss_falls(tmp_path, monkeypatch):
     losses = [(v.step, v.loss) for v in validations(run_dir)]
     print("validation loss by step:", [(s, round(v, 4)) for s, v in losses])
     assert losses[0][0] == 0 and losses[-1][1] < losses[0][1]
+
+
+def test_compare_draws_every_checkpoint_with_its_validation_loss(tiny_model_dir, eight_images, tmp_path, capsys):
+    from PIL import Image
+    from trainer.adapters.compare import _row_label
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"sampling.prompts": ["a red square", "zqx"],
+                                                              "sampling.steps": 2, "saving.keep_last": 3})
+    _, _, run_dir = train(cfg)
+    out = tmp_path / "grid.png"
+    assert main(["compare", str(run_dir), "--seeds", "1,2,3", "--size", "32", "--out", str(out)]) == 0
+    grid = Image.open(out)
+    checkpoints = runs.checkpoint_dirs(run_dir)
+    assert len(checkpoints) == 2  # steps 4 and 8
+    assert grid.height >= 2 * 32 and grid.width >= 6 * 32  # 2 rows; 2 prompts x 3 seeds columns
+    best = runs.best_checkpoint(run_dir)
+    label = _row_label(checkpoints[-1], runs.validation_losses(run_dir), best)
+    assert label.startswith("step-000008 val ") and (label.endswith(" best") == (best[1] == 8))
+    assert main(["compare", str(run_dir), "--out", str(tmp_path / "grid.jpg")]) == 2

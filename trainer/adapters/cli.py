@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     _bake_parser(subparsers)
     _analyze_parser(subparsers)
     _generate_parser(subparsers)
+    _compare_parser(subparsers)
 
 
 # ---- parsers -----------------------------------------------------------------------------------------------------
@@ -101,6 +102,18 @@ def _generate_parser(sub) -> None:
                    help="images with seeds seed, seed+1, ...; more than one are written as OUT-<k>.png")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=cmd_generate)
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="A grid of a run's checkpoints: rows = checkpoints (validation loss, best "
+                                       "marked), columns = prompts x seeds.")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable (default: the run's sample prompts)")
+    p.add_argument("--seeds", help="comma-separated (default: the run's sampling.seed and the next one)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sampling.steps)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--out", required=True, help="output .png")
+    p.set_defaults(func=cmd_compare)
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
@@ -250,6 +263,20 @@ def cmd_generate(args) -> int:
     for image, path in zip(images, _image_paths(args.out, args.num_images)):
         save_image_atomic(image, path)
         print(f"wrote {path}")
+    return 0
+
+
+@_user_errors
+def cmd_compare(args) -> int:
+    from .compare import compare_checkpoints
+    _check_out(args.out, ".png")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r} must be whole numbers separated by commas") from None
+    grid = compare_checkpoints(args.run, args.prompt or None, seeds, args.steps, args.size)
+    save_image_atomic(grid, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
