@@ -21,7 +21,7 @@ def adapter(seed: int, rank: int) -> Adapter:
 
 
 def test_two_adapters_give_heatmaps_and_a_summary(tmp_path):
-    settings = AppSettings(adapters_dir=tmp_path / "adapters")
+    settings = AppSettings(adapters_dir=tmp_path / "adapters", import_dirs=(tmp_path,))  # its adapters lie there
     a = save_adapter(adapter(0, 4), tmp_path / "r4.safetensors", dtype="fp32")
     b = save_adapter(adapter(1, 8), tmp_path / "r8.safetensors", dtype="fp32")
     images, text = G.analyze_slots(settings, [G.Slot(str(a)), G.Slot(""), G.Slot(str(b))])
@@ -32,7 +32,7 @@ def test_two_adapters_give_heatmaps_and_a_summary(tmp_path):
 
 
 def test_one_adapter_gives_its_spectrum_and_no_slot_is_an_error(tmp_path):
-    settings = AppSettings(adapters_dir=tmp_path / "adapters")
+    settings = AppSettings(adapters_dir=tmp_path / "adapters", import_dirs=(tmp_path,))  # its adapters lie there
     a = save_adapter(adapter(0, 4), tmp_path / "r4.safetensors", dtype="fp32")
     images, text = G.analyze_slots(settings, [G.Slot(str(a))])
     assert images == [] and "| A: r4 | 3 |" in text

@@ -30,7 +30,7 @@ def write_adapter(path: Path, seed: int = 0, fmt: str = "kohya") -> Path:
 def env(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     s = AppSettings(data_dir=root / "datasets", runs_dir=root / "runs", adapters_dir=root / "adapters",
-                    base_model=str(tiny_model_dir))
+                    base_model=str(tiny_model_dir), import_dirs=(root,))  # the test adapters lie in root
     return s, write_adapter(root / "a.safetensors", seed=1), write_adapter(root / "b.safetensors", seed=2)
 
 

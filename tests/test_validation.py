@@ -153,3 +153,19 @@ def test_compare_draws_every_checkpoint_with_its_validation_loss(tiny_model_dir,
     label = _row_label(checkpoints[-1], runs.validation_losses(run_dir), best)
     assert label.startswith("step-000008 val ") and (label.endswith(" best") == (best[1] == 8))
     assert main(["compare", str(run_dir), "--out", str(tmp_path / "grid.jpg")]) == 2
+
+
+def test_tensorboard_gets_losses_validation_and_samples(tiny_model_dir, eight_images, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"logging.tensorboard": True, "sampling.every_n_steps": 4,
+                                                              "sampling.steps": 2, "sampling.prompts": ["zqx"]})
+    run_dir = runs.create_run_dir(cfg)
+    from trainer.job import run_here
+    assert run_here(run_dir) == 0
+    folders = [p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")]
+    assert folders, "an event file under RUN_DIR/tensorboard"
+    acc = EventAccumulator(str(folders[0])).Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "validation/loss"} <= set(tags["scalars"]) and tags["images"]
+    assert [e.step for e in acc.Scalars("validation/loss")] == [v.step for v in validations(run_dir)]

@@ -32,7 +32,7 @@ Adapters (a source is an adapter file, a checkpoint folder or a run folder, alwa
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
-  Generator, image_grid()
+  Generator, image_grid(), compare_checkpoints(run_dir) (checkpoints x prompts and seeds, validation losses)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
 """
@@ -72,6 +72,7 @@ _EXPORTS = {
     # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
     **dict.fromkeys(["merge_exact", "merge_svd"], "adapters.merge"),
     **dict.fromkeys(["bake", "is_foreign_folder"], "adapters.bake"),
+    "compare_checkpoints": "adapters.compare",
     "analyze": "adapters.analyze",
     "Generator": "adapters.generate",
     "resize_adapter": "adapters.resize:resize",

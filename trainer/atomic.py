@@ -82,6 +82,17 @@ def clean_leftovers(folder: str | Path) -> None:
             os.replace(old, final)
 
 
+def set_aside(path: str | Path, tag: str = "damaged") -> Path:
+    """Rename path to <name>.<tag> (or .<tag>-2 ...) in one rename, so nothing that looks for its name finds it;
+    returns the new path (a damaged checkpoint is kept for the user, never read again)."""
+    path = Path(path)
+    aside, n = path.with_name(f"{path.name}.{tag}"), 2
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.{tag}-{n}"), n + 1
+    os.replace(path, aside)
+    return aside
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)

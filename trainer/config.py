@@ -202,6 +202,12 @@ class ValidationSection:
 
 
 @dataclass
+class LoggingSection:
+    tensorboard: bool = opt(False, "Also write losses, learning rate, validation and samples to RUN_DIR/tensorboard "
+                                   "(needs the tensorboard extra: pip install 'loradesk[tensorboard]').")
+
+
+@dataclass
 class SavingSection:
     runs_dir: str = opt("runs", "Folder that holds the run folders.")
     every_n_steps: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0)
@@ -225,6 +231,7 @@ class TrainConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     saving: SavingSection = field(default_factory=SavingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "schema_version"]

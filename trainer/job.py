@@ -44,6 +44,8 @@ def machine_problems(cfg: C.TrainConfig) -> list[str]:
             problems.append("optimizer.name=adamw8bit needs bitsandbytes: pip install 'loradesk[cuda]'")
     if cfg.optimizer.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logging.tensorboard needs the tensorboard extra: pip install 'loradesk[tensorboard]'")
     return problems
 
 
@@ -221,8 +223,12 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
     The first Ctrl+C (or SIGTERM) stops after the current step and still writes the adapter."""
     from .loop import Trainer
     run_dir = Path(run_dir)
-    trainer = Trainer(runs.load_run_config(run_dir), run_dir,
-                      callbacks=[EventLog(run_dir / "events.jsonl"), *(callbacks or [])])
+    cfg = runs.load_run_config(run_dir)
+    consumers = [EventLog(run_dir / "events.jsonl"), *(callbacks or [])]
+    if cfg.logging.tensorboard:
+        from .tracking import TensorBoardLog
+        consumers.append(TensorBoardLog(run_dir))
+    trainer = Trainer(cfg, run_dir, callbacks=consumers)
     _stop_on_interrupt(trainer)
     try:
         with runlock.holding(run_dir):  # held until the last event is written: the run's liveness (runlock.py)

@@ -21,7 +21,7 @@ from .events import (CheckpointWritten, CommandInbox, Event, Failed, Finished, M
                      Started, Validation, read_events)
 from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .validation import Validator, split_validation
-from .atomic import save_image_atomic
+from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
 from .network import inject_lora, trained_text_encoders
 
@@ -125,7 +125,7 @@ class Trainer:
         """The newest checkpoint that verifies; each newer, damaged one is named with why it was skipped."""
         checkpoint, skipped = found
         for path, problem in skipped:  # moved aside: kept for the user, but never again the "newest" one
-            aside = runs.set_aside(path)
+            aside = set_aside(path)
             self.emit(Message(level="warning", text=f"skipped checkpoint {path.name}: {problem} (kept as "
                                                     f"{aside.name})"))
         if checkpoint is None:

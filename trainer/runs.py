@@ -248,16 +248,6 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: int | None = No
             shutil.rmtree(old, ignore_errors=True)
 
 
-def set_aside(checkpoint: Path) -> Path:
-    """Rename a damaged checkpoint to step-<n>.damaged (a name checkpoint_dirs ignores); returns the new path."""
-    aside = checkpoint.with_name(f"{checkpoint.name}.damaged")
-    n = 2
-    while aside.exists():
-        aside, n = checkpoint.with_name(f"{checkpoint.name}.damaged-{n}"), n + 1
-    os.replace(checkpoint, aside)
-    return aside
-
-
 def begin_attempt(run_dir: str | Path) -> None:
     """Ready a run folder for a new attempt (a start or a resume), before the trainer process exists: commands of
     an earlier attempt are dropped, so every command sent from now on counts (the trainer reads commands.jsonl

@@ -268,7 +268,7 @@ def cmd_generate(args) -> int:
 
 @_user_errors
 def cmd_compare(args) -> int:
-    from .compare import compare_checkpoints
+    from trainer import compare_checkpoints
     _check_out(args.out, ".png")
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
