@@ -221,8 +221,16 @@ def child_env(env: dict | None = None) -> dict:
 def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None = None) -> int:
     """Train the run folder's config here, events to events.jsonl; 0 done, 1 failed run, 2 bad config or data.
     The first Ctrl+C (or SIGTERM) stops after the current step and still writes the adapter."""
-    from .loop import Trainer
     run_dir = Path(run_dir)
+    try:  # taken before torch loads: the run reads as training from the process's first second (runlock.py)
+        with runlock.holding(run_dir):  # and held until the last event is written
+            return _train_holding_lock(run_dir, resume, callbacks)
+    except runlock.RunLockedError as e:
+        raise JobError(str(e)) from None
+
+
+def _train_holding_lock(run_dir: Path, resume: bool, callbacks: list | None) -> int:
+    from .loop import Trainer
     cfg = runs.load_run_config(run_dir)
     consumers = [EventLog(run_dir / "events.jsonl"), *(callbacks or [])]
     if cfg.logging.tensorboard:
@@ -231,26 +239,18 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
     trainer = Trainer(cfg, run_dir, callbacks=consumers)
     _stop_on_interrupt(trainer)
     try:
-        with runlock.holding(run_dir):  # held until the last event is written: the run's liveness (runlock.py)
-            return _train_holding_lock(trainer, resume)
-    except runlock.RunLockedError as e:
-        raise JobError(str(e)) from None
-
-
-def _train_holding_lock(trainer, resume: bool) -> int:
-    try:
         path = trainer.run(resume=resume)
     except KeyboardInterrupt:  # Ctrl+C while the model loaded: stopped at once, nothing written
-        trainer.emit(Finished(step=getattr(trainer, "step", 0), adapter_path="", stopped=True))
+        trainer.emit(Finished(step=trainer.step, adapter_path="", stopped=True))
         return INTERRUPTED
     except UserError as e:  # bad data, model or config found while loading: the run never trained
-        trainer.emit(Failed(step=getattr(trainer, "step", 0), error=str(e)))
+        trainer.emit(Failed(step=trainer.step, error=str(e)))
         raise
     except Exception as e:  # out of memory while loading, a crash: the run's state must still say why
         error = f"{type(e).__name__}: {e}"
-        trainer.emit(Failed(step=getattr(trainer, "step", 0), error=error, advice=advice_for(error)))
+        trainer.emit(Failed(step=trainer.step, error=error, advice=advice_for(error)))
         raise
-    return 0 if path is not None or getattr(trainer, "stopped_untrained", False) else 1
+    return 0 if path is not None or trainer.stopped_untrained else 1
 
 
 INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
@@ -260,7 +260,7 @@ def _stop_on_interrupt(trainer) -> None:
     """While the model loads, Ctrl+C (or SIGTERM) stops at once and writes nothing. Then the first one stops after
     this step and writes the adapter; a second aborts (writes are atomic)."""
     def handler(signum, frame):
-        if not getattr(trainer, "loaded", False):
+        if not trainer.loaded:
             raise KeyboardInterrupt  # loading takes seconds to minutes: do not wait for it (issue 15)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)

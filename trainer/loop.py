@@ -55,6 +55,9 @@ class Trainer:
     _validated: tuple = (None, None)  # (step, loss) of the last validation: once per step
     _lowest: float | None = None  # lowest validation loss so far, and validations since (validation.patience)
     _stale: int = 0
+    step: int = 0
+    loaded: bool = False  # the model is loaded: from here a Ctrl+C stops after a step (before, it interrupts)
+    stopped_untrained: bool = False  # a stop came before one step was trained: no adapter was written
 
     # ------------------------------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -83,7 +86,7 @@ class Trainer:
             self.step = self._resume_from(runs.resumable_checkpoint(self.run_dir))
             self.best = runs.best_checkpoint(self.run_dir)
             self._lowest = min(runs.validation_losses(self.run_dir).values(), default=None)
-        self.loaded = True  # from here a Ctrl+C stops after a step (before, it interrupts the loading)
+        self.loaded = True
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
                           num_images=self.scan.num_images, pid=_pid()))
         start = self.step
@@ -264,13 +267,17 @@ class Trainer:
         rng = random.Random(_mix(self.cfg.run.seed, batch_index, 3))
         items = [self.scan.items[i] for i in indices]
         posteriors, sizes = zip(*[self.posterior_of(i, rng) for i in indices])
-        mean, std = torch.cat(posteriors).chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(_mix(self.cfg.run.seed,
-                                                                                    batch_index, 4)))
-        latents = (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
+        latents = self.sample_latents(torch.cat(posteriors),
+                                      torch.Generator().manual_seed(_mix(self.cfg.run.seed, batch_index, 4)))
         captions = [build_caption(item, self.cfg.dataset, rng, self.scan.trigger) for item in items]
         cond = self.base.conditioning(self.encode_captions(captions), list(sizes))
         return latents, cond, loss_weights(items, self.cfg.loss.prior_loss_weight)
+
+    def sample_latents(self, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents drawn from VAE posteriors [B, 2C, h, w] (mean and std) with `generator`, scaled for the UNet."""
+        mean, std = posterior.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator)
+        return (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_epoch_cache", (None,))[0] != epoch:

@@ -298,7 +298,7 @@ def run_info(run_dir: str | Path) -> RunInfo:
     if cached and cached[0] == len(events) and not held:
         return cached[1]
     info = _info_from_events(run_dir, events, held)
-    best = best_checkpoint(run_dir)
+    best = best_checkpoint(run_dir, events)
     if best is not None:
         info.best_loss, info.best_step = best
     if held and info.state != "running":  # a resumed trainer still loading (its Started is not written yet), or
@@ -405,14 +405,15 @@ def run_checkpoint(run_dir: str | Path, step: str) -> Path:
     return found[int(step)]
 
 
-def validation_losses(run_dir: str | Path) -> dict[int, float]:
+def validation_losses(run_dir: str | Path, events: list | None = None) -> dict[int, float]:
     """step -> validation loss, from the run's events (a resumed run's later value for a step wins)."""
-    return {e.step: e.loss for e in tail_events(Path(run_dir) / "events.jsonl") if isinstance(e, Validation)}
+    events = tail_events(Path(run_dir) / "events.jsonl") if events is None else events
+    return {e.step: e.loss for e in events if isinstance(e, Validation)}
 
 
-def best_checkpoint(run_dir: str | Path) -> tuple[float, int] | None:
+def best_checkpoint(run_dir: str | Path, events: list | None = None) -> tuple[float, int] | None:
     """(loss, step) of the existing checkpoint with the lowest validation loss; None without validation."""
-    losses = validation_losses(run_dir)
+    losses = validation_losses(run_dir, events)
     scored = [(losses[step], step) for step in (_checkpoint_step(p.name) for p in checkpoint_dirs(run_dir))
               if step in losses]
     return min(scored) if scored else None

@@ -64,9 +64,8 @@ class Validator:
             rng = random.Random(_seed(cfg.run.seed, n, 1))
             _, box = crop_geometry(item, size, "center", rng)
             pixels = load_pixels(item, size, "center", False, rng, box=box).unsqueeze(0)
-            mean, std = t.encode_pixels(pixels).chunk(2, dim=1)
-            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(_seed(cfg.run.seed, n, 2)))
-            latents = (mean + std * noise.to(mean.device)) * t.base.vae.config.scaling_factor
+            latents = t.sample_latents(t.encode_pixels(pixels),
+                                       torch.Generator().manual_seed(_seed(cfg.run.seed, n, 2)))
             out.append((latents, size_info(item, size, box), with_trigger(item.caption, t.scan.trigger)))
         return out
 
