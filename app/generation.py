@@ -36,9 +36,11 @@ def adapter_choices(settings) -> list[tuple[str, str]]:
         if info.adapter_path and Path(info.adapter_path).is_file():
             ending = "final" if info.state == "finished" else f"{info.state} at step {info.step}"
             out.append((f"{info.run_dir.name} ({ending})", str(info.adapter_path)))
-        for ckpt in reversed(checkpoint_dirs(info.run_dir)):
-            best = " (best validation loss)" if checkpoint_step(ckpt / "adapter.safetensors") == info.best_step else ""
-            out.append((f"{info.run_dir.name} / {ckpt.name}{best}", str(ckpt)))
+        checkpoints = checkpoint_dirs(info.run_dir)
+        best = [c for c in checkpoints if checkpoint_step(c / "adapter.safetensors") == info.best_step]
+        for ckpt in best:  # beside the final adapter: the one the validation loss picked
+            out.append((f"{info.run_dir.name} / {ckpt.name} (best validation loss)", str(ckpt)))
+        out += [(f"{info.run_dir.name} / {c.name}", str(c)) for c in reversed(checkpoints) if c not in best]
     folder = Path(settings.adapters_dir)
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):
@@ -143,6 +145,16 @@ def comparison_grid(settings, model_path: str, slots: list[Slot], prompt: str, r
                                    progress=progress)
 
 
+def compare_run(settings, run_dir: Path, progress=None):
+    """The run's checkpoints side by side (trainer.compare_checkpoints: rows = checkpoints with their validation
+    loss and the best one marked, columns = the run's sample prompts x seeds), on the run's own base model."""
+    from trainer import compare_checkpoints, load_run_config
+    if not checkpoint_dirs(run_dir):  # before loading a model for nothing
+        raise AppError(f"{Path(run_dir).name} has no checkpoint yet; compare its checkpoints after the first one.")
+    with _Device(settings, load_run_config(run_dir).model.path, [], progress) as gen:
+        return compare_checkpoints(run_dir, generator=gen, progress=progress)
+
+
 def parse_numbers(text: str, kind=float) -> list:
     """'0, 0.5, 1' -> [0.0, 0.5, 1.0]; a bad item raises AppError naming it."""
     out = []
@@ -169,13 +181,15 @@ def checkpoint_rows(run_dir: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # exports
 
-def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtype: str = "fp16") -> Path:
-    """The run's adapter (its final one, else its newest checkpoint's) as one file in a layout and precision."""
-    from trainer import export_adapter
-    src = adapter_file(run_dir)
+def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtype: str = "fp16",
+                       step: str | None = None) -> Path:
+    """The run's adapter as one file in a layout and precision: its final one (else its newest checkpoint's), or
+    the checkpoint at `step` ("best": the lowest validation loss, as `export --step best`)."""
+    from trainer import export_adapter, run_checkpoint
+    src = adapter_file(run_checkpoint(run_dir, step) if step else run_dir)
     name = safe_filename(run_info(run_dir).name, "lora")
-    if checkpoint_step(src) is not None:  # a checkpoint's adapter (the run has no final one): say which step
-        name += f"-step-{checkpoint_step(src)}"
+    if checkpoint_step(src) is not None:  # a checkpoint's adapter: say which step
+        name += f"-step-{checkpoint_step(src)}" + ("-best" if step == "best" else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Path(export_adapter(src, out_dir / f"{name}-{format}-{dtype}.safetensors", format, dtype))

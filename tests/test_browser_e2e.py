@@ -198,6 +198,11 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
             link.click()
         saved = workdir / "downloaded.safetensors"
         info.value.save_as(saved)
+        from trainer import checkpoint_dirs
+        assert checkpoint_dirs(run_dir), "the run ends with a checkpoint"
+        page.locator("#compare-btn").click()  # every checkpoint side by side, rendered in the app
+        page.locator("#compare-grid img").wait_for(timeout=120_000)
+        no_error_pills(page)
         browser.close()
 
     from trainer import load_adapter

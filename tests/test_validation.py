@@ -108,7 +108,14 @@ def test_the_best_checkpoint_is_kept_recorded_and_exported(tiny_model_dir, eight
     from app.settings import AppSettings
     labels = [label for label, _ in G.adapter_choices(AppSettings(runs_dir=run_dir.parent,
                                                                   adapters_dir=tmp_path / "a"))]
-    assert f"{run_dir.name} / step-{info.best_step:06d} (best validation loss)" in labels
+    final_at = labels.index(f"{run_dir.name} (final)")
+    assert labels[final_at + 1] == f"{run_dir.name} / step-{info.best_step:06d} (best validation loss)", \
+        "the best checkpoint is offered right beside the final adapter"
+    assert len(labels) == 1 + len(runs.checkpoint_dirs(run_dir)), "listed once"
+    downloaded = G.export_run_adapter(run_dir, tmp_path / "exports", "kohya", "fp32", step="best")  # the button
+    assert downloaded.name == f"t-step-{info.best_step}-best-kohya-fp32.safetensors"
+    got = load_file(str(downloaded))
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
     view = V.run_view(run_dir)
     assert len(view.validations) == len(validations(run_dir))
     assert f"(best checkpoint: step {info.best_step})" in V.status_text(view)
@@ -153,6 +160,19 @@ def test_compare_draws_every_checkpoint_with_its_validation_loss(tiny_model_dir,
     label = _row_label(checkpoints[-1], runs.validation_losses(run_dir), best)
     assert label.startswith("step-000008 val ") and (label.endswith(" best") == (best[1] == 8))
     assert main(["compare", str(run_dir), "--out", str(tmp_path / "grid.jpg")]) == 2
+    from app import generation as G
+    from app.settings import AppSettings
+    from trainer import UserError  # a guarded button shows it as one line
+    settings = AppSettings(runs_dir=run_dir.parent, adapters_dir=tmp_path / "a")
+    heard = []
+    in_app = G.compare_run(settings, run_dir, progress=lambda share, what: heard.append(what))  # the UI's button
+    side = G.get_generator(cfg.model.path).base.native_resolution  # the app renders at the model's own size
+    assert in_app.height >= 2 * side and in_app.width >= 4 * side, "2 rows; 2 prompts x 2 seeds"
+    assert heard[-2:] == ["rendering step-000004 (1 of 2)", "rendering step-000008 (2 of 2)"]
+    plain = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"validation.split": 0.0, "run.name": "plain"})
+    _, _, plain_dir = train(plain)
+    with pytest.raises(UserError, match="no validation loss, so no best checkpoint"):
+        G.export_run_adapter(plain_dir, tmp_path / "exports", step="best")
 
 
 def test_tensorboard_gets_losses_validation_and_samples(tiny_model_dir, eight_images, tmp_path):
@@ -169,3 +189,48 @@ def test_tensorboard_gets_losses_validation_and_samples(tiny_model_dir, eight_im
     tags = acc.Tags()
     assert {"train/loss", "train/lr", "validation/loss"} <= set(tags["scalars"]) and tags["images"]
     assert [e.step for e in acc.Scalars("validation/loss")] == [v.step for v in validations(run_dir)]
+
+
+
+def test_samples_are_rendered_from_the_exported_file(tiny_model_dir, image_dir, tmp_path):
+    """Item 6: a training sample equals a plain diffusers pipeline with the exported fp16 file fused, within 1e-3
+    (images and latents); a sample of the live fp32 LoRA would not. The trained factors are replaced by a strong
+    adapter whose A lies in fp16's subnormal range (B scaled up as much): exact in fp32, a few % off in the fp16
+    file. The tiny VAE hides most of that in the image (2e-4), so the latents show it (9e-3)."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from trainer.loop import Trainer
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{
+        "saving.dtype": "fp16", "schedule.max_steps": 4, "sampling.steps": 4, "sampling.prompts": ["zqx", "a red square"]})
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    trainer.run()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in trainer.params.named().items():
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0 ** (-20 if "lora_A" in name else 13))
+    path = trainer.export_final()
+    weights = {k: v.clone() for k, v in trainer.base.unet.state_dict().items()}
+    ours = {kind: trainer.sample_images(output_type=kind) for kind in ("np", "latent")}
+    assert all(torch.equal(v, trainer.base.unet.state_dict()[k]) for k, v in weights.items()), \
+        "sampling restores every weight, the live LoRA included, bit for bit"
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+
+    def render(pipeline, i: int, kind: str):
+        with torch.no_grad():
+            image = pipeline(cfg.sampling.prompts[i], generator=torch.Generator().manual_seed(cfg.sampling.seed + i),
+                             num_inference_steps=4, guidance_scale=cfg.sampling.guidance, height=32, width=32,
+                             output_type=kind).images[0]
+        return np.asarray(image.cpu() if kind == "latent" else image)
+
+    for i in range(2):
+        for kind in ("np", "latent"):
+            assert np.abs(np.asarray(ours[kind][i]) - render(pipe, i, kind)).max() < 1e-3, (i, kind)
+    live = render(trainer.base.pipeline(), 0, "latent")
+    assert np.abs(live - np.asarray(ours["latent"][0])).max() > 3e-3, "the live fp32 LoRA renders other latents"

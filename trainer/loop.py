@@ -379,26 +379,40 @@ class Trainer:
                               finished_at=time.time(), family=self.base.metadata(), prediction=self.prediction,
                               max_train_steps=self.total_steps, num_epochs=max(1, epochs), steps=self.step)
 
-    @torch.no_grad()
     def render_samples(self) -> list[Path]:
-        """Sample prompts with the current adapter at fixed seeds, so steps are comparable."""
-        cfg = self.cfg
-        prompts = cfg.sampling.prompts or [self.scan.trigger or "a photo"]
-        pipe = self.base.pipeline()
-        for module in (self.base.unet, *self.base.text_encoders.values()):
+        """Sample prompts with the current adapter at fixed seeds, so steps are comparable; written and emitted."""
+        prompts = self.sample_prompts()
+        paths = [save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png")
+                 for i, image in enumerate(self.sample_images())]
+        self.emit(SampleWritten(step=self.step, paths=[str(p) for p in paths], prompts=prompts))
+        return paths
+
+    def sample_prompts(self) -> list[str]:
+        return list(self.cfg.sampling.prompts or [self.scan.trigger or "a photo"])
+
+    @torch.no_grad()
+    def sample_images(self, output_type: str = "pil") -> list:
+        """One image per sample prompt (seed sampling.seed + i), rendered from the adapter as exported: the
+        saving.dtype file's factors fused into the base weights with the live LoRA layers off, the way A1111 and
+        ComfyUI apply a LoRA, so training samples and the user's own generations agree (issue 17)."""
+        from .adapters.blend import fused
+        from .formats import as_saved
+        from .network import lora_off
+        cfg, base = self.cfg, self.base
+        exported = as_saved(base.injected_adapter(), cfg.saving.dtype)
+        pipe = base.pipeline()
+        modules = (base.unet, *base.text_encoders.values())
+        for module in modules:
             module.eval()
-        paths = []
         try:
-            for i, prompt in enumerate(prompts):
-                gen = torch.Generator().manual_seed(cfg.sampling.seed + i)
-                image = pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
+            with lora_off(*modules), fused(base, exported, keep_on="cpu"):  # W0 copies off the GPU
+                return [pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
                              num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
-                             height=cfg.dataset.resolution, width=cfg.dataset.resolution, generator=gen).images[0]
-                paths.append(save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png"))
+                             height=cfg.dataset.resolution, width=cfg.dataset.resolution, output_type=output_type,
+                             generator=torch.Generator().manual_seed(cfg.sampling.seed + i)).images[0]
+                        for i, prompt in enumerate(self.sample_prompts())]
         finally:
             self._train_mode()
-        self.emit(SampleWritten(step=self.step, paths=[str(p) for p in paths], prompts=list(prompts)))
-        return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ its text encoders (kohya prefix -> module) and its target groups.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,3 +129,21 @@ def load_lora_state_dict(params: LoraParams, state: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         for k, p in named.items():
             p.copy_(state[k].to(p.device, p.dtype))
+
+
+@contextmanager
+def lora_off(*models: nn.Module):
+    """Inside, every injected LoRA layer of `models` computes its base layer only (peft's switch); after, they are
+    back on with each parameter's requires_grad as it was (peft's switch would set it on every adapter parameter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    grads = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted)

@@ -19,7 +19,7 @@ from .. import forms as F
 from .. import runview as V
 from ..device import free_device, hold_device, release_models
 from ..errors import AppError, guarded
-from ..generation import export_run_adapter
+from ..generation import compare_run, export_run_adapter
 from ..settings import AppSettings
 
 HELP = ("Pick a preset and a dataset, check the basic settings and press **Start**. The training runs in its own "
@@ -39,6 +39,7 @@ LIVE_EVERY_S = 2.0  # the live view while a run trains: every redraw of the big 
 COMMAND_REPLIES = {"stop": "Stopping after the current step; the adapter so far will be saved.",
                    "save": "A checkpoint will be written after the current step.",
                    "sample": "Samples will be rendered after the current step."}
+WHICH = {"final": None, "best checkpoint": "best"}  # the download choice -> export_run_adapter's step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,11 +324,16 @@ def _runs_column(settings: AppSettings, c: dict) -> None:
         c["fmt"] = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
                                info="kohya: A1111, ComfyUI, Forge, diffusers.")
         c["dtype"] = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
+    c["which"] = gr.Radio(list(WHICH), value="final", label="Adapter to download", elem_id="run-which",
+                          info="best checkpoint: the one with the lowest validation loss (runs with validation).")
     with gr.Row():
         c["follow_btn"] = gr.Button("Follow", size="sm")
         c["resume_btn"] = gr.Button("Resume", size="sm", elem_id="resume-btn")
         c["export_btn"] = gr.Button("Download adapter", size="sm", elem_id="export-btn")
+        c["compare_btn"] = gr.Button("Compare checkpoints", size="sm", elem_id="compare-btn")
     c["download"] = gr.File(label="Adapter file", interactive=False, elem_id="run-download", visible=False)
+    c["compare"] = gr.Image(label="Checkpoints compared (rows: checkpoints, with validation loss; columns: prompts "
+                                  "x seeds)", interactive=False, format="png", elem_id="compare-grid", visible=False)
 
 
 def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, bucket_resolution: gr.Number) -> None:
@@ -487,10 +493,20 @@ def _wire_runs(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     resume_outputs = [c["followed"], c["sent"], c["runs"], c["picked"], c["timer"]]
     c["resume_btn"].click(guarded(on_resume, resume_outputs), [c["picked"]], resume_outputs, concurrency_limit=1)
 
-    def on_export(name, format, precision):
+    def on_export(name, format, precision, which):
         if not name:
             raise AppError("Pick a run first.")
-        path = export_run_adapter(Path(s.runs_dir) / name, Path(s.adapters_dir) / "exports", format, precision)
+        path = export_run_adapter(Path(s.runs_dir) / name, Path(s.adapters_dir) / "exports", format, precision,
+                                  step=WHICH.get(which))
         return gr.update(value=str(path), visible=True)
 
-    c["export_btn"].click(guarded(on_export, c["download"]), [c["picked"], c["fmt"], c["dtype"]], c["download"])
+    c["export_btn"].click(guarded(on_export, c["download"]), [c["picked"], c["fmt"], c["dtype"], c["which"]],
+                          c["download"])
+
+    def on_compare(name, progress=gr.Progress()):
+        if not name:
+            raise AppError("Pick a run first.")
+        grid = compare_run(s, Path(s.runs_dir) / name, progress=lambda share, what: progress(share, desc=what))
+        return gr.update(value=grid, visible=True)
+
+    c["compare_btn"].click(guarded(on_compare, c["compare"]), [c["picked"]], c["compare"], concurrency_limit=1)

@@ -13,6 +13,7 @@ the same set of adapters and weights gives the same bits whatever the history.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,18 @@ class FusedBlender:
     """Blend named adapters into `unet` (and text encoders, `{kohya prefix: module}`) in place."""
 
     def __init__(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None,
-                 unet_path=None, family=None):
+                 unet_path=None, family=None, keep_on: str | torch.device | None = None):
+        """`keep_on`: where the pristine W0 copies live (None: beside each weight; "cpu" spares GPU memory)."""
         self._index = module_index(unet, text_encoders or {}, unet_path)
         self._family = family
+        self._keep_on = keep_on
         self._entries: dict[str, _Entry] = {}  # insertion order = summation order
         self._pristine: dict[str, torch.Tensor] = {}  # W0 of every layer currently holding a delta
 
     @classmethod
-    def of(cls, base) -> "FusedBlender":
+    def of(cls, base, keep_on: str | torch.device | None = None) -> "FusedBlender":
         """A blender over a loaded BaseModel, with its family's names."""
-        return cls(base.unet, base.text_encoders, base.kohya_unet_path, base.family)
+        return cls(base.unet, base.text_encoders, base.kohya_unet_path, base.family, keep_on)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -152,8 +155,19 @@ class FusedBlender:
                 if key in self._pristine:
                     weight.copy_(self._pristine.pop(key))
                 continue
-            w0 = self._pristine.setdefault(key, weight.detach().clone())
-            weight.copy_(_fused(w0, parts).reshape(weight.shape).to(weight.dtype))
+            w0 = self._pristine.setdefault(key, weight.detach().to(self._keep_on or weight.device, copy=True))
+            weight.copy_(_fused(w0.to(weight.device), parts).reshape(weight.shape).to(weight.dtype))
+
+
+@contextmanager
+def fused(base, adapter: Adapter, keep_on: str | torch.device | None = None):
+    """`adapter` fused into `base`'s weights (weight 1) inside the block; W0 restored bit for bit after."""
+    blender = FusedBlender.of(base, keep_on)
+    blender.add("adapter", adapter)
+    try:
+        yield
+    finally:
+        blender.clear()
 
 
 def _fused(w0: torch.Tensor, parts: list[tuple[LoraLayer, float]]) -> torch.Tensor:

@@ -13,9 +13,11 @@ from trainer.errors import UserError
 
 
 def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, seeds: list[int] | None = None,
-                        steps: int | None = None, size: int | None = None, generator=None) -> Image.Image:
+                        steps: int | None = None, size: int | None = None, generator=None,
+                        progress=None) -> Image.Image:
     """The grid of a run's checkpoints (oldest first). Prompts and seeds default to the run's sampling settings
-    (its trigger alone when it has no prompts; seeds sampling.seed and the next one)."""
+    (its trigger alone when it has no prompts; seeds sampling.seed and the next one). `generator`: a loaded
+    Generator of the run's base model to reuse; `progress(fraction, text)` hears of each row."""
     from .generate import Generator
     from .grid import image_grid
     run_dir = Path(run_dir)
@@ -29,7 +31,9 @@ def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, s
     size = size or generator.base.native_resolution
     losses, best = runs.validation_losses(run_dir), runs.best_checkpoint(run_dir)
     rows, labels = [], []
-    for checkpoint in checkpoints:
+    for i, checkpoint in enumerate(checkpoints):
+        if progress:
+            progress(i / len(checkpoints), f"rendering {checkpoint.name} ({i + 1} of {len(checkpoints)})")
         generator.set_adapters([(str(checkpoint), 1.0)])
         rows.append([generator.generate(p, cfg.sampling.negative_prompt, s, steps or cfg.sampling.steps,
                                         cfg.sampling.guidance, size, size)[0] for p in prompts for s in seeds])

@@ -13,9 +13,9 @@ from .layout import DTYPES, FORMATS
 from .metadata import build_metadata
 from .names import diffusers_aliases, kohya_name, module_index, normalise_kohya_name, resolve_paths
 from .read import detect_format, load_adapter
-from .write import save_adapter, write_atomically
+from .write import as_saved, save_adapter, write_atomically
 
-__all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "build_metadata",
+__all__ = ["AdapterFormatError", "DTYPES", "FORMATS", "adapter_from_model", "align_to_model", "as_saved", "build_metadata",
            "check_adapter", "check_against_model", "delta_shape", "detect_format", "export_adapter", "kohya_name", "load_adapter",
            "diffusers_aliases", "module_index", "normalise_kohya_name", "resolve_paths", "save_adapter",
            "write_atomically"]

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from trainer.atomic import atomic_path
-from trainer.lora_state import Adapter
+from trainer.lora_state import Adapter, LoraLayer
 
 from .errors import AdapterFormatError
 from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
@@ -66,6 +66,15 @@ def kohya_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_up.weight"] = _copy(up, dt)
         out[f"{name}.alpha"] = torch.tensor(common, dtype=dt)
     return out
+
+
+def as_saved(adapter: Adapter, dtype: str = "fp16") -> Adapter:
+    """`adapter` exactly as a kohya file in `dtype` holds it, without writing one: factors rounded to the save dtype,
+    one shared alpha (kohya_tensors' rule). What A1111 and ComfyUI read back, so samples can be rendered from it."""
+    tensors = kohya_tensors(adapter, torch_dtype(dtype))
+    layers = {name: LoraLayer(down=tensors[f"{name}.lora_down.weight"], up=tensors[f"{name}.lora_up.weight"],
+                              alpha=float(tensors[f"{name}.alpha"])) for name in adapter.layers}
+    return Adapter(layers=layers, metadata=dict(adapter.metadata))
 
 
 def _alpha(layer) -> float:
