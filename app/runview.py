@@ -40,6 +40,9 @@ class RunView:
     adapter_path: str = ""
     validations: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss by step
     best_step: int | None = None  # the checkpoint with the lowest validation loss
+    world_size: int = 1  # data-parallel training processes
+    global_batch: int = 0  # images per optimizer step over every process
+    images_per_s: float = 0.0
 
     @property
     def fraction(self) -> float:
@@ -58,12 +61,13 @@ def run_view(run_dir: Path) -> RunView:
 
 def _apply(view: RunView, e) -> None:
     if isinstance(e, Started):
-        view.total_steps = e.total_steps
+        view.total_steps, view.world_size, view.global_batch = e.total_steps, e.world_size, e.global_batch
         view.losses = [(s, v) for s, v in view.losses if s <= e.start_step]  # a resume replays later steps
         view.validations = [(s, v) for s, v in view.validations if s <= e.start_step]
         view.samples = [s for s in view.samples if s.step <= e.start_step]
     elif isinstance(e, Progress):
         view.step, view.total_steps, view.it_per_s, view.eta_s = e.step, e.total_steps, e.it_per_s, e.eta_s
+        view.images_per_s = e.images_per_s
         view.losses.append((e.step, e.loss))
     elif isinstance(e, Validation):
         view.validations = [(s, v) for s, v in view.validations if s != e.step] + [(e.step, e.loss)]
@@ -95,7 +99,9 @@ def progress_html(view: RunView | None) -> str:
 def status_text(view: RunView) -> str:
     parts = [f"**{view.run_dir.name}** is **{view.state}**", f"step {view.step}/{view.total_steps}"]
     if view.state == "running":
-        parts += [f"{view.it_per_s:.2f} it/s", f"ETA {format_eta(view.eta_s)}"]
+        parts += [f"{view.it_per_s:.2f} it/s ({view.images_per_s:.1f} images/s)", f"ETA {format_eta(view.eta_s)}"]
+    if view.world_size > 1:
+        parts.append(f"{view.world_size} processes, {view.global_batch} images per step")
     if view.losses:
         parts.append(f"loss {view.losses[-1][1]:.4f} (smoothed {smoothed([v for _, v in view.losses])[-1]:.4f})")
     if view.validations:

@@ -196,22 +196,26 @@ def test_high_noise_weights_are_the_v_loss_weighting_capped():
     assert not torch.allclose(eps_w, min_snr_weights(sched, t, 5.0, "epsilon"))
 
 
-def test_per_image_loss_weights_scale_each_image_alone():
+def test_each_image_trains_the_same_way_in_any_batch():
+    """Issue 16's exactness rests on this: image i's noise and timestep come from its own generator, so its loss
+    does not depend on what else shares its batch (or its process)."""
     from diffusers import DDPMScheduler
 
     from trainer.losses import diffusion_loss, loss_weights
     base = SimpleNamespace(noise_scheduler=DDPMScheduler(), predict=lambda noisy, t, hidden: 0.5 * noisy)
-    cfg, latents = C.TrainConfig(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg, latents = C.TrainConfig(), torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    C.set_value(cfg, "loss.noise_offset", 0.1)
+    C.set_value(cfg, "loss.min_snr_gamma", 5.0)
 
-    def loss(weights):
-        w = None if weights is None else torch.tensor(weights)
-        return diffusion_loss(base, latents, None, torch.Generator().manual_seed(1), cfg, "epsilon", w)
-    first, second, both = loss([1.0, 0.0]), loss([0.0, 1.0]), loss(None)
-    assert torch.allclose(first + second, both) and not torch.allclose(first, second)
-    assert torch.allclose(loss([2.0, 0.0]), 2 * first) and loss([1.0, 1.0]) == both
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    together = diffusion_loss(base, latents, None, gens(1, 2, 3), cfg, "epsilon")
+    alone = torch.cat([diffusion_loss(base, latents[i:i + 1], None, gens(s), cfg, "epsilon")
+                       for i, s in enumerate((1, 2, 3))])
+    assert together.shape == (3,) and torch.equal(together, alone)
+    assert not torch.equal(together, diffusion_loss(base, latents, None, gens(2, 1, 3), cfg, "epsilon"))
     items = [SimpleNamespace(regularization=r) for r in (False, True)]
     assert loss_weights(items, 0.5).tolist() == [1.0, 0.5]
-    assert loss_weights(items[:1], 0.5) is None
 
 
 def test_regularization_folder_trains_beside_the_dataset(tiny_model_dir, image_dir, tmp_path):
@@ -223,7 +227,7 @@ def test_regularization_folder_trains_beside_the_dataset(tiny_model_dir, image_d
     trainer = Trainer(cfg, run_dir)
     path = trainer.run()
     seen = [trainer.micro_batch(b) for b in range(trainer.plan.steps_per_epoch)]
-    weights = torch.cat([w if w is not None else torch.ones(len(latents)) for latents, _, w in seen])
+    weights = torch.cat([batch[2] for batch in seen])
     assert sorted(weights.tolist()) == [0.5] * 4 + [1.0] * 4, "an epoch: 4 training and 4 regularization images"
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:

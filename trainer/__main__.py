@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set network.rank=16 (repeatable)")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a stopped or crashed run from its last checkpoint")
+    t.add_argument("--num-processes", type=int, metavar="N",
+                   help="data-parallel processes on this machine (one per GPU; with --set precision.device=cpu, "
+                        "CPU processes over gloo): the same as --set distributed.processes=N")
     t.add_argument("--quiet", action="store_true", help="no progress bar (events still go to events.jsonl)")
     t.set_defaults(func=cmd_train)
 
@@ -76,6 +79,8 @@ def resolve_config(config_path: str | None, overrides: list[str]):
 def cmd_train(args) -> int:
     if args.resume is True:
         raise UserError("--resume needs the run folder, e.g. --resume runs/my-lora-20261125-101500")
+    if args.num_processes is not None:
+        args.set.append(f"distributed.processes={args.num_processes}")
     if args.resume:
         if args.config:
             raise UserError("--resume reads the config from the run folder; pass changes with --set, not --config")

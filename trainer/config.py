@@ -218,6 +218,20 @@ class SavingSection:
 
 
 @dataclass
+class DistributedSection:
+    processes: int = opt(1, "Training processes on this machine (data parallel through accelerate/torchrun: one per "
+                            "GPU; on the CPU they share the cores over gloo). The global batch is batch_size x "
+                            "processes x machines x gradient_accumulation.", min=1, max=64)
+    gpus: str = opt("", "Which GPUs, by index (e.g. 0,2); empty = the first `processes` ones.")
+    machines: int = opt(1, "Machines training together (each runs the same command with its machine_rank).",
+                        min=1, max=1024)
+    machine_rank: int = opt(0, "This machine's rank among distributed.machines (0 = the main one).", min=0)
+    main_address: str = opt("127.0.0.1", "Address of the main machine (machine_rank 0), reachable from the others.")
+    main_port: int = opt(29500, "A free TCP port on the main machine for the processes to meet at.", min=1,
+                         max=65535)
+
+
+@dataclass
 class TrainConfig:
     schema_version: int = SCHEMA_VERSION
     run: RunSection = field(default_factory=RunSection)
@@ -232,6 +246,7 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     saving: SavingSection = field(default_factory=SavingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "schema_version"]
@@ -506,7 +521,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> list[str]:
 
 
 def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
-    problems = []
+    problems = _distributed_problems(cfg.distributed)
     import re
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.run.name or ""):
         problems.append(f"run.name {cfg.run.name!r} must start with a letter or digit and hold only letters, "
@@ -552,6 +567,28 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
 
 
 PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir")
+
+
+def gpu_list(text: str) -> list[int]:
+    """'0, 2' -> [0, 2] (distributed.gpus); a ValueError for anything else."""
+    return [int(part) for part in text.replace(" ", "").split(",") if part]
+
+
+def _distributed_problems(d: DistributedSection) -> list[str]:
+    problems = []
+    if d.machine_rank >= d.machines:
+        problems.append(f"distributed.machine_rank is {d.machine_rank}, but there are {d.machines} machines: ranks "
+                        f"go from 0 to {d.machines - 1}")
+    try:
+        gpus = gpu_list(d.gpus)
+    except ValueError:
+        return problems + [f"distributed.gpus {d.gpus!r} must be GPU numbers separated by commas, e.g. 0,1"]
+    if gpus and len(gpus) != d.processes:
+        problems.append(f"distributed.gpus names {len(gpus)} GPUs for {d.processes} processes; name one per "
+                        f"process, or leave it empty for the first {d.processes}")
+    if len(set(gpus)) != len(gpus):
+        problems.append(f"distributed.gpus {d.gpus!r} names a GPU twice")
+    return problems
 
 
 def _validation_problems(val: ValidationSection) -> list[str]:

@@ -33,6 +33,8 @@ class Started(Event):
     start_step: int = 0
     num_images: int = 0
     pid: int = 0
+    world_size: int = 1  # data-parallel processes (trainer.distributed)
+    global_batch: int = 0  # images per optimizer step over every process
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Progress(Event):
     eta_s: float
     epoch: int = 0
     loss_ema: float = 0.0  # the loss smoothed (debiased exponential moving average, as TensorBoard draws it)
+    images_per_s: float = 0.0  # training images per second over every process
 
 
 @dataclass

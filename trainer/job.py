@@ -8,6 +8,7 @@ own process, with a progress bar as a second consumer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -46,6 +47,10 @@ def machine_problems(cfg: C.TrainConfig) -> list[str]:
         problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("logging.tensorboard needs the tensorboard extra: pip install 'loradesk[tensorboard]'")
+    gpus = torch.cuda.device_count() if on_cuda else 0
+    if on_cuda and cfg.distributed.processes > gpus:
+        problems.append(f"distributed.processes is {cfg.distributed.processes} but this machine has {gpus} GPU(s): "
+                        f"one process per GPU (or precision.device=cpu for CPU processes)")
     return problems
 
 
@@ -182,13 +187,22 @@ def _refuse_without_checkpoint(run_dir: Path, cfg: C.TrainConfig) -> None:
 
 
 def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig:
-    """--set on a run being resumed, refusing keys the checkpoint or the batch order depend on."""
-    frozen = [o.split("=", 1)[0].strip() for o in overrides
-              if o.split("=", 1)[0].strip().startswith(FROZEN_ON_RESUME)]
+    """--set on a run being resumed, refusing keys the checkpoint or the batch order depend on. The process count
+    and the per-process batch may change together, as long as the global batch stays what it was."""
+    from .distributed import global_batch
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    frozen = [k for k in keys if k.startswith(FROZEN_ON_RESUME) and k != "dataset.batch_size"]
     if frozen:
         raise JobError(f"{', '.join(frozen)} cannot change when resuming (the checkpoint and the batch order depend "
                        f"on them); start a new run instead")
-    return C.apply_overrides(cfg, overrides)
+    before = global_batch(cfg)
+    cfg = C.apply_overrides(copy.deepcopy(cfg), overrides)
+    if global_batch(cfg) != before:
+        d = cfg.distributed
+        raise JobError(f"resuming with {d.processes * d.machines} process(es) x batch_size {cfg.dataset.batch_size} "
+                       f"changes the global batch from {before} to {global_batch(cfg)} images per step; keep "
+                       f"dataset.batch_size x distributed.processes x machines x gradient_accumulation = {before}")
+    return cfg
 
 
 def _refuse_if_busy(runs_dir) -> None:
@@ -221,9 +235,15 @@ def child_env(env: dict | None = None) -> dict:
 def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None = None) -> int:
     """Train the run folder's config here, events to events.jsonl; 0 done, 1 failed run, 2 bad config or data.
     The first Ctrl+C (or SIGTERM) stops after the current step and still writes the adapter."""
+    from . import distributed
     run_dir = Path(run_dir)
+    if distributed.in_worker():  # one of several processes: the launcher holds the lock and reports
+        return _train_holding_lock(run_dir, resume, callbacks if distributed.is_main_process() else [])
     try:  # taken before torch loads: the run reads as training from the process's first second (runlock.py)
         with runlock.holding(run_dir):  # and held until the last event is written
+            cfg = runs.load_run_config(run_dir)
+            if distributed.world_size(cfg) > 1:
+                return distributed.run_launched(cfg, run_dir, resume, callbacks or [])
             return _train_holding_lock(run_dir, resume, callbacks)
     except runlock.RunLockedError as e:
         raise JobError(str(e)) from None
@@ -231,12 +251,18 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
 
 def _train_holding_lock(run_dir: Path, resume: bool, callbacks: list | None) -> int:
     from .loop import Trainer
+    from .distributed import is_main_process
     cfg = runs.load_run_config(run_dir)
+    if not is_main_process():  # one writer: the other processes train and stay silent
+        return _train(Trainer(cfg, run_dir), resume)
     consumers = [EventLog(run_dir / "events.jsonl"), *(callbacks or [])]
     if cfg.logging.tensorboard:
         from .tracking import TensorBoardLog
         consumers.append(TensorBoardLog(run_dir))
-    trainer = Trainer(cfg, run_dir, callbacks=consumers)
+    return _train(Trainer(cfg, run_dir, callbacks=consumers), resume)
+
+
+def _train(trainer, resume: bool) -> int:
     _stop_on_interrupt(trainer)
     try:
         path = trainer.run(resume=resume)

@@ -5,6 +5,7 @@ Randomness of optimizer step s comes only from generators seeded by (run.seed, s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -23,6 +24,7 @@ from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .validation import Validator, split_validation
 from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
+from .distributed import DataParallelUNet, global_batch, share, world_size
 from .network import inject_lora, trained_text_encoders
 
 
@@ -58,6 +60,13 @@ class Trainer:
     step: int = 0
     loaded: bool = False  # the model is loaded: from here a Ctrl+C stops after a step (before, it interrupts)
     stopped_untrained: bool = False  # a stop came before one step was trained: no adapter was written
+    step_images: int = 0  # images the last optimizer step trained, over every process
+    rank: int = 0  # this process among `world` data-parallel ones (distributed.py); rank 0 writes every file
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     # ------------------------------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -75,8 +84,13 @@ class Trainer:
         for skipped in scan.skipped:
             self.emit(Message(level="warning", text=f"skipped {skipped.path}: {skipped.reason}"))
         self.scan, held_out = split_validation(scan, cfg)  # held-out images never enter the batch plan
-        self.plan = BatchPlan(self.scan, cfg.dataset, cfg.run.seed)
+        # one plan of global batches (batch_size x processes images each), whatever the process count
+        per_step = dataclasses.replace(cfg.dataset, batch_size=cfg.dataset.batch_size * world_size(cfg))
+        self.plan = BatchPlan(self.scan, per_step, cfg.run.seed)
         self._setup_model()
+        if self.world != world_size(cfg):
+            raise C.ConfigError([f"distributed.processes x machines is {world_size(cfg)}, but {self.world} "
+                                 f"process(es) were started; start the run with python -m trainer train"])
         self.validator = Validator(self, held_out) if held_out else None
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
         self._setup_optimizer()
@@ -88,16 +102,19 @@ class Trainer:
             self._lowest = min(runs.validation_losses(self.run_dir).values(), default=None)
         self.loaded = True
         self.emit(Started(run_dir=str(self.run_dir), total_steps=self.total_steps, start_step=self.step,
-                          num_images=self.scan.num_images, pid=_pid()))
+                          num_images=self.scan.num_images, pid=_pid(), world_size=self.world,
+                          global_batch=global_batch(cfg)))
         start = self.step
         try:
-            if self.step == 0:
+            if self.step == 0 and self.is_main:
                 self.validate()  # the base model's value: what the adapter must beat
             stopped = self._loop()
             if stopped and self.step == start:  # stopped before one step: nothing new that looks like an adapter
                 self.stopped_untrained = True
                 self.emit(Finished(step=self.step, adapter_path="", stopped=True))
                 return None
+            if not self.is_main:  # the main process writes the adapter and the checkpoint
+                return runs.final_adapter_path(self.run_dir, cfg)
             path = self.export_final()
             self.save_checkpoint()  # so a stopped run resumes where it stopped, and a finished one can train longer
         except (TrainingError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -127,7 +144,7 @@ class Trainer:
     def _resume_from(self, found: tuple) -> int:
         """The newest checkpoint that verifies; each newer, damaged one is named with why it was skipped."""
         checkpoint, skipped = found
-        for path, problem in skipped:  # moved aside: kept for the user, but never again the "newest" one
+        for path, problem in skipped if self.is_main else ():  # moved aside: kept, never again the "newest" one
             aside = set_aside(path)
             self.emit(Message(level="warning", text=f"skipped checkpoint {path.name}: {problem} (kept as "
                                                     f"{aside.name})"))
@@ -157,11 +174,13 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a process-wide singleton
         self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu")
         self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
         torch.manual_seed(cfg.run.seed)  # the LoRA A init
         self.params = inject_lora(self.base, cfg)
         self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train
         self._place_modules(device)
+        self.train_model = self._data_parallel()
         self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
         cache_dir = cache_folder(cfg.dataset) if cfg.dataset.cache_latents == "disk" else None
@@ -188,6 +207,14 @@ class Trainer:
                 base.text_encoders[prefix].gradient_checkpointing_enable()
         self._train_mode()
 
+    def _data_parallel(self):
+        """What the loss runs the UNet through: the model itself, or over several processes a view of it whose
+        forward goes through accelerate's DistributedDataParallel wrapper."""
+        if self.world == 1:
+            return self.base
+        self.ddp_unet = self.accelerator.prepare_model(self.base.unet)
+        return dataclasses.replace(self.base, unet=DataParallelUNet(self.ddp_unet))
+
     def _train_mode(self) -> None:
         self.base.unet.train()
         for prefix, encoder in self.base.text_encoders.items():
@@ -206,9 +233,9 @@ class Trainer:
     def _loop(self) -> bool:
         """Optimizer steps until the end; True if a stop request ended it early."""
         cfg, start = self.cfg, self.step
-        t0, ema = time.time(), runs.Ema()
+        t0, ema, images = time.time(), runs.Ema(), 0
         while self.step < self.total_steps:
-            for command in self.inbox.poll():
+            for command in self._commands():
                 if command == "stop":
                     return True
                 if command == "save":
@@ -217,11 +244,15 @@ class Trainer:
                     self.render_samples()
             loss = self.optimizer_step()
             self.step += 1
-            rate = (self.step - start) / max(time.time() - t0, 1e-9)
+            images += self.step_images
+            elapsed = max(time.time() - t0, 1e-9)
+            rate = (self.step - start) / elapsed
             self.emit(Progress(step=self.step, total_steps=self.total_steps, loss=loss,
                                lr=self.lr_scheduler.get_last_lr()[0], it_per_s=rate,
                                eta_s=(self.total_steps - self.step) / max(rate, 1e-9),
-                               epoch=self.epoch(), loss_ema=ema.add(loss)))
+                               epoch=self.epoch(), loss_ema=ema.add(loss), images_per_s=images / elapsed))
+            if not self.is_main:  # validation, checkpoints and samples are the main process's
+                continue
             if _every(cfg.validation.every_n_steps, self.step):
                 self.validate()
             if _every(cfg.saving.every_n_steps, self.step) and self.step < self.total_steps:
@@ -231,47 +262,91 @@ class Trainer:
         return False
 
     def optimizer_step(self) -> float:
-        """Accumulate gradients over micro-batches, clip, step; returns the mean loss."""
+        """Accumulate gradients over micro-batches, clip, step; returns the mean loss of the global batch.
+
+        Each process's loss is the sum of its images' weighted losses over the global batch's image count, times
+        the process count that DDP's gradient mean divides by: the gradient is the global batch's mean either way.
+        """
         cfg = self.cfg
-        torch.manual_seed(_mix(cfg.run.seed, self.step, 1))  # LoRA dropout draws from the global generator
+        torch.manual_seed(_mix(cfg.run.seed, self.step, 1, self.rank))  # LoRA dropout draws from the global generator
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
-        total = 0.0
-        for batch_index in batches:
-            latents, cond, weights = self.micro_batch(batch_index)
-            gen = torch.Generator().manual_seed(_mix(cfg.run.seed, batch_index, 2))
-            with self.accelerator.autocast():
-                loss = diffusion_loss(self.base, latents, cond, gen, cfg, self.prediction, weights)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; training stopped",
-                                    advice=nan_advice(cfg))
-            self.accelerator.backward(loss / len(batches))
-            total += loss.item() / len(batches)
+        total, self.step_images = torch.zeros((), device=self.device), 0
+        for k, batch_index in enumerate(batches):
+            latents, cond, weights, gens, count = self.micro_batch(batch_index)
+            self.step_images += count
+            with self._sync(last=k == len(batches) - 1), self.accelerator.autocast():
+                losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
+                loss = (losses * weights.to(losses.device)).sum() / count
+                self.accelerator.backward(loss * self.world / len(batches))
+            total += loss.detach() / len(batches)
+        total = self._reduce(total, "sum")
+        if not torch.isfinite(total):  # every process sees the same sum, so all of them stop here together
+            raise TrainingError(f"the loss became {total.item()} at step {self.step + 1}; training stopped",
+                                advice=nan_advice(cfg))
+        self._reduce_text_encoder_grads()
         if cfg.optimizer.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(list(self.params.named().values()), cfg.optimizer.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total.item()
+
+    def _commands(self) -> list[str]:
+        """The commands for this step: the main process reads them and every process acts on the same list."""
+        commands = self.inbox.poll() if self.is_main else []
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            commands = broadcast_object_list([commands], from_process=0)[0]
+        return commands
+
+    def _sync(self, last: bool):
+        """DDP all-reduces the UNet's LoRA gradients on the last micro-batch of a step only."""
+        import contextlib
+        if self.world == 1 or last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.ddp_unet)
+
+    def _reduce(self, tensor: torch.Tensor, how: str) -> torch.Tensor:
+        return tensor if self.world == 1 else self.accelerator.reduce(tensor, reduction=how)
+
+    def _reduce_text_encoder_grads(self) -> None:
+        """The text encoders' LoRA gradients, averaged over the processes (the UNet's are DDP's)."""
+        if self.world == 1:
+            return
+        for component, params in self.params.text_encoders.items():
+            for p in params.values():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     # ------------------------------------------------------------------------------------------------------------
     def epoch(self) -> int:
         """The epoch of the batch the next step starts with."""
         return micro_batches(self.cfg, self.step, self.plan.steps_per_epoch)[0] // self.plan.steps_per_epoch
 
-    def micro_batch(self, batch_index: int) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        """Latents, the UNet's conditioning (text, and for SDXL each image's size and crop) and per-image loss
-        weights (None when all are 1) of one batch, from the plan's deterministic order."""
+    def micro_batch(self, batch_index: int) -> tuple:
+        """This process's share of one global batch from the plan's deterministic order: latents, the UNet's
+        conditioning (text, and for SDXL each image's size and crop), per-image loss weights, each image's noise
+        generator, and the global batch's image count. Every random draw of an image comes from (seed, batch,
+        its position in the global batch), so the share it lands in changes nothing. A process whose share is
+        empty (a bucket's last batch smaller than the process count) trains the first image at weight 0."""
         from .data import build_caption
         epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
         indices = self._epoch_batches(epoch)[pos]
-        rng = random.Random(_mix(self.cfg.run.seed, batch_index, 3))
-        items = [self.scan.items[i] for i in indices]
-        posteriors, sizes = zip(*[self.posterior_of(i, rng) for i in indices])
-        latents = self.sample_latents(torch.cat(posteriors),
-                                      torch.Generator().manual_seed(_mix(self.cfg.run.seed, batch_index, 4)))
-        captions = [build_caption(item, self.cfg.dataset, rng, self.scan.trigger) for item in items]
-        cond = self.base.conditioning(self.encode_captions(captions), list(sizes))
-        return latents, cond, loss_weights(items, self.cfg.loss.prior_loss_weight)
+        start, end = share(indices, self.rank, self.world)
+        positions = list(range(start, end)) or [0]
+        seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
+        for p in positions:
+            item, rng = self.scan.items[indices[p]], random.Random(_mix(seed, batch_index, 3, p))
+            posterior, size = self.posterior_of(indices[p], rng)
+            latents.append(self.sample_latents(posterior, torch.Generator().manual_seed(_mix(seed, batch_index, 4, p))))
+            captions.append(build_caption(item, self.cfg.dataset, rng, self.scan.trigger))
+            sizes.append(size)
+        cond = self.base.conditioning(self.encode_captions(captions), sizes)
+        weights = loss_weights([self.scan.items[indices[p]] for p in positions], self.cfg.loss.prior_loss_weight)
+        if start == end:
+            weights = torch.zeros_like(weights)
+        gens = [torch.Generator().manual_seed(_mix(seed, batch_index, 2, p)) for p in positions]
+        return torch.cat(latents), cond, weights, gens, len(indices)
 
     def sample_latents(self, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents drawn from VAE posteriors [B, 2C, h, w] (mean and std) with `generator`, scaled for the UNet."""

@@ -9,24 +9,23 @@ import torch.nn.functional as F
 from . import config as C
 
 
-def loss_weights(items, prior_loss_weight: float) -> torch.Tensor | None:
+def loss_weights(items, prior_loss_weight: float) -> torch.Tensor:
     """Per-image loss weights: prior_loss_weight for regularization images (DreamBooth's prior-preservation term,
-    Ruiz et al. 2023, eq. 2), 1 for training images; None when the batch holds no regularization image."""
-    if not any(item.regularization for item in items):
-        return None
+    Ruiz et al. 2023, eq. 2), 1 for training images."""
     return torch.tensor([prior_loss_weight if item.regularization else 1.0 for item in items])
 
 
-def diffusion_loss(base, latents: torch.Tensor, cond: dict, gen: torch.Generator, cfg: C.TrainConfig,
-                   prediction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Noise-prediction loss (epsilon or v), with noise offset, min-SNR-gamma or high-noise weighting, and
-    per-image weights (regularization images)."""
+def diffusion_loss(base, latents: torch.Tensor, cond: dict, gens: list[torch.Generator], cfg: C.TrainConfig,
+                   prediction: str) -> torch.Tensor:
+    """Per-image noise-prediction loss [B] (epsilon or v), with noise offset and min-SNR-gamma or high-noise
+    weighting. Image i's noise, offset and timestep come from gens[i] alone, so an image trains the same way
+    whichever batch, or process, it shares (the loop weights and reduces)."""
     sched = base.noise_scheduler
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
     if cfg.loss.noise_offset:  # per-channel shift lets the model learn overall brightness (Guttenberg 2023)
-        noise = noise + cfg.loss.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+        offsets = torch.stack([torch.randn((latents.shape[1], 1, 1), generator=g) for g in gens])
+        noise = noise + cfg.loss.noise_offset * offsets
+    timesteps = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens])
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
@@ -36,9 +35,7 @@ def diffusion_loss(base, latents: torch.Tensor, cond: dict, gen: torch.Generator
         loss = loss * min_snr_weights(sched, timesteps, cfg.loss.min_snr_gamma, prediction)
     if cfg.loss.high_noise_weight_cap:
         loss = loss * high_noise_weights(sched, timesteps, cfg.loss.high_noise_weight_cap, prediction)
-    if weights is not None:
-        loss = loss * weights.to(loss.device)
-    return loss.mean()
+    return loss
 
 
 def fixed_noise_loss(base, latents: torch.Tensor, cond: dict, noise: torch.Tensor, timestep: int,

@@ -28,10 +28,12 @@ HELP = ("Pick a preset and a dataset, check the basic settings and press **Start
 SECTION_TITLES = {"run": "Run", "model": "Base model", "dataset": "Dataset and buckets", "network": "LoRA network",
                   "optimizer": "Optimizer", "schedule": "Schedule", "loss": "Loss", "precision": "Precision and memory",
                   "sampling": "Samples during training", "validation": "Validation and the best checkpoint",
-                  "saving": "Saving and checkpoints", "logging": "Logging"}
+                  "saving": "Saving and checkpoints", "logging": "Logging",
+                  "distributed": "Several GPUs or machines"}
 SECTION_WORDS = {"run": "Run", "model": "Model", "dataset": "Dataset", "network": "LoRA", "optimizer": "Optimizer",
                  "schedule": "Schedule", "loss": "Loss", "precision": "Precision", "sampling": "Sample",
-                 "validation": "Validation", "saving": "Checkpoint", "logging": "Logging"}
+                 "validation": "Validation", "saving": "Checkpoint", "logging": "Logging",
+                 "distributed": "Distributed"}
 FIELDS_PER_ROW = 2
 VIEW_KEYS = ("progress", "status", "losses", "samples", "columns", "failure")
 PLOT_EVERY_S = 5

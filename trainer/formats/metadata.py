@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime
 import json
 
+from trainer.distributed import global_batch
+
 from .layout import check_metadata
 
 
@@ -43,6 +45,10 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
         "ss_steps": str(steps if steps is not None else max_train_steps if max_train_steps is not None
                         else cfg.schedule.max_steps),
         "ss_seed": str(cfg.run.seed),
+        # kohya's keys: images per process per micro-batch, and per optimizer step over every process
+        "ss_batch_size_per_device": str(cfg.dataset.batch_size),
+        "ss_total_batch_size": str(global_batch(cfg)),
+        "ss_gradient_accumulation_steps": str(cfg.schedule.gradient_accumulation),
         "ss_mixed_precision": cfg.precision.mixed,
         "ss_noise_offset": str(cfg.loss.noise_offset),
         "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma),
