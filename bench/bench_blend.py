@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from docs_section import write_section  # noqa: E402
 from trainer.formats import module_index  # noqa: E402
 from trainer.adapters.blend import FusedBlender  # noqa: E402
 from trainer.lora_state import Adapter, LoraLayer  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS = [0.7, -0.3, 0.5]
-START, END = "<!-- bench_blend:start -->", "<!-- bench_blend:end -->"
 
 
 def median_time(fn, passes: int) -> float:
@@ -226,21 +226,6 @@ def _s(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of the file (other benchmarks keep theirs); atomic write."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    section = f"{START}\n{text}{END}\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + section + old[old.index(END) + len(END) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--passes", type=int, default=15, help="interleaved passes per case (medians)")
@@ -262,7 +247,7 @@ def main() -> int:
     text = table(cases, passes)
     print(text)
     if args.out:
-        write_section(Path(args.out), text)
+        write_section("bench_blend", text, Path(args.out))
     return 0
 
 

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Every CUDA path in one run (at most about 5 minutes on one recent GPU), one table out.
+
+  1. Tiny-model trainings through the CLI: fp16 and bf16 autocast (with fp16/bf16 frozen weights, as the loop
+     keeps them on CUDA), 8-bit AdamW (bitsandbytes), gradient checkpointing; each must finish with a finite loss
+     and an adapter.
+  2. Peak memory of one LoRA training step at SD 1.5 and SDXL size (real configs, random bf16 weights; the rows of
+     bench/bench_memory.py) at 512 and 1024 px, with and without gradient checkpointing.
+  3. With two or more GPUs: two processes (DDP over NCCL) against one with the same global batch.
+
+On a machine without CUDA it says so and exits 0. Put the table in docs/benchmarks.md with --write.
+
+    python bench/gpu_check.py [--write] [--skip-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from docs_section import write_section  # noqa: E402  (bench/ is the script's folder)
+
+TRAININGS = [  # name, --set values over the tiny demo
+    ("fp16 autocast, fp16 frozen weights", ["precision.mixed=fp16"]),
+    ("bf16 autocast, bf16 frozen weights", ["precision.mixed=bf16"]),
+    ("8-bit AdamW (bitsandbytes), fp16", ["precision.mixed=fp16", "optimizer.name=adamw8bit"]),
+    ("gradient checkpointing, bf16", ["precision.mixed=bf16", "precision.gradient_checkpointing=true"]),
+]
+
+
+def train(name: str, extra: list[str], root: Path, processes: int = 1) -> tuple[str, str]:
+    """(result, detail) of one tiny training through the CLI on the GPU."""
+    from trainer import Progress, read_events
+    sets = [f"dataset.path={ROOT / 'examples' / 'demo-concept'}", "schedule.max_steps=20", "precision.device=cuda",
+            f"saving.runs_dir={root}", f"run.name={name}", "saving.dtype=fp32", *extra]
+    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--num-processes", str(processes)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd + [x for s in sets for x in ("--set", s)], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        return "FAILED", (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    run_dir = next(p for p in root.iterdir() if p.name.startswith(name + "-"))
+    losses = [e.loss for e in read_events(run_dir / "events.jsonl") if isinstance(e, Progress)]
+    ok = len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    return ("ok" if ok else "FAILED"), f"{seconds:.0f} s, last loss {losses[-1]:.4f}" if losses else "no steps"
+
+
+def trainings(root: Path) -> list[tuple[str, str, str]]:
+    import importlib.util
+    rows = []
+    for i, (what, extra) in enumerate(TRAININGS):
+        if "optimizer.name=adamw8bit" in extra and importlib.util.find_spec("bitsandbytes") is None:
+            rows.append((what, "skipped", "bitsandbytes is not installed: pip install 'loradesk[cuda]'"))
+            continue
+        rows.append((what, *train(f"t{i}", extra, root)))
+    return rows
+
+
+def memory() -> list[tuple[str, str, str]]:
+    from bench_memory import run_row
+    rows = []
+    for model in ("sd15", "sdxl"):
+        for px in (512, 1024):
+            for checkpointing in (True, False):
+                what = f"{model} {px} px, {'with' if checkpointing else 'without'} checkpointing"
+                try:
+                    r = run_row(model, px, 1, "cuda", checkpointing)
+                except SystemExit as e:  # run_row's report of a failed child (out of memory, say)
+                    rows.append((what, "FAILED", str(e).strip().splitlines()[-1][:160]))
+                    continue
+                rows.append((what, "ok", f"weights {r['weights_gb']:.2f} GB, step peak {r['step_peak_gb']:.2f} GB, "
+                                         f"step {r['step_s']:.2f} s (forward {r['forward_s']:.2f} s)"))
+    return rows
+
+
+def data_parallel(root: Path) -> list[tuple[str, str, str]]:
+    import torch
+    if torch.cuda.device_count() < 2:
+        return [("2-GPU DDP", "skipped", f"{torch.cuda.device_count()} GPU on this machine")]
+    one = train("dp1", ["precision.mixed=bf16", "dataset.batch_size=4"], root)
+    two = train("dp2", ["precision.mixed=bf16", "dataset.batch_size=2"], root, processes=2)
+    return [("1 GPU, batch 4", *one), ("2-GPU DDP (NCCL), batch 2 each", *two)]
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    import torch
+    name = torch.cuda.get_device_name(0)
+    lines = ["### GPU check (bench/gpu_check.py)", "",
+             f"{torch.cuda.device_count()} x {name}, torch {torch.__version__}, CUDA {torch.version.cuda}.", "",
+             "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {what} | {result} | {detail} |" for what, result, detail in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
+    ap.add_argument("--skip-memory", action="store_true", help="only the trainings and DDP (under a minute)")
+    args = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        rows = trainings(Path(tmp)) + ([] if args.skip_memory else memory()) + data_parallel(Path(tmp))
+    text = table(rows)
+    print(text)
+    if args.write:
+        write_section("gpu_check", text)
+    return 1 if any(result == "FAILED" for _, result, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
