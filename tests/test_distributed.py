@@ -137,7 +137,8 @@ def test_the_command_line_for_several_machines():
 
 
 def test_a_dead_process_is_named():
-    summary = ("Failures:\n[1]:\n  time      : 2026-12-02_04:05:10\n  host      : box\n  rank      : 0 (local_rank: 0)\n"
+    summary = ("Failures:\n[1]:\n  time      : 2026-12-02_04:05:10\n  host      : box\n"
+               "  rank      : 0 (local_rank: 0)\n"
                "  exitcode  : 1 (pid: 4241)\n------\nRoot Cause (first observed failure):\n[0]:\n"
                "  time      : 2026-12-02_04:05:08\n  host      : box\n  rank      : 1 (local_rank: 1)\n"
                "  exitcode  : -9 (pid: 4242)  (SIGKILL)\n")

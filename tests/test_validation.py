@@ -202,7 +202,8 @@ def test_samples_are_rendered_from_the_exported_file(tiny_model_dir, image_dir, 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from trainer.loop import Trainer
     cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{
-        "saving.dtype": "fp16", "schedule.max_steps": 4, "sampling.steps": 4, "sampling.prompts": ["zqx", "a red square"]})
+        "saving.dtype": "fp16", "schedule.max_steps": 4, "sampling.steps": 4,
+        "sampling.prompts": ["zqx", "a red square"]})
     trainer = Trainer(cfg, runs.create_run_dir(cfg))
     trainer.run()
     with torch.no_grad():

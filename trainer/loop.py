@@ -26,6 +26,7 @@ from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
 from .distributed import DataParallelUNet, global_batch, share, world_size
 from .network import inject_lora, trained_text_encoders
+from .seeds import mix
 
 
 class TrainingError(RuntimeError):
@@ -34,14 +35,6 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, advice: str = ""):
         super().__init__(message)
         self.advice = advice
-
-
-def _mix(*parts: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash() of ints is stable, but spell it out)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 @dataclass
@@ -268,7 +261,7 @@ class Trainer:
         the process count that DDP's gradient mean divides by: the gradient is the global batch's mean either way.
         """
         cfg = self.cfg
-        torch.manual_seed(_mix(cfg.run.seed, self.step, 1, self.rank))  # LoRA dropout draws from the global generator
+        torch.manual_seed(mix(cfg.run.seed, self.step, 1, self.rank))  # LoRA dropout draws from the global generator
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total, self.step_images = torch.zeros((), device=self.device), 0
         for k, batch_index in enumerate(batches):
@@ -336,16 +329,16 @@ class Trainer:
         positions = list(range(start, end)) or [0]
         seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
         for p in positions:
-            item, rng = self.scan.items[indices[p]], random.Random(_mix(seed, batch_index, 3, p))
+            item, rng = self.scan.items[indices[p]], random.Random(mix(seed, batch_index, 3, p))
             posterior, size = self.posterior_of(indices[p], rng)
-            latents.append(self.sample_latents(posterior, torch.Generator().manual_seed(_mix(seed, batch_index, 4, p))))
+            latents.append(self.sample_latents(posterior, torch.Generator().manual_seed(mix(seed, batch_index, 4, p))))
             captions.append(build_caption(item, self.cfg.dataset, rng, self.scan.trigger))
             sizes.append(size)
         cond = self.base.conditioning(self.encode_captions(captions), sizes)
         weights = loss_weights([self.scan.items[indices[p]] for p in positions], self.cfg.loss.prior_loss_weight)
         if start == end:
             weights = torch.zeros_like(weights)
-        gens = [torch.Generator().manual_seed(_mix(seed, batch_index, 2, p)) for p in positions]
+        gens = [torch.Generator().manual_seed(mix(seed, batch_index, 2, p)) for p in positions]
         return torch.cat(latents), cond, weights, gens, len(indices)
 
     def sample_latents(self, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -13,6 +13,7 @@ import random
 import torch
 
 from . import config as C
+from .seeds import VALIDATION, mix
 from .data import DatasetError, with_trigger
 
 
@@ -61,11 +62,11 @@ class Validator:
         out = []
         for n, item in enumerate(self.items):
             size = nearest_bucket(item.width, item.height, buckets)
-            rng = random.Random(_seed(cfg.run.seed, n, 1))
+            rng = random.Random(mix(VALIDATION, cfg.run.seed, n, 1))
             _, box = crop_geometry(item, size, "center", rng)
             pixels = load_pixels(item, size, "center", False, rng, box=box).unsqueeze(0)
             latents = t.sample_latents(t.encode_pixels(pixels),
-                                       torch.Generator().manual_seed(_seed(cfg.run.seed, n, 2)))
+                                       torch.Generator().manual_seed(mix(VALIDATION, cfg.run.seed, n, 2)))
             out.append((latents, size_info(item, size, box), with_trigger(item.caption, t.scan.trigger)))
         return out
 
@@ -86,7 +87,7 @@ class Validator:
                 terms = []
                 for n, (latents, size, caption) in enumerate(self._inputs):
                     cond = t.base.conditioning(t.encode_captions([caption]), [size])
-                    gen = torch.Generator().manual_seed(_seed(cfg.run.seed, n, 3, timestep))
+                    gen = torch.Generator().manual_seed(mix(VALIDATION, cfg.run.seed, n, 3, timestep))
                     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
                     terms.append(fixed_noise_loss(t.base, latents, cond, noise, timestep, t.prediction))
                 per_t[str(timestep)] = sum(terms) / len(terms)
@@ -94,11 +95,3 @@ class Validator:
             for m, mode in zip(modules, modes):
                 m.train(mode)
         return sum(per_t.values()) / len(per_t), per_t
-
-
-def _seed(*parts: int) -> int:
-    """A seed from several integers (validation's own stream, apart from the training draws)."""
-    value = 0x5EED
-    for part in (0xA11D, *parts):
-        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
-    return value
