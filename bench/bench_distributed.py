@@ -28,11 +28,12 @@ RUNS = [("A", 1, 2, 4), ("B", 2, 1, 2), ("C", 1, 1, 2)]  # name, processes, thre
 
 def run(name: str, processes: int, threads: int, batch: int, steps: int, root: Path) -> dict:
     from trainer.events import Progress, read_events
-    sets = [f"dataset.path={ROOT / 'examples' / 'demo-concept'}", f"dataset.batch_size={batch}",
+    sets = [f"dataset.batch_size={batch}",
             f"schedule.max_steps={steps}", "precision.device=cpu", f"saving.runs_dir={root}", f"run.name={name}",
-            "network.text_encoders=[]", "dataset.cache_latents=memory"]
+            "dataset.cache_latents=memory"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--num-processes", str(processes)]
+    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--config", "tiny-demo", "--num-processes",
+           str(processes)]
     subprocess.run(cmd + [x for s in sets for x in ("--set", s)], check=True, env=env, cwd=ROOT)
     run_dir = next(p for p in root.iterdir() if p.name.startswith(name + "-"))
     times = [e.time for e in read_events(run_dir / "events.jsonl") if isinstance(e, Progress)]
@@ -45,7 +46,7 @@ def run(name: str, processes: int, threads: int, batch: int, steps: int, root: P
 def table(rows: list[dict]) -> str:
     by = {r["name"]: r for r in rows}
     lines = ["### Data parallel on the CPU (bench/bench_distributed.py)", "",
-             f"Built-in tiny model, demo dataset, global batch 4, {os.cpu_count()} cores, medians of the step "
+             f"The tiny-demo preset (built-in tiny model, 64 px, UNet and text-encoder LoRA), global batch 4, {os.cpu_count()} cores, medians of the step "
              f"intervals after 5 warm-up steps, one session.", "",
              "| run | processes x threads | batch per process | step | images/s |", "|---|---|---|---|---|"]
     for r in rows:

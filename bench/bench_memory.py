@@ -7,13 +7,13 @@ attention (fp32 weights, trained through bf16 autocast), gradient checkpointing,
 outputs (so no VAE or text encoder is resident), batch 1. On the CPU the peak is the process's maximum resident set;
 on a CUDA machine (--device cuda, the default when one is present) it is torch.cuda.max_memory_allocated.
 
-A CPU without native bf16 (AVX2 only, like the development machine) multiplies bf16 matrices about 80x slower than
-fp32 (1024x1024: 2.9 s against 36 ms), so there one SD 1.5 forward at 256 px takes minutes and SDXL at 512 px hours:
-run the default size on a GPU or a CPU with AVX-512 BF16 / AMX, and --resolution 256 elsewhere. (Computing in fp32
-layer by layer through diffusers' layerwise casting is not a way out: gradient checkpointing refuses it, and
-without checkpointing autograd keeps each layer's fp32 copy for the backward pass.)
+A CPU without native bf16 (AVX2 only, like the development machine) runs PyTorch's bf16 kernels slowly and
+unevenly: the UNet is kept channels_last (a 3x3 convolution in the default layout has no fast bf16 kernel there:
+48 s against 0.6 s), and still one SDXL training step at 512 px takes about an hour on 2 cores, against minutes
+for its forward pass (the backward kernels are the slow ones). The peaks are what such a machine can measure; a GPU
+or a CPU with AVX-512 BF16 / AMX gives the times too.
 
-    python bench/bench_memory.py                 # SD 1.5 and SDXL at 512 px, 2 timed steps each (~10 min on 2 cores)
+    python bench/bench_memory.py                 # SD 1.5 and SDXL at 512 px, 2 timed steps each
     python bench/bench_memory.py --models sdxl --resolution 1024 --steps 1
     python bench/bench_memory.py --write         # also put the table into docs/benchmarks.md
 """

@@ -27,7 +27,9 @@ Runs
   list_runs(runs_dir), run_info(run_dir) -> RunInfo, load_run_config(), checkpoint_dirs(), tail_events(path),
   read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Validation, Message,
   Finished, Failed), smoothed(values), run_checkpoint(run_dir, step|'best'), best_checkpoint(run_dir), JobError,
-  oom_advice()
+  oom_advice(); several processes: world_size(cfg), global_batch(cfg), launch_command(cfg, run_dir), in_worker(),
+  as_launched(cfg), shared_run_dir(runs_dir, create), launch_marker(runs_dir), is_main_process() (under
+  `accelerate launch ... -m trainer train`)
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
@@ -65,6 +67,8 @@ _EXPORTS = {
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
                      "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
     "oom_advice": "advice",
+    **dict.fromkeys(["world_size", "global_batch", "launch_command", "in_worker", "as_launched", "shared_run_dir",
+                     "launch_marker", "is_main_process"], "distributed"),
     # adapters
     **dict.fromkeys(["load_adapter", "check_adapter", "save_adapter", "export_adapter", "AdapterFormatError"],
                     "formats"),

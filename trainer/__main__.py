@@ -10,8 +10,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer import (INTERRUPTED, UserError, check_config, check_resumable, config_problems, create_run_dir, fields, list_presets,
-                     load_preset, preset_note, run_here, run_info)
+from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable, config_problems,
+                     create_run_dir, fields, in_worker, is_main_process, launch_marker, list_presets, load_preset,
+                     preset_note, run_here, run_info, shared_run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +82,22 @@ def cmd_train(args) -> int:
         raise UserError("--resume needs the run folder, e.g. --resume runs/my-lora-20261125-101500")
     if args.num_processes is not None:
         args.set.append(f"distributed.processes={args.num_processes}")
+    if args.resume and in_worker():
+        raise UserError("--resume under accelerate launch or torchrun: resume with python -m trainer train --resume "
+                        "RUN_DIR --num-processes N instead (it starts the processes itself)")
     if args.resume:
         if args.config:
             raise UserError("--resume reads the config from the run folder; pass changes with --set, not --config")
         run_dir = check_resumable(args.resume, args.set)  # e.g. --set schedule.max_steps=2000 to train longer
+    elif in_worker():  # every process of `accelerate launch ... -m trainer train` runs this: one run folder
+        cfg = as_launched(resolve_config(args.config, args.set))
+        run_dir = shared_run_dir(cfg.saving.runs_dir, lambda: create_run_dir(check_config(cfg, source=args.config)))
     else:
         run_dir = create_run_dir(check_config(resolve_config(args.config, args.set), source=args.config))
     if args.quiet:
         _quiet_libraries()
+    if in_worker():  # one of the processes of `accelerate launch`: process 0 reports, the others only train
+        return _train_launched(args, run_dir)
     try:
         code = run_here(run_dir, resume=bool(args.resume), callbacks=[] if args.quiet else [ProgressBar()])
     except UserError:
@@ -107,6 +116,20 @@ def cmd_train(args) -> int:
         print("stopped before the first training step; no adapter was written", file=sys.stderr)
     else:
         print(f"adapter: {info.adapter_path}")
+    return code
+
+
+def _train_launched(args, run_dir: Path) -> int:
+    main = is_main_process()
+    try:
+        code = run_here(run_dir, resume=bool(args.resume), callbacks=[ProgressBar()] if main and not args.quiet else [])
+    finally:
+        if main and not args.resume:
+            launch_marker(run_dir.parent).unlink(missing_ok=True)
+    if main:
+        info = run_info(run_dir)
+        print(f"adapter: {info.adapter_path}" if code == 0 and info.adapter_path else f"training ended: {info.state}"
+              + (f": {info.error}" if info.error else ""), file=sys.stdout if code == 0 else sys.stderr)
     return code
 
 

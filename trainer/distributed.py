@@ -9,7 +9,7 @@ communication.
 
 Exactness: every sample's randomness is drawn from (seed, batch, position in the global batch) (loop.py), and each
 process's loss is its share of the global mean, so a global batch trains the same way however many processes
-share it.
+share it (with network.dropout = 0: LoRA dropout masks are drawn per process).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from . import config as C
 
-WORKER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
+WORKER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun (and accelerate launch, which runs it) in every process
+OURS_ENV = "LORADESK_LAUNCHER"  # set by run_launched: the launcher above holds the run lock and reports
 
 
 def world_size(cfg: C.TrainConfig) -> int:
@@ -35,8 +36,48 @@ def global_batch(cfg: C.TrainConfig) -> int:
 
 
 def in_worker() -> bool:
-    """This process is one of those torchrun started (the launcher above it holds the run lock)."""
+    """This process is one of those torchrun started (by run_launched, or by `accelerate launch` / `torchrun -m
+    trainer train` from the user's shell)."""
     return WORKER_ENV in os.environ
+
+
+def launched_by_us() -> bool:
+    return OURS_ENV in os.environ
+
+
+def as_launched(cfg: C.TrainConfig) -> C.TrainConfig:
+    """`cfg` with distributed.processes and machines as the outside launcher started them (its WORLD_SIZE and
+    LOCAL_WORLD_SIZE): with `accelerate launch --num_processes N` the command line already says how many."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    C.set_value(cfg, "distributed.processes", local)
+    C.set_value(cfg, "distributed.machines", max(1, world // local))
+    return cfg
+
+
+def launch_marker(runs_dir: str | Path) -> Path:
+    """Where process 0 names the run folder for the others: keyed by the launch (torchrun's run id, which is
+    "none" unless --rdzv-id is given, and the agent's pid, the parent of every process of one launch). One machine
+    only: several machines use this CLI's own launcher (distributed.machines)."""
+    return C.expand_path(runs_dir) / f".launch-{os.environ[WORKER_ENV]}-{os.getppid()}"
+
+
+def shared_run_dir(runs_dir: str | Path, create, timeout: float = 300.0) -> Path:
+    """The one run folder of processes an outside launcher started, each running `python -m trainer train`: rank 0
+    creates it (`create()`) and names it in launch_marker(); the others wait for that file. Process 0 removes the
+    marker when the run ends."""
+    import time
+    from .atomic import write_text_atomic
+    marker = launch_marker(runs_dir)
+    if is_main_process():
+        run_dir = Path(create())
+        write_text_atomic(marker, str(run_dir.resolve()))
+        return run_dir
+    deadline = time.monotonic() + timeout
+    while not marker.is_file():
+        if time.monotonic() > deadline:
+            raise C.ConfigError([f"process 0 did not create the run folder in {timeout:.0f} s (waited for {marker})"])
+        time.sleep(0.2)
+    return Path(marker.read_text(encoding="utf-8").strip())
 
 
 def is_main_process() -> bool:
@@ -48,16 +89,19 @@ def launch_command(cfg: C.TrainConfig, run_dir: str | Path, resume: bool = False
     """The torchrun command that starts this machine's processes of the run (the same on every machine but for
     --node-rank)."""
     d = cfg.distributed
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(d.processes),
-           "--nnodes", str(d.machines), "--node-rank", str(d.machine_rank),
-           "--master-addr", d.main_address, "--master-port", str(d.main_port), "--max-restarts", "0",
-           "-m", "trainer.job", str(Path(run_dir).resolve())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(d.processes)]
+    if d.machines == 1:  # torchrun finds a free port itself: two runs, or a busy 29500, never collide
+        cmd += ["--standalone"]
+    else:
+        cmd += ["--nnodes", str(d.machines), "--node-rank", str(d.machine_rank), "--master-addr", d.main_address,
+                "--master-port", str(d.main_port)]
+    cmd += ["--max-restarts", "0", "-m", "trainer.job", str(Path(run_dir).resolve())]
     return cmd + (["--resume"] if resume else [])
 
 
 def launch_env(cfg: C.TrainConfig, env: dict | None = None) -> dict:
     """The processes' environment: the chosen GPUs, and on the CPU each process its share of the cores."""
-    env = dict(os.environ if env is None else env)
+    env = dict(os.environ if env is None else env, **{OURS_ENV: "1"})
     if cfg.distributed.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, C.gpu_list(cfg.distributed.gpus)))
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; share the cores instead
@@ -94,7 +138,8 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
     the run a stop command, so every process stops after the same step; a second one ends them. `callbacks` (the
     CLI's progress bar) hear the main process's events from events.jsonl."""
     import threading
-    from .events import send_command
+    from .events import read_events, send_command
+    before = len(read_events(Path(run_dir) / "events.jsonl"))  # this attempt's events come after these
     done = threading.Event()
     forwarder = threading.Thread(target=_forward_events, args=(Path(run_dir), callbacks or [], done), daemon=True)
     forwarder.start()
@@ -119,11 +164,10 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.close()
-    if code != 0:
-        _report_dead_process(run_dir, errors, code)
+    finished = code == 0 or _report_failure(run_dir, errors, code, before)
     done.set()
     forwarder.join()
-    return 0 if code == 0 else 1
+    return 0 if finished else 1
 
 
 def _forward_events(run_dir: Path, callbacks: list, done) -> None:
@@ -153,19 +197,52 @@ def _relay(process: subprocess.Popen, log) -> str:
     return "".join(kept)
 
 
-def _report_dead_process(run_dir: Path, errors: str, code: int) -> None:
-    """A Failed event naming the process that died, unless a process already said why the run failed."""
+def _report_failure(run_dir: Path, errors: str, code: int, before: int) -> bool:
+    """After torchrun failed: True when this attempt had finished anyway (a teardown error); else a Failed event
+    naming the process that died or failed, unless process 0 already said why the run failed."""
     from . import runs
-    from .events import EventLog, Failed
-    info = runs.run_info(run_dir)
-    dead = dead_process(errors)
-    if info.state == "failed" and not dead:
-        return
-    what = dead or f"the training processes exited with code {code}"
+    from .events import EventLog, Failed, Finished, Progress, read_events
+    events = read_events(Path(run_dir) / "events.jsonl")[before:]
+    if any(isinstance(e, Finished) for e in events):
+        return True
+    if any(isinstance(e, Failed) for e in events):
+        return False
+    what = dead_process(errors) or f"the training processes exited with code {code}"
+    said = [line.split(": ", 1)[1] for line in errors.splitlines() if line.startswith(REPORT_PREFIX)]
     last = runs.last_checkpoint(run_dir)
     kept = f"; the last good checkpoint ({last.name}) is kept: resume the run" if last else ""
-    EventLog(Path(run_dir) / "events.jsonl")(Failed(step=info.step, error=what + kept,
+    step = max([e.step for e in events if isinstance(e, Progress)], default=0)
+    EventLog(Path(run_dir) / "events.jsonl")(Failed(step=step, error=what + (f": {said[-1]}" if said else "") + kept,
                                                     last_checkpoint=str(last or "")))
+    return False
+
+
+REPORT_PREFIX = "loradesk process"  # how a process other than 0 says why it failed (it writes no events)
+
+
+def report_to_stderr(rank: int):
+    """The consumer of a process other than 0: its failure (and warnings) as one line each on stderr, which the
+    launcher keeps in train.log and quotes in the Failed event."""
+    def report(event) -> None:
+        from .events import Failed, Message
+        if isinstance(event, Failed):
+            print(f"{REPORT_PREFIX} {rank} failed: {event.error}" + (f" ({event.advice})" if event.advice else ""),
+                  file=sys.stderr, flush=True)
+        elif isinstance(event, Message) and event.level != "info":
+            print(f"{REPORT_PREFIX} {rank} {event.level}: {event.text}", file=sys.stderr, flush=True)
+    return report
+
+
+PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "remote worker", "communicator was aborted")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective that failed because another process died (torch's DistError; gloo raises a plain RuntimeError
+    saying so): the launcher names that process instead."""
+    if not in_worker():
+        return False
+    text = str(error)
+    return any(cls.__name__ == "DistError" for cls in type(error).__mro__) or any(m in text for m in PEER_MARKERS)
 
 
 def dead_process(torchrun_errors: str) -> str:

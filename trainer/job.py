@@ -189,7 +189,7 @@ def _refuse_without_checkpoint(run_dir: Path, cfg: C.TrainConfig) -> None:
 def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig:
     """--set on a run being resumed, refusing keys the checkpoint or the batch order depend on. The process count
     and the per-process batch may change together, as long as the global batch stays what it was."""
-    from .distributed import global_batch
+    from .distributed import global_batch, world_size
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     frozen = [k for k in keys if k.startswith(FROZEN_ON_RESUME) and k != "dataset.batch_size"]
     if frozen:
@@ -198,8 +198,7 @@ def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig
     before = global_batch(cfg)
     cfg = C.apply_overrides(copy.deepcopy(cfg), overrides)
     if global_batch(cfg) != before:
-        d = cfg.distributed
-        raise JobError(f"resuming with {d.processes * d.machines} process(es) x batch_size {cfg.dataset.batch_size} "
+        raise JobError(f"resuming with {world_size(cfg)} process(es) x batch_size {cfg.dataset.batch_size} "
                        f"changes the global batch from {before} to {global_batch(cfg)} images per step; keep "
                        f"dataset.batch_size x distributed.processes x machines x gradient_accumulation = {before}")
     return cfg
@@ -237,12 +236,13 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
     The first Ctrl+C (or SIGTERM) stops after the current step and still writes the adapter."""
     from . import distributed
     run_dir = Path(run_dir)
-    if distributed.in_worker():  # one of several processes: the launcher holds the lock and reports
+    if distributed.in_worker() and (distributed.launched_by_us() or not distributed.is_main_process()):
+        # one of several processes: the launcher (or, under accelerate launch, process 0) holds the lock
         return _train_holding_lock(run_dir, resume, callbacks if distributed.is_main_process() else [])
     try:  # taken before torch loads: the run reads as training from the process's first second (runlock.py)
         with runlock.holding(run_dir):  # and held until the last event is written
             cfg = runs.load_run_config(run_dir)
-            if distributed.world_size(cfg) > 1:
+            if distributed.world_size(cfg) > 1 and not distributed.in_worker():
                 return distributed.run_launched(cfg, run_dir, resume, callbacks or [])
             return _train_holding_lock(run_dir, resume, callbacks)
     except runlock.RunLockedError as e:
@@ -251,10 +251,10 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
 
 def _train_holding_lock(run_dir: Path, resume: bool, callbacks: list | None) -> int:
     from .loop import Trainer
-    from .distributed import is_main_process
+    from .distributed import is_main_process, report_to_stderr
     cfg = runs.load_run_config(run_dir)
-    if not is_main_process():  # one writer: the other processes train and stay silent
-        return _train(Trainer(cfg, run_dir), resume)
+    if not is_main_process():  # one writer: the other processes write no events, only say why they failed
+        return _train(Trainer(cfg, run_dir, callbacks=[report_to_stderr(int(os.environ["RANK"]))]), resume)
     consumers = [EventLog(run_dir / "events.jsonl"), *(callbacks or [])]
     if cfg.logging.tensorboard:
         from .tracking import TensorBoardLog
@@ -273,6 +273,10 @@ def _train(trainer, resume: bool) -> int:
         trainer.emit(Failed(step=trainer.step, error=str(e)))
         raise
     except Exception as e:  # out of memory while loading, a crash: the run's state must still say why
+        from .distributed import is_peer_failure
+        if is_peer_failure(e):  # another process died: the launcher's Failed names it
+            print(f"stopped: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            return 1
         error = f"{type(e).__name__}: {e}"
         trainer.emit(Failed(step=trainer.step, error=error, advice=advice_for(error)))
         raise

@@ -203,9 +203,13 @@ class Trainer:
     def _data_parallel(self):
         """What the loss runs the UNet through: the model itself, or over several processes a view of it whose
         forward goes through accelerate's DistributedDataParallel wrapper."""
-        if self.world == 1:
+        if self.world == 1 or not self.params.unet:  # text-encoder-only LoRA: their gradients are averaged by hand
             return self.base
-        self.ddp_unet = self.accelerator.prepare_model(self.base.unet)
+        unet = self.base.unet
+        self.ddp_unet = self.accelerator.prepare_model(unet)
+        if "_original_forward" in vars(unet):  # accelerate wrapped the UNet's own forward in autocast: undo it, or
+            unet.forward = unet._original_forward  # validation and samples (which call it) would differ by world
+            del unet._original_forward
         return dataclasses.replace(self.base, unet=DataParallelUNet(self.ddp_unet))
 
     def _train_mode(self) -> None:
@@ -231,9 +235,9 @@ class Trainer:
             for command in self._commands():
                 if command == "stop":
                     return True
-                if command == "save":
+                if command == "save" and self.is_main:  # one writer
                     self.save_checkpoint()
-                if command == "sample":
+                if command == "sample" and self.is_main:
                     self.render_samples()
             loss = self.optimizer_step()
             self.step += 1
@@ -267,9 +271,10 @@ class Trainer:
         for k, batch_index in enumerate(batches):
             latents, cond, weights, gens, count = self.micro_batch(batch_index)
             self.step_images += count
-            with self._sync(last=k == len(batches) - 1), self.accelerator.autocast():
-                losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
-                loss = (losses * weights.to(losses.device)).sum() / count
+            with self._sync(last=k == len(batches) - 1):
+                with self.accelerator.autocast():
+                    losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
+                    loss = (losses * weights.to(losses.device)).sum() / count
                 self.accelerator.backward(loss * self.world / len(batches))
             total += loss.detach() / len(batches)
         total = self._reduce(total, "sum")
@@ -295,7 +300,7 @@ class Trainer:
     def _sync(self, last: bool):
         """DDP all-reduces the UNet's LoRA gradients on the last micro-batch of a step only."""
         import contextlib
-        if self.world == 1 or last:
+        if self.world == 1 or last or self.train_model is self.base:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.ddp_unet)
 

@@ -163,8 +163,8 @@ class FusedBlender:
 def fused(base, adapter: Adapter, keep_on: str | torch.device | None = None):
     """`adapter` fused into `base`'s weights (weight 1) inside the block; W0 restored bit for bit after."""
     blender = FusedBlender.of(base, keep_on)
-    blender.add("adapter", adapter)
     try:
+        blender.add("adapter", adapter)  # inside: a failure halfway still restores the layers already fused
         yield
     finally:
         blender.clear()
