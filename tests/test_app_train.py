@@ -1,11 +1,10 @@
 """Train tab handlers, called directly: the form mirrors the config, problems land on their fields, and a real
 tiny training is started, followed, refused a second time, stopped with a usable adapter, and resumed."""
-import time
 from pathlib import Path
 
 import pytest
 
-from tiny import make_images
+from tiny import make_images, wait_for
 from app import forms as F
 from app import runview as V
 from app.errors import AppError
@@ -210,16 +209,6 @@ def test_format_eta():
 
 # ----------------------------------------------------------------------------------------------------------------
 # a real run on the tiny model, in its own process
-
-def wait_for(predicate, timeout=180.0, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 @pytest.mark.slow
 def test_a_real_run_starts_refuses_a_second_stops_with_an_adapter_and_resumes(tmp_path, tiny_model_dir,

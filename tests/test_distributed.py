@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from tiny import make_images
+from tiny import make_images, wait_for
 from trainer import config as C
 from trainer import runs
 from trainer.__main__ import main
@@ -150,16 +149,6 @@ def test_a_dead_process_is_named():
                "  exitcode  : -9 (pid: 4242)  (SIGKILL)\n")
     assert dead_process(summary) == "training process 1 died (signal 9, SIGKILL)"
     assert dead_process("nothing useful") == ""
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def steps_done(run_dir: Path) -> int:

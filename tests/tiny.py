@@ -187,3 +187,15 @@ def save_tiny_sd2(folder: str | Path, seed: int = 0, prediction: str = "v_predic
                                    requires_safety_checker=False)
     pipe.save_pretrained(Path(folder), safe_serialization=True)
     return Path(folder)
+
+
+def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
+    """predicate()'s first true value, polled; an AssertionError naming `what` after `timeout` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
