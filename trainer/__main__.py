@@ -109,6 +109,10 @@ def cmd_train(args) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         print("stopped while the model loaded; nothing was written", file=sys.stderr)
         return code
+    return _say_how_it_ended(run_dir, code)
+
+
+def _say_how_it_ended(run_dir: Path, code: int) -> int:
     info = run_info(run_dir)
     if code:  # a failed run says why on stderr, --quiet or not
         print(f"training failed: {info.error}" + (f"\n{info.advice}" if info.advice else ""), file=sys.stderr)
@@ -126,11 +130,7 @@ def _train_launched(args, run_dir: Path) -> int:
     finally:
         if main and not args.resume:
             launch_marker(run_dir.parent).unlink(missing_ok=True)
-    if main:
-        info = run_info(run_dir)
-        print(f"adapter: {info.adapter_path}" if code == 0 and info.adapter_path else f"training ended: {info.state}"
-              + (f": {info.error}" if info.error else ""), file=sys.stdout if code == 0 else sys.stderr)
-    return code
+    return _say_how_it_ended(run_dir, code) if main else code
 
 
 def _quiet_libraries() -> None:

@@ -570,6 +570,11 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
 PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir")
 
 
+def sample_prompts(cfg: TrainConfig, trigger: str | None) -> list[str]:
+    """The prompts samples are rendered with: sampling.prompts, else the dataset's trigger alone."""
+    return list(cfg.sampling.prompts or [trigger or "a photo"])
+
+
 def gpu_list(text: str) -> list[int]:
     """'0, 2' -> [0, 2] (distributed.gpus); a ValueError for anything else."""
     return [int(part) for part in text.replace(" ", "").split(",") if part]

@@ -238,7 +238,7 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
     run_dir = Path(run_dir)
     if distributed.in_worker() and (distributed.launched_by_us() or not distributed.is_main_process()):
         # one of several processes: the launcher (or, under accelerate launch, process 0) holds the lock
-        return _train_holding_lock(run_dir, resume, callbacks if distributed.is_main_process() else [])
+        return _train_holding_lock(run_dir, resume, callbacks)
     try:  # taken before torch loads: the run reads as training from the process's first second (runlock.py)
         with runlock.holding(run_dir):  # and held until the last event is written
             cfg = runs.load_run_config(run_dir)

@@ -311,7 +311,7 @@ class Trainer:
         """The text encoders' LoRA gradients, averaged over the processes (the UNet's are DDP's)."""
         if self.world == 1:
             return
-        for component, params in self.params.text_encoders.items():
+        for params in self.params.text_encoders.values():
             for p in params.values():
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
@@ -333,14 +333,15 @@ class Trainer:
         start, end = share(indices, self.rank, self.world)
         positions = list(range(start, end)) or [0]
         seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
-        for p in positions:
-            item, rng = self.scan.items[indices[p]], random.Random(mix(seed, batch_index, 3, p))
+        items = [self.scan.items[indices[p]] for p in positions]
+        for p, item in zip(positions, items):
+            rng = random.Random(mix(seed, batch_index, 3, p))
             posterior, size = self.posterior_of(indices[p], rng)
             latents.append(self.sample_latents(posterior, torch.Generator().manual_seed(mix(seed, batch_index, 4, p))))
             captions.append(build_caption(item, self.cfg.dataset, rng, self.scan.trigger))
             sizes.append(size)
         cond = self.base.conditioning(self.encode_captions(captions), sizes)
-        weights = loss_weights([self.scan.items[indices[p]] for p in positions], self.cfg.loss.prior_loss_weight)
+        weights = loss_weights(items, self.cfg.loss.prior_loss_weight)
         if start == end:
             weights = torch.zeros_like(weights)
         gens = [torch.Generator().manual_seed(mix(seed, batch_index, 2, p)) for p in positions]
@@ -454,14 +455,11 @@ class Trainer:
 
     def render_samples(self) -> list[Path]:
         """Sample prompts with the current adapter at fixed seeds, so steps are comparable; written and emitted."""
-        prompts = self.sample_prompts()
+        prompts = C.sample_prompts(self.cfg, self.scan.trigger)
         paths = [save_image_atomic(image, self.run_dir / "samples" / f"step-{self.step:06d}-{i}.png")
                  for i, image in enumerate(self.sample_images())]
         self.emit(SampleWritten(step=self.step, paths=[str(p) for p in paths], prompts=prompts))
         return paths
-
-    def sample_prompts(self) -> list[str]:
-        return list(self.cfg.sampling.prompts or [self.scan.trigger or "a photo"])
 
     @torch.no_grad()
     def sample_images(self, output_type: str = "pil") -> list:
@@ -483,7 +481,7 @@ class Trainer:
                              num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
                              height=cfg.dataset.resolution, width=cfg.dataset.resolution, output_type=output_type,
                              generator=torch.Generator().manual_seed(cfg.sampling.seed + i)).images[0]
-                        for i, prompt in enumerate(self.sample_prompts())]
+                        for i, prompt in enumerate(C.sample_prompts(cfg, self.scan.trigger))]
         finally:
             self._train_mode()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from trainer import runs
+from trainer.config import sample_prompts
 from trainer.data.captions import dataset_trigger
 from trainer.errors import UserError
 
@@ -25,7 +26,7 @@ def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, s
     checkpoints = runs.checkpoint_dirs(run_dir)
     if not checkpoints:
         raise UserError(f"run {run_dir.name} has no checkpoint yet; compare it after its first one")
-    prompts = prompts or cfg.sampling.prompts or [cfg.dataset.trigger or dataset_trigger(cfg.dataset.path) or "a photo"]
+    prompts = prompts or sample_prompts(cfg, cfg.dataset.trigger or dataset_trigger(cfg.dataset.path))
     seeds = seeds or [cfg.sampling.seed, cfg.sampling.seed + 1]
     generator = generator or Generator(cfg.model.path)
     size = size or generator.base.native_resolution
