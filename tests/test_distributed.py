@@ -251,15 +251,24 @@ def test_the_gpu_check_says_so_without_cuda():
     assert done.returncode == 0 and "no CUDA device here" in done.stdout, done.stderr[-2000:]
 
 
-def test_an_outside_launcher_runs_the_cli_in_every_process(tiny_model_dir, eight, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes N -m trainer train ...` runs torchrun's launcher: each
-    process runs the CLI; process 0 makes the one run folder and the others train in it."""
+OUTSIDE_LAUNCHERS = {
+    "torchrun": lambda port: ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)],
+    # the issue's GPU command; on a machine without CUDA accelerate's --multi_gpu still starts torchrun's launcher
+    # and the processes meet over gloo (precision.device=cpu), so the very command line runs here
+    "accelerate": lambda port: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher", list(OUTSIDE_LAUNCHERS))
+def test_an_outside_launcher_runs_the_cli_in_every_process(tiny_model_dir, eight, tmp_path, launcher):
+    """`accelerate launch --multi_gpu --num_processes N -m trainer train ...` and `torchrun ... -m trainer train`:
+    each process runs the CLI; process 0 makes the one run folder and the others train in it."""
     import subprocess
     import sys
     from trainer.job import child_env
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "trainer", "train", "--quiet",
+    cmd = [sys.executable, *OUTSIDE_LAUNCHERS[launcher](free_port()), "-m", "trainer", "train", "--quiet",
            *sets(tiny_model_dir, eight, tmp_path / "runs", "outside", "dataset.batch_size=2")]
     done = subprocess.run(cmd, env=child_env(dict(os.environ, OMP_NUM_THREADS="1")), capture_output=True, text=True,
                           timeout=300)
