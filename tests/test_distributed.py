@@ -202,6 +202,35 @@ def test_ctrl_c_stops_every_process_after_the_same_step(tiny_model_dir, eight, t
     assert isinstance(last, Finished) and last.stopped and Path(last.adapter_path).is_file()
 
 
+def test_a_second_ctrl_c_aborts_every_process_at_once(tiny_model_dir, eight, tmp_path):
+    """The first Ctrl+C stops after the step and writes the adapter; a second aborts: no process finishes its step
+    or writes an adapter, the last checkpoint is kept, and the run resumes."""
+    import subprocess
+    import sys
+    from trainer.job import child_env
+    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--num-processes", "2",
+           *sets(tiny_model_dir, eight, tmp_path / "runs", "abort", "dataset.batch_size=2", "schedule.max_steps=400",
+                 "saving.every_n_steps=2")]
+    cli = subprocess.Popen(cmd, env=child_env(dict(os.environ, OMP_NUM_THREADS="1")), stderr=subprocess.PIPE,
+                           text=True)
+    run_dir = wait_for(lambda: next((tmp_path / "runs").glob("abort-*"), None), 60, "the run folder")
+    wait_for(lambda: runs.last_checkpoint(run_dir), 120, "a checkpoint")
+    cli.send_signal(signal.SIGINT)
+    said = cli.stderr.readline() + cli.stderr.readline()  # the launcher has heard the first (two at once are one)
+    cli.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    _, err = cli.communicate(timeout=90)
+    print(f"every process had ended {time.monotonic() - second:.1f} s after the second Ctrl+C")
+    err = said + err
+    assert cli.returncode == 130, err
+    assert "aborted" in err and "resume" in err and "Traceback" not in err
+    assert worker_pid(run_dir.resolve(), 0) is None and worker_pid(run_dir.resolve(), 1) is None
+    assert not (run_dir / "abort.safetensors").exists(), "aborted: no process went on to write the adapter"
+    info = runs.run_info(run_dir)
+    assert info.state == "stopped", info
+    assert main(["train", "--quiet", "--resume", str(run_dir), "--set", f"schedule.max_steps={info.step + 1}"]) == 0
+
+
 def worker_pid(run_dir: Path, rank: int) -> int | None:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -240,6 +269,26 @@ def test_kill_9_of_a_worker_fails_the_run_within_60_s_and_it_resumes(tiny_model_
                                   f"schedule.max_steps={int(step.split('-')[1]) + 2}"])
     assert main(["train", "--quiet", "--resume", str(job.run_dir)]) == 0, "resumed in one process, same global batch"
     assert runs.run_info(job.run_dir).state == "finished"
+
+
+def test_a_killed_launcher_leaves_no_process_and_loses_nothing(tiny_model_dir, eight, tmp_path):
+    """The launcher (the app's trainer child, or the CLI) held the run's lock; killed with -9, torchrun and the
+    processes would train on with nobody holding it, so the app would offer a resume of a run still training.
+    Process 0 notices the free lock, takes it, and the run stops after the step, adapter written."""
+    job = start(tiny_model_dir, eight, tmp_path / "runs", "orphan", "schedule.max_steps=400",
+                "saving.every_n_steps=1000")
+    wait_for(lambda: steps_done(job.run_dir) >= 2, 120, "two steps")
+    job.process.kill()
+    killed_at = time.monotonic()
+    wait_for(lambda: worker_pid(job.run_dir.resolve(), 0) is None and worker_pid(job.run_dir.resolve(), 1) is None,
+             60, "every process to end")
+    print(f"every process ended {time.monotonic() - killed_at:.1f} s after the launcher was killed")
+    events = read_events(job.run_dir / "events.jsonl")
+    assert isinstance(events[-1], Finished) and events[-1].stopped and Path(events[-1].adapter_path).is_file()
+    assert any("launcher" in getattr(e, "text", "") for e in events), "the run says why it stopped"
+    assert runs.run_info(job.run_dir).state == "stopped"
+    assert main(["train", "--quiet", "--resume", str(job.run_dir),
+                 "--set", f"schedule.max_steps={events[-1].step + 1}"]) == 0
 
 
 def test_the_gpu_check_says_so_without_cuda():

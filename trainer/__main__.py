@@ -10,9 +10,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable, config_problems,
-                     create_run_dir, fields, in_worker, is_main_process, launch_marker, list_presets, load_preset,
-                     preset_note, run_here, run_info, shared_run_dir)
+from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable, checkpoint_dirs,
+                     config_problems, create_run_dir, fields, in_worker, is_main_process, launch_marker, list_presets,
+                     load_preset, preset_note, run_here, run_info, shared_run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +105,20 @@ def cmd_train(args) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
         raise
     if code == INTERRUPTED:
-        if not args.resume and not _trained(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        print("stopped while the model loaded; nothing was written", file=sys.stderr)
+        _say_aborted(run_dir, args.resume)
         return code
     return _say_how_it_ended(run_dir, code)
+
+
+def _say_aborted(run_dir: Path, resumed) -> None:
+    """After a Ctrl+C that did not wait for the step (or came while the model loaded): what is kept."""
+    if not resumed and not _trained(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
+        print("stopped while the model loaded; nothing was written", file=sys.stderr)
+        return
+    kept = checkpoint_dirs(run_dir)
+    print("aborted; " + (f"the last checkpoint ({kept[-1].name}) is kept: resume the run (python -m trainer train "
+                         f"--resume {run_dir})" if kept else "no checkpoint had been written yet"), file=sys.stderr)
 
 
 def _say_how_it_ended(run_dir: Path, code: int) -> int:

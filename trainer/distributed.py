@@ -85,6 +85,27 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def visible_gpus() -> list[str]:
+    """This machine's CUDA GPUs (as CUDA_VISIBLE_DEVICES shows them), by index: 'name (memory)'; [] without."""
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    found = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return [f"{p.name} ({p.total_memory / 2 ** 30:.0f} GB)" for p in found]
+
+
+def chosen_gpus(cfg: C.TrainConfig) -> list[int]:
+    """The GPUs a config trains on: distributed.gpus, else the first distributed.processes ones."""
+    return C.gpu_list(cfg.distributed.gpus) or list(range(cfg.distributed.processes))
+
+
+def gpu_settings(indices: list[int]) -> dict[str, object]:
+    """The distributed.* values that train on these GPUs, one process each (none picked: the first one)."""
+    indices = sorted(set(indices)) or [0]
+    first = indices == list(range(len(indices)))
+    return {"distributed.processes": len(indices), "distributed.gpus": "" if first else ",".join(map(str, indices))}
+
+
 def launch_command(cfg: C.TrainConfig, run_dir: str | Path, resume: bool = False) -> list[str]:
     """The torchrun command that starts this machine's processes of the run (the same on every machine but for
     --node-rank)."""
@@ -129,6 +150,24 @@ class DataParallelUNet:
         return getattr(self._wrapped.module, name)
 
 
+class LauncherWatch:
+    """Process 0's watch on the launcher above it (run_launched), which holds the run's lock: killed (kill -9, the
+    OOM killer), it leaves torchrun and the processes training with the lock free, so the app would read the run
+    as ended and offer to resume it while it trains. Process 0 takes the free lock, so the run reads as training
+    until its processes, told to stop, have written the adapter."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.held = run_dir, None
+
+    def launcher_gone(self) -> bool:
+        """True once, when the launcher is found gone (and its lock is now this process's)."""
+        if self.held is not None or not (in_worker() and launched_by_us()):
+            return False
+        from .runlock import try_hold
+        self.held = try_hold(self.run_dir)
+        return self.held is not None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the launcher: this machine's processes, Ctrl+C as a stop command, a dead process named
 
@@ -144,8 +183,10 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
     forwarder = threading.Thread(target=_forward_events, args=(Path(run_dir), callbacks or [], done), daemon=True)
     forwarder.start()
     log = open(Path(run_dir) / "train.log", "ab")
-    # the processes' output (library bars, tracebacks) goes to train.log; the user hears the events
-    process = subprocess.Popen(launch_command(cfg, run_dir, resume), stdout=log, stderr=subprocess.PIPE,
+    start = log.seek(0, os.SEEK_END)
+    # the processes' output (library bars, tracebacks, torchrun's summary) goes to train.log, a file that outlives
+    # this process (a pipe to it would break every process's next write if it were killed); the user hears events
+    process = subprocess.Popen(launch_command(cfg, run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=launch_env(cfg, env), start_new_session=True)
     stops = []
 
@@ -154,20 +195,32 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
         if len(stops) == 1:
             print("\nstopping every process after this step (Ctrl+C again to abort)", file=sys.stderr)
             send_command(run_dir, "stop")
-        else:
+        else:  # torchrun passes SIGTERM on; each process ends at once (job.Aborted), torchrun's grace unused
             os.killpg(process.pid, signal.SIGTERM)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        errors = _relay(process, log)
         code = process.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.close()
-    finished = code == 0 or _report_failure(run_dir, errors, code, before)
+    errors = _log_tail(Path(run_dir) / "train.log", start)
+    if len(stops) > 1:
+        _report_abort(run_dir, before)
+    finished = code == 0 or len(stops) > 1 or _report_failure(run_dir, errors, code, before)
     done.set()
     forwarder.join()
-    return 0 if finished else 1
+    from .job import INTERRUPTED
+    return INTERRUPTED if len(stops) > 1 else 0 if finished else 1
+
+
+def _report_abort(run_dir: Path, before: int) -> None:
+    """After a second Ctrl+C: the run stopped where it was (as one process's does), unless it had ended anyway."""
+    from .events import EventLog, Failed, Finished, Progress, read_events
+    events = read_events(Path(run_dir) / "events.jsonl")[before:]
+    if not any(isinstance(e, (Finished, Failed)) for e in events):
+        step = max([e.step for e in events if isinstance(e, Progress)], default=0)
+        EventLog(Path(run_dir) / "events.jsonl")(Finished(step=step, adapter_path="", stopped=True))
 
 
 def _forward_events(run_dir: Path, callbacks: list, done) -> None:
@@ -186,15 +239,11 @@ def _forward_events(run_dir: Path, callbacks: list, done) -> None:
             return
 
 
-def _relay(process: subprocess.Popen, log) -> str:
-    """The processes' stderr to train.log; its end kept, to find which process failed."""
-    kept = []
-    for line in iter(process.stderr.readline, b""):
-        log.write(line)
-        log.flush()
-        kept.append(line.decode(errors="replace"))
-        del kept[:-400]
-    return "".join(kept)
+def _log_tail(path: Path, start: int, size: int = 64_000) -> str:
+    """The end of what this attempt wrote to train.log: where torchrun names the process that failed."""
+    with open(path, "rb") as f:
+        f.seek(max(start, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode(errors="replace")
 
 
 def _report_failure(run_dir: Path, errors: str, code: int, before: int) -> bool:

@@ -47,11 +47,23 @@ def machine_problems(cfg: C.TrainConfig) -> list[str]:
         problems.append("optimizer.name=prodigy needs the prodigy extra: pip install 'loradesk[prodigy]'")
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("logging.tensorboard needs the tensorboard extra: pip install 'loradesk[tensorboard]'")
-    gpus = torch.cuda.device_count() if on_cuda else 0
-    if on_cuda and cfg.distributed.processes > gpus:
-        problems.append(f"distributed.processes is {cfg.distributed.processes} but this machine has {gpus} GPU(s): "
-                        f"one process per GPU (or precision.device=cpu for CPU processes)")
+    if on_cuda:
+        problems += _gpu_problems(cfg, torch.cuda.device_count())
     return problems
+
+
+def _gpu_problems(cfg: C.TrainConfig, gpus: int) -> list[str]:
+    """distributed.* against this machine's GPUs: one process each, of the GPUs it has."""
+    from .distributed import chosen_gpus
+    if cfg.distributed.processes > gpus:
+        return [f"distributed.processes is {cfg.distributed.processes} but this machine has {gpus} GPU(s): one "
+                f"process per GPU (or precision.device=cpu for CPU processes)"]
+    try:
+        missing = [i for i in chosen_gpus(cfg) if i >= gpus]
+    except ValueError:  # config.validate names it
+        return []
+    return [f"distributed.gpus names GPU {missing[0]}, but this machine has {gpus} GPUs (0 to {gpus - 1})"] \
+        if missing else []
 
 
 def model_problems(cfg: C.TrainConfig) -> list[str]:
@@ -266,6 +278,8 @@ def _train(trainer, resume: bool) -> int:
     _stop_on_interrupt(trainer)
     try:
         path = trainer.run(resume=resume)
+    except Aborted:  # torchrun ends the processes: the launcher reports
+        return INTERRUPTED
     except KeyboardInterrupt:  # Ctrl+C while the model loaded: stopped at once, nothing written
         trainer.emit(Finished(step=trainer.step, adapter_path="", stopped=True))
         return INTERRUPTED
@@ -286,10 +300,21 @@ def _train(trainer, resume: bool) -> int:
 INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
 
 
+class Aborted(BaseException):
+    """A process of a multi-process run told to end now (not an Exception: nothing on the way may catch it)."""
+
+
 def _stop_on_interrupt(trainer) -> None:
     """While the model loads, Ctrl+C (or SIGTERM) stops at once and writes nothing. Then the first one stops after
-    this step and writes the adapter; a second aborts (writes are atomic)."""
+    this step and writes the adapter; a second aborts (writes are atomic). A process of run_launched's torchrun
+    hears a stop as a command, so a SIGTERM from torchrun (the user's second Ctrl+C, or another process died)
+    ends it at once."""
+    from .distributed import in_worker, launched_by_us
+    ours = in_worker() and launched_by_us()
+
     def handler(signum, frame):
+        if ours and signum == signal.SIGTERM:
+            raise Aborted
         if not trainer.loaded:
             raise KeyboardInterrupt  # loading takes seconds to minutes: do not wait for it (issue 15)
         signal.signal(signal.SIGINT, signal.default_int_handler)

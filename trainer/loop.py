@@ -24,7 +24,7 @@ from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .validation import Validator, split_validation
 from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
-from .distributed import DataParallelUNet, global_batch, share, world_size
+from .distributed import DataParallelUNet, LauncherWatch, global_batch, share, world_size
 from .network import inject_lora, trained_text_encoders
 from .seeds import mix
 
@@ -71,6 +71,7 @@ class Trainer:
         from .data import BatchPlan, scan_dataset
         cfg = self.cfg
         self.inbox = self.inbox or CommandInbox(self.run_dir)
+        self.launcher = LauncherWatch(self.run_dir)
         scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
         for warning in scan.warnings:
             self.emit(Message(level="warning", text=warning))
@@ -292,6 +293,11 @@ class Trainer:
     def _commands(self) -> list[str]:
         """The commands for this step: the main process reads them and every process acts on the same list."""
         commands = self.inbox.poll() if self.is_main else []
+        if self.is_main and self.launcher.launcher_gone():
+            self.emit(Message(level="warning", text="the launcher of this run's processes ended (killed?): every "
+                                                    "process stops after this step and the adapter is written; "
+                                                    "resume the run to train on"))
+            commands.append("stop")
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
             commands = broadcast_object_list([commands], from_process=0)[0]

@@ -43,6 +43,18 @@ def holding(run_dir: str | Path, wait: float = 5.0):
         f.close()  # closing drops the lock
 
 
+def try_hold(run_dir: str | Path):
+    """The run's lock, taken now if it is free: an open file that holds it until closed (or this process ends);
+    None while another process holds it, or where the OS has no flock."""
+    if fcntl is None:
+        return None
+    f = open(Path(run_dir) / LOCK_FILE, "a+b")
+    if _try_lock(f, fcntl.LOCK_EX):
+        return f
+    f.close()
+    return None
+
+
 def is_held(run_dir: str | Path) -> bool | None:
     """True while a trainer holds the run's lock, False when none does, None where the OS cannot tell."""
     if fcntl is None:
