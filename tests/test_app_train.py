@@ -288,3 +288,36 @@ def test_the_text_encoder_rows_follow_the_base_models_family(settings, tiny_sdxl
     assert (cfg.network.text_encoders, cfg.optimizer.text_encoder_lrs) == (["all"], ["te2=2e-05"])
     back = F.encoder_values(cfg)
     assert back[2:] == [True, 1e-5, True, 2e-5]
+
+
+def test_the_gpu_choice_is_offered_only_with_more_than_one_gpu(settings, monkeypatch):
+    """Issue 16: with two GPUs the Train tab offers them; picking sets distributed.processes and .gpus, the
+    fields the CLI and the presets use (the picker keeps no setting of its own)."""
+    monkeypatch.setattr(tab, "visible_gpus", lambda: ["NVIDIA RTX 4090 (24 GB)"])
+    assert tab.gpu_picker(settings)["visible"] is False, "one GPU: nothing to choose"
+    monkeypatch.setattr(tab, "visible_gpus", lambda: [])
+    assert tab.gpu_picker(settings)["visible"] is False
+    monkeypatch.setattr(tab, "visible_gpus", lambda: ["NVIDIA RTX 4090 (24 GB)", "NVIDIA RTX 3090 (24 GB)"])
+    shown = tab.gpu_picker(settings)
+    assert shown["visible"] is True and shown["value"] == [0], "the default config trains on the first GPU"
+    assert shown["choices"] == [("0: NVIDIA RTX 4090 (24 GB)", 0), ("1: NVIDIA RTX 3090 (24 GB)", 1)]
+    infos = [i.key for i in F.form_fields()]
+    cfg = C.TrainConfig()
+    for picked, processes, gpus in (([0, 1], 2, ""), ([1], 1, "1"), ([], 1, "")):
+        values = dict(zip(tab.GPU_FIELDS, tab.on_gpus(picked)))
+        assert values == {"distributed.processes": processes, "distributed.gpus": gpus}
+        assert set(tab.GPU_FIELDS) <= set(infos)
+        C.set_value(cfg, "distributed.processes", processes)
+        C.set_value(cfg, "distributed.gpus", gpus)
+        assert not [p for p in C.validate(cfg) if "distributed" in p], (picked, C.validate(cfg))
+
+
+def test_a_config_that_names_a_missing_gpu_is_refused_before_a_run_exists(monkeypatch):
+    import torch
+    from trainer.job import machine_problems
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = C.apply_overrides(C.TrainConfig(), ["distributed.processes=2", "distributed.gpus=1,2"])
+    assert any("distributed.gpus names GPU 2, but this machine has 2 GPUs (0 to 1)" in p
+               for p in machine_problems(cfg)), machine_problems(cfg)
+    assert not machine_problems(C.apply_overrides(C.TrainConfig(), ["distributed.processes=2"]))

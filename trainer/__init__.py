@@ -29,7 +29,7 @@ Runs
   Finished, Failed), smoothed(values), run_checkpoint(run_dir, step|'best'), best_checkpoint(run_dir), JobError,
   oom_advice(); several processes: world_size(cfg), global_batch(cfg), launch_command(cfg, run_dir), in_worker(),
   as_launched(cfg), shared_run_dir(runs_dir, create), launch_marker(runs_dir), is_main_process() (under
-  `accelerate launch ... -m trainer train`)
+  `accelerate launch ... -m trainer train`), visible_gpus(), chosen_gpus(cfg), gpu_settings(indices) (the GPU picker)
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
@@ -68,7 +68,8 @@ _EXPORTS = {
                      "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
     "oom_advice": "advice",
     **dict.fromkeys(["world_size", "global_batch", "launch_command", "in_worker", "as_launched", "shared_run_dir",
-                     "launch_marker", "is_main_process"], "distributed"),
+                     "launch_marker", "is_main_process", "visible_gpus", "chosen_gpus", "gpu_settings"],
+                    "distributed"),
     # adapters
     **dict.fromkeys(["load_adapter", "check_adapter", "save_adapter", "export_adapter", "AdapterFormatError"],
                     "formats"),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, dataset_trigger,
-                     default_config, fields, list_presets, list_runs, load_run_config, native_resolution,
-                     resume_run, send_command, start_run)
+from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, chosen_gpus,
+                     dataset_trigger, default_config, fields, gpu_settings, list_presets, list_runs, load_run_config,
+                     native_resolution, resume_run, send_command, start_run, visible_gpus)
 
 from .. import datasets as D
 from .. import forms as F
@@ -42,6 +42,7 @@ COMMAND_REPLIES = {"stop": "Stopping after the current step; the adapter so far 
                    "save": "A checkpoint will be written after the current step.",
                    "sample": "Samples will be rendered after the current step."}
 WHICH = {"final": None, "best checkpoint": "best"}  # the download choice -> export_run_adapter's step
+GPU_FIELDS = ("distributed.processes", "distributed.gpus")  # what the GPU picker sets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +164,23 @@ def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dic
         else:
             out.append(view[key])
     return out, stamps
+
+
+def gpu_picker(settings: AppSettings) -> dict:
+    """The GPU picker for this machine, after the page loaded (counting GPUs loads torch): shown only with more
+    than one GPU, ticked as the form's config trains."""
+    gpus = visible_gpus()
+    if len(gpus) < 2:
+        return {"visible": False}
+    picked = chosen_gpus(initial_config(settings))
+    return {"visible": True, "choices": [(f"{i}: {name}", i) for i, name in enumerate(gpus)],
+            "value": [i for i in picked if i < len(gpus)]}
+
+
+def on_gpus(picked: list[int]) -> list:
+    """The form's GPU_FIELDS for the GPUs picked (one training process each)."""
+    values = gpu_settings(list(picked or []))
+    return [values[key] for key in GPU_FIELDS]
 
 
 def runs_rows(settings: AppSettings) -> list[list]:
@@ -290,6 +308,9 @@ def _left_column(settings: AppSettings, c: dict) -> None:
         c["dataset"] = gr.Dropdown(D.list_datasets(settings.data_dir), value=None, label="Dataset",
                                    elem_id="train-dataset", info="A dataset from the Dataset tab.")
     c["trigger"] = gr.Markdown(trigger_note(values["dataset.path"]), elem_id="train-trigger")
+    c["gpus"] = gr.CheckboxGroup([], label="GPUs", visible=False, elem_id="train-gpus",
+                                 info="Train on these together: one process each, so the global batch is batch "
+                                      "size x GPUs (data parallel; more in Several GPUs or machines).")
     c["model_note"] = gr.Markdown(F.model_note(values["model.path"]), elem_id="train-model-note")
     c["form"], c["form_errs"], c["by_key"] = _form(infos, values, lambda: _encoder_rows(cfg, c))
     c["inputs"] = c["form"] + c["encoders"]
@@ -398,6 +419,8 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     c["dataset_picker"].change(lambda name: gr.update(choices=D.list_datasets(s.data_dir)), [c["dataset_picker"]],
                                [c["dataset"]])
     demo.load(lambda: form_values(initial_config(s)), None, inputs)
+    demo.load(lambda: gr.update(**gpu_picker(s)), None, [c["gpus"]], show_progress="hidden")
+    c["gpus"].input(on_gpus, [c["gpus"]], [by_key[key] for key in GPU_FIELDS], show_progress="hidden")
     demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [c["dataset"]])
 
 
