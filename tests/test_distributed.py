@@ -329,6 +329,49 @@ def test_an_outside_launcher_runs_the_cli_in_every_process(tiny_model_dir, eight
     assert done.stdout.count("adapter: ") == 1, "process 0 reports"
 
 
+# Loaded by every Python process started with this folder on PYTHONPATH (site imports sitecustomize); only the
+# training process of rank 1 is touched: its loss turns NaN from its NAN_AT-th step on, the other process's stays
+# finite. A test-only fault, injected from outside the product code.
+POISON = """
+import os
+if os.environ.get("RANK") == "1" and "LORADESK_TEST_NAN_AT" in os.environ:
+    import trainer.loop as loop
+    real, calls = loop.diffusion_loss, {"n": 0}
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        return losses * float("nan") if calls["n"] >= int(os.environ["LORADESK_TEST_NAN_AT"]) else losses
+    loop.diffusion_loss = poisoned
+"""
+
+
+def test_a_nan_on_one_process_stops_every_process_at_that_step(tiny_model_dir, eight, tmp_path):
+    """Process 1 alone sees a NaN loss: the step's loss is all-reduced before the check, so process 0 stops at the
+    same step (before its optimizer step), says so once, and the last good checkpoint is a usable adapter."""
+    from trainer import load_adapter
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(POISON)
+    cfg = C.apply_overrides(C.TrainConfig(), [s for s in sets(tiny_model_dir, eight, tmp_path / "runs", "nan1",
+                                                              "dataset.batch_size=2", "distributed.processes=2",
+                                                              "schedule.max_steps=40", "saving.every_n_steps=2")
+                                              if s != "--set"])
+    job = start_run(cfg, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook), LORADESK_TEST_NAN_AT="3"))
+    assert job.wait(240) == 1
+    events = read_events(job.run_dir / "events.jsonl")
+    failures = [e for e in events if isinstance(e, Failed)]
+    assert len(failures) == 1 and "the loss became nan at step 3" in failures[0].error, failures
+    assert failures[0].error.startswith("the loss became"), "process 0 saw the NaN itself (not a peer's death)"
+    assert "step-000002" in failures[0].error, "the last good checkpoint is named"
+    assert steps_done(job.run_dir) == 2, "no process trained step 3"
+    assert worker_pid(job.run_dir.resolve(), 0) is None and worker_pid(job.run_dir.resolve(), 1) is None
+    log = (job.run_dir / "train.log").read_text(errors="replace")
+    assert "loradesk process 1 failed: the loss became nan at step 3" in log, "process 1 saw the same value"
+    adapter = load_adapter(runs.last_checkpoint(job.run_dir))
+    assert adapter.layers and all(x.down.isfinite().all() and x.up.isfinite().all() and x.up.abs().sum() > 0
+                                  for x in adapter.layers.values()), "the kept checkpoint is a trained adapter"
+
+
 def test_a_diverging_loss_stops_every_process_with_one_message(tiny_model_dir, eight, tmp_path, capsys):
     """The step's loss is all-reduced before the NaN check: every process sees the same value and stops at the
     same step; process 0 says why, and the launcher adds nothing."""
