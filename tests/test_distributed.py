@@ -372,6 +372,34 @@ def test_a_nan_on_one_process_stops_every_process_at_that_step(tiny_model_dir, e
                                   for x in adapter.layers.values()), "the kept checkpoint is a trained adapter"
 
 
+RECORD_TIMEOUT = """
+import os
+if "RANK" in os.environ and "LORADESK_TEST_RECORD" in os.environ:
+    import torch.distributed as dist
+    real = dist.init_process_group
+    def recording(*args, **kwargs):
+        with open(os.environ["LORADESK_TEST_RECORD"] + "-" + os.environ["RANK"], "w") as f:
+            f.write(str(kwargs.get("timeout").total_seconds()))
+        return real(*args, **kwargs)
+    dist.init_process_group = recording
+"""
+
+
+def test_every_process_waits_distributed_timeout_minutes_for_the_others(tiny_model_dir, eight, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RECORD_TIMEOUT)
+    cfg = C.apply_overrides(C.TrainConfig(), [s for s in sets(tiny_model_dir, eight, tmp_path / "runs", "wait",
+                                                              "dataset.batch_size=2", "distributed.processes=2",
+                                                              "schedule.max_steps=1", "distributed.timeout_minutes=45")
+                                              if s != "--set"])
+    record = tmp_path / "timeout"
+    job = start_run(cfg, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook),
+                                  LORADESK_TEST_RECORD=str(record)))
+    assert job.wait(240) == 0
+    assert [float(Path(f"{record}-{rank}").read_text()) for rank in (0, 1)] == [45 * 60.0] * 2
+
+
 def test_a_diverging_loss_stops_every_process_with_one_message(tiny_model_dir, eight, tmp_path, capsys):
     """The step's loss is all-reduced before the NaN check: every process sees the same value and stops at the
     same step; process 0 says why, and the launcher adds nothing."""

@@ -230,6 +230,10 @@ class DistributedSection:
     main_address: str = opt("127.0.0.1", "Address of the main machine (machine_rank 0), reachable from the others.")
     main_port: int = opt(29500, "A free TCP port on the main machine for the processes to meet at.", min=1,
                          max=65535)
+    timeout_minutes: int = opt(30, "How long a process waits for the others before the run fails. Process 0 alone "
+                                   "validates, renders samples and writes checkpoints while the others wait: raise "
+                                   "it when those take longer (a large validation set, many samples).", min=1,
+                               max=1440)
 
 
 @dataclass

@@ -120,6 +120,14 @@ def launch_command(cfg: C.TrainConfig, run_dir: str | Path, resume: bool = False
     return cmd + (["--resume"] if resume else [])
 
 
+def process_group_options(cfg: C.TrainConfig):
+    """accelerate's options for the process group: the collective timeout of distributed.timeout_minutes (torch's
+    own is 10 minutes on NCCL, shorter than process 0's validation or samples may take on a large run)."""
+    from datetime import timedelta
+    from accelerate.utils import InitProcessGroupKwargs
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+
+
 def launch_env(cfg: C.TrainConfig, env: dict | None = None) -> dict:
     """The processes' environment: the chosen GPUs, and on the CPU each process its share of the cores."""
     env = dict(os.environ if env is None else env, **{OURS_ENV: "1"})

@@ -24,7 +24,7 @@ from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .validation import Validator, split_validation
 from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
-from .distributed import DataParallelUNet, LauncherWatch, global_batch, share, world_size
+from .distributed import DataParallelUNet, LauncherWatch, global_batch, process_group_options, share, world_size
 from .network import inject_lora, trained_text_encoders
 from .seeds import mix
 
@@ -166,7 +166,8 @@ class Trainer:
         device = resolve_device(cfg)
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a process-wide singleton
-        self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu")
+        self.accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=device == "cpu",
+                                       kwargs_handlers=[process_group_options(cfg)])
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
