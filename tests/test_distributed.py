@@ -81,11 +81,12 @@ def test_two_processes_train_the_adapter_one_process_trains(pair):
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_up" in k), "B left zero: it trained"
 
 
-def test_and_with_gradient_accumulation(tiny_model_dir, eight, tmp_path):
+def test_and_with_gradient_accumulation_and_lora_dropout(tiny_model_dir, eight, tmp_path):
+    """Each image's LoRA dropout mask comes from (seed, batch, its position, the layer), like its noise."""
     one = train(tiny_model_dir, eight, tmp_path / "runs", "one", 1, "dataset.batch_size=2",
-                "schedule.gradient_accumulation=2")
+                "schedule.gradient_accumulation=2", "network.dropout=0.3")
     two = train(tiny_model_dir, eight, tmp_path / "runs", "two", 2, "dataset.batch_size=1",
-                "schedule.gradient_accumulation=2")
+                "schedule.gradient_accumulation=2", "network.dropout=0.3")
     assert_close(two / "two.safetensors", one / "one.safetensors")
 
 

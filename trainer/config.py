@@ -110,8 +110,8 @@ class NetworkSection:
                     basic=True)
     alpha: float = opt(8.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank means scale 1; a lower "
                             "alpha needs a higher learning rate.", min=0.0, basic=True)
-    dropout: float = opt(0.0, "Dropout on the LoRA input during training (its masks are drawn per process: with "
-                              "dropout, several processes do not train exactly what one would).", min=0.0, max=1.0)
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training (each image's mask from its own seed).",
+                         min=0.0, max=1.0)
     unet_targets: list = opt(["attention"], "UNet modules to adapt: groups 'attention' (to_q, to_k, to_v, "
                                             "to_out.0), 'feed_forward' (ff.net.0.proj, ff.net.2), 'projections' "
                                             "(proj_in, proj_out), or module names.")

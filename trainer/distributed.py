@@ -9,7 +9,7 @@ communication.
 
 Exactness: every sample's randomness is drawn from (seed, batch, position in the global batch) (loop.py), and each
 process's loss is its share of the global mean, so a global batch trains the same way however many processes
-share it (with network.dropout = 0: LoRA dropout masks are drawn per process).
+share it (LoRA dropout masks included: dropout.py).
 """
 from __future__ import annotations
 

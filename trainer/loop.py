@@ -25,6 +25,7 @@ from .validation import Validator, split_validation
 from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
 from .distributed import DataParallelUNet, LauncherWatch, global_batch, process_group_options, share, world_size
+from .dropout import image_seeds
 from .network import inject_lora, trained_text_encoders
 from .seeds import mix
 
@@ -267,13 +268,14 @@ class Trainer:
         the process count that DDP's gradient mean divides by: the gradient is the global batch's mean either way.
         """
         cfg = self.cfg
-        torch.manual_seed(mix(cfg.run.seed, self.step, 1, self.rank))  # LoRA dropout draws from the global generator
+        torch.manual_seed(mix(cfg.run.seed, self.step, 1, self.rank))  # a library's draw, if any: as on resume
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total, self.step_images = torch.zeros((), device=self.device), 0
         for k, batch_index in enumerate(batches):
-            latents, cond, weights, gens, count = self.micro_batch(batch_index)
-            self.step_images += count
-            with self._sync(last=k == len(batches) - 1):
+            seeds = [mix(cfg.run.seed, batch_index, 5, p) for p in self.share_of(batch_index)[1]]
+            with image_seeds(seeds), self._sync(last=k == len(batches) - 1):  # LoRA dropout masks (dropout.py)
+                latents, cond, weights, gens, count = self.micro_batch(batch_index)
+                self.step_images += count
                 with self.accelerator.autocast():
                     losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
                     loss = (losses * weights.to(losses.device)).sum() / count
@@ -335,10 +337,7 @@ class Trainer:
         its position in the global batch), so the share it lands in changes nothing. A process whose share is
         empty (a bucket's last batch smaller than the process count) trains the first image at weight 0."""
         from .data import build_caption
-        epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
-        indices = self._epoch_batches(epoch)[pos]
-        start, end = share(indices, self.rank, self.world)
-        positions = list(range(start, end)) or [0]
+        indices, positions, empty = self.share_of(batch_index)
         seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
         items = [self.scan.items[indices[p]] for p in positions]
         for p, item in zip(positions, items):
@@ -349,10 +348,18 @@ class Trainer:
             sizes.append(size)
         cond = self.base.conditioning(self.encode_captions(captions), sizes)
         weights = loss_weights(items, self.cfg.loss.prior_loss_weight)
-        if start == end:
+        if empty:
             weights = torch.zeros_like(weights)
         gens = [torch.Generator().manual_seed(mix(seed, batch_index, 2, p)) for p in positions]
         return torch.cat(latents), cond, weights, gens, len(indices)
+
+    def share_of(self, batch_index: int) -> tuple[list[int], list[int], bool]:
+        """The global batch's dataset indices, the positions in it this process trains, and whether its share is
+        empty (then it trains position 0 at weight 0, see micro_batch)."""
+        epoch, pos = divmod(batch_index, self.plan.steps_per_epoch)
+        indices = self._epoch_batches(epoch)[pos]
+        start, end = share(indices, self.rank, self.world)
+        return indices, list(range(start, end)) or [0], start == end
 
     def sample_latents(self, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents drawn from VAE posteriors [B, 2C, h, w] (mean and std) with `generator`, scaled for the UNet."""

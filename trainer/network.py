@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import config as C
+from .dropout import per_image_dropout
 from .errors import UserError
 
 ADAPTER_NAME = "default"
@@ -63,6 +64,7 @@ def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str,
     _check_targets(model, targets, what, key)
     model.requires_grad_(False)
     inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
+    per_image_dropout(model, ADAPTER_NAME)  # each image's mask from its own seed, whichever process trains it
     params = {}
     for name, p in model.named_parameters():
         trainable = ".lora_A." in name or ".lora_B." in name

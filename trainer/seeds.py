@@ -1,6 +1,6 @@
 """The one seed rule: every random draw is seeded by the integers that name it (run seed, batch, image, ...), so a
-draw depends on nothing else (not on what was drawn before it; an image's draws not on the process that trains it.
-LoRA dropout is the exception: its masks come from the global generator, seeded per step and process)."""
+draw depends on nothing else (not on what was drawn before it; an image's draws, LoRA dropout masks included, not
+on the process that trains it)."""
 from __future__ import annotations
 
 VALIDATION = 0x7A11D  # validation's draws lead with this, apart from training's (which lead with the run seed)
