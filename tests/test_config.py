@@ -126,6 +126,14 @@ def test_set_overrides_parse_types_and_report_bad_ones():
     assert len(err.value.problems) == 3
 
 
+def test_a_text_field_takes_the_text_as_written():
+    """`--set distributed.gpus=1` and `--set run.name=nan` are text, not the number TOML would read."""
+    cfg = C.apply_overrides(C.TrainConfig(), ["distributed.gpus=1", "run.name=nan", "sampling.negative_prompt=2",
+                                              'model.path="/my models/x.safetensors"'])
+    assert (cfg.distributed.gpus, cfg.run.name) == ("1", "nan")
+    assert cfg.sampling.negative_prompt == "2" and cfg.model.path == "/my models/x.safetensors", "quotes: TOML"
+
+
 def test_target_groups_expand_through_the_family():
     from trainer.models import get_family
     family = get_family("sdxl")

@@ -336,8 +336,11 @@ def _number(value: Any, kind: type) -> int | float:
     raise ValueError(f"expected {word}, got {value!r}")
 
 
-def parse_cli_value(text: str) -> Any:
-    """`--set key=value`: read value as TOML (numbers, true/false, lists), else as plain text."""
+def parse_cli_value(text: str, kind: type | None = None) -> Any:
+    """`--set key=value`: read value as TOML (numbers, true/false, lists), else as plain text. A text field
+    takes the text as written (distributed.gpus=1, run.name=nan), unquoted when it is a TOML string."""
+    if kind is str and text[:1] not in ("'", '"'):
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -365,7 +368,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], source: str = "--set
         key, text = item.split("=", 1)
         key = key.strip()
         try:
-            set_value(cfg, key, parse_cli_value(text.strip()))
+            set_value(cfg, key, parse_cli_value(text.strip(), field_info(key).type))
         except KeyError:
             problems.append(f"{source}: unknown key '{key}'{_suggest(key)}")
         except ValueError as e:
@@ -604,7 +607,7 @@ def _distributed_problems(d: DistributedSection) -> list[str]:
 def _validation_problems(val: ValidationSection) -> list[str]:
     if val.path.strip() and val.split:
         return [f"validation.path and validation.split are both set; use one (the folder, or a share of the "
-                f"dataset held out)"]
+                "dataset held out)"]
     if val.path.strip() and not expand_path(val.path).is_dir():
         return [f"validation.path {val.path} is not a folder; give a folder of validation images"]
     return []
