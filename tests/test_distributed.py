@@ -212,8 +212,8 @@ def test_a_second_ctrl_c_aborts_every_process_at_once(tiny_model_dir, eight, tmp
     cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--num-processes", "2",
            *sets(tiny_model_dir, eight, tmp_path / "runs", "abort", "dataset.batch_size=2", "schedule.max_steps=400",
                  "saving.every_n_steps=2")]
-    cli = subprocess.Popen(cmd, env=child_env(dict(os.environ, OMP_NUM_THREADS="1")), stderr=subprocess.PIPE,
-                           text=True)
+    # each loss 1 s slower: the second Ctrl+C lands inside the step the first one let finish
+    cli = subprocess.Popen(cmd, env=child_env(hooked(tmp_path, slow=1)), stderr=subprocess.PIPE, text=True)
     run_dir = wait_for(lambda: next((tmp_path / "runs").glob("abort-*"), None), 60, "the run folder")
     wait_for(lambda: runs.last_checkpoint(run_dir), 120, "a checkpoint")
     cli.send_signal(signal.SIGINT)
@@ -225,11 +225,24 @@ def test_a_second_ctrl_c_aborts_every_process_at_once(tiny_model_dir, eight, tmp
     err = said + err
     assert cli.returncode == 130, err
     assert "aborted" in err and "resume" in err and "Traceback" not in err
-    assert worker_pid(run_dir.resolve(), 0) is None and worker_pid(run_dir.resolve(), 1) is None
+    assert not launch_pids(run_dir.resolve()), "no process left"
     assert not (run_dir / "abort.safetensors").exists(), "aborted: no process went on to write the adapter"
     info = runs.run_info(run_dir)
     assert info.state == "stopped", info
     assert main(["train", "--quiet", "--resume", str(run_dir), "--set", f"schedule.max_steps={info.step + 1}"]) == 0
+
+
+def launch_pids(run_dir: Path) -> list[int]:
+    """torchrun's and the training processes' pids of a run (their command lines name its folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"trainer.job" in cmd and str(run_dir).encode() in cmd:
+            found.append(int(proc.name))
+    return found
 
 
 def worker_pid(run_dir: Path, rank: int) -> int | None:
@@ -280,9 +293,10 @@ def test_a_killed_launcher_leaves_no_process_and_loses_nothing(tiny_model_dir, e
                 "saving.every_n_steps=1000")
     wait_for(lambda: steps_done(job.run_dir) >= 2, 120, "two steps")
     job.process.kill()
+    job.process.wait(10)  # the launcher is gone, and with it its hold of the lock
     killed_at = time.monotonic()
-    wait_for(lambda: worker_pid(job.run_dir.resolve(), 0) is None and worker_pid(job.run_dir.resolve(), 1) is None,
-             60, "every process to end")
+    assert runs.run_info(job.run_dir).state == "running", "torchrun holds the run's lock: no resume is offered"
+    wait_for(lambda: not launch_pids(job.run_dir.resolve()), 60, "every process (torchrun too) to end")
     print(f"every process ended {time.monotonic() - killed_at:.1f} s after the launcher was killed")
     events = read_events(job.run_dir / "events.jsonl")
     assert isinstance(events[-1], Finished) and events[-1].stopped and Path(events[-1].adapter_path).is_file()
@@ -330,34 +344,56 @@ def test_an_outside_launcher_runs_the_cli_in_every_process(tiny_model_dir, eight
     assert done.stdout.count("adapter: ") == 1, "process 0 reports"
 
 
-# Loaded by every Python process started with this folder on PYTHONPATH (site imports sitecustomize); only the
-# training process of rank 1 is touched: its loss turns NaN from its NAN_AT-th step on, the other process's stays
-# finite. A test-only fault, injected from outside the product code.
-POISON = """
-import os
-if os.environ.get("RANK") == "1" and "LORADESK_TEST_NAN_AT" in os.environ:
+# Test-only faults and probes, injected from outside the product code: site imports sitecustomize in every Python
+# process started with its folder on PYTHONPATH; only the training processes (RANK set) act on it. RECORD: each
+# process writes its CUDA_VISIBLE_DEVICES and its process group's timeout; SLOW: every loss takes that many seconds
+# longer; NAN_AT: process 1's loss turns NaN from its NAN_AT-th micro-batch on (process 0's stays finite).
+HOOK = """
+import os, time
+env = os.environ
+if "RANK" in env and env.get("LORADESK_TEST_RECORD"):
+    with open(env["LORADESK_TEST_RECORD"] + "-" + env["RANK"] + ".gpus", "w") as f:
+        f.write(env.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    import torch.distributed as dist
+    real_init = dist.init_process_group
+    def recording(*args, **kwargs):
+        with open(env["LORADESK_TEST_RECORD"] + "-" + env["RANK"] + ".timeout", "w") as f:
+            f.write(str(kwargs["timeout"].total_seconds()))
+        return real_init(*args, **kwargs)
+    dist.init_process_group = recording
+if "RANK" in env and (env.get("LORADESK_TEST_SLOW") or (env["RANK"] == "1" and env.get("LORADESK_TEST_NAN_AT"))):
     import trainer.loop as loop
     real, calls = loop.diffusion_loss, {"n": 0}
-    def poisoned(*args, **kwargs):
+    nan_at = int(env.get("LORADESK_TEST_NAN_AT", "0")) if env["RANK"] == "1" else 0
+    def faulty(*args, **kwargs):
+        time.sleep(float(env.get("LORADESK_TEST_SLOW", "0")))
         losses = real(*args, **kwargs)
         calls["n"] += 1
-        return losses * float("nan") if calls["n"] >= int(os.environ["LORADESK_TEST_NAN_AT"]) else losses
-    loop.diffusion_loss = poisoned
+        return losses * float("nan") if nan_at and calls["n"] >= nan_at else losses
+    loop.diffusion_loss = faulty
 """
+
+
+def hooked(tmp_path: Path, **variables) -> dict:
+    """An environment whose Python processes load HOOK, with LORADESK_TEST_<name> for each keyword."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook),
+                **{f"LORADESK_TEST_{k.upper()}": str(v) for k, v in variables.items()})
+
+
+def config(model, data, runs_dir, name, *extra) -> C.TrainConfig:
+    return C.apply_overrides(C.TrainConfig(), [s for s in sets(model, data, runs_dir, name, *extra) if s != "--set"])
 
 
 def test_a_nan_on_one_process_stops_every_process_at_that_step(tiny_model_dir, eight, tmp_path):
     """Process 1 alone sees a NaN loss: the step's loss is all-reduced before the check, so process 0 stops at the
     same step (before its optimizer step), says so once, and the last good checkpoint is a usable adapter."""
     from trainer import load_adapter
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(POISON)
-    cfg = C.apply_overrides(C.TrainConfig(), [s for s in sets(tiny_model_dir, eight, tmp_path / "runs", "nan1",
-                                                              "dataset.batch_size=2", "distributed.processes=2",
-                                                              "schedule.max_steps=40", "saving.every_n_steps=2")
-                                              if s != "--set"])
-    job = start_run(cfg, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook), LORADESK_TEST_NAN_AT="3"))
+    cfg = config(tiny_model_dir, eight, tmp_path / "runs", "nan1", "dataset.batch_size=2", "distributed.processes=2",
+                 "schedule.max_steps=40", "saving.every_n_steps=2")
+    job = start_run(cfg, env=hooked(tmp_path, nan_at=3))
     assert job.wait(240) == 1
     events = read_events(job.run_dir / "events.jsonl")
     failures = [e for e in events if isinstance(e, Failed)]
@@ -373,32 +409,30 @@ def test_a_nan_on_one_process_stops_every_process_at_that_step(tiny_model_dir, e
                                   for x in adapter.layers.values()), "the kept checkpoint is a trained adapter"
 
 
-RECORD_TIMEOUT = """
-import os
-if "RANK" in os.environ and "LORADESK_TEST_RECORD" in os.environ:
-    import torch.distributed as dist
-    real = dist.init_process_group
-    def recording(*args, **kwargs):
-        with open(os.environ["LORADESK_TEST_RECORD"] + "-" + os.environ["RANK"], "w") as f:
-            f.write(str(kwargs.get("timeout").total_seconds()))
-        return real(*args, **kwargs)
-    dist.init_process_group = recording
-"""
-
-
 def test_every_process_waits_distributed_timeout_minutes_for_the_others(tiny_model_dir, eight, tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RECORD_TIMEOUT)
-    cfg = C.apply_overrides(C.TrainConfig(), [s for s in sets(tiny_model_dir, eight, tmp_path / "runs", "wait",
-                                                              "dataset.batch_size=2", "distributed.processes=2",
-                                                              "schedule.max_steps=1", "distributed.timeout_minutes=45")
-                                              if s != "--set"])
-    record = tmp_path / "timeout"
-    job = start_run(cfg, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook),
-                                  LORADESK_TEST_RECORD=str(record)))
-    assert job.wait(240) == 0
-    assert [float(Path(f"{record}-{rank}").read_text()) for rank in (0, 1)] == [45 * 60.0] * 2
+    cfg = config(tiny_model_dir, eight, tmp_path / "runs", "wait", "dataset.batch_size=2", "distributed.processes=2",
+                 "schedule.max_steps=1", "distributed.timeout_minutes=45")
+    record = tmp_path / "record"
+    assert start_run(cfg, env=hooked(tmp_path, record=record)).wait(240) == 0
+    assert [float(Path(f"{record}-{rank}.timeout").read_text()) for rank in (0, 1)] == [45 * 60.0] * 2
+
+
+def test_one_process_on_a_picked_gpu_gets_it(tiny_model_dir, eight, tmp_path):
+    """distributed.gpus=1 with one process: CUDA_VISIBLE_DEVICES is what puts it there, so that run starts
+    through the launcher too (the training itself runs on the CPU here)."""
+    cfg = config(tiny_model_dir, eight, tmp_path / "runs", "gpu1", "distributed.gpus=1", "schedule.max_steps=1")
+    record = tmp_path / "record"
+    assert start_run(cfg, env=hooked(tmp_path, record=record)).wait(240) == 0
+    assert Path(f"{record}-0.gpus").read_text() == "1"
+
+
+def test_picked_gpus_are_numbered_within_an_inherited_cuda_visible_devices():
+    from trainer.distributed import launch_env
+    cfg = C.apply_overrides(C.TrainConfig(), ["distributed.processes=2", "distributed.gpus=1,3"])
+    assert launch_env(cfg, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})["CUDA_VISIBLE_DEVICES"] == "5,7"
+    assert launch_env(cfg, {})["CUDA_VISIBLE_DEVICES"] == "1,3"
+    two = C.apply_overrides(C.TrainConfig(), ["distributed.processes=2"])
+    assert launch_env(two, {"CUDA_VISIBLE_DEVICES": "4,5"})["CUDA_VISIBLE_DEVICES"] == "4,5", "left as it is"
 
 
 def test_a_diverging_loss_stops_every_process_with_one_message(tiny_model_dir, eight, tmp_path, capsys):

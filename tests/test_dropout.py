@@ -58,5 +58,7 @@ def test_injection_puts_it_in_every_lora_layer(tiny_model_dir):
     drops = [m for m in base.unet.modules() if isinstance(m, ImageDropout)]
     lora = [m for m in base.unet.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert drops and len(drops) == len(lora) and all(d.p == 0.1 for d in drops)
+    te = [m for m in base.text_encoders["lora_te"].modules() if isinstance(m, ImageDropout)]
+    assert te and not {d.layer for d in te} & {d.layer for d in drops}, "the text encoder's too, keyed apart"
     plain = nn.Sequential(nn.Linear(2, 2))
-    per_image_dropout(plain, "default")  # nothing to replace: no error
+    per_image_dropout(plain, "default", "unet")  # nothing to replace: no error

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -239,3 +238,29 @@ def test_a_damaged_newer_checkpoint_is_set_aside_so_pruning_keeps_the_good_one(s
     assert "step-000004.damaged" in names and "step-000008" in names
     assert runs.last_checkpoint(stopped_run).name == "step-000008"
     assert all(runs.checkpoint_problem(p) == "" for p in runs.checkpoint_dirs(stopped_run))
+
+
+def test_on_windows_a_pid_is_probed_without_os_kill(monkeypatch):
+    """os.kill(pid, 0) on Windows sends the process a Ctrl+C (signal 0 is CTRL_C_EVENT there), which would stop
+    the very run the app asked about; the fallback asks the OS for the process's exit code instead."""
+    import ctypes
+    from trainer import runlock
+    calls = []
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            calls.append(("open", pid))
+            return 7 if pid == 1234 else 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = 259  # STILL_ACTIVE
+            return 1
+
+        def CloseHandle(self, handle):
+            calls.append(("close", handle))
+
+    monkeypatch.setattr(runlock.os, "name", "nt")
+    monkeypatch.setattr(ctypes, "windll", type("windll", (), {"kernel32": Kernel32()})(), raising=False)
+    monkeypatch.setattr(runlock.os, "kill", lambda *a: pytest.fail("os.kill must not be called on Windows"))
+    assert runlock.pid_alive(1234) is True and runlock.pid_alive(99) is False
+    assert ("close", 7) in calls

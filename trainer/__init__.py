@@ -29,7 +29,8 @@ Runs
   Finished, Failed), smoothed(values), run_checkpoint(run_dir, step|'best'), best_checkpoint(run_dir), JobError,
   oom_advice(); several processes: world_size(cfg), global_batch(cfg), launch_command(cfg, run_dir), in_worker(),
   as_launched(cfg), shared_run_dir(runs_dir, create), launch_marker(runs_dir), is_main_process() (under
-  `accelerate launch ... -m trainer train`), visible_gpus(), chosen_gpus(cfg), gpu_settings(indices) (the GPU picker)
+  `accelerate launch ... -m trainer train`), visible_gpus(), chosen_gpus(processes, gpus), gpu_settings(indices)
+  (the GPU picker)
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),

@@ -13,6 +13,7 @@ share it (LoRA dropout masks included: dropout.py).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 from . import config as C
 
 WORKER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun (and accelerate launch, which runs it) in every process
-OURS_ENV = "LORADESK_LAUNCHER"  # set by run_launched: the launcher above holds the run lock and reports
+OURS_ENV = "LORADESK_LAUNCHER"  # set by run_launched to its pid: the launcher above holds the run lock and reports
 
 
 def world_size(cfg: C.TrainConfig) -> int:
@@ -85,6 +86,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@functools.cache
 def visible_gpus() -> list[str]:
     """This machine's CUDA GPUs (as CUDA_VISIBLE_DEVICES shows them), by index: 'name (memory)'; [] without."""
     import torch
@@ -94,9 +96,19 @@ def visible_gpus() -> list[str]:
     return [f"{p.name} ({p.total_memory / 2 ** 30:.0f} GB)" for p in found]
 
 
-def chosen_gpus(cfg: C.TrainConfig) -> list[int]:
-    """The GPUs a config trains on: distributed.gpus, else the first distributed.processes ones."""
-    return C.gpu_list(cfg.distributed.gpus) or list(range(cfg.distributed.processes))
+def chosen_gpus(processes: int, gpus: str) -> list[int]:
+    """The GPUs distributed.processes and distributed.gpus train on: those named, else the first `processes`
+    ([] when gpus does not parse: config.validate names that)."""
+    try:
+        return C.gpu_list(gpus) or list(range(processes))
+    except ValueError:
+        return []
+
+
+def needs_launcher(cfg: C.TrainConfig) -> bool:
+    """A run starts through torchrun (run_launched) with several processes, or with its GPU picked by number:
+    CUDA_VISIBLE_DEVICES, set before a process starts, is what puts even one process on GPU 1."""
+    return world_size(cfg) > 1 or bool(cfg.distributed.gpus.strip())
 
 
 def gpu_settings(indices: list[int]) -> dict[str, object]:
@@ -130,9 +142,11 @@ def process_group_options(cfg: C.TrainConfig):
 
 def launch_env(cfg: C.TrainConfig, env: dict | None = None) -> dict:
     """The processes' environment: the chosen GPUs, and on the CPU each process its share of the cores."""
-    env = dict(os.environ if env is None else env, **{OURS_ENV: "1"})
-    if cfg.distributed.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, C.gpu_list(cfg.distributed.gpus)))
+    env = dict(os.environ if env is None else env, **{OURS_ENV: str(os.getpid())})
+    if cfg.distributed.gpus:  # numbered as this machine lists them: within an inherited CUDA_VISIBLE_DEVICES
+        listed = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        picked = C.gpu_list(cfg.distributed.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(listed[i] if i < len(listed) else str(i) for i in picked)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; share the cores instead
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.distributed.processes))
     return env
@@ -159,31 +173,33 @@ class DataParallelUNet:
 
 
 class LauncherWatch:
-    """Process 0's watch on the launcher above it (run_launched), which holds the run's lock: killed (kill -9, the
-    OOM killer), it leaves torchrun and the processes training with the lock free, so the app would read the run
-    as ended and offer to resume it while it trains. Process 0 takes the free lock, so the run reads as training
-    until its processes, told to stop, have written the adapter."""
+    """Process 0's watch on what started it: run_launched's launcher, and torchrun under it. Killed (kill -9, the
+    OOM killer), the launcher can no longer report or stop the run; torchrun still holds the run's lock (it
+    inherits the launcher's, so the run reads as training while it lives), and process 0 stops every process
+    after the step, adapter written. POSIX only, like the launcher's process groups."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.held = run_dir, None
+    def __init__(self):
+        ours = in_worker() and launched_by_us() and os.name == "posix"
+        self.launcher, self.agent = (int(os.environ[OURS_ENV]) if ours else 0), os.getppid()
 
     def launcher_gone(self) -> bool:
-        """True once, when the launcher is found gone (and its lock is now this process's)."""
-        if self.held is not None or not (in_worker() and launched_by_us()):
+        """True once, when the launcher (or torchrun) is found gone."""
+        from .runlock import pid_alive
+        if not self.launcher or (pid_alive(self.launcher) and os.getppid() == self.agent):
             return False
-        from .runlock import try_hold
-        self.held = try_hold(self.run_dir)
-        return self.held is not None
+        self.launcher = 0
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the launcher: this machine's processes, Ctrl+C as a stop command, a dead process named
 
 def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: list | None = None,
-                 env: dict | None = None) -> int:
-    """Start the run's processes through torchrun and wait for them; 0 done, 1 failed. Ctrl+C (or SIGTERM) sends
-    the run a stop command, so every process stops after the same step; a second one ends them. `callbacks` (the
-    CLI's progress bar) hear the main process's events from events.jsonl."""
+                 env: dict | None = None, lock=None) -> int:
+    """Start the run's processes through torchrun and wait for them; 0 done, 1 failed, job.INTERRUPTED aborted.
+    Ctrl+C (or SIGTERM) sends the run a stop command, so every process stops after the same step; a second one
+    ends them at once. `callbacks` (the CLI's progress bar) hear the main process's events from events.jsonl.
+    `lock`, the run's open lock file, is passed on to torchrun, so the run's lock is held while it lives."""
     import threading
     from .events import read_events, send_command
     before = len(read_events(Path(run_dir) / "events.jsonl"))  # this attempt's events come after these
@@ -195,7 +211,8 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
     # the processes' output (library bars, tracebacks, torchrun's summary) goes to train.log, a file that outlives
     # this process (a pipe to it would break every process's next write if it were killed); the user hears events
     process = subprocess.Popen(launch_command(cfg, run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=launch_env(cfg, env), start_new_session=True)
+                               stdin=subprocess.DEVNULL, env=launch_env(cfg, env), start_new_session=True,
+                               pass_fds=(lock.fileno(),) if lock is not None else ())
     stops = []
 
     def on_signal(signum, frame):
@@ -204,7 +221,10 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
             print("\nstopping every process after this step (Ctrl+C again to abort)", file=sys.stderr)
             send_command(run_dir, "stop")
         else:  # torchrun passes SIGTERM on; each process ends at once (job.Aborted), torchrun's grace unused
-            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:  # torchrun has ended already
+                pass
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = process.wait()
@@ -212,23 +232,26 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.close()
-    errors = _log_tail(Path(run_dir) / "train.log", start)
-    if len(stops) > 1:
-        _report_abort(run_dir, before)
-    finished = code == 0 or len(stops) > 1 or _report_failure(run_dir, errors, code, before)
+    code = _outcome(run_dir, _log_tail(Path(run_dir) / "train.log", start), code, before, aborted=len(stops) > 1)
     done.set()
     forwarder.join()
-    from .job import INTERRUPTED
-    return INTERRUPTED if len(stops) > 1 else 0 if finished else 1
+    return code
 
 
-def _report_abort(run_dir: Path, before: int) -> None:
-    """After a second Ctrl+C: the run stopped where it was (as one process's does), unless it had ended anyway."""
+def _outcome(run_dir: Path, errors: str, code: int, before: int, aborted: bool) -> int:
+    """0 done, 1 failed, job.INTERRUPTED aborted. An abort (the second Ctrl+C) leaves the run stopped where it was,
+    as one process's does, unless the run had ended anyway or a process had failed before it (torchrun names it):
+    then that is what the user must hear."""
     from .events import EventLog, Failed, Finished, Progress, read_events
+    from .job import INTERRUPTED
     events = read_events(Path(run_dir) / "events.jsonl")[before:]
-    if not any(isinstance(e, (Finished, Failed)) for e in events):
+    if code == 0 or any(isinstance(e, Finished) for e in events):
+        return 0
+    if aborted and not dead_process(errors) and not any(isinstance(e, Failed) for e in events):
         step = max([e.step for e in events if isinstance(e, Progress)], default=0)
         EventLog(Path(run_dir) / "events.jsonl")(Finished(step=step, adapter_path="", stopped=True))
+        return INTERRUPTED
+    return 0 if _report_failure(run_dir, errors, code, before) else 1
 
 
 def _forward_events(run_dir: Path, callbacks: list, done) -> None:

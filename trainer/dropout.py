@@ -46,12 +46,14 @@ class ImageDropout(nn.Module):
         g = torch.Generator(device=x.device)
         keep = torch.stack([torch.rand(x.shape[1:], generator=g.manual_seed(mix(s, self.layer)), device=x.device)
                             for s in seeds]) >= self.p
-        return x * keep.to(x.dtype) / (1 - self.p)
+        # where() keeps the bool mask for backward (a product would keep it in x's dtype, 2-4x the memory)
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def per_image_dropout(model: nn.Module, adapter: str) -> None:
-    """Replace peft's dropout of `adapter` in every LoRA layer of `model` by ImageDropout of the same p."""
+def per_image_dropout(model: nn.Module, adapter: str, component: str) -> None:
+    """Replace peft's dropout of `adapter` in every LoRA layer of `model` by ImageDropout of the same p, keyed by
+    '<component>.<module name>' (SDXL's two text encoders have the same module names)."""
     for name, module in model.named_modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, nn.ModuleDict) and adapter in dropouts and isinstance(dropouts[adapter], nn.Dropout):
-            dropouts[adapter] = ImageDropout(dropouts[adapter].p, name)
+            dropouts[adapter] = ImageDropout(dropouts[adapter].p, f"{component}.{name}")

@@ -58,10 +58,7 @@ def _gpu_problems(cfg: C.TrainConfig, gpus: int) -> list[str]:
     if cfg.distributed.processes > gpus:
         return [f"distributed.processes is {cfg.distributed.processes} but this machine has {gpus} GPU(s): one "
                 f"process per GPU (or precision.device=cpu for CPU processes)"]
-    try:
-        missing = [i for i in chosen_gpus(cfg) if i >= gpus]
-    except ValueError:  # config.validate names it
-        return []
+    missing = [i for i in chosen_gpus(cfg.distributed.processes, cfg.distributed.gpus) if i >= gpus]
     return [f"distributed.gpus names GPU {missing[0]}, but this machine has {gpus} GPUs (0 to {gpus - 1})"] \
         if missing else []
 
@@ -252,10 +249,10 @@ def run_here(run_dir: str | Path, resume: bool = False, callbacks: list | None =
         # one of several processes: the launcher (or, under accelerate launch, process 0) holds the lock
         return _train_holding_lock(run_dir, resume, callbacks)
     try:  # taken before torch loads: the run reads as training from the process's first second (runlock.py)
-        with runlock.holding(run_dir):  # and held until the last event is written
+        with runlock.holding(run_dir) as lock:  # and held until the last event is written
             cfg = runs.load_run_config(run_dir)
-            if distributed.world_size(cfg) > 1 and not distributed.in_worker():
-                return distributed.run_launched(cfg, run_dir, resume, callbacks or [])
+            if distributed.needs_launcher(cfg) and not distributed.in_worker():
+                return distributed.run_launched(cfg, run_dir, resume, callbacks or [], lock=lock)
             return _train_holding_lock(run_dir, resume, callbacks)
     except runlock.RunLockedError as e:
         raise JobError(str(e)) from None
@@ -314,6 +311,8 @@ def _stop_on_interrupt(trainer) -> None:
 
     def handler(signum, frame):
         if ours and signum == signal.SIGTERM:
+            if trainer.ending:  # its last event is being written (a Failed the launcher would not know)
+                return
             raise Aborted
         if not trainer.loaded:
             raise KeyboardInterrupt  # loading takes seconds to minutes: do not wait for it (issue 15)

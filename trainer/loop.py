@@ -54,6 +54,7 @@ class Trainer:
     step: int = 0
     loaded: bool = False  # the model is loaded: from here a Ctrl+C stops after a step (before, it interrupts)
     stopped_untrained: bool = False  # a stop came before one step was trained: no adapter was written
+    ending: bool = False  # the run's last event (Finished or Failed) is being emitted
     step_images: int = 0  # images the last optimizer step trained, over every process
     rank: int = 0  # this process among `world` data-parallel ones (distributed.py); rank 0 writes every file
     world: int = 1
@@ -64,6 +65,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
+        self.ending = self.ending or isinstance(event, (Finished, Failed))
         for cb in self.callbacks:
             cb(event)
 
@@ -72,7 +74,7 @@ class Trainer:
         from .data import BatchPlan, scan_dataset
         cfg = self.cfg
         self.inbox = self.inbox or CommandInbox(self.run_dir)
-        self.launcher = LauncherWatch(self.run_dir)
+        self.launcher = LauncherWatch()
         scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
         for warning in scan.warnings:
             self.emit(Message(level="warning", text=warning))

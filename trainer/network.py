@@ -64,7 +64,6 @@ def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str,
     _check_targets(model, targets, what, key)
     model.requires_grad_(False)
     inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
-    per_image_dropout(model, ADAPTER_NAME)  # each image's mask from its own seed, whichever process trains it
     params = {}
     for name, p in model.named_parameters():
         trainable = ".lora_A." in name or ".lora_B." in name
@@ -105,6 +104,7 @@ def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
     family = base.family
     unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
     unet = _inject(base.unet, cfg, unet_targets, "UNet", "unet_targets") if unet_targets else {}
+    per_image_dropout(base.unet, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process
     params = LoraParams(unet=unet, lrs={"unet": cfg.optimizer.unet_lr})
     te_targets = C.expand_targets(cfg.network.text_encoder_targets, family.text_encoder_groups)
     specs = {spec.prefix: spec for spec in family.text_encoder_specs}
@@ -112,6 +112,7 @@ def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
         spec = specs[prefix]
         params.text_encoders[spec.component] = _inject(base.text_encoders[prefix], cfg, te_targets,
                                                        f"text encoder {spec.label}", "text_encoder_targets")
+        per_image_dropout(base.text_encoders[prefix], ADAPTER_NAME, spec.component)
         params.lrs[spec.component] = lr
     return params
 

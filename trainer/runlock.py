@@ -26,10 +26,11 @@ class RunLockedError(RuntimeError):
 
 @contextmanager
 def holding(run_dir: str | Path, wait: float = 5.0):
-    """Hold the run's lock for the body. A reader may hold it for a moment (is_held), so a busy lock is retried
-    for `wait` seconds before RunLockedError."""
+    """Hold the run's lock for the body; yields the open lock file (None without flock), which a child process
+    may inherit to hold the lock as long as it lives. A reader may hold it for a moment (is_held), so a busy
+    lock is retried for `wait` seconds before RunLockedError."""
     if fcntl is None:
-        yield
+        yield None
         return
     f = open(Path(run_dir) / LOCK_FILE, "a+b")
     try:
@@ -38,21 +39,9 @@ def holding(run_dir: str | Path, wait: float = 5.0):
             if time.monotonic() > deadline:
                 raise RunLockedError(f"run {Path(run_dir).name} is already training in another process")
             time.sleep(0.05)
-        yield
+        yield f
     finally:
         f.close()  # closing drops the lock
-
-
-def try_hold(run_dir: str | Path):
-    """The run's lock, taken now if it is free: an open file that holds it until closed (or this process ends);
-    None while another process holds it, or where the OS has no flock."""
-    if fcntl is None:
-        return None
-    f = open(Path(run_dir) / LOCK_FILE, "a+b")
-    if _try_lock(f, fcntl.LOCK_EX):
-        return f
-    f.close()
-    return None
 
 
 def is_held(run_dir: str | Path) -> bool | None:
@@ -83,6 +72,8 @@ def pid_alive(pid: int) -> bool:
     """The fallback where flock is missing: a process with this PID exists and is not a zombie."""
     if pid <= 0:
         return False
+    if os.name == "nt":  # there os.kill(pid, 0) is not a probe: it sends the process a Ctrl+C
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,3 +85,16 @@ def pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)

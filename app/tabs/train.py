@@ -172,9 +172,14 @@ def gpu_picker(settings: AppSettings) -> dict:
     gpus = visible_gpus()
     if len(gpus) < 2:
         return {"visible": False}
-    picked = chosen_gpus(initial_config(settings))
+    d = initial_config(settings).distributed
     return {"visible": True, "choices": [(f"{i}: {name}", i) for i, name in enumerate(gpus)],
-            "value": [i for i in picked if i < len(gpus)]}
+            "value": ticked_gpus(d.processes, d.gpus)}
+
+
+def ticked_gpus(processes, gpus) -> list[int]:
+    """The picker's ticks for the form's distributed fields (a preset, a resumed run's config, a typed value)."""
+    return [i for i in chosen_gpus(int(processes or 1), gpus or "") if i < len(visible_gpus())]
 
 
 def on_gpus(picked: list[int]) -> list:
@@ -309,8 +314,8 @@ def _left_column(settings: AppSettings, c: dict) -> None:
                                    elem_id="train-dataset", info="A dataset from the Dataset tab.")
     c["trigger"] = gr.Markdown(trigger_note(values["dataset.path"]), elem_id="train-trigger")
     c["gpus"] = gr.CheckboxGroup([], label="GPUs", visible=False, elem_id="train-gpus",
-                                 info="Train on these together: one process each, so the global batch is batch "
-                                      "size x GPUs (data parallel; more in Several GPUs or machines).")
+                                 info="Train on these together, one process each (data parallel); the run view "
+                                      "shows the images per step. More in Several GPUs or machines.")
     c["model_note"] = gr.Markdown(F.model_note(values["model.path"]), elem_id="train-model-note")
     c["form"], c["form_errs"], c["by_key"] = _form(infos, values, lambda: _encoder_rows(cfg, c))
     c["inputs"] = c["form"] + c["encoders"]
@@ -420,7 +425,12 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
                                [c["dataset"]])
     demo.load(lambda: form_values(initial_config(s)), None, inputs)
     demo.load(lambda: gr.update(**gpu_picker(s)), None, [c["gpus"]], show_progress="hidden")
-    c["gpus"].input(on_gpus, [c["gpus"]], [by_key[key] for key in GPU_FIELDS], show_progress="hidden")
+    fields = [by_key[key] for key in GPU_FIELDS]
+    c["gpus"].input(on_gpus, [c["gpus"]], fields, show_progress="hidden")
+
+    def follow(processes, gpus):
+        return gr.update(value=ticked_gpus(processes, gpus)) if len(visible_gpus()) > 1 else gr.skip()
+    gr.on([f.change for f in fields], follow, fields, [c["gpus"]], show_progress="hidden")
     demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [c["dataset"]])
 
 
