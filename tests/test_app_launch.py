@@ -39,8 +39,12 @@ def test_settings_come_from_flags_over_the_environment(monkeypatch, tmp_path):
 
 
 def test_building_the_app_loads_no_model_code():
-    """The first page must come fast: torch and diffusers load only when a tab first needs them."""
-    code = ("import sys; from app.main import build_app; build_app(); "
+    """The first page must come fast: torch and diffusers load only when a tab first needs them (on a machine
+    without NVIDIA or AMD tools, looking for GPUs on page load does not load torch either)."""
+    code = ("import sys, shutil; from app.main import build_app; from app.settings import AppSettings; "
+            "from app.tabs.train import gpu_picker; build_app(); "
+            "assert not (shutil.which('nvidia-smi') or shutil.which('rocm-smi')); "
+            "assert gpu_picker(AppSettings()) == {'visible': False}; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -312,6 +312,7 @@ def test_the_gpu_choice_is_offered_only_with_more_than_one_gpu(settings, monkeyp
         assert not [p for p in C.validate(cfg) if "distributed" in p], (picked, C.validate(cfg))
         assert tab.ticked_gpus(processes, gpus) == (picked or [0]), "the picker follows the fields back"
     assert tab.ticked_gpus(1, "0,x") == [], "a malformed field: nothing ticked (the form check names it)"
+    assert tab.ticked_gpus(10 ** 9, "") == [0, 1], "a huge typed count costs nothing"
 
 
 def test_a_config_that_names_a_missing_gpu_is_refused_before_a_run_exists(monkeypatch):

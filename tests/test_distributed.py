@@ -301,9 +301,34 @@ def test_a_killed_launcher_leaves_no_process_and_loses_nothing(tiny_model_dir, e
     events = read_events(job.run_dir / "events.jsonl")
     assert isinstance(events[-1], Finished) and events[-1].stopped and Path(events[-1].adapter_path).is_file()
     assert any("launcher" in getattr(e, "text", "") for e in events), "the run says why it stopped"
-    assert runs.run_info(job.run_dir).state == "stopped"
+    # the lock drops as the last process's files close, a moment after /proc stops listing its command line
+    assert wait_for(lambda: runs.run_info(job.run_dir).state != "running", 30, "the lock to drop") and \
+        runs.run_info(job.run_dir).state == "stopped"
     assert main(["train", "--quiet", "--resume", str(job.run_dir),
                  "--set", f"schedule.max_steps={events[-1].step + 1}"]) == 0
+
+
+def test_a_killed_torchrun_leaves_the_run_locked_until_its_processes_end(tiny_model_dir, eight, tmp_path):
+    """torchrun killed alone: the launcher reports and exits, while the processes (each in its own session)
+    train on. Process 0 takes the run's lock the moment nobody else holds it, so the app never offers a resume
+    of a run that still trains; it stops every process after the step, adapter written."""
+    cfg = config(tiny_model_dir, eight, tmp_path / "runs", "agent", "dataset.batch_size=2", "distributed.processes=2",
+                 "schedule.max_steps=400", "saving.every_n_steps=1000")
+    job = start_run(cfg, env=hooked(tmp_path, slow=1))
+    wait_for(lambda: steps_done(job.run_dir) >= 1, 120, "a step")
+    agent = next(p for p in launch_pids(job.run_dir.resolve()) if b"torch.distributed.run" in
+                 Path(f"/proc/{p}/cmdline").read_bytes())
+    os.kill(agent, signal.SIGKILL)
+    states, deadline = [], time.monotonic() + 90
+    while launch_pids(job.run_dir.resolve()) and time.monotonic() < deadline:
+        states.append(runs.run_info(job.run_dir).state)
+        time.sleep(0.05)
+    assert not launch_pids(job.run_dir.resolve()), "every process ended"
+    assert job.wait(1) == 0, "the launcher waited for its processes and reports how the run ended"
+    assert states and set(states) <= {"running", "stopped"}, sorted(set(states))
+    last = read_events(job.run_dir / "events.jsonl")[-1]
+    assert isinstance(last, Finished) and last.stopped and Path(last.adapter_path).is_file()
+    assert runs.run_info(job.run_dir).state == "stopped"
 
 
 def test_the_gpu_check_says_so_without_cuda():

@@ -244,23 +244,24 @@ def test_on_windows_a_pid_is_probed_without_os_kill(monkeypatch):
     """os.kill(pid, 0) on Windows sends the process a Ctrl+C (signal 0 is CTRL_C_EVENT there), which would stop
     the very run the app asked about; the fallback asks the OS for the process's exit code instead."""
     import ctypes
+    from types import SimpleNamespace
     from trainer import runlock
     calls = []
 
-    class Kernel32:
-        def OpenProcess(self, access, inherit, pid):
-            calls.append(("open", pid))
-            return 7 if pid == 1234 else 0
+    def open_process(access, inherit, pid):
+        calls.append(("open", pid))
+        return 7 if pid == 1234 else 0
 
-        def GetExitCodeProcess(self, handle, code):
-            code._obj.value = 259  # STILL_ACTIVE
-            return 1
+    def exit_code(handle, code):
+        code._obj.value = 259  # STILL_ACTIVE
+        return 1
 
-        def CloseHandle(self, handle):
-            calls.append(("close", handle))
-
+    last_error = {99: 87, 4321: 5}  # ERROR_INVALID_PARAMETER: no such process; ERROR_ACCESS_DENIED: another user's
+    kernel32 = SimpleNamespace(OpenProcess=open_process, GetExitCodeProcess=exit_code,
+                               CloseHandle=lambda handle: calls.append(("close", handle.value)),
+                               GetLastError=lambda: last_error[calls[-1][1]])
     monkeypatch.setattr(runlock.os, "name", "nt")
-    monkeypatch.setattr(ctypes, "windll", type("windll", (), {"kernel32": Kernel32()})(), raising=False)
+    monkeypatch.setattr(ctypes, "windll", SimpleNamespace(kernel32=kernel32), raising=False)
     monkeypatch.setattr(runlock.os, "kill", lambda *a: pytest.fail("os.kill must not be called on Windows"))
-    assert runlock.pid_alive(1234) is True and runlock.pid_alive(99) is False
-    assert ("close", 7) in calls
+    assert runlock.pid_alive(1234) is True and ("close", 7) in calls
+    assert runlock.pid_alive(99) is False and runlock.pid_alive(4321) is True

@@ -601,12 +601,14 @@ def _distributed_problems(d: DistributedSection) -> list[str]:
                         f"process, or leave it empty for the first {d.processes}")
     if len(set(gpus)) != len(gpus):
         problems.append(f"distributed.gpus {d.gpus!r} names a GPU twice")
+    if any(i < 0 for i in gpus):
+        problems.append(f"distributed.gpus {d.gpus!r}: GPUs are numbered from 0")
     return problems
 
 
 def _validation_problems(val: ValidationSection) -> list[str]:
     if val.path.strip() and val.split:
-        return [f"validation.path and validation.split are both set; use one (the folder, or a share of the "
+        return ["validation.path and validation.split are both set; use one (the folder, or a share of the "
                 "dataset held out)"]
     if val.path.strip() and not expand_path(val.path).is_dir():
         return [f"validation.path {val.path} is not a folder; give a folder of validation images"]

@@ -88,7 +88,12 @@ def is_main_process() -> bool:
 
 @functools.cache
 def visible_gpus() -> list[str]:
-    """This machine's CUDA GPUs (as CUDA_VISIBLE_DEVICES shows them), by index: 'name (memory)'; [] without."""
+    """This machine's CUDA GPUs (as CUDA_VISIBLE_DEVICES shows them), by index: 'name (memory)'; [] without.
+    Counting them loads torch (seconds of a page load): where it is not loaded yet and neither NVIDIA's nor AMD's
+    tools are installed, there is no GPU to count."""
+    import shutil
+    if "torch" not in sys.modules and not (shutil.which("nvidia-smi") or shutil.which("rocm-smi")):
+        return []
     import torch
     if not torch.cuda.is_available():
         return []
@@ -174,18 +179,26 @@ class DataParallelUNet:
 
 class LauncherWatch:
     """Process 0's watch on what started it: run_launched's launcher, and torchrun under it. Killed (kill -9, the
-    OOM killer), the launcher can no longer report or stop the run; torchrun still holds the run's lock (it
-    inherits the launcher's, so the run reads as training while it lives), and process 0 stops every process
-    after the step, adapter written. POSIX only, like the launcher's process groups."""
+    OOM killer), they can no longer report or stop the run, and process 0 stops every process after the step,
+    adapter written. The run's lock: torchrun inherits the launcher's, and a thread of process 0 waits for it, so
+    the moment both are gone it is process 0's and the run never reads as ended while a process trains. POSIX
+    only, like the launcher's process groups."""
 
-    def __init__(self):
-        ours = in_worker() and launched_by_us() and os.name == "posix"
-        self.launcher, self.agent = (int(os.environ[OURS_ENV]) if ours else 0), os.getppid()
+    def __init__(self, run_dir: Path):
+        ours = in_worker() and launched_by_us() and os.name == "posix" and is_main_process()
+        self.launcher, self.agent, self.held = (int(os.environ[OURS_ENV]) if ours else 0), os.getppid(), None
+        if ours:
+            import threading
+            threading.Thread(target=self._hold, args=(run_dir,), daemon=True).start()
+
+    def _hold(self, run_dir: Path) -> None:
+        from .runlock import hold_when_free
+        self.held = hold_when_free(run_dir)
 
     def launcher_gone(self) -> bool:
-        """True once, when the launcher (or torchrun) is found gone."""
+        """True once, when the launcher or torchrun is found gone."""
         from .runlock import pid_alive
-        if not self.launcher or (pid_alive(self.launcher) and os.getppid() == self.agent):
+        if not self.launcher or (self.held is None and pid_alive(self.launcher) and os.getppid() == self.agent):
             return False
         self.launcher = 0
         return True
@@ -228,6 +241,8 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = process.wait()
+        if code < 0 and len(stops) < 2:  # torchrun itself was killed; its processes (own sessions) may live on
+            _wait_for_last_event(Path(run_dir), before)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -236,6 +251,22 @@ def run_launched(cfg: C.TrainConfig, run_dir: Path, resume: bool, callbacks: lis
     done.set()
     forwarder.join()
     return code
+
+
+def _wait_for_last_event(run_dir: Path, before: int, quiet_s: float = 60.0) -> None:
+    """torchrun was killed: process 0 sees its parent gone (LauncherWatch) and stops every process after the
+    step. Wait for that Finished (or Failed) while events keep coming, so the report below is how the run ended
+    (with nothing new for `quiet_s` seconds, the processes died with torchrun)."""
+    import time
+    from .events import Failed, Finished, read_events
+    count, last_new = before, time.monotonic()
+    while time.monotonic() - last_new < quiet_s:
+        events = read_events(run_dir / "events.jsonl")
+        if any(isinstance(e, (Finished, Failed)) for e in events[before:]):
+            return
+        if len(events) > count:
+            count, last_new = len(events), time.monotonic()
+        time.sleep(0.5)
 
 
 def _outcome(run_dir: Path, errors: str, code: int, before: int, aborted: bool) -> int:

@@ -74,7 +74,7 @@ class Trainer:
         from .data import BatchPlan, scan_dataset
         cfg = self.cfg
         self.inbox = self.inbox or CommandInbox(self.run_dir)
-        self.launcher = LauncherWatch()
+        self.launcher = LauncherWatch(self.run_dir)
         scan = scan_dataset(cfg.dataset)  # fails before any model is loaded
         for warning in scan.warnings:
             self.emit(Message(level="warning", text=warning))

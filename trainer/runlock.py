@@ -44,6 +44,16 @@ def holding(run_dir: str | Path, wait: float = 5.0):
         f.close()  # closing drops the lock
 
 
+def hold_when_free(run_dir: str | Path):
+    """Block until the run's lock is free, then hold it: the open file that holds it until closed (or this
+    process ends); None where the OS has no flock. Meant for a thread: flock releases the GIL while it waits."""
+    if fcntl is None:
+        return None
+    f = open(Path(run_dir) / LOCK_FILE, "a+b")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def is_held(run_dir: str | Path) -> bool | None:
     """True while a trainer holds the run's lock, False when none does, None where the OS cannot tell."""
     if fcntl is None:
@@ -90,9 +100,11 @@ def pid_alive(pid: int) -> bool:
 def _windows_pid_alive(pid: int) -> bool:
     import ctypes
     kernel32 = ctypes.windll.kernel32
+    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE: pointer-sized, not the default 32-bit int
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
-        return False
+        return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it exists (another user's), as on POSIX
+    handle = ctypes.c_void_p(handle)
     try:
         code = ctypes.c_ulong()
         return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE

@@ -333,17 +333,20 @@ def _info_from_events(run_dir: Path, events: list, held: bool | None) -> RunInfo
     attempt = events[starts[-1]:]
     first = attempt[0]
     info.started_at, info.total_steps, info.step = events[starts[0]].time, first.total_steps, first.start_step
+    failure = None
     for e in attempt:
         if isinstance(e, Progress):
             info.step, info.last_loss = e.step, e.loss
-        elif isinstance(e, Finished):
-            info.state = "stopped" if e.stopped else "finished"
+        elif isinstance(e, Finished):  # the end, even after a launcher's Failed: torchrun was killed while its
+            info.state = "stopped" if e.stopped else "finished"  # processes went on to stop with an adapter
             info.adapter_path = Path(e.adapter_path) if e.adapter_path else None  # "": stopped before a step
             info.step = e.step
             return info
         elif isinstance(e, Failed):
-            info.error, info.advice = e.error, e.advice
-            return info
+            failure = failure or e
+    if failure is not None:
+        info.error, info.advice = failure.error, failure.advice
+        return info
     if _trains_now(held, first.pid):
         info.state = "running"
     else:

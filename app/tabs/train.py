@@ -179,7 +179,8 @@ def gpu_picker(settings: AppSettings) -> dict:
 
 def ticked_gpus(processes, gpus) -> list[int]:
     """The picker's ticks for the form's distributed fields (a preset, a resumed run's config, a typed value)."""
-    return [i for i in chosen_gpus(int(processes or 1), gpus or "") if i < len(visible_gpus())]
+    count = len(visible_gpus())
+    return [i for i in chosen_gpus(min(int(processes or 1), count), gpus or "") if i < count]
 
 
 def on_gpus(picked: list[int]) -> list:
