@@ -273,16 +273,22 @@ def _outcome(run_dir: Path, errors: str, code: int, before: int, aborted: bool) 
     """0 done, 1 failed, job.INTERRUPTED aborted. An abort (the second Ctrl+C) leaves the run stopped where it was,
     as one process's does, unless the run had ended anyway or a process had failed before it (torchrun names it):
     then that is what the user must hear."""
-    from .events import EventLog, Failed, Finished, Progress, read_events
+    from .events import EventLog, Failed, Finished, read_events
     from .job import INTERRUPTED
     events = read_events(Path(run_dir) / "events.jsonl")[before:]
     if code == 0 or any(isinstance(e, Finished) for e in events):
         return 0
     if aborted and not dead_process(errors) and not any(isinstance(e, Failed) for e in events):
-        step = max([e.step for e in events if isinstance(e, Progress)], default=0)
+        step = _last_step(events)
         EventLog(Path(run_dir) / "events.jsonl")(Finished(step=step, adapter_path="", stopped=True))
         return INTERRUPTED
     return 0 if _report_failure(run_dir, errors, code, before) else 1
+
+
+def _last_step(events: list) -> int:
+    """The last step this attempt's events say was trained."""
+    from .events import Progress
+    return max([e.step for e in events if isinstance(e, Progress)], default=0)
 
 
 def _forward_events(run_dir: Path, callbacks: list, done) -> None:
@@ -312,7 +318,7 @@ def _report_failure(run_dir: Path, errors: str, code: int, before: int) -> bool:
     """After torchrun failed: True when this attempt had finished anyway (a teardown error); else a Failed event
     naming the process that died or failed, unless process 0 already said why the run failed."""
     from . import runs
-    from .events import EventLog, Failed, Finished, Progress, read_events
+    from .events import EventLog, Failed, Finished, read_events
     events = read_events(Path(run_dir) / "events.jsonl")[before:]
     if any(isinstance(e, Finished) for e in events):
         return True
@@ -322,7 +328,7 @@ def _report_failure(run_dir: Path, errors: str, code: int, before: int) -> bool:
     said = [line.split(": ", 1)[1] for line in errors.splitlines() if line.startswith(REPORT_PREFIX)]
     last = runs.last_checkpoint(run_dir)
     kept = f"; the last good checkpoint ({last.name}) is kept: resume the run" if last else ""
-    step = max([e.step for e in events if isinstance(e, Progress)], default=0)
+    step = _last_step(events)
     EventLog(Path(run_dir) / "events.jsonl")(Failed(step=step, error=what + (f": {said[-1]}" if said else "") + kept,
                                                     last_checkpoint=str(last or "")))
     return False

@@ -274,9 +274,10 @@ class Trainer:
         batches = micro_batches(cfg, self.step, self.plan.steps_per_epoch)
         total, self.step_images = torch.zeros((), device=self.device), 0
         for k, batch_index in enumerate(batches):
-            seeds = [mix(cfg.run.seed, batch_index, 5, p) for p in self.share_of(batch_index)[1]]
+            mine = self.share_of(batch_index)
+            seeds = [mix(cfg.run.seed, batch_index, 5, p) for p in mine[1]]
             with image_seeds(seeds), self._sync(last=k == len(batches) - 1):  # LoRA dropout masks (dropout.py)
-                latents, cond, weights, gens, count = self.micro_batch(batch_index)
+                latents, cond, weights, gens, count = self.micro_batch(batch_index, mine)
                 self.step_images += count
                 with self.accelerator.autocast():
                     losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
@@ -332,14 +333,14 @@ class Trainer:
         """The epoch of the batch the next step starts with."""
         return micro_batches(self.cfg, self.step, self.plan.steps_per_epoch)[0] // self.plan.steps_per_epoch
 
-    def micro_batch(self, batch_index: int) -> tuple:
+    def micro_batch(self, batch_index: int, mine: tuple | None = None) -> tuple:
         """This process's share of one global batch from the plan's deterministic order: latents, the UNet's
         conditioning (text, and for SDXL each image's size and crop), per-image loss weights, each image's noise
         generator, and the global batch's image count. Every random draw of an image comes from (seed, batch,
         its position in the global batch), so the share it lands in changes nothing. A process whose share is
         empty (a bucket's last batch smaller than the process count) trains the first image at weight 0."""
         from .data import build_caption
-        indices, positions, empty = self.share_of(batch_index)
+        indices, positions, empty = mine or self.share_of(batch_index)  # `mine`: share_of, computed already
         seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
         items = [self.scan.items[indices[p]] for p in positions]
         for p, item in zip(positions, items):
