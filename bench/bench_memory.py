@@ -89,7 +89,7 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     latents = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
     latents = latents.to(memory_format=torch.channels_last)
     t = torch.tensor([500], device=device)
-    predict = lambda: family.predict(SimpleNamespace(unet=unet), latents, t, cond)  # noqa: E731
+    predict = lambda: family.predict(SimpleNamespace(unet=unet, dtype=unet.dtype), latents, t, cond)  # noqa: E731
     forward = []
     for _ in range(steps):
         start = time.perf_counter()

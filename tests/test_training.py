@@ -316,3 +316,74 @@ def test_epochs_never_spill_into_the_next_epoch():
     assert [micro_batches(cfg, s, 4) for s in range(4)] == [[0, 1, 2], [3], [4, 5, 6], [7]]
     C.set_value(cfg, "schedule.epochs", 0)
     assert [micro_batches(cfg, s, 4) for s in range(2)] == [[0, 1, 2], [3, 4, 5]]
+
+
+# ---- per-step cost (issue 23, item 24) --------------------------------------------------------------------------
+
+def _count_calls(monkeypatch, cls, name):
+    """Counts calls of cls.name (the real method still runs)."""
+    real, calls = getattr(cls, name), []
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0].shape[0] if args and hasattr(args[0], "shape") else None)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_the_vae_encodes_each_batch_in_one_call(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+    """Pixels that change every step (a random flip: no latent cache) are encoded one call per batch, not one per
+    image: on the CPU each call costs its own pass through every layer."""
+    from diffusers import AutoencoderKL
+    calls = _count_calls(monkeypatch, AutoencoderKL, "encode")
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.flip": True, "dataset.batch_size": 4,
+                                                           "schedule.max_steps": 3, "sampling.every_n_steps": 0})
+    path, _, _ = train(cfg)
+    assert path.exists()
+    assert calls == [4, 4, 4], f"VAE encode calls (images per call) over 3 steps of 4 images: {calls}"
+
+
+def test_cached_latents_are_each_images_own_whatever_batch_it_first_came_in(tiny_model_dir, image_dir, tmp_path):
+    """A cached posterior is encoded from its image alone: CPU convolutions round differently by batch size (about
+    5e-6 here), so a posterior encoded beside others would make a resumed run (empty memory cache) or a disk cache
+    filled under another seed differ in the last bits. A resume over several epochs with the memory cache is exact."""
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"dataset.cache_latents": "memory",
+                                                           "schedule.max_steps": 8, "sampling.every_n_steps": 0})
+    full, _, _ = train(cfg)
+
+    def stop_at_3(trainer, event):
+        if isinstance(event, Progress) and event.step == 3:
+            trainer.inbox.request("stop")
+
+    _, _, run_dir = train(cfg, on_event=stop_at_3)
+    resumed, _, _ = train(cfg, run_dir=run_dir, resume=True)
+    assert_same_tensors(tensors(full), tensors(resumed))
+
+
+def test_batched_and_single_posteriors_agree_within_float_tolerance(tiny_model_dir, image_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": 1})
+    trainer = Trainer(cfg, runs.create_run_dir(cfg))
+    trainer.run()
+    torch.manual_seed(0)
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    together = trainer.encode_pixels(pixels)
+    alone = torch.cat([trainer.encode_pixels(pixels[i:i + 1]) for i in range(4)])
+    assert together.shape == alone.shape and together.shape[:2] == (4, 8)
+    print(f"batched vs one at a time: max |difference| {(together - alone).abs().max().item():.2e}")
+    assert torch.allclose(together, alone, rtol=0, atol=1e-4)
+
+
+def test_the_frozen_dtype_is_read_once_not_every_step(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+    """diffusers' ModelMixin.dtype walks every submodule on each read (3% of a CPU step); the frozen weights keep
+    the dtype they were placed in, so the loop reads it once."""
+    from diffusers import ModelMixin
+    real, reads = ModelMixin.dtype, []
+    monkeypatch.setattr(ModelMixin, "dtype", property(lambda self: reads.append(1) or real.fget(self)))
+    counts = []
+    for steps in (2, 6):
+        reads.clear()
+        cfg = make_cfg(tiny_model_dir, image_dir, tmp_path, **{"schedule.max_steps": steps, "dataset.flip": True,
+                                                               "sampling.every_n_steps": 0})
+        train(cfg)
+        counts.append(len(reads))
+    assert counts[0] == counts[1], f"ModelMixin.dtype read {counts[0]} times in 2 steps, {counts[1]} in 6"

@@ -192,11 +192,7 @@ class Trainer:
         force_upcast and stays fp32); LoRA weights in fp32; gradient checkpointing and train modes."""
         cfg, base = self.cfg, self.base
         self.weight_dtype = _frozen_dtype(cfg, device)
-        for module in base.components:
-            module.to(self.device)
-            keep_fp32 = module is base.vae and base.vae.config.get("force_upcast", False)
-            if self.weight_dtype != torch.float32 and not keep_fp32:
-                module.to(dtype=self.weight_dtype)
+        base.place(self.device, self.weight_dtype)  # and reads the dtypes once: the loop never walks them per step
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:
@@ -341,14 +337,13 @@ class Trainer:
         empty (a bucket's last batch smaller than the process count) trains the first image at weight 0."""
         from .data import build_caption
         indices, positions, empty = mine or self.share_of(batch_index)  # `mine`: share_of, computed already
-        seed, latents, captions, sizes = self.cfg.run.seed, [], [], []
+        seed = self.cfg.run.seed
         items = [self.scan.items[indices[p]] for p in positions]
-        for p, item in zip(positions, items):
-            rng = random.Random(mix(seed, batch_index, 3, p))
-            posterior, size = self.posterior_of(indices[p], rng)
-            latents.append(self.sample_latents(posterior, torch.Generator().manual_seed(mix(seed, batch_index, 4, p))))
-            captions.append(build_caption(item, self.cfg.dataset, rng, self.scan.trigger))
-            sizes.append(size)
+        rngs = [random.Random(mix(seed, batch_index, 3, p)) for p in positions]  # each image's flip, crop, caption
+        posteriors, sizes = self.posteriors_of([indices[p] for p in positions], rngs)
+        latents = [self.sample_latents(posterior, torch.Generator().manual_seed(mix(seed, batch_index, 4, p)))
+                   for posterior, p in zip(posteriors, positions)]
+        captions = [build_caption(item, self.cfg.dataset, rng, self.scan.trigger) for item, rng in zip(items, rngs)]
         cond = self.base.conditioning(self.encode_captions(captions), sizes)
         weights = loss_weights(items, self.cfg.loss.prior_loss_weight)
         if empty:
@@ -375,31 +370,50 @@ class Trainer:
             self._epoch_cache = (epoch, self.plan.epoch(epoch))
         return self._epoch_cache[1]
 
-    def posterior_of(self, index: int, rng: random.Random):
-        """The VAE posterior of one image as [1, 2C, h, w] (mean and std) and where it was cropped from (SizeInfo);
-        cached when no random augmentation needs fresh pixels; sampling happens per step, so a cache hit and a miss
-        give the same latents."""
+    def posteriors_of(self, indices: list[int], rngs: list[random.Random]) -> tuple[list, list]:
+        """The VAE posteriors of images as [1, 2C, h, w] each (mean and std) and where each was cropped from
+        (SizeInfo); image i's flip and crop are drawn from rngs[i]. Cached when no random augmentation needs fresh
+        pixels; sampling happens per step, so a cache hit and a miss give the same latents."""
         from .data import crop_geometry, load_pixels, size_info
-        item, size, ds = self.scan.items[index], self.plan.bucket_of(index), self.cfg.dataset
-        flip = ds.flip and rng.random() < 0.5
-        _, box = crop_geometry(item, size, ds.crop, rng)
-        if self.latent_cache is not None:
-            cached = self.latent_cache.get(item, size, ds.crop)
-            for text in self.latent_cache.rejected:
-                self.emit(Message(level="warning", text=text))
-            self.latent_cache.rejected.clear()
-            if cached is not None:
-                return cached.to(self.device), size_info(item, size, box)
-        pixels = load_pixels(item, size, ds.crop, flip, rng, box=box).unsqueeze(0)
-        posterior = self.encode_pixels(pixels)
-        if self.latent_cache is not None:
-            self.latent_cache.put(item, size, ds.crop, posterior.cpu())
-        return posterior, size_info(item, size, box)
+        ds, found, sizes, todo = self.cfg.dataset, [], [], {}
+        for n, (index, rng) in enumerate(zip(indices, rngs)):
+            item, size = self.scan.items[index], self.plan.bucket_of(index)
+            flip = ds.flip and rng.random() < 0.5
+            _, box = crop_geometry(item, size, ds.crop, rng)
+            sizes.append(size_info(item, size, box))
+            found.append(self._cached(item, size))
+            if found[-1] is None:  # same-size pixels are encoded together (_encode_group)
+                todo.setdefault(size, []).append((n, item, load_pixels(item, size, ds.crop, flip, rng, box=box)))
+        for size, group in todo.items():
+            for (n, item, _), posterior in zip(group, self._encode_group([pixels for *_, pixels in group])):
+                found[n] = posterior
+                if self.latent_cache is not None:
+                    self.latent_cache.put(item, size, ds.crop, posterior.cpu())
+        return found, sizes
+
+    def _cached(self, item, size: tuple[int, int]) -> torch.Tensor | None:
+        if self.latent_cache is None:
+            return None
+        cached = self.latent_cache.get(item, size, self.cfg.dataset.crop)
+        for text in self.latent_cache.rejected:
+            self.emit(Message(level="warning", text=text))
+        self.latent_cache.rejected.clear()
+        return None if cached is None else cached.to(self.device)
+
+    def _encode_group(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Posteriors of same-size pixels [3, h, w]: one VAE call for all of them when they are encoded afresh
+        each step (no latent cache; a step's images are always the same ones, so resume stays exact). A posterior
+        that is cached is encoded from its image alone: CPU convolutions round differently by batch size (5e-6
+        measured on the tiny VAE), so one encoded beside others would make a resumed run (its memory cache empty)
+        or a disk cache filled under another seed differ in the last bits. It is encoded once per run anyway."""
+        if self.latent_cache is None:
+            return list(self.encode_pixels(torch.stack(pixels)).split(1))
+        return [self.encode_pixels(p.unsqueeze(0)) for p in pixels]
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.base.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        """The VAE posteriors [B, 2C, h, w] (mean and std) of pixels [B, 3, H, W] in [-1, 1]."""
+        dist = self.base.vae.encode(pixels.to(self.device, self.base.vae_dtype)).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).float()
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:

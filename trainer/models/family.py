@@ -88,7 +88,7 @@ class Family:
         return dict(text)
 
     def predict(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        dtype = base.unet.dtype
+        dtype = base.dtype  # read once at load (BaseModel.frozen_dtype), not a walk of the UNet each step
         return base.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype)).sample
 
     # ---- names, sizes, metadata, sampling, baking ------------------------------------------------------------------

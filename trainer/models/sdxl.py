@@ -106,7 +106,7 @@ class SDXL(SD1):
         return {**text, "time_ids": time_ids(sizes).to(text["text_embeds"].device)}
 
     def predict(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        dtype = base.unet.dtype
+        dtype = base.dtype  # read once (BaseModel.frozen_dtype)
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
         return base.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
                          added_cond_kwargs=added).sample
