@@ -89,6 +89,9 @@ def values_to_config(values: list, runs_dir: str, encoders: list | None = None, 
     if settings is not None:
         errors.update(unreadable_folders(cfg, settings.readable_dirs()))
     for problem in config_problems(cfg):
+        if problem.startswith("saving.runs_dir"):  # the app's own folder: its server path stays on the server
+            problem = ("The runs folder this app was started with cannot hold new runs (it is a file, or cannot be "
+                       "written); whoever runs the app can start it with another --runs-dir.")
         key = problem_key(problem)
         if key in errors and problem not in errors[key]:
             errors[key] += "\n" + problem

@@ -27,7 +27,8 @@ Runs
   list_runs(runs_dir), run_info(run_dir) -> RunInfo, load_run_config(), checkpoint_dirs(), tail_events(path),
   read_events(path), the events (Event, Started, Progress, SampleWritten, CheckpointWritten, Validation, Message,
   Finished, Failed), smoothed(values), run_checkpoint(run_dir, step|'best'), best_checkpoint(run_dir), JobError,
-  oom_advice(); several processes: world_size(cfg), global_batch(cfg), launch_command(cfg, run_dir), in_worker(),
+  oom_advice(), os_error_message(err) (an OSError as one line with the fix); several processes: world_size(cfg),
+  global_batch(cfg), launch_command(cfg, run_dir), in_worker(),
   as_launched(cfg), shared_run_dir(runs_dir, create), launch_marker(runs_dir), is_main_process() (under
   `accelerate launch ... -m trainer train`), visible_gpus(), chosen_gpus(processes, gpus), gpu_settings(indices)
   (the GPU picker)
@@ -67,7 +68,7 @@ _EXPORTS = {
                      "adapter_file", "checkpoint_step", "smoothed", "run_checkpoint", "best_checkpoint"], "runs"),
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
                      "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
-    "oom_advice": "advice",
+    **dict.fromkeys(["oom_advice", "os_error_message"], "advice"),
     **dict.fromkeys(["world_size", "global_batch", "launch_command", "in_worker", "as_launched", "shared_run_dir",
                      "launch_marker", "is_main_process", "visible_gpus", "chosen_gpus", "gpu_settings"],
                     "distributed"),

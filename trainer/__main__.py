@@ -5,27 +5,88 @@ Exit codes: 0 success, 1 a training failure (NaN, out of memory), 2 a config or 
 """
 from __future__ import annotations
 
-import argparse
-import shutil
+import _signal  # signal's C half, loaded with the interpreter: importing signal.py first would itself take a while
+import os
 import sys
-from pathlib import Path
 
-from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable, checkpoint_dirs,
-                     config_problems, create_run_dir, fields, in_worker, is_main_process, launch_marker, list_presets,
-                     load_preset, preset_note, run_here, run_info, shared_run_dir)
+STOPPED_EARLY = "stopped before the run started; nothing was written"  # Ctrl+C before the model loads
+# what a Ctrl+C must undo until the trainer takes it over (run_here): the run folder this command created
+_starting: dict = {"run_dir": None, "resumed": False, "ended": False}
+
+
+def _end_untouched(code: int):
+    """End the process now, after a Ctrl+C that came before anything was written. It may have come while Python
+    imported torch, and the interpreter's shutdown over half-imported modules can fail (numpy's __getattr__
+    recursing) or exit as killed by SIGINT, even hang; nothing of ours is open, so nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl+C from the process's start until the trainer takes it over: one line, exit 130, the new run folder
+    removed. It ends the process here rather than raise KeyboardInterrupt: raised inside an import, libraries turn
+    it into other errors (numpy: "cannot load module more than once per process") or swallow it."""
+    run_dir, message = _starting["run_dir"], STOPPED_EARLY
+    if _starting["resumed"]:
+        message = "stopped before the run resumed; its folder is as it was"
+    elif run_dir is not None and _trained(run_dir):  # several processes trained it, and have ended
+        message = f"stopped; the run folder {run_dir} is kept"
+    elif run_dir is not None:
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(message, file=sys.stderr)
+    _end_untouched(130)
+
+
+if __name__ == "__main__":  # the CLI's own process (tests that call main() keep their handlers): first of all
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
+import argparse  # noqa: E402 (after the handler: a Ctrl+C while Python imports is one line too)
+import shutil  # noqa: E402
+import signal  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable,  # noqa: E402
+                     checkpoint_dirs, config_problems, create_run_dir, fields, in_worker, is_main_process,
+                     launch_marker, list_presets, load_preset, os_error_message, preset_note, run_here, run_info,
+                     shared_run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        if args.func is not cmd_train and signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the others stop at a KeyboardInterrupt
         return args.func(args)
-    except (UserError, OSError) as e:  # OSError: a folder that cannot be written (a read-only runs_dir, a full disk)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written (a read-only runs_dir, a full disk): the file and the fix
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # blend, generate...: their writes are atomic (train ends in the handler above)
+        print("stopped (Ctrl+C)", file=sys.stderr)
+        return INTERRUPTED
+
+
+@contextmanager
+def _creating_run_dir():
+    """Ctrl+C waits while the run folder is created (a folder without its config would be left otherwise), and
+    then removes it: the signal is blocked and delivered once the handler knows the folder."""
+    block = getattr(signal, "pthread_sigmask", None)  # POSIX; elsewhere the run listing cleans such a folder
+    if block is not None:
+        block(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if block is not None:
+            block(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,18 +149,25 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise UserError("--resume reads the config from the run folder; pass changes with --set, not --config")
+        _starting["resumed"] = True
         run_dir = check_resumable(args.resume, args.set)  # e.g. --set schedule.max_steps=2000 to train longer
     elif in_worker():  # every process of `accelerate launch ... -m trainer train` runs this: one run folder
         cfg = as_launched(resolve_config(args.config, args.set))
         run_dir = shared_run_dir(cfg.saving.runs_dir, lambda: create_run_dir(check_config(cfg, source=args.config)))
     else:
-        run_dir = create_run_dir(check_config(resolve_config(args.config, args.set), source=args.config))
-    if args.quiet:
-        _quiet_libraries()
+        cfg = check_config(resolve_config(args.config, args.set), source=args.config)
+        with _creating_run_dir():
+            run_dir = _starting["run_dir"] = create_run_dir(cfg)
     if in_worker():  # one of the processes of `accelerate launch`: process 0 reports, the others only train
+        if args.quiet:
+            _quiet_libraries()
         return _train_launched(args, run_dir)
     try:
+        if args.quiet:
+            _quiet_libraries()
         code = run_here(run_dir, resume=bool(args.resume), callbacks=[] if args.quiet else [ProgressBar()])
+    except KeyboardInterrupt:  # where main() runs in another program (the CLI's handler ends the process itself)
+        code = INTERRUPTED
     except UserError:
         if not args.resume and not _trained(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
@@ -115,6 +183,7 @@ def _say_aborted(run_dir: Path, resumed) -> None:
     if not resumed and not _trained(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing happened: leave no empty run behind
         print("stopped while the model loaded; nothing was written", file=sys.stderr)
+        _starting["ended"] = True
         return
     kept = checkpoint_dirs(run_dir)
     print("aborted; " + (f"the last checkpoint ({kept[-1].name}) is kept: resume the run (python -m trainer train "
@@ -217,4 +286,7 @@ def cmd_validate(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if _starting["ended"]:  # a Ctrl+C while the model loaded: imports may be half done, as in the handler
+        _end_untouched(code)
+    sys.exit(code)

@@ -29,7 +29,9 @@ DISK_MARKERS = {"No space left on device": "The disk is full: free space there, 
                 "Permission denied": "loradesk may not write there: choose a folder you own for saving.runs_dir "
                                      "(or dataset.cache_dir), or fix its permissions.",
                 "File exists": "A file stands where a folder is needed: rename or remove it, or choose another "
-                               "folder."}
+                               "folder.",
+                "Not a directory": "A file stands where a folder is needed: rename or remove it, or choose another "
+                                   "folder."}
 
 
 def is_cpu_oom(error: str) -> bool:
@@ -44,3 +46,12 @@ def advice_for(error: str) -> str:
     if "out of memory" in error.lower():
         return oom_advice()
     return next((tip for marker, tip in DISK_MARKERS.items() if marker in error), "")
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for a file the OS would not let us write: which file, the OS's words (no "[Errno 30]") and the
+    fix."""
+    words = err.strerror or str(err)
+    tip = advice_for(words)
+    where = f"cannot write {err.filename}: " if err.filename else ""
+    return f"{where}{words}" + (f". {tip}" if tip else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -41,6 +42,11 @@ def atomic_path(path: str | Path):
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as err:
+        named = as_os_error(err, path, Path(tmp), path)
+        if named is None:
+            raise
+        raise named from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -61,9 +67,36 @@ def atomic_dir(final: str | Path):
         os.chmod(tmp, DIR_MODE)
         _swap_in(tmp, final)
         _fsync_dir(final.parent)
+    except Exception as err:
+        named = as_os_error(err, final, tmp, final)
+        if named is None:
+            raise
+        raise named from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def as_os_error(err: BaseException, path: str | Path, tmp: Path | None = None, final: Path | None = None
+                ) -> OSError | None:
+    """A failed write as the OSError it is, naming the file the user knows: safetensors reports a full disk as its
+    own error type with the OS's words inside ("No space left on device (os error 28)"), and a temporary name
+    (inside `tmp`) is shown as the name it was to get (under `final`). None when `err` is no OS error."""
+    if isinstance(err, OSError):
+        code, words, where = err.errno, err.strerror or str(err), err.filename or path
+    else:
+        found = re.search(r"([^:]*) \(os error (\d+)\)", str(err))
+        if found is None:
+            return None
+        code, words, where = int(found.group(2)), found.group(1).strip(), path
+    where = Path(where)
+    if tmp is not None and final is not None and where.is_relative_to(tmp):
+        where = final / where.relative_to(tmp)
+    if not code:
+        named = OSError(words)
+        named.filename = str(where)
+        return named
+    return OSError(code, words, str(where))  # the subclass of its code: FileExistsError for 17, ...
 
 
 def clean_leftovers(folder: str | Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import as_os_error
 from .network import LoraParams, load_lora_state_dict, lora_state_dict
 from .runs import TRAINING_STATE
 
@@ -53,13 +54,25 @@ def _param_names(optimizer: torch.optim.Optimizer, params: LoraParams) -> list[s
 def save_training_state(folder: Path, params: LoraParams, optimizer, lr_scheduler, step: int, epoch_hint: int
                         ) -> None:
     """Write lora.safetensors, optimizer.safetensors and state.json into `folder` (renamed into place later)."""
-    save_file(lora_state_dict(params), folder / "lora.safetensors")
+    _save(lora_state_dict(params), folder / "lora.safetensors")
     names = _param_names(optimizer, params)
     tensors, meta = _optimizer_to_flat(optimizer, names)
     tensors["__torch_rng_state__"] = torch.get_rng_state()
-    save_file(tensors, folder / "optimizer.safetensors")
+    _save(tensors, folder / "optimizer.safetensors")
     state = {"step": step, "epoch": epoch_hint, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict()}
     (folder / TRAINING_STATE).write_text(json.dumps(state), encoding="utf-8")
+
+
+def _save(tensors: dict, path: Path) -> None:
+    """safetensors' save_file; a full or read-only disk is an OSError naming the file (safetensors raises its own
+    error type, which the loop would not know as a disk failure)."""
+    try:
+        save_file(tensors, path)
+    except Exception as err:
+        named = as_os_error(err, path)
+        if named is None:
+            raise
+        raise named from None
 
 
 def load_training_state(folder: Path, params: LoraParams, optimizer, lr_scheduler) -> int:

@@ -57,8 +57,9 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine
 @dataclass
 class RunSection:
     name: str = opt("lora", "Name of the run and of the exported adapter file (letters, digits, - and _).", basic=True)
+    # at most 2**32 - 1: what numpy's seeding takes, kohya's and A1111's range, and exact in the browser's numbers
     seed: int = opt(42, "Seed for every random choice; the same config and seed give the same adapter on the CPU.",
-                    min=0)
+                    min=0, max=2 ** 32 - 1)
 
 
 @dataclass
@@ -145,7 +146,8 @@ class OptimizerSection:
 
 @dataclass
 class ScheduleSection:
-    max_steps: int = opt(1000, "Optimizer steps to train (ignored when epochs > 0).", min=1, basic=True)
+    max_steps: int = opt(1000, "Optimizer steps to train (ignored when epochs > 0).", min=1, max=10_000_000,
+                         basic=True)
     epochs: int = opt(0, "Train this many passes over the dataset instead of max_steps (0 = use max_steps).", min=0,
                       basic=True)
     lr_scheduler: str = opt("constant_with_warmup", "Learning-rate schedule.", choices=LR_SCHEDULERS)

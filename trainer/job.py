@@ -64,10 +64,16 @@ def _gpu_problems(cfg: C.TrainConfig, gpus: int) -> list[str]:
 
 
 def model_problems(cfg: C.TrainConfig) -> list[str]:
-    """What the base model's family says of cfg (read from its config files or keys, not its weights): a forced
-    model.family that its structure contradicts, text encoders it does not have."""
-    from .models import family_name, get_family
+    """What the base model's files say of cfg (its config files or keys, not its weights): files that loading
+    would refuse (an empty folder, a broken model_index.json, a LoRA, random bytes), a forced model.family that its
+    structure contradicts, text encoders it does not have."""
+    from .models import ModelLoadError, family_name, get_family, resolve_model_path
+    from .models.detect import check_model_files
     from .network import text_encoder_problems
+    try:
+        check_model_files(Path(resolve_model_path(cfg.model.path)))
+    except ModelLoadError as e:
+        return [f"model.path: {e}"]
     name = family_name(cfg.model.path)
     if name is None:
         return []
@@ -86,6 +92,8 @@ def config_problems(cfg: C.TrainConfig, check_paths: bool = True) -> list[str]:
     problems = C.validate(cfg, check_paths)
     if not any(p.startswith("model.") for p in problems):
         problems += model_problems(cfg)
+    if check_paths:
+        problems += runs.runs_dir_problems(cfg.saving.runs_dir)
     return problems + [p for p in machine_problems(cfg) if p not in problems]
 
 
@@ -272,7 +280,7 @@ def _train_holding_lock(run_dir: Path, resume: bool, callbacks: list | None) -> 
 
 
 def _train(trainer, resume: bool) -> int:
-    _stop_on_interrupt(trainer)
+    interrupted = _stop_on_interrupt(trainer)
     try:
         path = trainer.run(resume=resume)
     except Aborted:  # torchrun ends the processes: the launcher reports
@@ -285,11 +293,15 @@ def _train(trainer, resume: bool) -> int:
         raise
     except Exception as e:  # out of memory while loading, a crash: the run's state must still say why
         from .distributed import is_peer_failure
+        if interrupted["while_loading"]:  # Ctrl+C inside a library's import, which turned it into another error
+            trainer.emit(Finished(step=trainer.step, adapter_path="", stopped=True))
+            return INTERRUPTED
         if is_peer_failure(e):  # another process died: the launcher's Failed names it
             print(f"stopped: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
             return 1
         error = f"{type(e).__name__}: {e}"
-        trainer.emit(Failed(step=trainer.step, error=error, advice=advice_for(error)))
+        last = runs.last_checkpoint(trainer.run_dir)  # what a resume would start from, as the loop's failures say
+        trainer.emit(Failed(step=trainer.step, error=error, advice=advice_for(error), last_checkpoint=str(last or "")))
         raise
     return 0 if path is not None or trainer.stopped_untrained else 1
 
@@ -301,7 +313,7 @@ class Aborted(BaseException):
     """A process of a multi-process run told to end now (not an Exception: nothing on the way may catch it)."""
 
 
-def _stop_on_interrupt(trainer) -> None:
+def _stop_on_interrupt(trainer) -> dict:
     """While the model loads, Ctrl+C (or SIGTERM) stops at once and writes nothing. Then the first one stops after
     this step and writes the adapter; a second aborts (writes are atomic). A process of run_launched's torchrun
     hears a stop as a command, so a SIGTERM from torchrun (the user's second Ctrl+C, or another process died)
@@ -315,13 +327,18 @@ def _stop_on_interrupt(trainer) -> None:
                 return
             raise Aborted
         if not trainer.loaded:
+            interrupted["while_loading"] = True
+            if trainer.inbox is not None:  # should a library swallow the KeyboardInterrupt, the loop still stops
+                trainer.inbox.request("stop")
             raise KeyboardInterrupt  # loading takes seconds to minutes: do not wait for it (issue 15)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
         if trainer.inbox is not None:
             trainer.inbox.request("stop")
+    interrupted = {"while_loading": False}
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    return interrupted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,8 @@ class Trainer:
                                                     f"{aside.name})"))
         if checkpoint is None:
             raise C.ConfigError([f"{self.run_dir.name} has no checkpoint that verifies; start a new run"])
+        if self.is_main and (warning := runs.unverified_warning(checkpoint)):  # no manifest: parsed, not verified
+            self.emit(Message(level="warning", text=warning))
         return self._resume_state(checkpoint)
 
     def _resume_state(self, checkpoint: Path) -> int:

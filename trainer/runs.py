@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -53,9 +54,30 @@ def create_run_dir(cfg: C.TrainConfig) -> Path:
             run_dir.mkdir()
         except FileExistsError:
             continue
-        write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
+        try:
+            write_text_atomic(run_dir / "config.toml", C.dumps(cfg))
+        except BaseException:  # a full disk, a Ctrl+C: no folder without its config is left (a kill: see unstarted)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         return run_dir
     raise UserError(f"{root} holds 10,000 runs named {cfg.run.name}-{stamp}; give the run another name")
+
+
+def runs_dir_problems(runs_dir: str) -> list[str]:
+    """Why no run folder can be created under runs_dir (empty when one can): a file where a folder is needed, or
+    a folder that cannot be written (a read-only file system, no permission). Checked before a run starts, so
+    validate and the app's Check refuse what creating the run folder would."""
+    path = C.expand_path(runs_dir or ".").absolute()
+    here = path
+    while not here.exists() and here.parent != here:  # the folder runs_dir would be created in
+        here = here.parent
+    if not here.is_dir():
+        return [f"saving.runs_dir {runs_dir}: {here} is a file, not a folder; choose another saving.runs_dir, or "
+                f"move the file away"]
+    if not os.access(here, os.W_OK | os.X_OK):
+        return [f"saving.runs_dir {runs_dir}: {here} cannot be written (a read-only disk, or not yours); choose a "
+                f"folder you can write for saving.runs_dir"]
+    return []
 
 
 def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
@@ -75,10 +97,46 @@ def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
 
 def load_run_config(run_dir: str | Path) -> C.TrainConfig:
     path = Path(run_dir) / "config.toml"
+    if not path.is_file() and unstarted(run_dir):
+        discard_unstarted(run_dir)
+        raise NeverStarted(f"{run_dir} was interrupted while it was created, so that run never started (nothing "
+                           f"was trained; the folder is removed); start it again: python -m trainer train --config "
+                           f"... (the config and --set you started it with)")
     if not path.is_file():
         raise C.ConfigError([f"{run_dir} has no config.toml, so it is not a loradesk run folder; give a folder "
                              f"under your runs directory"], str(run_dir))
     return C.load(path)
+
+
+class NeverStarted(C.ConfigError):
+    """A run folder without a config because it was killed while it was created: one line, not a config list."""
+
+    def __init__(self, message: str):
+        self.problems, self.source = [message], None
+        UserError.__init__(self, message)
+
+
+def unstarted(folder: str | Path) -> bool:
+    """A run folder killed inside create_run_dir: no config.toml, nothing in it but the config's temporary file
+    (or nothing at all, with a run folder's name)."""
+    import re
+    folder = Path(folder)
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    if (folder / "config.toml").exists() or not all(re.fullmatch(r"\.config\.toml\..+\.tmp", n) for n in names):
+        return False
+    return bool(names) or re.search(r"-\d{8}-\d{6}(-\d+)?$", folder.name) is not None
+
+
+def discard_unstarted(folder: str | Path) -> None:
+    """Remove an unstarted run folder (it holds nothing the user made: at most our temporary file)."""
+    clean_leftovers(folder)
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass  # something appeared in it meanwhile: keep it
 
 
 def final_adapter_path(run_dir: str | Path, cfg: C.TrainConfig) -> Path:
@@ -210,6 +268,17 @@ def checkpoint_problem(checkpoint: str | Path) -> str:
         if path.stat().st_size != want.get("size") or file_sha256(path) != want.get("sha256"):
             return f"{name} is damaged (not the size or content that was written)"
     return ""
+
+
+def unverified_warning(checkpoint: str | Path) -> str:
+    """What to tell when resuming from a checkpoint without its manifest.json ("" with one): its files could only
+    be parsed, not checked against what was written (it was deleted, or an older loradesk wrote the checkpoint)."""
+    folder = Path(checkpoint)
+    if (folder / MANIFEST).is_file():
+        return ""
+    return (f"checkpoint {folder.name} has no {MANIFEST}, so its files could not be verified against what was "
+            f"written (they parse); resumed from it anyway: if the run goes wrong, resume from an older checkpoint "
+            f"(move {folder.name} aside)")
 
 
 def _parse_problem(folder: Path) -> str:
@@ -359,8 +428,16 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     root = C.expand_path(runs_dir)
     if not root.is_dir():
         return []
-    found = [run_info(p) for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and is_run_dir(p):
+            found.append(run_info(p))
+        elif p.is_dir() and unstarted(p) and time.time() - p.stat().st_mtime > UNSTARTED_AFTER_S:
+            discard_unstarted(p)  # killed while it was created (a younger one may be being created right now)
     return sorted(found, key=lambda r: r.started_at, reverse=True)
+
+
+UNSTARTED_AFTER_S = 600  # creating a run folder takes milliseconds; one without its config this old was killed
 
 
 def running_run(runs_dir: str | Path) -> RunInfo | None:

@@ -8,11 +8,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .detect import CHECKPOINT_SUFFIXES, PICKLE_SUFFIXES, SAFE_SUFFIXES  # noqa: F401 (hub.py reads them here)
+from .detect import not_a_checkpoint_message
 from .errors import ModelLoadError, pickle_refused_message
-
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CHECKPOINT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
 
 
 def read_state_dict(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
@@ -24,9 +22,7 @@ def read_state_dict(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor
         if not trust_pickle:
             raise ModelLoadError(pickle_refused_message(path))
         return _read_pickle(path)
-    raise ModelLoadError(f"{path} is not a model checkpoint loradesk can read (expected .safetensors, or "
-                         f"{'/'.join(PICKLE_SUFFIXES)} with model.trust_pickle=true); give a .safetensors file or "
-                         f"a diffusers folder")
+    raise ModelLoadError(not_a_checkpoint_message(path))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -25,16 +26,95 @@ def all_families() -> list:
     return [get_family(name) for name in FAMILIES]
 
 
+# the file kinds a base model may come as: safetensors, or a pickle (read only with model.trust_pickle)
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # what the families load from a folder
+
+
+def check_model_files(source: Path):
+    """What loading the base model at `source` (a local folder or file) would refuse, found from its config files
+    and a .safetensors header, without torch: raised as the ModelLoadError loading would raise. The family when its
+    files tell it (None for a pickle, which is not opened before it is loaded). validate, the app's Check and train
+    all ask this (trainer.job.model_problems), so none of them passes what loading then refuses."""
+    if not source.exists():  # a hub id (config.validate names a local path that is missing)
+        return None
+    if source.is_dir():
+        return check_folder(source)
+    if source.suffix.lower() in PICKLE_SUFFIXES:
+        return None
+    if source.suffix.lower() not in SAFE_SUFFIXES:
+        raise ModelLoadError(not_a_checkpoint_message(source))
+    return family_of_checkpoint(dict.fromkeys(safetensors_keys(source)), source)
+
+
+def check_folder(folder: Path):
+    """The family of a diffusers folder whose model_index.json reads and whose components are all there."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(not_a_model_folder_message(folder))
+    family = family_of_folder(folder)
+    family.refuse_folder(folder)
+    index = read_json(folder / "model_index.json")
+    for name in COMPONENTS:
+        named = isinstance(index.get(name), list) and None not in index[name]  # [library, class]; null = absent
+        if named and not (folder / name).is_dir():
+            raise ModelLoadError(f"{folder / name} is missing; a {family.label} folder needs every component "
+                                 f"folder its model_index.json names: copy the complete model folder")
+    return family
+
+
 def family_of_folder(folder: Path):
     """The family of a diffusers folder, from model_index.json and the UNet config."""
     index = read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{folder / 'model_index.json'} is not a diffusers model index (no JSON object); "
+                             f"restore it from the model's original files")
     name = str(index.get("_class_name", ""))
-    if not name.startswith("StableDiffusion") or "unet" not in index:
-        raise ModelLoadError(f"{folder} holds a {name or 'unknown'} model, not a Stable Diffusion pipeline; give "
-                             f"a Stable Diffusion 1.x, 2.x or SDXL model folder or checkpoint")
+    if not name.startswith("StableDiffusion"):
+        raise ModelLoadError(f"{folder} holds {'a ' + name if name else 'a model of unknown kind'}, not a Stable "
+                             f"Diffusion model; give a Stable Diffusion 1.x, 2.x or SDXL model folder or checkpoint")
+    if "unet" not in index:
+        raise ModelLoadError(f"{folder / 'model_index.json'} names no UNet, so {folder} is not a complete {name} "
+                             f"folder; copy the complete model folder again")
     unet_config = folder / "unet" / "config.json"
     config = read_json(unet_config) if unet_config.is_file() else {}
     return next(f for f in all_families() if f.claims_folder(index, config))
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file's header (8 bytes of length, then JSON), checked against the file's
+    size, so random bytes or a truncated download are found without reading the weights."""
+    try:
+        with open(path, "rb") as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 0 < length <= min(size - 8, 100 << 20):
+                raise ValueError("its header length is impossible")
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            raise ValueError("it is shorter than its header says")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ModelLoadError(f"{path} is not a readable .safetensors file ({err}); it is probably truncated or "
+                             f"corrupt: download or copy it again") from err
+    return [key for key in header if key != "__metadata__"]
+
+
+def not_a_checkpoint_message(path: Path) -> str:
+    return (f"{path} is not a model checkpoint loradesk can read (expected .safetensors, or "
+            f"{'/'.join(PICKLE_SUFFIXES)} with model.trust_pickle=true); give a .safetensors file or a diffusers "
+            f"folder")
+
+
+def not_a_model_folder_message(folder: Path) -> str:
+    try:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    except OSError:
+        files = []
+    hint = f"; it contains {', '.join(files[:3])}: give that file as model.path" if files else ""
+    return (f"{folder} is not a diffusers model folder (no model_index.json); give the folder that contains "
+            f"model_index.json, or a single .safetensors checkpoint{hint}")
 
 
 def family_of_checkpoint(state_dict: dict, path: Path):

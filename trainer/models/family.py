@@ -67,6 +67,10 @@ class Family:
         """True for an original single-file checkpoint of this family (its key layout)."""
         raise NotImplementedError
 
+    def refuse_folder(self, folder: Path) -> None:
+        """Raise ModelLoadError for a folder of this family that loradesk does not train (SDXL's refiner), from
+        its config files only: validate calls it as loading does (detect.check_folder)."""
+
     # ---- loading -------------------------------------------------------------------------------------------------
     def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
         """BaseModel fields from a diffusers folder."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .base import BaseModel
-from .checkpoint import CHECKPOINT_SUFFIXES, read_state_dict
-from .detect import FAMILIES, family_of_checkpoint, family_of_folder, get_family
+from .checkpoint import read_state_dict
+from .detect import FAMILIES, check_folder, family_of_checkpoint, get_family
 from .errors import ModelLoadError
 from .hub import fetch_hub_model, looks_like_hub_id
 from .info import original_yaml_prediction, resolve_model_path, sidecar_config_dir
@@ -52,9 +52,7 @@ def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool 
 
 
 def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, shown: str | None = None):
-    if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(_not_a_model_folder(folder))
-    detected = _agree(family_of_folder(folder), family, shown or folder, "model")
+    detected = _agree(check_folder(folder), family, shown or folder, "model")  # the check validate makes too
     return detected, detected.load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
 
 
@@ -134,10 +132,3 @@ def _missing_message(source: str, given: str) -> str:
     return (f"model.path {source} does not exist; give a diffusers folder (with model_index.json), a "
             f".safetensors checkpoint, or a hub id like 'owner/name' (needs network); empty means the built-in "
             f"tiny model")
-
-
-def _not_a_model_folder(folder: Path) -> str:
-    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
-    hint = f"; it contains {', '.join(files[:3])}: give that file as model.path" if files else ""
-    return (f"{folder} is not a diffusers model folder (no model_index.json); give the folder that contains "
-            f"model_index.json, or a single .safetensors checkpoint{hint}")

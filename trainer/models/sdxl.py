@@ -41,6 +41,9 @@ class SDXL(SD1):
         return any(k.startswith(("conditioner.embedders.", "conditioner.")) for k in keys)
 
     # ---- loading -------------------------------------------------------------------------------------------------
+    def refuse_folder(self, folder: Path) -> None:
+        _refuse_refiner_folder(folder)
+
     def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
