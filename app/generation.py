@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import (active_run, adapter_file, checkpoint_dirs, checkpoint_step, leaves_folder,  # torch-free:
-                     list_runs, run_info)  # the heavy names are imported where they are used
+from trainer import (active_run, adapter_file, adapter_weight, checkpoint_dirs, checkpoint_step,  # torch-free:
+                     guidance_scale, leaves_folder, list_runs, run_info)  # the heavy names: where they are used
 
 from .device import free_device, get_generator, hold_device
 from .errors import AppError
@@ -76,6 +76,19 @@ def check_slot_paths(settings, slots: list[Slot]) -> None:
                            f"add the file with 'Add an adapter file'.")
 
 
+def check_numbers(slots: list[Slot], guidance: float | None = None, rows: list = ()) -> None:
+    """The engine's rule for weights and guidance (NaN and infinity refused by name), before the device is taken or
+    a model loads: a NaN weight would blend NaN into the model, a NaN guidance draws a flat image."""
+    for slot in slots:
+        if slot.path:
+            adapter_weight(slot.weight, Path(slot.path).name)
+    for row in rows:
+        if isinstance(row, (int, float)):
+            adapter_weight(row, "adapter 1 in a grid row")
+    if guidance is not None:
+        guidance_scale(guidance, "Guidance")
+
+
 def _check_idle(settings) -> None:
     busy = active_run(settings.runs_dir)
     if busy is not None:
@@ -125,6 +138,7 @@ def generate(settings, model_path: str, slots: list[Slot], prompt: str, negative
     """Images from the base model with the enabled adapters blended at their weights."""
     if not prompt.strip():
         raise AppError("Type a prompt first.")
+    check_numbers(slots, guidance)
     with _Device(settings, model_path, slots, progress) as gen:
         return gen.generate(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width),
                             int(height), int(num_images), progress=progress)
@@ -138,6 +152,7 @@ def comparison_grid(settings, model_path: str, slots: list[Slot], prompt: str, r
         raise AppError("Type a prompt first.")
     if not rows or not seeds:
         raise AppError("Give at least one row (weights or checkpoints) and one seed.")
+    check_numbers(slots, guidance, rows)
     with _Device(settings, model_path, slots, progress) as gen:
         target = str(adapter_file(slots[0].path).resolve()) if slots and slots[0].path else None
         return gen.comparison_grid(prompt, rows, seeds, adapter=target, negative_prompt=negative_prompt,
@@ -197,6 +212,7 @@ def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtyp
 
 def export_blend(settings, model_path: str, slots: list[Slot], rank: int | None = None) -> Path:
     """The Generate tab's current blend as one adapter file in adapters/ (exact when rank is None)."""
+    check_numbers(slots)
     if not any(s.path and s.enabled and s.weight for s in slots):
         raise AppError("Enable at least one adapter with a non-zero weight to export a blend.")
     with _Device(settings, model_path, slots) as gen:

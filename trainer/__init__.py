@@ -10,7 +10,8 @@ Config (stdlib only)
   apply_overrides(), load_config(path, overrides), dumps(cfg)
   config_problems(cfg), check_config(cfg)  the complete check: the config and what this machine can do for it
   default_config(model_path, runs_dir)     defaults that follow the base model (its native size)
-  list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name) -> (cfg, notes)
+  generation_defaults(model_path)          steps, guidance, seed, negative prompt, size: what its samples use
+  list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name, filled) -> (cfg, notes)
 Base models
   load_base_model(path) -> BaseModel, ModelLoadError, resolve_model_path(), native_resolution(path),
   training_defaults(path), model_summary(path) (family, native size, text encoders: from config files only),
@@ -33,10 +34,13 @@ Runs
   `accelerate launch ... -m trainer train`), visible_gpus(), chosen_gpus(processes, gpus), gpu_settings(indices)
   (the GPU picker)
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
-  adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf refused), LoraLayer,
+  adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf, integer tensors and all
+  alphas 0 refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
   Generator, image_grid(), compare_checkpoints(run_dir) (checkpoints x prompts and seeds, validation losses)
+  adapter_weight(value, label), guidance_scale(value, name), finite_number(), NotFiniteError: the one rule for
+  adapter weights and guidance (NaN and infinity refused by name)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
 """
@@ -51,7 +55,8 @@ _EXPORTS = {
                      "set_value", "apply_overrides", "dumps"], "config"),
     "load_config": "config:load",
     **dict.fromkeys(["config_problems", "check_config"], "job"),
-    **dict.fromkeys(["default_config", "list_presets", "preset_note", "load_preset", "apply_preset"], "presets"),
+    **dict.fromkeys(["default_config", "generation_defaults", "list_presets", "preset_note", "load_preset",
+                     "apply_preset"], "presets"),
     # base models
     **dict.fromkeys(["load_base_model", "BaseModel", "ModelLoadError", "resolve_model_path", "native_resolution",
                      "training_defaults", "model_summary"], "models"),
@@ -69,6 +74,7 @@ _EXPORTS = {
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
                      "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
     **dict.fromkeys(["oom_advice", "os_error_message"], "advice"),
+    **dict.fromkeys(["finite_number", "adapter_weight", "guidance_scale", "NotFiniteError"], "finite"),
     **dict.fromkeys(["world_size", "global_batch", "launch_command", "in_worker", "as_launched", "shared_run_dir",
                      "launch_marker", "is_main_process", "visible_gpus", "chosen_gpus", "gpu_settings"],
                     "distributed"),

@@ -55,6 +55,16 @@ def default_config(model_path: str = "", runs_dir: str = "runs") -> C.TrainConfi
     return cfg
 
 
+def generation_defaults(model_path: str = "") -> dict[str, object]:
+    """What generating starts from on a base model (the Generate tab, the CLI's generate): the sampling settings
+    and image size its training samples use (default_config), so the same prompt and seed draw what a sample
+    showed. Keys: steps, guidance, seed, negative_prompt, size."""
+    cfg = default_config(model_path)
+    s = cfg.sampling
+    return {"steps": s.steps, "guidance": s.guidance, "seed": s.seed, "negative_prompt": s.negative_prompt,
+            "size": cfg.dataset.resolution}
+
+
 def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS_DIR
                  ) -> tuple[C.TrainConfig, list[str]]:
     """The config after picking a preset while `current` is shown: the preset's training settings, the user's

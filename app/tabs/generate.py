@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import list_runs, native_resolution
+from trainer import generation_defaults, list_runs
 
 from .. import generation as G
 from ..errors import AppError, guarded
@@ -62,16 +62,17 @@ def _slots_column(settings: AppSettings, c: dict) -> None:
 
 
 def _image_column(settings: AppSettings, c: dict) -> None:
-    size = native_resolution(settings.base_model)
+    start = generation_defaults(settings.base_model)  # what the model's training samples use (the engine's rule)
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
-    c["negative"] = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+    c["negative"] = gr.Textbox(start["negative_prompt"], label="Negative prompt", elem_id="gen-negative")
     with gr.Row():
-        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="gen-seed")
-        c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
-        c["guidance"] = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen-guidance")
+        c["seed"] = gr.Number(start["seed"], label="Seed", precision=0, minimum=0, elem_id="gen-seed",
+                              info="A run's first sample prompt uses this seed, the next one seed + 1.")
+        c["steps"] = gr.Slider(1, 100, value=start["steps"], step=1, label="Steps", elem_id="gen-steps")
+        c["guidance"] = gr.Slider(0, 20, value=start["guidance"], step=0.5, label="Guidance", elem_id="gen-guidance")
     with gr.Row():
-        c["width"] = gr.Slider(64, 1536, value=size, step=8, label="Width", elem_id="gen-width")
-        c["height"] = gr.Slider(64, 1536, value=size, step=8, label="Height", elem_id="gen-height")
+        c["width"] = gr.Slider(64, 1536, value=start["size"], step=8, label="Width", elem_id="gen-width")
+        c["height"] = gr.Slider(64, 1536, value=start["size"], step=8, label="Height", elem_id="gen-height")
         c["count"] = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count")
     c["gen_btn"] = gr.Button("Generate", variant="primary", elem_id="gen-btn")
     c["status"] = gr.Markdown(elem_id="gen-status")
@@ -164,16 +165,16 @@ def _wire_images(settings: AppSettings, c: dict) -> None:
     before = gr.State(settings.base_model)
 
     def on_model(path, old):
-        """A new base model brings its native size and family note; leaving the box unchanged keeps the user's
-        width and height."""
+        """A new base model brings its native size, sampling steps and guidance, and family note; leaving the box
+        unchanged keeps the user's values."""
         if path == old:
-            return gr.skip(), gr.skip(), old, gr.skip()
-        size = native_resolution(path or "")
-        return size, size, path, model_note(path)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), old, gr.skip()
+        start = generation_defaults(path or "")
+        return start["size"], start["size"], start["steps"], start["guidance"], path, model_note(path)
 
+    model_outputs = [c["width"], c["height"], c["steps"], c["guidance"], before, c["model_note"]]
     for event in (c["model"].blur, c["model"].submit):
-        event(on_model, [c["model"], before], [c["width"], c["height"], before, c["model_note"]],
-              show_progress="hidden")
+        event(on_model, [c["model"], before], model_outputs, show_progress="hidden")
 
 
 def _grid_rows(settings: AppSettings, slots: list[G.Slot], kind: str, weights: str, run_name: str | None) -> list:

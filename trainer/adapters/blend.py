@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from trainer.finite import adapter_weight
 from trainer.lora_state import Adapter, LoraLayer
 
 from trainer.formats import AdapterFormatError, module_index
@@ -52,10 +54,11 @@ class FusedBlender:
 
     def add(self, name: str, adapter: Adapter, weight: float = 1.0, enabled: bool = True) -> None:
         """Blend `adapter` in under `name` (an existing `name` is replaced)."""
+        weight = adapter_weight(weight, _label(name))
         adapter = aligned_names(adapter, self._index)
         self._check(name, adapter)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(adapter, float(weight), bool(enabled))
+        self._entries[name] = _Entry(adapter, weight, bool(enabled))
         self._refresh(set(adapter.layers) | (set(old.adapter.layers) if old else set()))
 
     def set_weight(self, name: str, weight: float) -> None:
@@ -68,7 +71,7 @@ class FusedBlender:
         """Change weight and/or enabled; the adapter's layers are recomputed once, and only if something changed."""
         entry = self._entry(name)
         was_enabled = entry.enabled
-        new_weight = entry.weight if weight is None else float(weight)
+        new_weight = entry.weight if weight is None else adapter_weight(weight, _label(name))
         new_enabled = entry.enabled if enabled is None else bool(enabled)
         if (new_weight, new_enabled) == (entry.weight, entry.enabled):
             return
@@ -127,6 +130,7 @@ class FusedBlender:
         return self._index[kohya_name][2].weight
 
     def _check(self, name: str, adapter: Adapter) -> None:
+        name = _label(name)
         missing = [k for k in adapter.layers if k not in self._index]
         mismatch = family_mismatch(adapter, self._family) if missing else None
         if mismatch:
@@ -157,6 +161,12 @@ class FusedBlender:
                 continue
             w0 = self._pristine.setdefault(key, weight.detach().to(self._keep_on or weight.device, copy=True))
             weight.copy_(_fused(w0.to(weight.device), parts).reshape(weight.shape).to(weight.dtype))
+
+
+def _label(name: str) -> str:
+    """An adapter's name as messages give it: a file's name, not its folder (a Generator names adapters by their
+    resolved path, which is a server path in the app)."""
+    return Path(name).name if "/" in name or "\\" in name else name
 
 
 @contextmanager

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer import UserError, adapter_file, save_image_atomic, write_json_atomic  # torch-free: registering is cheap
+from trainer import (UserError, adapter_file, adapter_weight, guidance_scale, save_image_atomic,  # torch-free:
+                     write_json_atomic)  # registering is cheap
 
 
 class UsageError(UserError):
@@ -19,13 +20,15 @@ class UsageError(UserError):
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
-    """'FILE:WEIGHT' -> (FILE, WEIGHT); the last colon splits only if a number follows (C:\\x.safetensors works)."""
+    """'FILE:WEIGHT' -> (FILE, WEIGHT); the last colon splits only if a number follows (C:\\x.safetensors works).
+    A weight that is NaN or infinite is refused (the engine's rule, trainer.adapter_weight)."""
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return head, float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return text, default
+        return head, adapter_weight(weight, Path(head).name)
     return text, default
 
 
@@ -93,9 +96,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20, help="denoising steps, at least 1")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, help="seed of the first image (default: the model's sampling.seed, as a "
+                                            "run's first sample)")
+    p.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the model's sampling.steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's sampling.guidance,"
+                                                  " what its training samples use)")
     p.add_argument("--width", type=int, help="a multiple of 8 (default: the model's native size)")
     p.add_argument("--height", type=int, help="a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1,
@@ -146,15 +151,6 @@ def _check_rank(rank: int | None) -> None:
         raise UsageError(f"--rank must be at least 1, got {rank}")
 
 
-def _check_distinct(paths: list[str]) -> None:
-    seen = set()
-    for path in paths:
-        key = str(Path(path).resolve())
-        if key in seen:
-            raise UsageError(f"adapter {path} is listed twice; give each file once")
-        seen.add(key)
-
-
 def _load(path: str):
     from trainer import load_adapter
     return load_adapter(_check_file(path))
@@ -168,10 +164,11 @@ def cmd_blend(args) -> int:
     specs = [parse_weighted(text) for text in args.adapters]
     pairs = [(_load(path), weight) for path, weight in specs]
     titles = [Path(path).stem for path, _ in specs]
+    labels = [Path(path).name for path, _ in specs]
     if args.rank is None:
-        merged, report = merge_exact(pairs, titles), None
+        merged, report = merge_exact(pairs, titles, labels), None
     else:
-        merged, report = merge_svd(pairs, args.rank, titles)
+        merged, report = merge_svd(pairs, args.rank, titles, labels)
     save_adapter(merged, args.out, dtype=args.dtype)
     ranks = sorted({layer.rank for layer in merged.layers.values()})
     print(f"wrote {args.out}: {len(merged)} layers, rank {_span(ranks)}")
@@ -187,7 +184,7 @@ def cmd_resize(args) -> int:
     if args.keep is not None and not 0 < args.keep <= 1:
         raise UsageError(f"--keep must be in (0, 1], for example 0.95; got {args.keep}")
     adapter = _load(args.adapter)
-    resized, report = resize(adapter, rank=args.rank, keep=args.keep)
+    resized, report = resize(adapter, rank=args.rank, keep=args.keep, label=Path(args.adapter).name)
     save_adapter(resized, args.out, dtype=args.dtype)
     ranks = sorted({layer.rank for layer in resized.layers.values()})
     print(f"wrote {args.out}: {len(resized)} layers, rank {_span(ranks)}, "
@@ -234,8 +231,19 @@ def _check_layers(layers: list[str] | None, adapters: list) -> None:
         raise UsageError(f"--layers: {', '.join(unknown)} not in {where}; give kohya layer names from the file")
 
 
+def _fill_generate_defaults(args) -> None:
+    """Unset --steps, --guidance and --seed: what the model's training samples use (trainer.generation_defaults,
+    the rule the Generate tab follows too)."""
+    from trainer import generation_defaults
+    start = generation_defaults(args.model)
+    for flag in ("steps", "guidance", "seed"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, start[flag])
+
+
 def _check_generate_flags(args) -> None:
     _check_out(args.out, ".png")
+    guidance_scale(args.guidance, "--guidance")
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{flag} must be a positive multiple of 8 (the VAE works in 8-pixel cells), got {value}")
@@ -252,10 +260,10 @@ def _image_paths(out: str, n: int) -> list[Path]:
 @_user_errors
 def cmd_generate(args) -> int:
     from trainer import Generator
+    _fill_generate_defaults(args)
     _check_generate_flags(args)
     specs = [(str(_check_file(path)), weight) for path, weight in map(parse_weighted, args.lora)]
-    _check_distinct([path for path, _ in specs])
-    generator = Generator(args.model)
+    generator = Generator(args.model)  # an adapter given twice is blended once at the sum of its weights
     generator.set_adapters([(path, weight, True) for path, weight in specs])
     native = generator.base.native_resolution
     images = generator.generate(args.prompt, args.negative, args.seed, args.steps, args.guidance,

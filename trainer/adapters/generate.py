@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from trainer.finite import adapter_weight, guidance_scale
 from trainer.lora_state import Adapter
 
 from trainer.formats import load_adapter, save_adapter
@@ -76,15 +77,17 @@ class Generator:
 
     def set_adapters(self, specs: list[tuple]) -> None:
         """specs: (path or Adapter, weight[, enabled]). Files are read once per (path, mtime); only adapters whose
-        file, weight or enabled flag changed are re-blended, and adapters not listed are removed."""
+        file, weight or enabled flag changed are re-blended, and adapters not listed are removed. A file listed
+        twice (two slots of the Generate tab) is blended once at the sum of its enabled weights: what two copies
+        of it would do."""
         with self._lock:
-            wanted = {}
+            listed: dict[str, tuple[Adapter, list[tuple[float, bool]]]] = {}
             for spec in specs:
                 source, weight, enabled = (*spec, True)[:3]
                 name, adapter = self._resolve(source)
-                if name in wanted:
-                    raise ValueError(f"adapter {name} is listed twice; give each file once")
-                wanted[name] = (adapter, float(weight), bool(enabled))
+                weight = adapter_weight(weight, Path(name).name if isinstance(source, (str, Path)) else name)
+                listed.setdefault(name, (adapter, []))[1].append((weight, bool(enabled)))
+            wanted = {name: (adapter, *_summed(parts)) for name, (adapter, parts) in listed.items()}
             blender = self.blender
             for name in blender.names():
                 if name not in wanted:
@@ -114,6 +117,7 @@ class Generator:
                  num_images: int = 1, progress: Progress | None = None) -> list[Image.Image]:
         """Image k is seeded with seed + k, so it is the same image whatever num_images is. `progress(share, what)`
         hears of the model load and of each denoising step."""
+        guidance = guidance_scale(guidance)
         if self._base is None and progress:
             progress(0.0, "loading the base model")
         self._load()
@@ -166,6 +170,13 @@ class Generator:
             merged, report = (merge_exact(pairs, titles), None) if rank is None else merge_svd(pairs, rank, titles)
             save_adapter(merged, path, dtype=dtype)
             return report
+
+
+def _summed(parts: list[tuple[float, bool]]) -> tuple[float, bool]:
+    """(weight, enabled) of one adapter listed several times: its enabled weights add up; with none enabled it is
+    off (at its first weight)."""
+    on = [weight for weight, enabled in parts if enabled]
+    return (sum(on), True) if on else (parts[0][0], False)
 
 
 class _WeightRow:

@@ -10,7 +10,9 @@ import json
 
 import torch
 
+from trainer.finite import adapter_weight
 from trainer.formats import AdapterFormatError
+from trainer.formats.check import one_family
 from trainer.lora_state import Adapter, LoraLayer
 
 from .resize import compress, rank_metadata
@@ -19,14 +21,19 @@ from .resize import compress, rank_metadata
 _SHARED_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "ss_sd_model_name")
 
 
-def merge_exact(pairs: list[tuple[Adapter, float]], titles: list[str] | None = None) -> Adapter:
+def merge_exact(pairs: list[tuple[Adapter, float]], titles: list[str] | None = None,
+                labels: list[str] | None = None) -> Adapter:
     """One adapter whose delta on every layer is sum_i w_i * delta_i, exactly.
 
     down = concat of the downs, up = concat of w_i * scale_i * up_i, alpha = total rank (scale 1); rank = sum of the
     ranks of the adapters that have the layer; layers = the union. Zero weights are left out. `titles` (for
-    example the file names) go into the `loradesk.merged_from` metadata.
+    example the file names) go into the `loradesk.merged_from` metadata; `labels` name the adapters in errors
+    (default: the titles). Weights must be finite and the adapters made for one model family.
     """
     titles = list(titles) if titles else [_title(a, i) for i, (a, _) in enumerate(pairs)]
+    labels = list(labels) if labels else titles
+    pairs = [(adapter, adapter_weight(w, label)) for (adapter, w), label in zip(pairs, labels)]
+    one_family([(label, adapter) for (adapter, _), label in zip(pairs, labels)])
     kept = [i for i, (_, w) in enumerate(pairs) if float(w) != 0.0]
     sources = [{"title": titles[i], "weight": float(pairs[i][1])} for i in kept]
     pairs = [(pairs[i][0], float(pairs[i][1])) for i in kept]
@@ -37,13 +44,13 @@ def merge_exact(pairs: list[tuple[Adapter, float]], titles: list[str] | None = N
     return merged
 
 
-def merge_svd(pairs: list[tuple[Adapter, float]], rank: int,
-              titles: list[str] | None = None) -> tuple[Adapter, dict]:
+def merge_svd(pairs: list[tuple[Adapter, float]], rank: int, titles: list[str] | None = None,
+              labels: list[str] | None = None) -> tuple[Adapter, dict]:
     """The exact merge compressed to `rank` per layer; the report gives each layer's kept share of the Frobenius
     norm (`layers[name]["kept"]`) and the overall share (`kept_overall`)."""
     if rank < 1:
         raise ValueError(f"merge: rank must be at least 1, got {rank}")
-    return compress(merge_exact(pairs, titles), rank=rank)
+    return compress(merge_exact(pairs, titles, labels), rank=rank)
 
 
 def _stack(name: str, parts: list[tuple[LoraLayer, float]]) -> LoraLayer:

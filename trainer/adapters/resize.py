@@ -1,14 +1,17 @@
 """Resize an adapter: truncated SVD of each layer's delta to a fixed rank or to a kept share of its norm."""
 from __future__ import annotations
 
+from trainer.formats.check import one_family
 from trainer.lora_state import Adapter
 
 from .lowrank import kept_share, layer_from_svd, layer_svd, rank_for_share
 
 
-def resize(adapter: Adapter, rank: int | None = None, keep: float | None = None) -> tuple[Adapter, dict]:
+def resize(adapter: Adapter, rank: int | None = None, keep: float | None = None,
+           label: str = "the adapter") -> tuple[Adapter, dict]:
     """Give exactly one of `rank` (every layer to that rank, capped by the layer's own) or `keep` (per layer, the
-    smallest rank keeping that share of the Frobenius norm: sqrt(sum kept s^2) / sqrt(sum s^2) >= keep).
+    smallest rank keeping that share of the Frobenius norm: sqrt(sum kept s^2) / sqrt(sum s^2) >= keep). An
+    adapter that mixes model families (`one_family`; `label` names it) is refused.
 
     Returns the new adapter (alpha = rank, so scale 1) and a report: per layer the old and new rank and the kept
     share, plus the overall kept share (over all layers' squared norms) and parameter counts.
@@ -19,6 +22,7 @@ def resize(adapter: Adapter, rank: int | None = None, keep: float | None = None)
         raise ValueError(f"resize: rank must be at least 1, got {rank}")
     if keep is not None and not 0 < keep <= 1:
         raise ValueError(f"resize: keep must be in (0, 1], for example 0.95; got {keep}")
+    one_family([(label, adapter)])
     return compress(adapter, rank=rank, keep=keep)
 
 

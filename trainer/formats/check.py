@@ -76,18 +76,44 @@ def _single_encoder_rename(adapter: Adapter, model_prefixes: set[str]) -> dict[s
     return {}
 
 
-def family_mismatch(adapter: Adapter, family) -> str | None:
+def family_mismatch(adapter: Adapter, family, label: str = "this adapter") -> str | None:
     """'this adapter was made for SDXL; the base model is Stable Diffusion 1.x' when the adapter tells its family
-    and it is not the model's; None otherwise."""
+    and it is not the model's; None otherwise. The family check of every command: upload, bake and generate ask
+    it against their base model, blend and resize (no model) ask `one_family`."""
     if family is None:
         return None
+    made = made_for(adapter, label)
+    if made is None or made.name == family.name:
+        return None
+    return (f"{label} was made for {made.label} ({made.name}); the base model is {family.label} "
+            f"({family.name}): pick a base model of the adapter's family, or an adapter trained for this one")
+
+
+def made_for(adapter: Adapter, label: str = "the adapter"):
+    """The family an adapter was made for (trainer.models.family_of_adapter: its metadata, else its layer names and
+    widths), or None when nothing tells. A file whose metadata names one family and whose layers are another's
+    (a blend of two families, a converter's stale metadata) is refused: no model takes both."""
     from trainer.models import family_of_adapter
     shapes = {name: tuple(layer.down.shape[:2]) for name, layer in adapter.layers.items()}
-    made_for = family_of_adapter(adapter.layers, shapes, adapter.metadata)
-    if made_for is None or made_for.name == family.name:
-        return None
-    return (f"this adapter was made for {made_for.label} ({made_for.name}); the base model is {family.label} "
-            f"({family.name}): pick a base model of the adapter's family, or an adapter trained for this one")
+    by_layers = family_of_adapter(adapter.layers, shapes)
+    by_metadata = family_of_adapter((), {}, adapter.metadata)
+    if by_layers is not None and by_metadata is not None and by_layers is not by_metadata:  # one object a family
+        raise AdapterFormatError(f"{label} says it was made for {by_metadata.label} (ss_base_model_version) but its "
+                                 f"layers are {by_layers.label}'s: it mixes two model families; use the files it "
+                                 f"was made from, or the tool's original export")
+    return by_metadata or by_layers
+
+
+def one_family(adapters: list[tuple[str, Adapter]]) -> None:
+    """Adapters that go into one file (blend, resize) must be made for one model family: `(label, adapter)` pairs,
+    labels naming the files. Adapters that do not tell their family pass (the model they meet decides)."""
+    known = [(label, family) for label, adapter in adapters if (family := made_for(adapter, label)) is not None]
+    for label, family in known[1:]:
+        first_label, first = known[0]
+        if family is not first:
+            raise AdapterFormatError(f"{first_label} was made for {first.label} ({first.name}) and {label} for "
+                                     f"{family.label} ({family.name}): one file cannot serve both; blend adapters "
+                                     f"made for one base model family")
 
 
 def _same_shape(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:

@@ -58,9 +58,32 @@ def load_adapter(source) -> Adapter:
                                  f"to a plain LoRA or use the tool that made it.")
     if not parts:
         raise AdapterFormatError(f"{path} holds no LoRA layers; is it an adapter file?")
+    _refuse_integers(parts, path)
     layers = _assemble(parts, path)
     _refuse_non_finite(layers, path)
+    _refuse_zero_alphas(layers, path)
     return Adapter(layers=_original_unet_names(layers, file_meta), metadata=dict(file_meta))
+
+
+def _refuse_integers(parts: dict[str, dict], path: Path) -> None:
+    """A LoRA's factors are floating-point numbers; integer (or bool) ones are no trained adapter (a damaged or
+    hand-made file) and would be read as whole-number weights that draw noise or nothing."""
+    bad = {name: str(t.dtype).removeprefix("torch.") for name, p in parts.items()
+           for t in (p.get("down"), p.get("up")) if t is not None and not t.is_floating_point()}
+    if bad:
+        kinds = ", ".join(sorted(set(bad.values())))
+        raise AdapterFormatError(f"{path.name} holds integer tensors ({kinds}) in {len(bad)} of its {len(parts)} "
+                                 f"layers ({_listing(bad, 3)}); a LoRA's weights are floating-point numbers, so it is "
+                                 f"not a working adapter: re-export it from the tool that trained it")
+
+
+def _refuse_zero_alphas(layers: dict[str, LoraLayer], path: Path) -> None:
+    """alpha scales each update (delta = alpha/rank * up @ down): with every alpha 0 the adapter changes nothing
+    wherever it is used. One zero layer among others is allowed (the others still work)."""
+    if layers and all(layer.alpha == 0 for layer in layers.values()):
+        raise AdapterFormatError(f"{path.name}: every layer's alpha is 0, which scales each update to zero, so the "
+                                 f"adapter does nothing; use a file trained with alpha above 0 (alpha = rank is "
+                                 f"scale 1)")
 
 
 def _refuse_non_finite(layers: dict[str, LoraLayer], path: Path) -> None:

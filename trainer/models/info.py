@@ -12,6 +12,9 @@ SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"  # shippe
 SD_DEFAULT_SIZE = 512  # SD 1.x; also what a hub id or an unreadable config is taken to be
 # the built-in tiny model trains at its own size in a few minutes on a CPU (the tiny-demo preset: 340 steps, ~100 s)
 TINY_MAX_STEPS = 300
+# its samples: three sets in a default run, at the guidance the tiny-demo preset samples it with
+TINY_SAMPLE_EVERY = 100
+TINY_GUIDANCE = 4.0
 
 
 def resolve_model_path(path: str) -> str:
@@ -57,10 +60,12 @@ def native_resolution(path: str) -> int:
 
 def training_defaults(path: str) -> dict[str, object]:
     """Config values that follow the base model: its native resolution, and for the built-in tiny model a step
-    count that finishes in minutes on a CPU."""
+    count that finishes in minutes on a CPU and its samples' rhythm and guidance. Generating on the model starts
+    from the same values (presets.generation_defaults)."""
     values: dict[str, object] = {"dataset.resolution": native_resolution(path)}
     if is_tiny_model(path):
-        values["schedule.max_steps"] = TINY_MAX_STEPS
+        values.update({"schedule.max_steps": TINY_MAX_STEPS, "sampling.every_n_steps": TINY_SAMPLE_EVERY,
+                       "sampling.guidance": TINY_GUIDANCE})
     return values
 
 
