@@ -2,21 +2,58 @@
 Generate tab keeps loaded (dropped when a training starts, so it gets the device memory)."""
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 import threading
 
-_device_lock = threading.Lock()
+
+class _FairLock:
+    """A lock handed over in the order its waiters came. A long job that lets go of the device between stretches
+    (a checkpoint comparison, between prompts) and takes it again at once would win a plain lock over and over,
+    and a generation waiting for it would be told the device is busy until the whole job ends."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._held = False
+        self._queue: collections.deque = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        me = object()
+        with self._changed:
+            self._queue.append(me)
+            got = self._changed.wait_for(lambda: not self._held and self._queue[0] is me, timeout)
+            self._queue.remove(me)
+            self._held = self._held or got
+            self._changed.notify_all()  # the next in line may be free to go now
+            return got
+
+    def release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    def locked(self) -> bool:
+        return self._held
+
+
+_device_lock = _FairLock()
 _generators: dict[str, object] = {}
 
 
 def hold_device(timeout: float = 1.0) -> bool:
-    """Take the device for one job (a generation, or starting a training); False when something else has it."""
+    """Take the device for one job (a generation, or starting a training); False when something else has it for
+    longer than `timeout` seconds. Waiters get it in the order they asked."""
     return _device_lock.acquire(timeout=timeout)
 
 
 def free_device() -> None:
     _device_lock.release()
+
+
+def device_busy() -> bool:
+    """Whether a job holds the device now."""
+    return _device_lock.locked()
 
 
 def get_generator(model_path: str):

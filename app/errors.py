@@ -54,7 +54,8 @@ def guarded(fn, outputs, status=None, clear=()):
             _announce(message)
             values = [f"⚠ {message}" if t is status else None if any(t is x for x in clear) else _no_change()
                       for t in targets]
-            return values if many else values[0]
+            # Gradio takes one value, not a list, for a handler wired to one output (even as a list of one)
+            return values if len(values) > 1 else values[0]
     return wrapper
 
 

@@ -166,8 +166,39 @@ def compare_run(settings, run_dir: Path, progress=None):
     from trainer import compare_checkpoints, load_run_config
     if not checkpoint_dirs(run_dir):  # before loading a model for nothing
         raise AppError(f"{Path(run_dir).name} has no checkpoint yet; compare its checkpoints after the first one.")
-    with _Device(settings, load_run_config(run_dir).model.path, [], progress) as gen:
-        return compare_checkpoints(run_dir, generator=gen, progress=progress)
+    model_path = load_run_config(run_dir).model.path
+    with _Rendering(settings, progress):  # the shared model cache is changed under the device lock only
+        gen = get_generator(model_path)
+    return compare_checkpoints(run_dir, generator=gen, progress=progress, hold=lambda: _Rendering(settings, progress))
+
+
+class _Rendering:
+    """The device for one stretch of a long job (a compare's prompt on one checkpoint): it waits for a generation
+    that has the device (the lock is fair, so that generation got in between two stretches), refuses while a
+    training runs, and turns running out of memory into a message."""
+    WAIT_S = 600.0  # a generation in another tab ends within minutes
+
+    def __init__(self, settings, progress=None):
+        self.settings, self.progress = settings, progress
+
+    def __enter__(self):
+        if not hold_device():
+            if self.progress:
+                self.progress(None, "waiting for the device (another generation has it)")
+            if not hold_device(timeout=self.WAIT_S):
+                raise AppError("The device stayed busy (another generation, or a training starting); compare "
+                               "again when it is free.")
+        try:
+            _check_idle(self.settings)
+        except BaseException:
+            free_device()
+            raise
+
+    def __exit__(self, kind, error, trace):
+        free_device()
+        if kind is not None and issubclass(kind, _out_of_memory_type()):
+            from trainer import oom_advice
+            raise AppError(f"The device ran out of memory while comparing checkpoints. {oom_advice()}") from None
 
 
 def parse_numbers(text: str, kind=float) -> list:

@@ -9,10 +9,12 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer import (CheckpointWritten, Failed, Finished, Message, Progress, SampleWritten, Started, Validation,
-                     image_grid, run_info, smoothed, tail_events)
+from trainer import (CheckpointWritten, Failed, Finished, Message, Progress, SampleWritten, Started, UserError,
+                     Validation, image_grid, load_run_config, run_info, smoothed, tail_events)
 
 MAX_PLOT_POINTS = 1000
+# the held-out loss shares the plot with the training loss: its name says what it measures (and why it is smooth)
+VALIDATION_CURVE = "validation loss (held-out images, fixed noise)"
 SAMPLE_CELL = 160  # px: sample images are shown whole, scaled to this size in the history grid
 
 
@@ -43,6 +45,8 @@ class RunView:
     world_size: int = 1  # data-parallel training processes
     global_batch: int = 0  # images per optimizer step over every process
     images_per_s: float = 0.0
+    sample_every: int = 0  # the run's sampling.every_n_steps (0: no samples unless asked for)
+    checkpoints: set[int] = field(default_factory=set)  # steps with a checkpoint, each listed once
 
     @property
     def fraction(self) -> float:
@@ -52,11 +56,20 @@ class RunView:
 def run_view(run_dir: Path) -> RunView:
     info = run_info(run_dir)
     view = RunView(Path(run_dir), info.name, info.state, info.step, info.total_steps, error=info.error,
-                   advice=info.advice, adapter_path=str(info.adapter_path or ""), best_step=info.best_step)
+                   advice=info.advice, adapter_path=str(info.adapter_path or ""), best_step=info.best_step,
+                   sample_every=_sample_every(run_dir))
     for e in tail_events(Path(run_dir) / "events.jsonl"):
         _apply(view, e)
     view.step = max(view.step, info.step)
     return view
+
+
+def _sample_every(run_dir: Path) -> int:
+    """The run's sampling.every_n_steps; 0 when its config.toml cannot be read (the view shows the rest)."""
+    try:
+        return load_run_config(run_dir).sampling.every_n_steps
+    except (UserError, OSError):
+        return 0
 
 
 def _apply(view: RunView, e) -> None:
@@ -75,7 +88,9 @@ def _apply(view: RunView, e) -> None:
         view.samples = [s for s in view.samples if s.step != e.step] + [SampleSet(e.step, e.paths, e.prompts)]
     elif isinstance(e, Message):
         view.messages.append(f"{e.level}: {e.text}")
-    elif isinstance(e, CheckpointWritten):
+    elif isinstance(e, CheckpointWritten) and e.step not in view.checkpoints:
+        # a stop right after a periodic checkpoint writes the same step's checkpoint again: one checkpoint
+        view.checkpoints.add(e.step)
         view.messages.append(f"info: checkpoint at step {e.step}")
     elif isinstance(e, Finished):
         view.step, view.adapter_path = e.step, e.adapter_path
@@ -133,7 +148,7 @@ def loss_frame(losses: list[tuple[int, float]], validations: list[tuple[int, flo
     stride = max(1, len(losses) // MAX_PLOT_POINTS)
     keep = list(range(0, len(losses), stride)) + ([len(losses) - 1] if losses and (len(losses) - 1) % stride else [])
     rows = [(losses[i][0], losses[i][1], "raw") for i in keep] + [(losses[i][0], smooth[i], "smoothed") for i in keep]
-    rows += [(step, value, "validation") for step, value in validations]
+    rows += [(step, value, VALIDATION_CURVE) for step, value in validations]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"])
 
 
@@ -160,9 +175,19 @@ def sample_grid(view: RunView):
 
 def sample_prompts_text(view: RunView) -> str:
     if not view.samples:
-        return "No samples yet: set **Sample every n steps** before starting, or press **Render samples now**."
+        return _no_samples_text(view)
     prompts = max((s.prompts for s in view.samples), key=len)
     return "Columns: " + "; ".join(f"**{i + 1}** {html.escape(p)}" for i, p in enumerate(prompts))
+
+
+def _no_samples_text(view: RunView) -> str:
+    """Why the sample history is empty: samples are off, or the first sample step has not come."""
+    if view.sample_every <= 0:
+        return "No samples yet: set **Sample every n steps** before starting, or press **Render samples now**."
+    first = max(1, -(-view.step // view.sample_every)) * view.sample_every  # the next multiple (this one renders)
+    if view.state == "running":
+        return f"First samples at step {first} (every {view.sample_every} steps), or press **Render samples now**."
+    return f"No samples: the run ended at step {view.step}, before its first samples at step {first}."
 
 
 def format_eta(seconds: float) -> str:

@@ -324,3 +324,148 @@ def test_a_config_that_names_a_missing_gpu_is_refused_before_a_run_exists(monkey
     assert any("distributed.gpus names GPU 2, but this machine has 2 GPUs (0 to 1)" in p
                for p in machine_problems(cfg)), machine_problems(cfg)
     assert not machine_problems(C.apply_overrides(C.TrainConfig(), ["distributed.processes=2"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 23: the Train tab's command buttons, as Gradio calls them
+
+def wired(demo, elem_id: str, event: str = "click"):
+    """The BlockFunction Gradio runs when the component with `elem_id` fires `event`."""
+    ids = {b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id}
+    found = [f for f in demo.fns.values() if any(t in ids and ev == event for t, ev in f.targets)]
+    assert len(found) == 1, f"one {event} handler on #{elem_id}, found {len(found)}"
+    return found[0]
+
+
+def call_as_gradio(demo, block_fn, *args) -> list:
+    """The handler's result after Gradio's postprocess, as the browser receives it (a Markdown given a list
+    failed there: "'list' object has no attribute 'expandtabs'", a red Error pill)."""
+    import asyncio
+    return asyncio.run(demo.postprocess_data(block_fn, block_fn.fn(*args), None))
+
+
+@pytest.mark.parametrize("elem_id,reply", [("stop-btn", "Stopping after the current step"),
+                                           ("save-btn", "A checkpoint will be written"),
+                                           ("sample-btn", "Samples will be rendered")])
+def test_the_command_buttons_answer_in_the_status_line_with_and_without_a_run(settings, elem_id, reply):
+    from app.main import build_app
+    from trainer.events import CommandInbox
+    from trainer.runlock import holding
+    demo = build_app(settings)
+    handler = wired(demo, elem_id)
+    [idle] = call_as_gradio(demo, handler, None)
+    assert idle == "⚠ No run is training now."
+    run_dir, _ = fake_run(settings)
+    with holding(run_dir):  # the run's lock held: it trains, as far as the app can tell
+        [text] = call_as_gradio(demo, handler, None)
+        assert text == f"**{run_dir.name}**: {tab.COMMAND_REPLIES[elem_id.split('-')[0]]}" and reply in text
+    assert CommandInbox(run_dir).poll() == [elem_id.split("-")[0]], 'the run got the command'
+
+
+def test_the_sample_line_says_when_the_first_samples_come_and_a_stop_lists_its_checkpoint_once(settings, tiny_model_dir,
+                                                                                               image_dir):
+    """Issue 23 item 6, on a real run folder: samples every 3 steps and a checkpoint every 2, stopped after step 2
+    (its periodic checkpoint at step 2 and the stop's own are the same checkpoint)."""
+    from test_training import make_cfg, train
+    from trainer import runs
+    from trainer.events import Progress
+    from trainer.runlock import holding
+    cfg = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{
+        "schedule.max_steps": 8, "saving.every_n_steps": 2, "sampling.every_n_steps": 3})
+    run_dir, seen = runs.create_run_dir(cfg), {}
+
+    def at_step(trainer, event):
+        if isinstance(event, Progress) and event.step == 1:
+            seen["columns"] = tab.live(settings, run_dir.name)["columns"]
+        if isinstance(event, Progress) and event.step == 2:
+            trainer.inbox.request("stop")
+
+    with holding(run_dir):  # as the app's child process holds it: the run trains
+        train(cfg, run_dir, on_event=at_step)
+    assert "Sample every n steps" not in seen["columns"], "samples are configured: they are not missing"
+    assert "First samples at step 3" in seen["columns"], seen["columns"]
+    stopped = tab.live(settings, run_dir.name)
+    assert stopped["state"] == "stopped" and "Sample every n steps" not in stopped["columns"]
+    assert "step 3" in stopped["columns"], stopped["columns"]
+    assert stopped["status"].count("checkpoint at step 2") == 1, stopped["status"]
+    off = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{"run.name": "off",
+                                                                           "sampling.every_n_steps": 0})
+    off_dir = runs.create_run_dir(off)
+    (off_dir / "events.jsonl").write_text("")
+    assert "set **Sample every n steps**" in V.sample_prompts_text(V.run_view(off_dir)), "samples off: say how"
+
+
+def test_the_validation_loss_is_labelled_as_what_it_measures(settings):
+    """Issue 23 item 8: the held-out loss shares the plot with the training loss; its series name says what it is,
+    and the plot's title names both."""
+    frame = V.loss_frame([(1, 0.5), (2, 0.25)], [(0, 0.4), (2, 0.3)])
+    assert set(frame["curve"]) == {"raw", "smoothed", V.VALIDATION_CURVE}
+    assert "held-out" in V.VALIDATION_CURVE and "fixed noise" in V.VALIDATION_CURVE
+    assert list(frame[frame["curve"] == V.VALIDATION_CURVE]["loss"]) == [0.4, 0.3]
+    from app.main import build_app
+    plot = next(b for b in build_app(settings).blocks.values() if getattr(b, "elem_id", None) == "loss-plot")
+    assert "validation" in plot.title.lower() and plot.y_title, (plot.title, plot.y_title)
+
+
+def test_a_preset_over_a_form_filled_from_a_running_run_keeps_only_what_the_user_chose(settings, tmp_path):
+    """Issue 23 item 4: the form is pre-filled from a running run (its regularization folder and zqx prompts);
+    the user picks their own dataset, then a preset. Their dataset is theirs; that run's folder and prompts are
+    not, and are never called 'your' anything."""
+    from app.main import build_app
+    from trainer import load_preset
+    from trainer.runlock import holding
+    other = load_preset("tiny-demo")
+    other.saving.runs_dir = str(settings.runs_dir)
+    run_dir = settings.runs_dir / "tiny-demo-20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(C.dumps(other))
+    mine = make_images(tmp_path / "mine")
+    with holding(run_dir):  # that run trains while the page loads and while the preset is picked
+        demo = build_app(settings)
+        load = next(f for f in demo.fns.values() if any(ev == "load" for _, ev in f.targets)
+                    and "field-dataset-path" in [getattr(o, "elem_id", None) for o in f.outputs])
+        *shown_first, filled = load.fn()  # the page's load fills the form and records what it filled in
+        assert filled == shown_first == tab.form_values(tab.initial_config(settings))
+        assert str(other.dataset.regularization_path) in filled
+        values = list(filled)
+        values[[i.key for i in F.form_fields()].index("dataset.path")] = str(mine)  # the user's pick
+        handler = wired(demo, "preset-picker", "change")
+        out = call_as_gradio(demo, handler, "tiny-demo", filled, *values)
+    shown = dict(zip([i.key for i in F.form_fields()], out))
+    status = next(v for v in out if isinstance(v, str) and v.startswith("Preset **tiny-demo** applied."))
+    assert shown["dataset.path"] == str(mine), status
+    assert shown["dataset.regularization_path"] == "" and "zqx" not in shown["sampling.prompts"], status
+    assert "your regularization folder" not in status and "your sample prompts" not in status, status
+    assert "Kept your dataset." in status, status
+    assert "regularization folder" in status, "what the form was filled with and is no longer there is said"
+
+
+def test_compare_checkpoints_reports_k_of_n_and_lets_generate_in_between_rows(settings, tiny_model_dir, image_dir):
+    """Issue 23 item 3: Compare checkpoints said nothing for minutes and Generate answered "device busy" until it
+    ended. The compare reports checkpoint k of n; the device is held only while images render, so a generation
+    asked for between two checkpoints runs (and the compare's grid is the same as without it); free afterwards."""
+    from test_training import make_cfg, train
+    from app import device
+    from app import generation as G
+    cfg = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{
+        "schedule.max_steps": 4, "saving.every_n_steps": 1, "saving.keep_last": 4, "sampling.steps": 2,
+        "sampling.prompts": ["zqx, a red square", "a blue square"]})
+    _, _, run_dir = train(cfg)
+    heard, generated = [], []
+
+    def progress(share, text):
+        heard.append((share, text))
+        if text.startswith("checkpoint 3 of 4") and not generated:  # between rows: the Generate tab's request
+            generated.append(G.generate(settings, str(tiny_model_dir), [], "a red square", steps=2, width=16,
+                                        height=16))
+
+    grid = G.compare_run(settings, run_dir, progress=progress)
+    assert generated and len(generated[0]) == 1, "a generation got the device while the compare ran"
+    for k in range(1, 5):
+        assert any(text.startswith(f"checkpoint {k} of 4 (step-00000{k})") for _, text in heard), (k, heard)
+    shares = [share for share, _ in heard if share is not None]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+    assert not device.device_busy(), "the device is free after the compare"
+    again = G.compare_run(settings, run_dir)
+    assert list(again.getdata()) == list(grid.getdata()), "the generation between rows changed nothing in the grid"
+    assert grid.size[1] > 4 * 16 and grid.size[0] > 4 * 16  # 4 rows, 2 prompts x 2 seeds

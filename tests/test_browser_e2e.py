@@ -88,6 +88,24 @@ def no_error_pills(page) -> None:
     assert page.locator(".error").filter(has_text=re.compile(r"^\s*Error\s*$")).count() == 0
 
 
+def no_errors_shown(page) -> None:
+    """No 'Error' pill and no error toast (Gradio's `[data-testid=toast-body]` of class `error`: what a handler
+    whose output Gradio could not postprocess shows, e.g. "'list' object has no attribute 'expandtabs'")."""
+    no_error_pills(page)
+    toasts = page.locator('[data-testid="toast-body"].error')
+    assert toasts.count() == 0, toasts.all_inner_texts()
+    assert page.get_by_text("Could not postprocess").count() == 0
+
+
+def press_command(page, button: str, reply: str) -> None:
+    """Press one of the run's command buttons; its reply lands in the status line and nothing shows an error."""
+    page.locator(f"#{button}").click()
+    answered = page.locator("#form-status").get_by_text(reply)
+    answered.or_(page.locator('[data-testid="toast-body"].error')).first.wait_for()  # the reply, or an error
+    no_errors_shown(page)
+    assert answered.is_visible()
+
+
 def dataset_steps(page, workdir: Path, images: list[Path]) -> None:
     page.locator("#new-dataset textarea, #new-dataset input").first.fill("e2e")
     page.locator("#create-dataset").click()
@@ -121,7 +139,7 @@ def train_steps(page, workdir: Path) -> Path:
     page.locator("#train-trigger").get_by_text("zqx").wait_for()
     set_number(page, "field-network-rank", 0)  # a bad value is shown next to its field before anything starts
     page.locator("#error-network-rank").get_by_text("network.rank is 0; it must be at least 1").wait_for()
-    for elem_id, value in [("field-dataset-resolution", 32), ("field-schedule-max_steps", 6),
+    for elem_id, value in [("field-dataset-resolution", 32), ("field-schedule-max_steps", 400),
                            ("field-network-rank", 4), ("field-network-alpha", 4), ("field-optimizer-unet_lr", 0.01),
                            ("field-sampling-every_n_steps", 3)]:
         set_number(page, elem_id, value)
@@ -130,16 +148,36 @@ def train_steps(page, workdir: Path) -> Path:
     page.get_by_text("Ready to start.").wait_for()
     assert not page.locator("#error-network-rank").is_visible()
     page.locator("#start-btn").click()
-    page.locator('#train-progress [aria-valuenow="100"]').wait_for(timeout=120_000)
-    page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
-                           timeout=30_000)
-    page.wait_for_function("document.querySelector('#sample-prompts').innerText.includes('a blue square')")
+    run_dir = command_steps(page, workdir)
     _, grid = gallery_image_bytes(page, "train-samples")  # the sample history: a row per step, labelled
     from io import BytesIO
     from PIL import Image
+    from trainer import SampleWritten, read_events
     rows = Image.open(BytesIO(grid)).size[1] // 160
-    assert rows == 2, f"samples at steps 3 and 6 are two rows of the history, got {rows}"
-    return next((workdir / "runs").iterdir())
+    sampled = {e.step for e in read_events(run_dir / "events.jsonl") if isinstance(e, SampleWritten)}
+    assert rows == len(sampled) >= 2, f"each sample set is a row of the history: {rows} rows, steps {sampled}"
+    return run_dir
+
+
+def command_steps(page, workdir: Path) -> Path:
+    """Issue 23: the three command buttons pressed while the run trains, each answered in the status line with no
+    error shown; Stop ends the run (400 steps planned) with its adapter."""
+    status = "document.querySelector('#train-status').innerText"
+    page.wait_for_function(f"{status}.includes('is running') && / step [1-9]/.test({status})", timeout=120_000)
+    press_command(page, "sample-btn", "Samples will be rendered after the current step.")
+    press_command(page, "save-btn", "A checkpoint will be written after the current step.")
+    page.wait_for_function(f"{status}.includes('checkpoint at step')", timeout=60_000)  # the save was done
+    page.wait_for_function("document.querySelector('#sample-prompts').innerText.includes('a blue square')")
+    press_command(page, "stop-btn", "Stopping after the current step; the adapter so far will be saved.")
+    page.wait_for_function(f"{status}.includes('is stopped')", timeout=60_000)
+    no_errors_shown(page)
+    run_dir = next((workdir / "runs").iterdir())
+    from trainer import CheckpointWritten, read_events, run_info
+    saved = {e.step for e in read_events(run_dir / "events.jsonl") if isinstance(e, CheckpointWritten)}
+    info = run_info(run_dir)
+    assert info.state == "stopped" and info.step < 400 and info.adapter_path
+    assert min(saved) < info.step, f"the save button's checkpoint came before the stop's: {saved}, {info.step}"
+    return run_dir
 
 
 def generate_steps(page, workdir: Path, run_dir: Path) -> None:
@@ -157,7 +195,7 @@ def generate_steps(page, workdir: Path, run_dir: Path) -> None:
     page.locator("#gen-status").get_by_text("Added mine.safetensors").wait_for()
     no_error_pills(page)
     assert any("uploaded: mine.safetensors" in o for o in options(page, "slot-1-adapter")), "slots still usable"
-    pick(page, "slot-0-adapter", "(final)")
+    pick(page, "slot-0-adapter", "(stopped at step")
     page.locator("#gen-prompt textarea").fill("zqx, a red square")
     for elem_id, value in [("gen-steps", 2), ("gen-width", 64), ("gen-height", 64), ("slot-0-weight", 0)]:
         set_number(page, elem_id, value)
@@ -202,7 +240,8 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
         assert checkpoint_dirs(run_dir), "the run ends with a checkpoint"
         page.locator("#compare-btn").click()  # every checkpoint side by side, rendered in the app
         page.locator("#compare-grid img").wait_for(timeout=120_000)
-        no_error_pills(page)
+        page.locator("#compare-status").get_by_text("Compared the checkpoints").wait_for()
+        no_errors_shown(page)
         browser.close()
 
     from trainer import load_adapter

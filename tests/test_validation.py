@@ -119,7 +119,7 @@ def test_the_best_checkpoint_is_kept_recorded_and_exported(tiny_model_dir, eight
     view = V.run_view(run_dir)
     assert len(view.validations) == len(validations(run_dir))
     assert f"(best checkpoint: step {info.best_step})" in V.status_text(view)
-    assert set(V.loss_frame(view.losses, view.validations)["curve"]) == {"raw", "smoothed", "validation"}
+    assert set(V.loss_frame(view.losses, view.validations)["curve"]) == {"raw", "smoothed", V.VALIDATION_CURVE}
 
 
 def test_patience_stops_a_run_that_stopped_improving(tiny_model_dir, eight_images, tmp_path, monkeypatch):
@@ -168,7 +168,8 @@ def test_compare_draws_every_checkpoint_with_its_validation_loss(tiny_model_dir,
     in_app = G.compare_run(settings, run_dir, progress=lambda share, what: heard.append(what))  # the UI's button
     side = G.get_generator(cfg.model.path).base.native_resolution  # the app renders at the model's own size
     assert in_app.height >= 2 * side and in_app.width >= 4 * side, "2 rows; 2 prompts x 2 seeds"
-    assert heard[-2:] == ["rendering step-000004 (1 of 2)", "rendering step-000008 (2 of 2)"]
+    assert [w for w in heard if ": " not in w] == ["checkpoint 1 of 2 (step-000004)", "checkpoint 2 of 2 (step-000008)",
+                                                   "compared 2 checkpoint(s)"], heard  # ": " in each step's text
     plain = val_cfg(tiny_model_dir, eight_images, tmp_path, **{"validation.split": 0.0, "run.name": "plain"})
     _, _, plain_dir = train(plain)
     with pytest.raises(UserError, match="no validation loss, so no best checkpoint"):

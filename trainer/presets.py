@@ -65,10 +65,12 @@ def generation_defaults(model_path: str = "") -> dict[str, object]:
             "size": cfg.dataset.resolution}
 
 
-def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS_DIR
-                 ) -> tuple[C.TrainConfig, list[str]]:
+def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS_DIR,
+                 filled: C.TrainConfig | None = None) -> tuple[C.TrainConfig, list[str]]:
     """The config after picking a preset while `current` is shown: the preset's training settings, the user's
-    data kept. Returns the config and one note per user-facing choice that was kept or taken from the preset."""
+    data kept. `filled`: what the form was filled in with (a running run's config, the defaults, an earlier
+    preset); only the values of `current` that differ from it are the user's (None: every value it has). Returns
+    the config and one note per user-facing choice that was kept, taken from the preset or cleared."""
     path = find_preset(name, folder)
     preset = load_preset(name, folder=folder)
     given = _keys_in(path)
@@ -76,8 +78,20 @@ def apply_preset(current: C.TrainConfig, name: str, folder: str | Path = PRESETS
     cfg = default_config(model, current.saving.runs_dir)
     for key in given - {"model.path", *LOCAL_KEYS}:
         C.set_value(cfg, key, C.get_value(preset, key))
-    notes += _dataset_choice(cfg, current, preset, given)
+    notes += _dataset_choice(cfg, current, preset, given, users_data(current, filled))
     return cfg, notes
+
+
+def users_data(current: C.TrainConfig, filled: C.TrainConfig | None = None) -> list[str]:
+    """The DATASET_KEYS the user chose: set, and (when `filled` is given) changed from what the form was filled
+    in with. The trigger goes with the dataset: it is the user's only with a dataset of theirs."""
+    def chose(key: str) -> bool:
+        value = C.get_value(current, key)
+        return bool(value) and (filled is None or value != C.get_value(filled, key))
+    mine = [key for key in DATASET_KEYS if key != "dataset.trigger" and chose(key)]
+    if "dataset.path" in mine and current.dataset.trigger:
+        mine.append("dataset.trigger")
+    return [key for key in DATASET_KEYS if key in mine]
 
 
 def _model_choice(current: C.TrainConfig, preset: C.TrainConfig, given: set[str]) -> tuple[str, list[str]]:
@@ -90,23 +104,33 @@ def _model_choice(current: C.TrainConfig, preset: C.TrainConfig, given: set[str]
                                f"copy of it."]
 
 
-def _dataset_choice(cfg: C.TrainConfig, current: C.TrainConfig, preset: C.TrainConfig, given: set[str]) -> list[str]:
-    """Keep the user's dataset and what goes with it; with no dataset yet, take the preset's, saying so."""
-    if current.dataset.path.strip():
-        differ = [key for key in DATASET_KEYS if key in given and C.get_value(preset, key) != C.get_value(current, key)]
-        for key in DATASET_KEYS:
-            C.set_value(cfg, key, C.get_value(current, key))
-        kept = [key for key in differ if C.get_value(current, key)]
-        unused = [key for key in differ if not C.get_value(current, key)]
-        notes = [f"Kept your {_words(kept)}."] if kept else []
+def _dataset_choice(cfg: C.TrainConfig, current: C.TrainConfig, preset: C.TrainConfig, given: set[str],
+                    mine: list[str]) -> list[str]:
+    """Keep the user's dataset and what they chose with it; with no dataset of theirs, take the preset's, saying
+    so. What the form was filled in with and the user did not choose is not kept, and that is said too."""
+    notes = []
+    if "dataset.path" in mine:
+        for key in DATASET_KEYS:  # the preset's folder, trigger and prompts belong to its own dataset
+            C.set_value(cfg, key, C.get_value(current if key in mine else C.TrainConfig(), key))
+        kept = [key for key in mine if key in given and C.get_value(preset, key) != C.get_value(current, key)]
+        unused = [key for key in DATASET_KEYS if key in given and key not in mine and C.get_value(preset, key)
+                  and C.get_value(preset, key) != C.get_value(current, key)]  # else it is said as not kept
+        notes += [f"Kept your {_words(kept)}."] if kept else []
         if unused:
             notes.append(f"Not taken from the preset: its {_words(unused)} (they belong to its own dataset).")
-        return notes
-    taken = [key for key in DATASET_KEYS if key in given]
-    if not taken:
-        return []
-    shown = ", ".join(f"{key} = {_shown(C.get_value(preset, key))}" for key in taken)
-    return [f"You have no dataset yet, so the preset's example is used: {shown}. Pick your dataset to train on it."]
+    else:
+        for key in mine:
+            C.set_value(cfg, key, C.get_value(current, key))
+        taken = [key for key in DATASET_KEYS if key in given and key not in mine]
+        if taken:
+            shown = ", ".join(f"{key} = {_shown(C.get_value(preset, key))}" for key in taken)
+            notes.append(f"You have no dataset yet, so the preset's example is used: {shown}. Pick your dataset "
+                         f"to train on it.")
+    cleared = [key for key in DATASET_KEYS if key not in mine and C.get_value(current, key)
+               and C.get_value(cfg, key) != C.get_value(current, key)]
+    if cleared:
+        notes.append(f"Not kept: the {_words(cleared)} the form was filled in with (not chosen for this run).")
+    return notes
 
 
 def _keys_in(path: Path) -> set[str]:

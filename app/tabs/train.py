@@ -10,9 +10,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, chosen_gpus,
-                     dataset_trigger, default_config, fields, gpu_settings, list_presets, list_runs, load_run_config,
-                     native_resolution, resume_run, send_command, start_run, visible_gpus)
+from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, checkpoint_dirs,
+                     chosen_gpus, dataset_trigger, default_config, fields, gpu_settings, list_presets, list_runs,
+                     load_run_config, native_resolution, resume_run, send_command, start_run, visible_gpus)
 
 from .. import datasets as D
 from .. import forms as F
@@ -66,6 +66,21 @@ def to_config(settings: AppSettings, values: list):
 def form_values(cfg) -> list:
     """What the form's widgets show for cfg: its fields, then the text-encoder rows."""
     return F.config_to_values(cfg) + F.encoder_values(cfg)
+
+
+def preset_form(settings: AppSettings, name: str, filled: list | None, values: list) -> tuple[list, str, list]:
+    """The form after picking a preset: its values, the status line, and the new record of what the page filled
+    in. Only what differs from what the page filled in (a running run's config, the defaults, an earlier preset)
+    is the user's: the engine's apply_preset keeps that, and nothing else is called theirs."""
+    current, _ = to_config(settings, values)
+    before = to_config(settings, filled)[0] if filled else None
+    cfg, notes = apply_preset(current, name, filled=before)
+    # what the page fills in now: the preset over what it had filled in (the user's own choices stay theirs)
+    refilled = apply_preset(before, name, filled=before)[0] if before is not None else None
+    if cfg.dataset.trigger and cfg.dataset.trigger != dataset_trigger(cfg.dataset.path or "."):
+        notes.append(f"Its trigger '{cfg.dataset.trigger}' lives with a dataset: set it in the Dataset tab.")
+    return (form_values(cfg), " ".join([f"Preset **{name}** applied.", *notes]),
+            form_values(refilled) if refilled is not None else None)
 
 
 def check_form(settings: AppSettings, values: list) -> tuple[dict[str, str], str]:
@@ -164,6 +179,10 @@ def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dic
         else:
             out.append(view[key])
     return out, stamps
+
+
+def compared_text(name: str, seconds: float) -> str:
+    return f"Compared the checkpoints of **{name}** in {seconds:.0f} s (rows: checkpoints, oldest first)."
 
 
 def gpu_picker(settings: AppSettings) -> dict:
@@ -330,14 +349,15 @@ def _live_column(c: dict) -> None:
     c["progress"] = gr.HTML(V.progress_html(None), elem_id="train-progress")
     c["status"] = gr.Markdown(elem_id="train-status")
     c["failure"] = gr.Markdown(elem_id="train-failure", elem_classes=["ld-failure"])
-    c["loss_plot"] = gr.LinePlot(V.loss_frame([]), x="step", y="loss", color="curve", title="Training loss",
-                                 height=220, elem_id="loss-plot")
+    c["loss_plot"] = gr.LinePlot(V.loss_frame([]), x="step", y="loss", color="curve", height=220,
+                                 title="Training loss, and the validation loss when the run has one",
+                                 y_title="loss (diffusion MSE)", elem_id="loss-plot")
     c["samples"] = gr.Image(label="Samples by step (rows: steps, columns: prompts)", interactive=False,
                             format="png", elem_id="train-samples", height=300)
     c["columns"] = gr.Markdown(elem_id="sample-prompts", elem_classes=["ld-note"])
     with gr.Row():
-        c["save_btn"] = gr.Button("Save checkpoint now", size="sm")
-        c["sample_btn"] = gr.Button("Render samples now", size="sm")
+        c["save_btn"] = gr.Button("Save checkpoint now", size="sm", elem_id="save-btn")
+        c["sample_btn"] = gr.Button("Render samples now", size="sm", elem_id="sample-btn")
     with gr.Accordion("Training log", open=False) as c["log_box"]:
         c["log"] = gr.Textbox(lines=14, max_lines=30, show_label=False, elem_id="train-log")
         c["log_btn"] = gr.Button("Reload log", size="sm")
@@ -363,6 +383,7 @@ def _runs_column(settings: AppSettings, c: dict) -> None:
     c["download"] = gr.File(label="Adapter file", interactive=False, elem_id="run-download", visible=False)
     c["compare"] = gr.Image(label="Checkpoints compared (rows: checkpoints, with validation loss; columns: prompts "
                                   "x seeds)", interactive=False, format="png", elem_id="compare-grid", visible=False)
+    c["compare_status"] = gr.Markdown(elem_id="compare-status")
 
 
 def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, bucket_resolution: gr.Number) -> None:
@@ -379,6 +400,7 @@ def build(settings: AppSettings, demo: gr.Blocks, dataset_picker: gr.Dropdown, b
     c["timer"] = gr.Timer(LIVE_EVERY_S)
     c["slow_timer"] = gr.Timer(5.0)
     c["model_before"] = gr.State(settings.base_model)
+    c["filled"] = gr.State(None)  # the form's values as the page filled them in: what the user did not choose
     _wire_form(settings, demo, c)
     _wire_live(settings, demo, c)
     _wire_runs(settings, demo, c)
@@ -399,17 +421,15 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     gr.on([x.change for x in inputs], guarded(on_check, c["form_errs"] + [c["form_status"]], c["form_status"]),
           inputs, c["form_errs"] + [c["form_status"]], show_progress="hidden", trigger_mode="always_last")
 
-    def on_preset(name, *vals):
+    def on_preset(name, filled, *vals):
         if not name:
-            return [gr.skip() for _ in inputs] + [gr.skip()]
-        current, _ = to_config(s, list(vals))
-        cfg, notes = apply_preset(current, name)
-        if cfg.dataset.trigger and cfg.dataset.trigger != dataset_trigger(cfg.dataset.path or "."):
-            notes.append(f"Its trigger '{cfg.dataset.trigger}' lives with a dataset: set it in the Dataset tab.")
-        return form_values(cfg) + [" ".join([f"Preset **{name}** applied.", *notes])]
+            return [gr.skip() for _ in inputs] + [gr.skip(), gr.skip()]
+        values, status, refilled = preset_form(s, name, filled, list(vals))
+        return values + [status, refilled]
 
-    c["preset"].change(guarded(on_preset, inputs + [c["form_status"]], c["form_status"]), [c["preset"], *inputs],
-                       inputs + [c["form_status"]])
+    preset_outputs = inputs + [c["form_status"], c["filled"]]
+    c["preset"].change(guarded(on_preset, preset_outputs, c["form_status"]), [c["preset"], c["filled"], *inputs],
+                       preset_outputs)
     path_box = by_key["dataset.path"]
 
     def on_dataset(name):
@@ -424,7 +444,7 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
                                         [c["bucket_resolution"]], show_progress="hidden")
     c["dataset_picker"].change(lambda name: gr.update(choices=D.list_datasets(s.data_dir)), [c["dataset_picker"]],
                                [c["dataset"]])
-    demo.load(lambda: form_values(initial_config(s)), None, inputs)
+    demo.load(lambda: (*(values := form_values(initial_config(s))), values), None, inputs + [c["filled"]])
     demo.load(lambda: gr.update(**gpu_picker(s)), None, [c["gpus"]], show_progress="hidden")
     fields = [by_key[key] for key in GPU_FIELDS]
     c["gpus"].input(on_gpus, [c["gpus"]], fields, show_progress="hidden")
@@ -490,7 +510,7 @@ def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
 def _command_handler(settings: AppSettings, name: str):
     def handler(followed):
-        return [command(settings, followed, name)]
+        return command(settings, followed, name)  # one output: Gradio takes the value itself, not a list of one
     return handler
 
 
@@ -538,11 +558,26 @@ def _wire_runs(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
     c["export_btn"].click(guarded(on_export, c["download"]), [c["picked"], c["fmt"], c["dtype"], c["which"]],
                           c["download"])
+    _wire_compare(s, c)
+
+
+def _wire_compare(settings: AppSettings, c: dict) -> None:
+    """Compare checkpoints: a progress bar while it renders, then the grid and a line, or one message."""
+    s = settings
 
     def on_compare(name, progress=gr.Progress()):
         if not name:
             raise AppError("Pick a run first.")
+        started = time.monotonic()
         grid = compare_run(s, Path(s.runs_dir) / name, progress=lambda share, what: progress(share, desc=what))
-        return gr.update(value=grid, visible=True)
+        return gr.update(value=grid, visible=True), compared_text(name, time.monotonic() - started)
 
-    c["compare_btn"].click(guarded(on_compare, c["compare"]), [c["picked"]], c["compare"], concurrency_limit=1)
+    def show_box(name):
+        """The grid's box is shown first (for a run with checkpoints): Gradio draws the progress bar (checkpoint
+        k of n) over an event's outputs, and over a hidden one the user saw nothing for minutes."""
+        return gr.update(visible=bool(name and checkpoint_dirs(Path(s.runs_dir) / name))), ""
+
+    compare_outputs = [c["compare"], c["compare_status"]]
+    c["compare_btn"].click(show_box, [c["picked"]], compare_outputs, show_progress="hidden").then(
+        guarded(on_compare, compare_outputs, c["compare_status"]), [c["picked"]], compare_outputs,
+        concurrency_limit=1)
