@@ -388,6 +388,9 @@ def test_the_sample_line_says_when_the_first_samples_come_and_a_stop_lists_its_c
     assert stopped["state"] == "stopped" and "Sample every n steps" not in stopped["columns"]
     assert "step 3" in stopped["columns"], stopped["columns"]
     assert stopped["status"].count("checkpoint at step 2") == 1, stopped["status"]
+    from trainer import CheckpointWritten, read_events
+    written = [e.step for e in read_events(run_dir / "events.jsonl") if isinstance(e, CheckpointWritten)]
+    assert written == [2], f"the engine writes step 2's checkpoint once, not again for the stop: {written}"
     off = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{"run.name": "off",
                                                                            "sampling.every_n_steps": 0})
     off_dir = runs.create_run_dir(off)

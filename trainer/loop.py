@@ -54,6 +54,7 @@ class Trainer:
     step: int = 0
     loaded: bool = False  # the model is loaded: from here a Ctrl+C stops after a step (before, it interrupts)
     stopped_untrained: bool = False  # a stop came before one step was trained: no adapter was written
+    checkpointed: int | None = None  # the step of this attempt's last checkpoint (a stop right after one: kept)
     ending: bool = False  # the run's last event (Finished or Failed) is being emitted
     step_images: int = 0  # images the last optimizer step trained, over every process
     rank: int = 0  # this process among `world` data-parallel ones (distributed.py); rank 0 writes every file
@@ -437,6 +438,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         from .formats import save_adapter
+        if self.checkpointed == self.step:  # a stop or save right after a periodic checkpoint: nothing trained since
+            return runs.last_checkpoint(self.run_dir)
         loss = self.validate()  # every checkpoint has its validation loss: that is how the best one is found
         with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
             save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
@@ -445,7 +448,7 @@ class Trainer:
         if loss is not None and (self.best is None or loss < self.best[0]):
             self.best = (loss, self.step)
         runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last, keep=self.best[1] if self.best else None)
-        path = runs.last_checkpoint(self.run_dir)
+        path, self.checkpointed = runs.last_checkpoint(self.run_dir), self.step
         self.emit(CheckpointWritten(step=self.step, path=str(path)))
         return path
 
