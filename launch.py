@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password (visible in the shell "
                                                        "history: prefer --auth-file or LORADESK_AUTH)")
     p.add_argument("--auth-file", metavar="FILE", help="a file of USER:PASS lines ('#' starts a comment)")
+    p.add_argument("--trusted-proxy", metavar="ADDR",
+                   help="the address of a reverse proxy in front of the app (comma-separated for more): its "
+                        "X-Forwarded-For header then names the client, for the login throttle. By default the "
+                        "connecting address counts, whatever headers it sends")
     p.add_argument("--allow-import", metavar="DIR", action="append",
                    help="a server folder the page may import datasets from and train on (repeat for more; or set "
                         "LORADESK_IMPORT_DIRS); by default only the data folder and the shipped examples")
@@ -69,7 +73,7 @@ def read_auth(args: argparse.Namespace) -> list[tuple[str, str]] | None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from app.auth import app_kwargs
+    from app.auth import app_kwargs, trust_forwarded_for
     from app.main import build_app, launch_options
     from app.settings import AppSettings
 
@@ -80,6 +84,7 @@ def main(argv=None) -> None:
         print(f"WARNING: listening on {args.host} lets other computers on the network use this app"
               f"{'' if auth else ' without a password (add --auth-file FILE)'}.", file=sys.stderr)
     port = free_port(args.host, args.port)
+    trust_forwarded_for(args.trusted_proxy)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=port, share=args.share, inbrowser=not args.no_browser,

@@ -3,13 +3,16 @@ seconds (at most a minute) before the next one is even checked.
 
 Written by hand because Gradio checks `--auth` credentials as fast as they arrive (100 wrong passwords were checked
 at 461 per second) and has no hook for it. The throttle is an ASGI middleware on Gradio's own `/login` route, passed
-to its FastAPI app through `launch(app_kwargs=...)`. The client is the address uvicorn reports: the connecting one,
-or the X-Forwarded-For of a proxy on this machine (uvicorn trusts 127.0.0.1 by default); behind a proxy that passes
-the header on unchecked, the proxy should throttle.
+to its FastAPI app through `launch(app_kwargs=...)`. The client is the address uvicorn reports: the socket's peer,
+unless the person running the app named a trusted reverse proxy (`--trusted-proxy`), whose X-Forwarded-For then
+names the client. uvicorn trusts that header from 127.0.0.1 by default, so any local process (or a proxy that
+passes the header on unchecked) rotated it and got a fresh client for every guess (issue 23):
+`trust_forwarded_for()` sets what uvicorn trusts before the server starts.
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Callable
@@ -86,3 +89,11 @@ def app_kwargs(throttle: LoginThrottle | None = None) -> dict:
     """For Blocks.launch(app_kwargs=...): the login throttle as a middleware of Gradio's FastAPI app."""
     from starlette.middleware import Middleware
     return {"middleware": [Middleware(ThrottledLogin, throttle=throttle or LoginThrottle())]}
+
+
+def trust_forwarded_for(proxies: str | None) -> None:
+    """Before launch: uvicorn takes the client's address from X-Forwarded-For only when the connection comes from
+    one of `proxies` (comma-separated addresses or networks); None: from nobody, so the throttle counts the
+    socket's peer. Gradio starts uvicorn without a way to pass its forwarded_allow_ips, so this sets the
+    environment variable uvicorn reads for it (FORWARDED_ALLOW_IPS; "" matches no address)."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(p.strip() for p in (proxies or "").split(",") if p.strip())

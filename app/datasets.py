@@ -12,8 +12,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BatchPlan, DatasetError, ImageLoadError, TrainConfig,
-                     bucket_stats, dataset_trigger, decode_caption, is_ignored, leaves_folder,
+from trainer import (CAPTION_EXTENSIONS, DATASET_FILE, IMAGE_EXTENSIONS, BatchPlan, DatasetError, ImageLoadError,
+                     TrainConfig, bucket_stats, dataset_trigger, decode_caption, is_ignored, leaves_folder,
                      probe_image, read_caption, scan_dataset, set_dataset_trigger, with_trigger, write_caption, write_text_atomic)
 
 from .files import (Budget, UploadError, copy_atomic, extract_zip, human_size, safe_dirname, safe_filename,
@@ -39,11 +39,14 @@ class UploadReport:
     added: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    trigger: str = ""  # the trigger an imported folder's own settings file gave the new dataset
 
     def text(self) -> str:
         parts = [f"Added {len(self.added)} image(s)"]
         if self.captions:
             parts.append(f"{len(self.captions)} caption(s)")
+        if self.trigger:
+            parts.append(f"trigger **{self.trigger}** (from its {DATASET_FILE})")
         if self.skipped:
             parts.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({r})" for n, r in self.skipped[:5]))
         return ", ".join(parts) + "."
@@ -99,7 +102,10 @@ def import_folder(data_dir: Path, source: str, name: str = "", allowed: tuple[Pa
     report, budget = UploadReport(), dataset_budget(folder)
     for path, why in _walk_source(src):
         rel = Path(*[safe_filename(p) for p in path.relative_to(src).parts])
-        why = why or _import_one(path, folder, rel, budget, report)
+        if not why and path == src / DATASET_FILE:  # the dataset's own settings: read, checked and written anew
+            why = _import_settings(src, folder, report)
+        else:
+            why = why or _import_one(path, folder, rel, budget, report)
         if why:
             report.skipped.append((path.relative_to(src).as_posix(), why))
     return folder, report
@@ -133,6 +139,18 @@ def _walk_source(src: Path):
                 yield path, "" if stat.S_ISREG(os.stat(path).st_mode) else "not a regular file"
 
 
+def _import_settings(src: Path, folder: Path, report: UploadReport) -> str:
+    """Give the new dataset the trigger of the imported folder's loradesk-dataset.toml; returns why not ("" when
+    kept). The file is read as any file from outside may be damaged, and never copied as it is."""
+    try:
+        trigger = dataset_trigger(src, strict=True)
+    except DatasetError as e:
+        return "damaged" + str(e).split("damaged", 1)[-1]
+    if trigger:
+        report.trigger = set_trigger(folder, trigger)
+    return ""
+
+
 def _import_one(path: Path, folder: Path, rel: Path, budget: Budget, report: UploadReport) -> str:
     """Copy one file to folder/rel if it is a valid image or caption; returns why not ("" when copied)."""
     suffix, dst = path.suffix.lower(), folder / rel
@@ -160,10 +178,10 @@ def caption_text(path: Path) -> str:
     """A caption file's text as the trainer reads it; UploadError when it is too long or not text at all."""
     if path.stat().st_size > MAX_CAPTION_BYTES:
         raise UploadError(f"{path.name}: over {MAX_CAPTION_BYTES // 1024} KB, which is not a caption")
-    raw = path.read_bytes()
-    if b"\0" in raw:
+    text = decode_caption(path.read_bytes())[0]
+    if "\0" in text:  # after decoding: UTF-16's NUL bytes are half its characters, a binary file's are not
         raise UploadError(f"{path.name}: not a text file")
-    return decode_caption(raw)[0]
+    return text
 
 
 def _copy_caption(path: Path, dst: Path, budget: Budget) -> None:

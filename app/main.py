@@ -43,12 +43,26 @@ def build_app(settings: AppSettings | None = None):
 
 
 def launch_options(settings: AppSettings) -> dict:
-    """Keyword arguments for Blocks.launch: look, and the folders whose files the page may show."""
+    """Keyword arguments for Blocks.launch: look, the folders whose files the page may show, the largest file
+    Gradio's own upload route stores, and no start-up self-check that a busy machine fails."""
     import gradio as gr
+
+    from .datasets import MAX_UPLOAD_BYTES
     folders = [settings.data_dir, settings.runs_dir, settings.adapters_dir]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS,
             "allowed_paths": [str(f.resolve()) for f in folders], "footer_links": [],
-            "max_file_size": "2gb",  # Gradio's own upload route, before loradesk's budget (datasets.py) applies
-            "show_error": True}  # an unexpected error still shows its message, not just "Error"
+            # Gradio's /upload stores a file before any handler sees it: no file over what one upload may add
+            "max_file_size": MAX_UPLOAD_BYTES,
+            "show_error": True,  # an unexpected error still shows its message, not just "Error"
+            **_no_reachability_check(gr)}
+
+
+def _no_reachability_check(gr) -> dict:
+    """After its server answers Gradio's own start-up request (no timeout), launch() sends one more HEAD to itself
+    with a 3 s timeout and, when that times out, dies with "When localhost is not accessible, a shareable link
+    must be created": on a machine at load 18, 3 of 3 starts died so (issue 23). That second check is the only
+    thing launch's `_frontend` flag controls (gradio 6.31, blocks.py); an older Gradio without it keeps its check."""
+    import inspect
+    return {"_frontend": False} if "_frontend" in inspect.signature(gr.Blocks.launch).parameters else {}

@@ -191,3 +191,50 @@ def test_the_summary_counts_follow_a_caption_edit(settings):
     assert "0 captioned, 1 without caption" in tab.summary_values(settings, "d", 64)[0]
     tab.save_caption(settings, "d", "a.png", "a red box")
     assert "1 captioned, 0 without caption" in tab.summary_values(settings, "d", 64)[0]
+
+
+# issue 23 -----------------------------------------------------------------------------------------------------------
+
+def test_importing_the_demo_folder_keeps_its_trigger(settings):
+    """Item 5: the dataset's own settings file came along as 'junk' and the imported dataset lost its trigger."""
+    from app.settings import EXAMPLES_DIR
+    name, _, text = tab.import_folder(settings, str(EXAMPLES_DIR / "demo-concept"), "demo")
+    assert "skipped" not in text, text
+    assert "trigger **zqx**" in text
+    assert tab.trigger_value(settings, name) == "zqx"
+    assert all(caption.startswith("zqx") or " zqx" in caption for _, caption in tab.gallery_value(settings, name))
+
+
+def test_a_damaged_dataset_settings_file_is_not_copied(settings, tmp_path):
+    """Item 5: the file is read and written anew, never copied blindly; a damaged one is reported, not kept."""
+    src = tmp_path / "photos"
+    png(src / "a.png")
+    (src / "loradesk-dataset.toml").write_bytes(b'trigger = "zqx\n\xff\x00 [[[')
+    settings = replace(settings, import_dirs=(src,))
+    name, _, text = tab.import_folder(settings, str(src))
+    assert "loradesk-dataset.toml (damaged" in text
+    assert not (settings.data_dir / name / "loradesk-dataset.toml").exists()
+    assert tab.trigger_value(settings, name) == ""
+    (src / "loradesk-dataset.toml").write_text('trigger = "sks dog"\nsomething = [1, 2]\n')
+    name, _, text = tab.import_folder(settings, str(src), "again")
+    assert tab.trigger_value(settings, name) == "sks dog"
+    assert "something" not in (settings.data_dir / name / "loradesk-dataset.toml").read_text()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-8-sig"])
+def test_a_caption_saved_as_utf16_or_with_a_bom_shows_as_written(settings, tmp_path, encoding):
+    """Item 15: UTF-16 captions with a BOM were read as Windows-1252 (BOM and NUL bytes kept), and refused on
+    upload as 'not a text file'."""
+    import codecs
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+    folder = D.create_dataset(settings.data_dir, "d")
+    png(folder / "a.png")
+    (folder / "a.txt").write_bytes(bom + "a café, smiling".encode(encoding))
+    assert tab.gallery_value(settings, "d") == [(str(folder / "a.png"), "a café, smiling")]
+    assert tab.select(settings, "d", 0)[2] == "a café, smiling"
+    assert "not UTF-8" not in tab.summary_values(settings, "d")[0]
+    up = tmp_path / "up"
+    png(up / "b.png")
+    (up / "b.txt").write_bytes(bom + "a blue box".encode(encoding))
+    assert tab.upload(settings, "d", [str(up / "b.png"), str(up / "b.txt")]).startswith("Added 1 image(s), 1 caption")
+    assert (folder / "b.txt").read_text(encoding="utf-8") == "a blue box\n"

@@ -52,6 +52,7 @@ def test_building_the_app_loads_no_model_code():
 
 
 def test_a_non_local_host_prints_a_warning(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")  # launch sets what uvicorn trusts; undone afterwards
     launched = {}
 
     class FakeApp:
@@ -68,3 +69,19 @@ def test_a_non_local_host_prints_a_warning(monkeypatch, capsys, tmp_path):
     assert launched["server_name"] == "0.0.0.0" and launched["share"] is False
     assert launched["inbrowser"] is False and launched["auth"] is None
     assert str((tmp_path / "d").resolve()) in launched["allowed_paths"]
+
+
+def test_the_app_starts_however_slowly_the_machine_answers(tmp_path, monkeypatch):
+    """Issue 23 item 21: at load ~18 Gradio's start-up check (a HEAD to itself with a 3 s timeout) timed out and
+    launch died with 'When localhost is not accessible, a shareable link must be created'. Here every such check
+    times out, as it did; the app must start and answer."""
+    import gradio.networking
+    import httpx
+    from served import served
+
+    def head_on_a_busy_machine(url, **kwargs):
+        raise httpx.ReadTimeout(f"no answer from {url} within {kwargs.get('timeout')} s")
+
+    monkeypatch.setattr(gradio.networking.httpx, "head", head_on_a_busy_machine)
+    with served(monkeypatch, tmp_path) as demo:
+        assert httpx.get(demo.local_url, timeout=None).status_code == 200

@@ -581,3 +581,17 @@ def test_disk_cache_survives_a_new_instance_and_recovers_from_damage(tmp_path):
 def test_image_extensions_are_lower_case_with_dots():
     assert {".png", ".jpg", ".jpeg", ".webp"} <= IMAGE_EXTENSIONS
     assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff"),
+                                           ("utf-8", b"\xef\xbb\xbf"), ("utf-32-le", b"\xff\xfe\x00\x00")])
+def test_captions_with_a_byte_order_mark_are_read_in_their_encoding(tmp_path, encoding, bom):
+    """Issue 23 item 15: UTF-16 with a BOM was read as Windows-1252, BOM and NUL bytes kept in the caption."""
+    from trainer import read_caption
+    solid(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(bom + "zkx, a café\r\nsmiling\r\n".encode(encoding))
+    caption = read_caption(tmp_path / "a.png")
+    assert (caption.text, caption.issues) == ("zkx, a café, smiling", ())
+    if encoding != "utf-8":  # damaged: a trailing byte that is not a whole character
+        (tmp_path / "a.txt").write_bytes(bom + "odd".encode(encoding) + b"\x00")
+        assert read_caption(tmp_path / "a.png").text == "odd\ufffd"

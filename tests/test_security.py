@@ -346,3 +346,43 @@ def test_a_fifo_named_like_an_image_is_not_opened_by_the_import(tmp_path):
     name, _, text = tab.import_folder(settings_for(tmp_path, src), str(src))
     assert "pipe.png (not a regular file)" in text
     assert sorted(p.name for p in (tmp_path / "datasets" / name).iterdir()) == ["a.png"]
+
+
+# issue 23 -----------------------------------------------------------------------------------------------------------
+
+def test_rotating_forwarded_for_headers_do_not_escape_the_login_throttle(tmp_path, monkeypatch):
+    """Item 19: uvicorn trusts X-Forwarded-For from 127.0.0.1, so each guess with a new header counted as a new
+    client: 20 wrong passwords were checked after the lockout. The real app, on loopback."""
+    import httpx
+    from served import served
+    with served(monkeypatch, tmp_path, "--auth", "me:right") as demo:
+        codes = [httpx.post(f"{demo.local_url}login", data={"username": "me", "password": f"wrong{i}"},
+                            headers={"X-Forwarded-For": f"10.0.{i}.7"}, timeout=None).status_code
+                 for i in range(25)]
+    assert codes[:5] == [400] * 5 and codes[5:] == [429] * 20, codes
+
+
+def test_a_named_trusted_proxy_passes_on_the_client_it_names(tmp_path, monkeypatch):
+    """Item 19: behind a reverse proxy the user names, each client it forwards counts on its own."""
+    import httpx
+    from served import served
+    with served(monkeypatch, tmp_path, "--auth", "me:right", "--trusted-proxy", "127.0.0.1") as demo:
+        codes = [httpx.post(f"{demo.local_url}login", data={"username": "me", "password": "wrong"},
+                            headers={"X-Forwarded-For": f"10.0.{i // 6}.7"}, timeout=None).status_code
+                 for i in range(12)]
+    assert codes == ([400] * 5 + [429]) * 2, codes
+
+
+def test_gradios_upload_route_refuses_a_file_over_the_apps_cap(tmp_path, monkeypatch):
+    """Item 20: Gradio's own /upload stored any file up to its own 2 GB, whatever the app's caps said; it follows
+    the app's per-upload cap now (lowered here, so the test sends a kilobyte, not gigabytes)."""
+    import httpx
+    from served import served
+    monkeypatch.setattr(D, "MAX_UPLOAD_BYTES", 1000)
+    with served(monkeypatch, tmp_path) as demo:
+        def upload(size):
+            return httpx.post(f"{demo.local_url}gradio_api/upload", files={"files": ("a.zip", b"x" * size)},
+                              timeout=None)
+        over, at_cap = upload(1001), upload(1000)
+    assert over.status_code == 413 and "1000" in over.text, (over.status_code, over.text)
+    assert at_cap.status_code == 200

@@ -1,6 +1,7 @@
 """Caption files, the trigger word, tag shuffling and caption dropout (kohya's conventions)."""
 from __future__ import annotations
 
+import codecs
 import os
 import random
 import re
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.paths import expand_path
+
+from .errors import DatasetError
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # looked up in this order next to each image
 DATASET_FILE = "loradesk-dataset.toml"  # in a dataset folder: its own settings (the trigger the app's Dataset tab sets)
@@ -32,8 +35,18 @@ def read_caption(image_path: Path) -> CaptionFile:
     return CaptionFile(text, found[0], issues + (("not_utf8",) if legacy else ()))
 
 
+# Byte order marks, UTF-32's first: its little-endian one starts with UTF-16's (Windows Notepad saved "Unicode"
+# as UTF-16 LE with a BOM; read as Windows-1252 its BOM and NUL bytes became part of the caption).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def decode_caption(raw: bytes) -> tuple[str, bool]:
-    """Caption text from a file's bytes, tidied as it is trained; True when it was not UTF-8."""
+    """Caption text from a file's bytes, tidied as it is trained; True when it was not UTF-8 (nor UTF-16 or UTF-32
+    with a byte order mark) and was read as Windows-1252."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):  # a damaged tail (half a character) becomes one U+FFFD, not a wrong encoding
+            return _tidy(raw.decode(codec, errors="replace")), False
     try:
         return _tidy(raw.decode("utf-8-sig")), False
     except UnicodeDecodeError:  # old Windows editors: cp1252 holds what people type, latin-1 never fails
@@ -59,16 +72,32 @@ def write_caption(image_path: Path, text: str) -> Path:
     return write_text_atomic(caption_file(Path(image_path)), text.strip() + "\n")
 
 
-def dataset_trigger(folder: str | Path) -> str:
+MAX_DATASET_FILE_BYTES = 64 * 1024  # a trigger and a comment; anything larger is not this file
+
+
+def dataset_trigger(folder: str | Path, strict: bool = False) -> str:
     """The trigger saved in a dataset folder's loradesk-dataset.toml ("" when none, or when the file is damaged:
-    the trigger is a convenience, and the config's dataset.trigger still wins)."""
+    the trigger is a convenience, and the config's dataset.trigger still wins). strict: a damaged file raises
+    DatasetError naming it (an import must not carry a damaged file into a new dataset)."""
     import tomllib
     path = expand_path(folder) / DATASET_FILE
     try:
-        value = tomllib.loads(path.read_text(encoding="utf-8")).get("trigger", "")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DATASET_FILE_BYTES + 1)
+        if len(raw) > MAX_DATASET_FILE_BYTES:
+            raise ValueError(f"over {MAX_DATASET_FILE_BYTES // 1024} KB")
+        value = tomllib.loads(raw.decode("utf-8-sig")).get("trigger", "")  # Notepad's UTF-8 starts with a BOM
+        if not isinstance(value, str):
+            raise ValueError("its trigger is not text")
+    except FileNotFoundError:
         return ""
-    return value.strip() if isinstance(value, str) else ""
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and TOMLDecodeError are ValueErrors
+        if strict:
+            why = (e.strerror if isinstance(e, OSError) and e.strerror else
+                   "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
+            raise DatasetError(f"{path} is damaged ({why}); set the trigger again in the Dataset tab") from None
+        return ""
+    return value.strip()
 
 
 def set_dataset_trigger(folder: str | Path, trigger: str) -> Path:
