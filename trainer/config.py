@@ -184,6 +184,10 @@ class PrecisionSection:
     device: str = opt("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less memory, "
                                               "about 20% slower.")
+    cpu_threads: int = opt(0, "Threads of a one-process CPU run (0 = the cores other programs leave free when the "
+                              "run starts, or OMP_NUM_THREADS). Recorded and kept on resume: the count changes the "
+                              "last bits of sums, and a busy machine with a thread per core runs 10-50x slower.",
+                           min=0, max=1024)
 
 
 @dataclass

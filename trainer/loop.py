@@ -28,6 +28,7 @@ from .distributed import DataParallelUNet, LauncherWatch, global_batch, process_
 from .dropout import image_seeds
 from .network import inject_lora, trained_text_encoders
 from .seeds import mix
+from .threads import use_cpu_threads
 
 
 class TrainingError(RuntimeError):
@@ -176,6 +177,8 @@ class Trainer:
                                        kwargs_handlers=[process_group_options(cfg)])
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if device == "cpu" and self.world == 1:  # the count the run recorded (several processes: the launcher's)
+            use_cpu_threads(torch, cfg.precision.cpu_threads)
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
         torch.manual_seed(cfg.run.seed)  # the LoRA A init
         self.params = inject_lora(self.base, cfg)

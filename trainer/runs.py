@@ -31,6 +31,7 @@ from .atomic import atomic_dir, clean_leftovers, write_json_atomic, write_text_a
 from .errors import UserError
 from .events import Failed, Finished, Progress, Started, Validation, tail_events
 from .runlock import is_held, pid_alive
+from .threads import pick_cpu_threads
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"  # in checkpoints/step-<n>/: what exports, blends and the app use
 TRAINING_STATE = "state.json"  # its presence marks a complete checkpoint folder
@@ -81,8 +82,8 @@ def runs_dir_problems(runs_dir: str) -> list[str]:
 
 
 def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
-    """A copy of cfg as a run records it: absolute local folders (the trainer may run in another working folder)
-    and the trigger it will use (dataset.trigger, else the dataset folder's own)."""
+    """A copy of cfg as a run records it: absolute local folders (the trainer may run in another working folder),
+    the trigger it will use (dataset.trigger, else the dataset folder's own) and its CPU thread count."""
     from .data.captions import resolve_trigger
     cfg = copy.deepcopy(cfg)
     for key in ("dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir"):
@@ -92,6 +93,8 @@ def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
     if cfg.model.path.strip() and C.expand_path(cfg.model.path).exists():
         cfg.model.path = str(C.expand_path(cfg.model.path).resolve())
     cfg.dataset.trigger = resolve_trigger(cfg.dataset)
+    if cfg.precision.cpu_threads == 0:  # picked once, now, and kept for every resume (threads.py says why)
+        cfg.precision.cpu_threads = pick_cpu_threads()
     return cfg
 
 

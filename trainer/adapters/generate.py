@@ -10,6 +10,7 @@ from PIL import Image
 
 from trainer.finite import adapter_weight, guidance_scale
 from trainer.lora_state import Adapter
+from trainer.threads import pick_cpu_threads, use_cpu_threads
 
 from trainer.formats import load_adapter, save_adapter
 from trainer.runs import adapter_file
@@ -122,6 +123,8 @@ class Generator:
             progress(0.0, "loading the base model")
         self._load()
         with self._lock:
+            if self.device == "cpu":  # the free cores, asked now: a thread per core on a busy CPU runs 10x slower
+                use_cpu_threads(torch, pick_cpu_threads(ours=torch.get_num_threads()))
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
             result = self._pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images,
                                 num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
