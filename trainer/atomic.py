@@ -92,10 +92,8 @@ def as_os_error(err: BaseException, path: str | Path, tmp: Path | None = None, f
     where = Path(where)
     if tmp is not None and final is not None and where.is_relative_to(tmp):
         where = final / where.relative_to(tmp)
-    if not code:
-        named = OSError(words)
-        named.filename = str(where)
-        return named
+    if not code:  # no errno: the path goes into the words (a filename alone prints as "[Errno None] None: ...")
+        return OSError(f"{words} (writing {where})")
     return OSError(code, words, str(where))  # the subclass of its code: FileExistsError for 17, ...
 
 
