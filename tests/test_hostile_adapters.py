@@ -268,3 +268,29 @@ def test_generate_refuses_an_adapter_of_another_family_with_the_bake_check(tiny_
     err = one_line_error(cli("generate", "--model", tiny_model_dir, "--lora", sdxl, "--prompt", "x", "--steps", "1",
                              "--out", tmp_path / "x.png", cwd=tmp_path))
     assert "made for SDXL" in err and "sdxl.safetensors" in err and str(tmp_path / "sdxl") not in err, err
+
+
+# ---- the review's findings: the toolkit's OS errors and every seed ------------------------------------------------
+
+def test_a_toolkit_command_that_cannot_write_says_so_with_the_fix(tmp_path):
+    """Item 14 for blend, resize, bake, generate: '[Errno 20] Not a directory' was printed as the OS said it."""
+    a = raw_adapter(tmp_path / "a.safetensors", kohya_tensors())
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    line = one_line_error(cli("blend", f"{a}:1", "--out", tmp_path / "file.txt" / "ab.safetensors", cwd=tmp_path))
+    assert "[Errno" not in line and "cannot write" in line and "file.txt" in line and "rename or remove" in line, line
+
+
+@pytest.mark.parametrize("key", ["run.seed", "sampling.seed"])
+def test_every_seed_of_the_config_is_bounded(tmp_path, key):
+    """sampling.seed (samples are on by default) went to torch.manual_seed unbounded: an overflow at the first
+    sample, after validate passed."""
+    result = cli("validate", "--config", ROOT / "presets" / "tiny-demo.toml", "--set",
+                 f"{key}=99999999999999999999999", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{key} is 99999999999999999999999; it must be at most 4294967295" in result.stderr, result.stderr
+
+
+def test_generate_refuses_a_seed_torch_cannot_take(tmp_path):
+    line = one_line_error(cli("generate", "--model", "", "--prompt", "x", "--seed",
+                              "99999999999999999999999", "--out", tmp_path / "x.png", cwd=tmp_path))
+    assert "seed" in line and "4294967295" in line and not (tmp_path / "x.png").exists(), line

@@ -39,8 +39,8 @@ Adapters (a source is an adapter file, a checkpoint folder or a run folder, alwa
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
   Generator, image_grid(), compare_checkpoints(run_dir) (checkpoints x prompts and seeds, validation losses)
-  adapter_weight(value, label), guidance_scale(value, name), finite_number(), NotFiniteError: the one rule for
-  adapter weights and guidance (NaN and infinity refused by name)
+  adapter_weight(value, label), guidance_scale(value, name), seed_value(value), finite_number(), NotFiniteError:
+  the one rule for adapter weights, guidance and seeds (NaN, infinity, seeds torch cannot take refused by name)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
 """
@@ -74,7 +74,7 @@ _EXPORTS = {
     **dict.fromkeys(["send_command", "tail_events", "read_events", "Event", "Started", "Progress", "SampleWritten",
                      "CheckpointWritten", "Validation", "Message", "Finished", "Failed"], "events"),
     **dict.fromkeys(["oom_advice", "os_error_message"], "advice"),
-    **dict.fromkeys(["finite_number", "adapter_weight", "guidance_scale", "NotFiniteError"], "finite"),
+    **dict.fromkeys(["finite_number", "adapter_weight", "guidance_scale", "seed_value", "NotFiniteError"], "finite"),
     **dict.fromkeys(["world_size", "global_batch", "launch_command", "in_worker", "as_launched", "shared_run_dir",
                      "launch_marker", "is_main_process", "visible_gpus", "chosen_gpus", "gpu_settings"],
                     "distributed"),

@@ -54,12 +54,16 @@ FAMILY_NAMES, TEXT_ENCODER_NAMES = _families()
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
+# every seed's bound: what numpy's seeding takes, kohya's and A1111's range, and exact in the browser's numbers
+# (torch.manual_seed overflows past 2**64; a float in the page rounds past 2**53)
+MAX_SEED = 2 ** 32 - 1
+
+
 @dataclass
 class RunSection:
     name: str = opt("lora", "Name of the run and of the exported adapter file (letters, digits, - and _).", basic=True)
-    # at most 2**32 - 1: what numpy's seeding takes, kohya's and A1111's range, and exact in the browser's numbers
-    seed: int = opt(42, "Seed for every random choice; the same config and seed give the same adapter on the CPU.",
-                    min=0, max=2 ** 32 - 1)
+    seed: int = opt(42, "Seed for every random choice; the run's config.toml (this seed and precision.cpu_threads "
+                        "with it) gives the same adapter again on the same CPU.", min=0, max=MAX_SEED)
 
 
 @dataclass
@@ -197,7 +201,7 @@ class SamplingSection:
                              min=0, basic=True)
     prompts: list = opt([], "Sample prompts; empty means the trigger word alone.", basic=True, label="Sample prompts")
     negative_prompt: str = opt("", "Negative prompt for samples.")
-    seed: int = opt(1234, "Seed of the first sample prompt; each next prompt uses seed + 1.", min=0)
+    seed: int = opt(1234, "Seed of the first sample prompt; each next prompt uses seed + 1.", min=0, max=MAX_SEED)
     steps: int = opt(20, "Denoising steps per sample.", min=1, max=200)
     guidance: float = opt(7.5, "Classifier-free guidance scale for samples.", min=0.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .config import MAX_SEED
 from .errors import UserError
 
 WEIGHT_HINT = "such as 0.8 (1 = as trained, 0 = off, negative = the opposite)"
@@ -34,6 +35,14 @@ def finite_number(value, name: str, hint: str = "") -> float:
 def adapter_weight(value, label: str) -> float:
     """An adapter's weight in a blend, a bake or a generation; `label` names the adapter (a file name)."""
     return finite_number(value, f"the weight of {label}", WEIGHT_HINT)
+
+
+def seed_value(value, name: str = "seed") -> int:
+    """A generation's seed: a whole number from 0 to config.MAX_SEED (torch overflows on larger ones)."""
+    number = finite_number(value, name, "such as 1234")
+    if number != int(number) or not 0 <= number <= MAX_SEED:
+        raise NotFiniteError(f"{name} is {value}; give a whole number from 0 to {MAX_SEED}")
+    return int(number)
 
 
 def guidance_scale(value, name: str = "guidance") -> float:

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer import (UserError, adapter_file, adapter_weight, guidance_scale, save_image_atomic,  # torch-free:
-                     write_json_atomic)  # registering is cheap
+from trainer import (UserError, adapter_file, adapter_weight, guidance_scale, os_error_message,  # torch-free:
+                     save_image_atomic, write_json_atomic)  # registering is cheap
 
 
 class UsageError(UserError):
@@ -129,8 +129,11 @@ def _user_errors(fn):
     def run(args) -> int:
         try:
             return fn(args)
-        except (UserError, OSError) as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the file, the OS's words and the fix, as the other commands say it
+            print(f"error: {os_error_message(e)}", file=sys.stderr)
             return 2
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from trainer.finite import adapter_weight, guidance_scale
+from trainer.finite import adapter_weight, guidance_scale, seed_value
 from trainer.lora_state import Adapter
 from trainer.threads import pick_cpu_threads, use_cpu_threads
 
@@ -119,6 +119,7 @@ class Generator:
         """Image k is seeded with seed + k, so it is the same image whatever num_images is. `progress(share, what)`
         hears of the model load and of each denoising step."""
         guidance = guidance_scale(guidance)
+        seed = seed_value(seed)
         if self._base is None and progress:
             progress(0.0, "loading the base model")
         self._load()
