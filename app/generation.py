@@ -105,9 +105,7 @@ class _Device:
     def __enter__(self):
         self.oom = _out_of_memory_type()
         check_slot_paths(self.settings, self.slots)
-        if not hold_device():
-            raise AppError("The device is busy (another generation, or a training starting); try again in a "
-                           "moment.")
+        take_device(self.progress)
         try:
             _check_idle(self.settings)
             gen = get_generator(self.model_path)
@@ -172,22 +170,30 @@ def compare_run(settings, run_dir: Path, progress=None):
     return compare_checkpoints(run_dir, generator=gen, progress=progress, hold=lambda: _Rendering(settings, progress))
 
 
+WAIT_S = 600.0  # a generation, or a compare's stretch, in another tab ends within minutes
+
+
+def take_device(progress=None) -> None:
+    """Wait for the device, saying so: a generation or a compare's stretch (one prompt on one checkpoint) may
+    have it; the lock is fair, so a Generate pressed during a compare runs between two of its stretches."""
+    if hold_device():
+        return
+    if progress:
+        progress(None, "waiting for the device (another generation or a compare has it)")
+    if not hold_device(timeout=WAIT_S):
+        raise AppError("The device stayed busy (another generation, or a training starting); try again when it "
+                       "is free.")
+
+
 class _Rendering:
     """The device for one stretch of a long job (a compare's prompt on one checkpoint): it waits for a generation
-    that has the device (the lock is fair, so that generation got in between two stretches), refuses while a
-    training runs, and turns running out of memory into a message."""
-    WAIT_S = 600.0  # a generation in another tab ends within minutes
+    that has the device, refuses while a training runs, and turns running out of memory into a message."""
 
     def __init__(self, settings, progress=None):
         self.settings, self.progress = settings, progress
 
     def __enter__(self):
-        if not hold_device():
-            if self.progress:
-                self.progress(None, "waiting for the device (another generation has it)")
-            if not hold_device(timeout=self.WAIT_S):
-                raise AppError("The device stayed busy (another generation, or a training starting); compare "
-                               "again when it is free.")
+        take_device(self.progress)
         try:
             _check_idle(self.settings)
         except BaseException:

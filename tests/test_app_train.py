@@ -472,3 +472,34 @@ def test_compare_checkpoints_reports_k_of_n_and_lets_generate_in_between_rows(se
     again = G.compare_run(settings, run_dir)
     assert list(again.getdata()) == list(grid.getdata()), "the generation between rows changed nothing in the grid"
     assert grid.size[1] > 4 * 16 and grid.size[0] > 4 * 16  # 4 rows, 2 prompts x 2 seeds
+
+
+def test_a_generate_pressed_while_a_compare_renders_waits_its_turn(settings, tiny_model_dir, image_dir):
+    """Issue 23 item 3 (the review's case): Generate pressed in another tab while a compare's stretch holds the
+    device waited 1 s and answered "device busy". It waits for the stretch, runs before the next one (the lock is
+    fair), and the compare goes on. The stretch is made long by its own progress callback, not timed."""
+    import threading
+    import time as _time
+    from test_training import make_cfg, train
+    from app import generation as G
+    cfg = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{
+        "schedule.max_steps": 2, "saving.every_n_steps": 1, "sampling.steps": 2, "sampling.prompts": ["zqx"]})
+    _, _, run_dir = train(cfg)
+    results, threads = [], []
+
+    def pressed():
+        try:
+            results.append(G.generate(settings, str(tiny_model_dir), [], "a red square", steps=2, width=16,
+                                      height=16))
+        except Exception as e:  # the answer the user saw
+            results.append(e)
+
+    def progress(share, text):
+        if ": " in text and not threads:  # a denoising step of the first stretch: the device is held
+            threads.append(threading.Thread(target=pressed))
+            threads[0].start()
+            _time.sleep(2.5)  # the stretch goes on longer than the old 1 s wait (CPU renders take far longer)
+
+    G.compare_run(settings, run_dir, progress=progress)
+    threads[0].join(600)
+    assert len(results) == 1 and isinstance(results[0], list), results

@@ -176,7 +176,7 @@ def check_resumable(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The run folder, once it is known to resume: a checkpoint, not running, its config (with the overrides
     applied and saved) valid on this machine."""
     run_dir = Path(run_dir).resolve()
-    cfg = runs.load_run_config(run_dir)
+    cfg = runs.load_run_config(run_dir, clean=True)
     if runs.run_info(run_dir).state == "running":
         raise JobError(f"{run_dir.name} is still running")
     runs.begin_attempt(run_dir)  # first: a checkpoint caught mid-swap is put back before we look for one
@@ -293,7 +293,8 @@ def _train(trainer, resume: bool) -> int:
         raise
     except Exception as e:  # out of memory while loading, a crash: the run's state must still say why
         from .distributed import is_peer_failure
-        if interrupted["while_loading"]:  # Ctrl+C inside a library's import, which turned it into another error
+        if interrupted["while_loading"] and not trainer.loaded:  # Ctrl+C inside a library's import, turned into
+            # another error (should loading have gone on, a later failure is a failure, not the stop)
             trainer.emit(Finished(step=trainer.step, adapter_path="", stopped=True))
             return INTERRUPTED
         if is_peer_failure(e):  # another process died: the launcher's Failed names it

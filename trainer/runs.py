@@ -98,13 +98,16 @@ def resolved_config(cfg: C.TrainConfig) -> C.TrainConfig:
     return cfg
 
 
-def load_run_config(run_dir: str | Path) -> C.TrainConfig:
+def load_run_config(run_dir: str | Path, clean: bool = False) -> C.TrainConfig:
+    """The run's resolved config. `clean`: a folder killed while it was created is removed (resume asks so; a
+    reader such as the live view never removes one: it may be being created this very moment)."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file() and unstarted(run_dir):
-        discard_unstarted(run_dir)
+        if clean:
+            discard_unstarted(run_dir)
         raise NeverStarted(f"{run_dir} was interrupted while it was created, so that run never started (nothing "
-                           f"was trained; the folder is removed); start it again: python -m trainer train --config "
-                           f"... (the config and --set you started it with)")
+                           f"was trained{'; the folder is removed' if clean else ''}); start it again: python -m "
+                           f"trainer train --config ... (the config and --set you started it with)")
     if not path.is_file():
         raise C.ConfigError([f"{run_dir} has no config.toml, so it is not a loradesk run folder; give a folder "
                              f"under your runs directory"], str(run_dir))
