@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_preset("tiny-demo")
     images = CHECKPOINTS * len(cfg.sampling.prompts) * 2
     table = "\n".join([
-        f"## Compare checkpoints (bench/bench_compare.py)\n",
+        "## Compare checkpoints (bench/bench_compare.py)\n",
         f"The tiny built-in model, a run with {CHECKPOINTS} checkpoints: {images} images of "
         f"{cfg.sampling.steps} steps ({len(cfg.sampling.prompts)} prompts x 2 seeds per checkpoint). "
         f"{platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; "

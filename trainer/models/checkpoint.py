@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .detect import CHECKPOINT_SUFFIXES, PICKLE_SUFFIXES, SAFE_SUFFIXES  # noqa: F401 (hub.py reads them here)
+from .detect import PICKLE_SUFFIXES, SAFE_SUFFIXES
 from .detect import not_a_checkpoint_message
 from .errors import ModelLoadError, pickle_refused_message
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .checkpoint import CHECKPOINT_SUFFIXES
+from .detect import CHECKPOINT_SUFFIXES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # the files a Stable Diffusion 1.x training needs: configs, tokenizer and safetensors weights (no .ckpt/.bin,
