@@ -683,6 +683,17 @@ def text_encoder_lr(cfg: TrainConfig, name: str) -> float:
     return parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)[0].get(name, cfg.optimizer.text_encoder_lr)
 
 
+def world_size(cfg: TrainConfig) -> int:
+    """Data-parallel processes of a run: processes per machine x machines."""
+    return cfg.distributed.processes * cfg.distributed.machines
+
+
+def global_batch(cfg: TrainConfig) -> int:
+    """Images per optimizer step: batch_size x processes x machines x gradient_accumulation (the one rule: the
+    loop's batch plan, the metadata and the app's note all ask it)."""
+    return cfg.dataset.batch_size * world_size(cfg) * cfg.schedule.gradient_accumulation
+
+
 def trains_text_encoders(cfg: TrainConfig) -> bool:
     """Whether any text encoder could get a LoRA that learns (its name listed, a rate above 0)."""
     names = cfg.network.text_encoders

@@ -22,18 +22,10 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from .config import world_size
 
 WORKER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun (and accelerate launch, which runs it) in every process
 OURS_ENV = "LORADESK_LAUNCHER"  # set by run_launched to its pid: the launcher above holds the run lock and reports
-
-
-def world_size(cfg: C.TrainConfig) -> int:
-    return cfg.distributed.processes * cfg.distributed.machines
-
-
-def global_batch(cfg: C.TrainConfig) -> int:
-    """Images per optimizer step: batch_size x processes x machines x gradient_accumulation."""
-    return cfg.dataset.batch_size * world_size(cfg) * cfg.schedule.gradient_accumulation
 
 
 def in_worker() -> bool:
@@ -274,7 +266,7 @@ def _outcome(run_dir: Path, errors: str, code: int, before: int, aborted: bool) 
     as one process's does, unless the run had ended anyway or a process had failed before it (torchrun names it):
     then that is what the user must hear."""
     from .events import EventLog, Failed, Finished, read_events
-    from .job import INTERRUPTED
+    from .events import INTERRUPTED
     events = read_events(Path(run_dir) / "events.jsonl")[before:]
     if code == 0 or any(isinstance(e, Finished) for e in events):
         return 0

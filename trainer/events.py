@@ -220,6 +220,7 @@ def _last_byte(f) -> bytes:
 # commands in
 
 COMMANDS = ("stop", "save", "sample")
+INTERRUPTED = 130  # the exit code of a run a Ctrl+C stopped while it loaded (the shell's code for SIGINT)
 
 
 def send_command(run_dir: str | Path, command: str) -> None:

@@ -22,7 +22,7 @@ from . import runlock, runs
 from .advice import advice_for
 from .atomic import write_text_atomic
 from .errors import UserError
-from .events import Event, EventLog, Failed, Finished, send_command, tail_events
+from .events import INTERRUPTED, Event, EventLog, Failed, Finished, send_command, tail_events
 
 # ----------------------------------------------------------------------------------------------------------------
 # everything checked before a run folder exists: the config itself and what this machine can do for it (the CLI's
@@ -206,7 +206,7 @@ def _refuse_without_checkpoint(run_dir: Path, cfg: C.TrainConfig) -> None:
 def _resume_overrides(cfg: C.TrainConfig, overrides: list[str]) -> C.TrainConfig:
     """--set on a run being resumed, refusing keys the checkpoint or the batch order depend on. The process count
     and the per-process batch may change together, as long as the global batch stays what it was."""
-    from .distributed import global_batch, world_size
+    from .config import global_batch, world_size
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     frozen = [k for k in keys if k.startswith(FROZEN_ON_RESUME) and k != "dataset.batch_size"]
     if frozen:
@@ -307,7 +307,6 @@ def _train(trainer, resume: bool) -> int:
     return 0 if path is not None or trainer.stopped_untrained else 1
 
 
-INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
 
 
 class Aborted(BaseException):

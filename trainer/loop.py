@@ -24,7 +24,8 @@ from .advice import advice_for, is_cpu_oom, nan_advice, oom_advice
 from .validation import Validator, split_validation
 from .atomic import save_image_atomic, set_aside
 from .losses import diffusion_loss, loss_weights
-from .distributed import DataParallelUNet, LauncherWatch, global_batch, process_group_options, share, world_size
+from .config import global_batch, world_size
+from .distributed import DataParallelUNet, LauncherWatch, process_group_options, share
 from .dropout import image_seeds
 from .network import inject_lora, trained_text_encoders
 from .seeds import mix

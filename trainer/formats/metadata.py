@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from trainer.distributed import global_batch
+from trainer.config import global_batch, trains_text_encoders
 
 from .layout import check_metadata
 
@@ -18,7 +18,6 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
     the resolved ones); `steps` is how many steps were trained (kohya's ss_steps; fewer than ss_max_train_steps
     for a stopped run); `prediction` the one trained with (default: loss.prediction, epsilon for auto)."""
     from trainer import __version__
-    from trainer.config import trains_text_encoders
 
     net, opt, res = cfg.network, cfg.optimizer, cfg.dataset.resolution
     prediction = prediction or (cfg.loss.prediction if cfg.loss.prediction != "auto" else "epsilon")

@@ -29,7 +29,7 @@ def meta_models(family_name: str, config_dir: str) -> tuple:
 def meta_index(family_name: str, config_dir: str | Path | None = None) -> dict:
     """The module index (trainer.formats.module_index) of a family's model, from config_dir (default: the
     family's standard model)."""
-    from trainer.formats import module_index
+    from trainer.formats.names import module_index
     family = get_family(family_name)
     unet, encoders = meta_models(family_name, str(config_dir or family.meta_config_dir()))
     return module_index(unet, encoders, lambda path: family.kohya_unet_path(path, unet.config))
