@@ -84,12 +84,12 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     family = get_family(family_name)
     unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device)
     weights = peak_gb(device)
-    base = SimpleNamespace(unet=unet, text_encoders={}, family=family)
+    base = SimpleNamespace(denoiser=unet, text_encoders={}, family=family)
     cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device).items()}
     latents = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
     latents = latents.to(memory_format=torch.channels_last)
     t = torch.tensor([500], device=device)
-    predict = lambda: family.predict(SimpleNamespace(unet=unet, dtype=unet.dtype), latents, t, cond)  # noqa: E731
+    predict = lambda: family.predict(SimpleNamespace(denoiser=unet, dtype=unet.dtype), latents, t, cond)  # noqa: E731
     forward = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -93,7 +93,7 @@ class SideBySide:
         params = list(t.params.named().values())
         optimizer = torch.optim.AdamW([{"params": params, "lr": o.unet_lr}], betas=(o.beta1, o.beta2), eps=o.eps,
                                       weight_decay=o.weight_decay)
-        return t.base.unet, noisy, timesteps, cond["encoder_hidden_states"], noise, optimizer, params
+        return t.base.denoiser, noisy, timesteps, cond["encoder_hidden_states"], noise, optimizer, params
 
 
 def measure(cache: str, steps: int, root: Path) -> dict:

@@ -304,7 +304,7 @@ def test_cli_bugs_keep_their_traceback(model, tmp_path, monkeypatch, capsys):
 def test_generator_blends_caches_and_exports(tiny_model_dir, tmp_path):
     from trainer.adapters.generate import Generator
     gen = Generator(str(tiny_model_dir))
-    index = module_index(gen.base.unet, gen.base.text_encoders)
+    index = module_index(gen.base.denoiser, gen.base.text_encoders)
     a = random_adapter(index, [Q, K, V, TE_Q], rank=4, seed=5)
     path = tmp_path / "a.safetensors"
     save_adapter(a, path, dtype="fp32")
@@ -368,7 +368,7 @@ def test_cli_generate_fills_a_missing_side_with_the_native_size(tiny_model_dir, 
     from trainer.adapters.cli import main
     from trainer.models import load_base_model
     base = load_base_model(str(tiny_model_dir))
-    native = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    native = base.denoiser.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
     out = tmp_path / "img.png"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "1", "--width", "24",
                  "--num-images", "2", "--out", str(out)]) == 0

@@ -14,14 +14,19 @@ from trainer.adapters.original_layout import original_checkpoint
 
 def _baked_and_base(tiny_model_dir):
     base = load_base_model(str(tiny_model_dir))
-    index = module_index(base.unet, base.text_encoders)
+    index = module_index(base.denoiser, base.text_encoders)
     adapter = random_adapter(index, [Q, K, V, TE_Q], rank=4, seed=7)
     return base, index, adapter
 
 
+def _component(model, name: str):
+    """A BaseModel's denoiser is a diffusers pipeline's unet."""
+    return model.denoiser if name == "unet" and hasattr(model, "denoiser") else getattr(model, name)
+
+
 def _same_weights(a, b) -> None:
     for name in ("unet", "vae", "text_encoder"):
-        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        sa, sb = _component(a, name).state_dict(), _component(b, name).state_dict()
         assert sa.keys() == sb.keys(), name
         bad = [k for k in sa if not torch.equal(sa[k].float(), sb[k].float())]
         assert not bad, f"{name}: {bad[:3]}"
@@ -35,8 +40,8 @@ def test_single_file_round_trip_through_both_readers(tiny_model_dir, tmp_path):
     from trainer.adapters.bake import fuse_into
     fuse_into(expected, [(adapter, 0.8)])
     # the baked weights are W0 + 0.8 * delta ...
-    w0 = base.unet.get_submodule(index[Q][1]).weight
-    baked_q = expected.unet.get_submodule(index[Q][1]).weight
+    w0 = base.denoiser.get_submodule(index[Q][1]).weight
+    baked_q = expected.denoiser.get_submodule(index[Q][1]).weight
     assert torch.allclose(baked_q - w0, 0.8 * adapter.layers[Q].delta(), atol=1e-6)
     # ... and the engine's single-file loader reads exactly them back
     engine = load_base_model(str(out), config_dir=tiny_model_dir)

@@ -55,8 +55,8 @@ def test_injection_puts_it_in_every_lora_layer(tiny_model_dir):
     base = load_base_model(str(tiny_model_dir))
     cfg = C.apply_overrides(C.TrainConfig(), ["network.dropout=0.1"])
     inject_lora(base, cfg)
-    drops = [m for m in base.unet.modules() if isinstance(m, ImageDropout)]
-    lora = [m for m in base.unet.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    drops = [m for m in base.denoiser.modules() if isinstance(m, ImageDropout)]
+    lora = [m for m in base.denoiser.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert drops and len(drops) == len(lora) and all(d.p == 0.1 for d in drops)
     te = [m for m in base.text_encoders["lora_te"].modules() if isinstance(m, ImageDropout)]
     assert te and not {d.layer for d in te} & {d.layer for d in drops}, "the text encoder's too, keyed apart"

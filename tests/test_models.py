@@ -91,7 +91,7 @@ def copy_configs(model_dir: Path, dest: Path) -> Path:
 
 
 def assert_same_weights(a: BaseModel, b: BaseModel) -> None:
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("denoiser", "vae", "text_encoder"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert sa.keys() == sb.keys(), name
         for key in sa:
@@ -107,7 +107,7 @@ def tiny_base(tiny_model_dir) -> BaseModel:
 
 @pytest.fixture(scope="module")
 def tiny_original(tiny_base) -> dict[str, torch.Tensor]:
-    return to_original_layout(tiny_base.unet, tiny_base.vae, tiny_base.text_encoder)
+    return to_original_layout(tiny_base.denoiser, tiny_base.vae, tiny_base.text_encoder)
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_loads_a_diffusers_folder(tiny_base, tiny_model_dir):
 
     assert tiny_base.family.name == "sd1" and tiny_base.family is get_family("sd1")
     assert tiny_base.source == str(tiny_model_dir.resolve())
-    assert isinstance(tiny_base.unet, UNet2DConditionModel) and isinstance(tiny_base.vae, AutoencoderKL)
+    assert isinstance(tiny_base.denoiser, UNet2DConditionModel) and isinstance(tiny_base.vae, AutoencoderKL)
     assert isinstance(tiny_base.text_encoder, CLIPTextModel) and isinstance(tiny_base.tokenizer, CLIPTokenizer)
     assert isinstance(tiny_base.noise_scheduler, DDPMScheduler)
     assert tiny_base.noise_scheduler.config.beta_start == 0.00085
@@ -138,7 +138,7 @@ def test_loads_a_diffusers_folder(tiny_base, tiny_model_dir):
 
 
 def test_base_weights_are_frozen(tiny_base):
-    for module in (tiny_base.unet, tiny_base.vae, tiny_base.text_encoder):
+    for module in (tiny_base.denoiser, tiny_base.vae, tiny_base.text_encoder):
         assert not any(p.requires_grad for p in module.parameters())
     assert not tiny_base.vae.training and not tiny_base.text_encoder.training
 
@@ -158,7 +158,7 @@ def test_tokenize_pads_and_truncates_to_77(tiny_base):
 
 def test_encode_text_gives_the_unets_conditioning(tiny_base):
     hidden = tiny_base.encode_text(["a red circle", "a blue star"])["encoder_hidden_states"]
-    assert hidden.shape == (2, 77, tiny_base.unet.config.cross_attention_dim)
+    assert hidden.shape == (2, 77, tiny_base.denoiser.config.cross_attention_dim)
     ids = tokenize(tiny_base, ["a red circle", "a blue star"])
     assert torch.equal(hidden, tiny_base.text_encoder(ids).last_hidden_state)
     assert not torch.equal(hidden[0], hidden[1])
@@ -168,7 +168,7 @@ def test_pipeline_shares_the_modules_and_samples(tiny_base):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     pipe = tiny_base.pipeline()
-    assert pipe.unet is tiny_base.unet and pipe.vae is tiny_base.vae
+    assert pipe.unet is tiny_base.denoiser and pipe.vae is tiny_base.vae
     assert pipe.text_encoder is tiny_base.text_encoder and pipe.tokenizer is tiny_base.tokenizer
     assert pipe.safety_checker is None and pipe._progress_bar_config == {"disable": True}
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
@@ -184,9 +184,9 @@ def test_pipeline_shares_the_modules_and_samples(tiny_base):
 
 
 def test_fp16_and_bf16_load(tiny_model_dir):
-    assert load_base_model(str(tiny_model_dir), dtype=torch.float16).unet.dtype == torch.float16
+    assert load_base_model(str(tiny_model_dir), dtype=torch.float16).denoiser.dtype == torch.float16
     bf16 = load_base_model(str(tiny_model_dir), dtype="bf16")
-    assert {bf16.unet.dtype, bf16.vae.dtype, bf16.text_encoder.dtype} == {torch.bfloat16}
+    assert {bf16.denoiser.dtype, bf16.vae.dtype, bf16.text_encoder.dtype} == {torch.bfloat16}
     with pytest.raises(ModelLoadError, match="fp32, fp16, bf16"):
         load_base_model(str(tiny_model_dir), dtype="int8")
 
@@ -201,7 +201,7 @@ def test_a_folder_with_only_pickle_weights_needs_trust(tmp_path, tiny_model_dir,
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.unlink()
-    torch.save(tiny_base.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    torch.save(tiny_base.denoiser.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=r"unet.*pickle.*model\.trust_pickle=true"):
         load_base_model(str(folder))
     assert_same_weights(load_base_model(str(folder), trust_pickle=True), tiny_base)
@@ -227,7 +227,7 @@ def test_single_file_round_trip_with_sidecar_configs(tmp_path, tiny_file, tiny_b
     loaded = load_base_model(str(tiny_file), **kwargs)
     assert loaded.family.name == "sd1" and loaded.source == str(tiny_file)
     assert_same_weights(loaded, tiny_base)
-    assert not any(p.requires_grad for p in loaded.unet.parameters()) and not loaded.vae.training
+    assert not any(p.requires_grad for p in loaded.denoiser.parameters()) and not loaded.vae.training
     assert torch.equal(tokenize(loaded, ["a red circle"]), tokenize(tiny_base, ["a red circle"]))
     assert torch.equal(loaded.encode_text("a red circle")["encoder_hidden_states"],
                        tiny_base.encode_text("a red circle")["encoder_hidden_states"])
@@ -235,7 +235,7 @@ def test_single_file_round_trip_with_sidecar_configs(tmp_path, tiny_file, tiny_b
 
 def test_single_file_loads_in_bf16(tiny_file):
     loaded = load_base_model(str(tiny_file), dtype="bf16")
-    assert {loaded.unet.dtype, loaded.vae.dtype, loaded.text_encoder.dtype} == {torch.bfloat16}
+    assert {loaded.denoiser.dtype, loaded.vae.dtype, loaded.text_encoder.dtype} == {torch.bfloat16}
 
 
 def test_single_file_that_is_not_sd15_size_asks_for_a_sidecar(tmp_path, tiny_file):
@@ -308,7 +308,7 @@ def test_sd15_size_single_file_loads_with_the_shipped_configs(no_network):
     assert len(state) == 686 + 248 + 196  # UNet, VAE and text-encoder tensors of an SD1.5 checkpoint
     parts = get_family("sd1").load_single_file(state, source=Path("sd15.safetensors"), config_dir=None,
                                                dtype=torch.float16)
-    assert parts["unet"].dtype == torch.float16 and parts["unet"].config.cross_attention_dim == 768
+    assert parts["denoiser"].dtype == torch.float16 and parts["denoiser"].config.cross_attention_dim == 768
     assert parts["noise_scheduler"].config.prediction_type == "epsilon"
     assert no_network == []
 

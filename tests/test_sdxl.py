@@ -149,7 +149,7 @@ def test_diffusers_loads_the_kohya_file_with_every_key_and_the_same_outputs(sdxl
     base = load_base_model(str(tiny_sdxl_dir))
     blender = FusedBlender.of(base)
     blender.add("xl", load_adapter(sdxl_run / "xl.safetensors"), 1.0)
-    ours = outputs_of(base.unet, base.text_encoders["lora_te1"], base.text_encoders["lora_te2"],
+    ours = outputs_of(base.denoiser, base.text_encoders["lora_te1"], base.text_encoders["lora_te2"],
                       base.tokenizers["lora_te1"], base.tokenizers["lora_te2"])
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
     plain = outputs_of(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2)
@@ -264,7 +264,7 @@ def meta_base(family_name: str, config_dir: Path | None = None, prediction: str 
     vae_config = AutoencoderKL.load_config(str(config_dir), subfolder="vae")
     vae = empty_models({"vae": lambda: AutoencoderKL.from_config(vae_config)})["vae"]
     scheduler = SimpleNamespace(config={"prediction_type": prediction})
-    return SimpleNamespace(family=family, unet=unet, vae=vae, text_encoders=encoders,
+    return SimpleNamespace(family=family, denoiser=unet, vae=vae, text_encoders=encoders,
                            text_encoder=next(iter(encoders.values())), noise_scheduler=scheduler,
                            prediction_type=lambda: prediction)
 
@@ -276,7 +276,7 @@ def test_a_real_size_sdxl_single_file_layout_loads_with_the_shipped_configs(no_n
     assert "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight" in state
     assert "model.diffusion_model.label_emb.0.0.weight" in state
     parts = family.load_single_file(state, source=Path("sdxl.safetensors"), config_dir=None, dtype=torch.float16)
-    assert parts["unet"].config.cross_attention_dim == 2048 and set(parts["text_encoders"]) == {"lora_te1",
+    assert parts["denoiser"].config.cross_attention_dim == 2048 and set(parts["text_encoders"]) == {"lora_te1",
                                                                                                  "lora_te2"}
     assert parts["noise_scheduler"].config.prediction_type == "epsilon" and no_network == []
 
@@ -296,10 +296,10 @@ def test_sd2_single_files_are_768_v_unless_they_say_512_base():
     state = family.original_checkpoint(meta_base("sd2"))
     assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in state
     v = family.load_single_file(state, source=Path("v2-1_768.safetensors"), config_dir=None, dtype=torch.float16)
-    assert v["noise_scheduler"].config.prediction_type == "v_prediction" and v["unet"].config.sample_size == 96
+    assert v["noise_scheduler"].config.prediction_type == "v_prediction" and v["denoiser"].config.sample_size == 96
     state["global_step"] = torch.tensor(875000)
     base = family.load_single_file(state, source=Path("512-base.safetensors"), config_dir=None, dtype=torch.float16)
-    assert base["noise_scheduler"].config.prediction_type == "epsilon" and base["unet"].config.sample_size == 64
+    assert base["noise_scheduler"].config.prediction_type == "epsilon" and base["denoiser"].config.sample_size == 64
     forced = family.load_single_file(state, source=Path("x.safetensors"), config_dir=None, dtype=torch.float16,
                                      prediction="v_prediction")  # what a '<stem>.yaml' with parameterization v says
     assert forced["noise_scheduler"].config.prediction_type == "v_prediction"
@@ -323,10 +323,10 @@ def test_tiny_sdxl_bakes_to_a_single_file_that_both_loaders_read_back(tiny_sdxl_
     assert ours.family.name == "sdxl"
     theirs = StableDiffusionXLPipeline.from_single_file(str(file), config=str(tiny_sdxl_dir),
                                                         local_files_only=True)
-    for name, module in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoders["lora_te1"]),
+    for name, module in (("unet", base.denoiser), ("vae", base.vae), ("text_encoder", base.text_encoders["lora_te1"]),
                          ("text_encoder_2", base.text_encoders["lora_te2"])):
         original = module.state_dict()
-        reread = (ours.unet if name == "unet" else ours.vae if name == "vae" else
+        reread = (ours.denoiser if name == "unet" else ours.vae if name == "vae" else
                   ours.text_encoders["lora_te1" if name == "text_encoder" else "lora_te2"]).state_dict()
         assert_same_weights(reread, original, f"ours: {name}")
         assert_same_weights({k: v for k, v in getattr(theirs, name).state_dict().items() if k in original},

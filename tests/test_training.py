@@ -62,7 +62,7 @@ def test_lora_at_init_is_a_no_op():
     C.apply_overrides(cfg, ["network.unet_targets=['attention', 'feed_forward', 'projections']",
                             "network.text_encoder_targets=['attention', 'mlp']"])
     from trainer.models import get_family
-    params = inject_lora(SimpleNamespace(unet=unet, text_encoders={"lora_te": te}, family=get_family("sd1")), cfg)
+    params = inject_lora(SimpleNamespace(denoiser=unet, text_encoders={"lora_te": te}, family=get_family("sd1")), cfg)
     assert len(params.unet) > 0 and len(params.text_encoders["text_encoder"]) > 0
     assert all(p.abs().sum() > 0 for n, p in params.unet.items() if "lora_A" in n), "A starts random"
     assert all(p.abs().sum() == 0 for n, p in params.unet.items() if "lora_B" in n), "B starts at zero"
@@ -205,18 +205,20 @@ def test_each_image_trains_the_same_way_in_any_batch():
     from diffusers import DDPMScheduler
 
     from trainer.losses import diffusion_loss, loss_weights
+    from trainer.models.noise import DdpmNoise
     base = SimpleNamespace(noise_scheduler=DDPMScheduler(), predict=lambda noisy, t, hidden: 0.5 * noisy)
     cfg, latents = C.TrainConfig(), torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     C.set_value(cfg, "loss.noise_offset", 0.1)
     C.set_value(cfg, "loss.min_snr_gamma", 5.0)
+    process = DdpmNoise(base.noise_scheduler, "epsilon", cfg.loss)
 
     def gens(*seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
-    together = diffusion_loss(base, latents, None, gens(1, 2, 3), cfg, "epsilon")
-    alone = torch.cat([diffusion_loss(base, latents[i:i + 1], None, gens(s), cfg, "epsilon")
+    together = diffusion_loss(base, latents, None, gens(1, 2, 3), process)
+    alone = torch.cat([diffusion_loss(base, latents[i:i + 1], None, gens(s), process)
                        for i, s in enumerate((1, 2, 3))])
     assert together.shape == (3,) and torch.equal(together, alone)
-    assert not torch.equal(together, diffusion_loss(base, latents, None, gens(2, 1, 3), cfg, "epsilon"))
+    assert not torch.equal(together, diffusion_loss(base, latents, None, gens(2, 1, 3), process))
     items = [SimpleNamespace(regularization=r) for r in (False, True)]
     assert loss_weights(items, 0.5).tolist() == [1.0, 0.5]
 
@@ -267,7 +269,7 @@ def test_latents_and_text_are_cached_when_nothing_random_needs_fresh_pixels(tiny
     assert trainer.latent_cache is not None and trainer.latent_cache.hits >= 8 and trainer.latent_cache.misses == 4
     assert len(list((image_dir / ".loradesk-cache").rglob("*.safetensors"))) == 4, "one disk entry per image"
     assert len(trainer.text_cache) == 1, "one caption, encoded once"
-    assert trainer.base.unet.is_gradient_checkpointing
+    assert trainer.base.denoiser.is_gradient_checkpointing
 
     C.set_value(cfg, "dataset.flip", True)  # random flips need fresh pixels: no latent cache
     trainer = Trainer(cfg, runs.create_run_dir(cfg))

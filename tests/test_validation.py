@@ -212,9 +212,9 @@ def test_samples_are_rendered_from_the_exported_file(tiny_model_dir, image_dir, 
         for name, p in trainer.params.named().items():
             p.copy_(torch.randn(p.shape, generator=g) * 2.0 ** (-20 if "lora_A" in name else 13))
     path = trainer.export_final()
-    weights = {k: v.clone() for k, v in trainer.base.unet.state_dict().items()}
+    weights = {k: v.clone() for k, v in trainer.base.denoiser.state_dict().items()}
     ours = {kind: trainer.sample_images(output_type=kind) for kind in ("np", "latent")}
-    assert all(torch.equal(v, trainer.base.unet.state_dict()[k]) for k, v in weights.items()), \
+    assert all(torch.equal(v, trainer.base.denoiser.state_dict()[k]) for k, v in weights.items()), \
         "sampling restores every weight, the live LoRA included, bit for bit"
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None,

@@ -186,7 +186,8 @@ class Trainer:
         self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train
         self._place_modules(device)
         self.train_model = self._data_parallel()
-        self.prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else self.base.prediction_type()
+        self.noise = self.base.family.noise_process(self.base, cfg)  # draws, targets, weights: the family's
+        self.prediction = self.noise.prediction
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
         cache_dir = cache_folder(cfg.dataset) if cfg.dataset.cache_latents == "disk" else None
         self.latent_cache = LatentCache(cfg.dataset.cache_latents, cache_dir,
@@ -203,7 +204,7 @@ class Trainer:
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
+            base.denoiser.enable_gradient_checkpointing()
             for prefix in self.trained_encoders:
                 base.text_encoders[prefix].gradient_checkpointing_enable()
         self._train_mode()
@@ -213,15 +214,15 @@ class Trainer:
         forward goes through accelerate's DistributedDataParallel wrapper."""
         if self.world == 1 or not self.params.unet:  # text-encoder-only LoRA: their gradients are averaged by hand
             return self.base
-        unet = self.base.unet
+        unet = self.base.denoiser
         self.ddp_unet = self.accelerator.prepare_model(unet)
         if "_original_forward" in vars(unet):  # accelerate wrapped the UNet's own forward in autocast: undo it, or
             unet.forward = unet._original_forward  # validation and samples (which call it) would differ by world
             del unet._original_forward
-        return dataclasses.replace(self.base, unet=DataParallelUNet(self.ddp_unet))
+        return dataclasses.replace(self.base, denoiser=DataParallelUNet(self.ddp_unet))
 
     def _train_mode(self) -> None:
-        self.base.unet.train()
+        self.base.denoiser.train()
         for prefix, encoder in self.base.text_encoders.items():
             encoder.train(prefix in self.trained_encoders)
 
@@ -283,7 +284,7 @@ class Trainer:
                 latents, cond, weights, gens, count = self.micro_batch(batch_index, mine)
                 self.step_images += count
                 with self.accelerator.autocast():
-                    losses = diffusion_loss(self.train_model, latents, cond, gens, cfg, self.prediction)
+                    losses = diffusion_loss(self.train_model, latents, cond, gens, self.noise)
                     loss = (losses * weights.to(losses.device)).sum() / count
                 self.accelerator.backward(loss * self.world / len(batches))
             total += loss.detach() / len(batches)
@@ -512,7 +513,7 @@ class Trainer:
         cfg, base = self.cfg, self.base
         exported = as_saved(base.injected_adapter(), cfg.saving.dtype)
         pipe = base.pipeline()
-        modules = (base.unet, *base.text_encoders.values())
+        modules = (base.denoiser, *base.text_encoders.values())
         for module in modules:
             module.eval()
         try:

@@ -100,11 +100,11 @@ def text_encoder_problems(family, cfg: C.TrainConfig) -> list[str]:
 
 
 def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
-    """Add a LoRA adapter named 'default' to base.unet and to each text encoder that trains."""
+    """Add a LoRA adapter named 'default' to base.denoiser and to each text encoder that trains."""
     family = base.family
     unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
-    unet = _inject(base.unet, cfg, unet_targets, "UNet", "unet_targets") if unet_targets else {}
-    per_image_dropout(base.unet, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process
+    unet = _inject(base.denoiser, cfg, unet_targets, "UNet", "unet_targets") if unet_targets else {}
+    per_image_dropout(base.denoiser, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process
     params = LoraParams(unet=unet, lrs={"unet": cfg.optimizer.unet_lr})
     te_targets = C.expand_targets(cfg.network.text_encoder_targets, family.text_encoder_groups)
     specs = {spec.prefix: spec for spec in family.text_encoder_specs}

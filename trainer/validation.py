@@ -15,6 +15,7 @@ import torch
 from . import config as C
 from .seeds import VALIDATION, mix
 from .data import DatasetError, with_trigger
+from .models.noise import fixed_timesteps  # noqa: F401  (the DDPM points; tests and callers read it here)
 
 
 def split_validation(scan, cfg: C.TrainConfig):
@@ -37,19 +38,15 @@ def split_validation(scan, cfg: C.TrainConfig):
     return dataclasses.replace(scan, items=train), [scan.items[i] for i in sorted(held)]
 
 
-def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
-    """`count` evenly spaced timesteps inside (0, T): 4 of 1000 -> 200, 400, 600, 800."""
-    return [round(num_train_timesteps * (k + 1) / (count + 1)) for k in range(count)]
-
-
 class Validator:
     """The validation loss of a Trainer's adapter on fixed items. Latents are drawn once (fixed noise from the
     seed); the conditioning is kept unless a text encoder trains (then it moves with the adapter)."""
 
     def __init__(self, trainer, items: list):
         self.trainer, self.items = trainer, items
-        sched = trainer.base.noise_scheduler
-        self.timesteps = fixed_timesteps(sched.config.num_train_timesteps, trainer.cfg.validation.timesteps)
+        # (key, point): the family's noise process says where (DDPM: timesteps 200/400/600/800 of 1000; flow:
+        # sigmas (k+1)/(count+1)); the key names the point in the events and seeds its fixed noise
+        self.points = trainer.noise.validation_points(trainer.cfg.validation.timesteps)
         self._inputs: list[tuple] | None = None
 
     def _prepare(self) -> list[tuple]:
@@ -77,20 +74,20 @@ class Validator:
         t, cfg = self.trainer, self.trainer.cfg
         if self._inputs is None:
             self._inputs = self._prepare()
-        modules = [t.base.unet, *t.base.text_encoders.values()]
+        modules = [t.base.denoiser, *t.base.text_encoders.values()]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
             per_t = {}
-            for timestep in self.timesteps:
+            for key, point in self.points:
                 terms = []
                 for n, (latents, size, caption) in enumerate(self._inputs):
                     cond = t.base.conditioning(t.encode_captions([caption]), [size])
-                    gen = torch.Generator().manual_seed(mix(VALIDATION, cfg.run.seed, n, 3, timestep))
+                    gen = torch.Generator().manual_seed(mix(VALIDATION, cfg.run.seed, n, 3, key))
                     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-                    terms.append(fixed_noise_loss(t.base, latents, cond, noise, timestep, t.prediction))
-                per_t[str(timestep)] = sum(terms) / len(terms)
+                    terms.append(fixed_noise_loss(t.base, latents, cond, noise, point, t.noise))
+                per_t[str(key)] = sum(terms) / len(terms)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)

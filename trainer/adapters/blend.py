@@ -48,7 +48,7 @@ class FusedBlender:
     @classmethod
     def of(cls, base, keep_on: str | torch.device | None = None) -> "FusedBlender":
         """A blender over a loaded BaseModel, with its family's names."""
-        return cls(base.unet, base.text_encoders, base.kohya_unet_path, base.family, keep_on)
+        return cls(base.denoiser, base.text_encoders, base.kohya_unet_path, base.family, keep_on)
 
     # ---- public API ------------------------------------------------------------------------------------------
 

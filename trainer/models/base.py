@@ -12,7 +12,7 @@ from .family import Family, SizeInfo
 @dataclass
 class BaseModel:
     family: Family
-    unet: torch.nn.Module  # diffusers UNet2DConditionModel
+    denoiser: torch.nn.Module  # the family's denoiser: diffusers UNet2DConditionModel for SD 1.x/2.x/SDXL
     vae: torch.nn.Module  # diffusers AutoencoderKL
     text_encoder: torch.nn.Module  # the first text encoder (transformers CLIPTextModel)
     tokenizer: object  # its tokenizer
@@ -30,11 +30,11 @@ class BaseModel:
         return self.family.encode_text(self, [captions] if isinstance(captions, str) else list(captions))
 
     def conditioning(self, text: dict[str, torch.Tensor], sizes: list[SizeInfo]) -> dict[str, torch.Tensor]:
-        """What the UNet takes for a batch: the text conditioning plus, for SDXL, the size and crop ids."""
+        """What the denoiser takes for a batch: the text conditioning plus, for SDXL, the size and crop ids."""
         return self.family.conditioning(self, text, sizes)
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        """The UNet's prediction for noisy latents under `conditioning` (what conditioning() returned)."""
+        """The denoiser's prediction for noisy latents under `conditioning` (what conditioning() returned)."""
         return self.family.predict(self, noisy_latents, timesteps, conditioning)
 
     def pipeline(self, scheduler=None):
@@ -48,17 +48,17 @@ class BaseModel:
     # ---- facts ---------------------------------------------------------------------------------------------------
     def kohya_unet_path(self, path: str) -> str:
         """A UNet module path as kohya names it in this family's files."""
-        return self.family.kohya_unet_path(path, self.unet.config)
+        return self.family.kohya_unet_path(path, self.denoiser.config)
 
     def module_index(self):
         """kohya name -> (prefix, module path, layer) of every adaptable layer (trainer.formats.module_index)."""
         from trainer.formats import module_index
-        return module_index(self.unet, self.text_encoders, self.kohya_unet_path)
+        return module_index(self.denoiser, self.text_encoders, self.kohya_unet_path)
 
     def injected_adapter(self):
         """The LoRA injected into this model (trainer.network), as an Adapter keyed by this family's kohya names."""
         from trainer.formats import adapter_from_model
-        return adapter_from_model(self.unet, self.text_encoders, unet_path=self.kohya_unet_path)
+        return adapter_from_model(self.denoiser, self.text_encoders, unet_path=self.kohya_unet_path)
 
     def metadata(self) -> dict[str, str]:
         """The family's ss_*/modelspec values for adapters trained on this model."""
@@ -68,7 +68,7 @@ class BaseModel:
     def native_resolution(self) -> int:
         """The image side the model was trained at (512 for SD 1.5, 1024 for SDXL, the tiny model's own)."""
         from .info import native_size
-        return native_size(self.unet.config, self.vae.config)
+        return native_size(self.denoiser.config, self.vae.config)
 
     def prediction_type(self) -> str:
         """"epsilon" or "v_prediction", as the model's scheduler config says."""
@@ -76,15 +76,15 @@ class BaseModel:
 
     @property
     def components(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, *self.text_encoders.values()]
+        return [self.denoiser, self.vae, *self.text_encoders.values()]
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.frozen_dtype("unet")
+        return self.frozen_dtype("denoiser")
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -92,7 +92,7 @@ class BaseModel:
         return self.frozen_dtype("vae")
 
     def frozen_dtype(self, component: str) -> torch.dtype:
-        """The dtype of a frozen component's weights ("unet", "vae"), read once: diffusers' ModelMixin.dtype walks
+        """The dtype of a frozen component's weights ("denoiser", "vae"), read once: diffusers' ModelMixin.dtype walks
         every submodule on each read (3% of a CPU training step, where the UNet and the VAE read it), and frozen
         weights keep their dtype from load on. Whoever casts them afterwards says so with place()."""
         if component not in self._dtypes:

@@ -1,11 +1,11 @@
 """The model-family seam: everything that differs between SD 1.x, SD 2.x and SDXL, behind one interface.
 
 A `Family` owns its text encoders (an ordered mapping from kohya prefix to module), how captions and image sizes
-become the UNet's conditioning, its LoRA target groups, its kohya names (from the model's modules and the original
-checkpoint layout), its native size, prediction type and noise schedule, its metadata values, its sample pipeline,
-and loading from a diffusers folder or an original single file and baking back to one. Nothing outside
-`trainer/models/` branches on a family name: the loop, the dataset, the formats, the adapter toolkit and the app
-ask the base model's family (`BaseModel.family`) instead.
+become the denoiser's conditioning, its LoRA target groups, its kohya names (from the model's modules and the
+original checkpoint layout), its native size, prediction type and noise process (noise.py), its metadata values,
+its sample pipeline, and loading from a diffusers folder or an original single file and baking back to one.
+Nothing outside `trainer/models/` branches on a family name: the loop, the dataset, the formats, the adapter
+toolkit and the app ask the base model's family (`BaseModel.family`) instead.
 """
 from __future__ import annotations
 
@@ -93,7 +93,15 @@ class Family:
 
     def predict(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         dtype = base.dtype  # read once at load (BaseModel.frozen_dtype), not a walk of the UNet each step
-        return base.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype)).sample
+        return base.denoiser(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype)).sample
+
+    def noise_process(self, base, cfg):
+        """How training and validation noise this family's latents (trainer.models.noise): discrete-time DDPM
+        through the model's scheduler, predicting what loss.prediction says ('auto': the scheduler config's).
+        A rectified-flow family (SD3, FLUX) returns a FlowNoise(cfg.loss) instead."""
+        from .noise import DdpmNoise
+        prediction = cfg.loss.prediction if cfg.loss.prediction != "auto" else base.prediction_type()
+        return DdpmNoise(base.noise_scheduler, prediction, cfg.loss)
 
     # ---- names, sizes, metadata, sampling, baking ------------------------------------------------------------------
     def kohya_unet_path(self, path: str, unet_config) -> str:

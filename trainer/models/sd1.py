@@ -90,7 +90,7 @@ class SD1(Family):
         tokenizers = {spec.prefix: tokenizer(config_dir, spec.component.replace("text_encoder", "tokenizer"),
                                              self.pad_token_of(spec)) for spec in self.text_encoder_specs}
         first = self.text_encoder_specs[0]
-        return {"unet": models["unet"], "vae": models["vae"], "text_encoder": models[first.component],
+        return {"denoiser": models["unet"], "vae": models["vae"], "text_encoder": models[first.component],
                 "tokenizer": tokenizers[first.prefix], "tokenizers": tokenizers,
                 "noise_scheduler": noise_scheduler(config_dir, scheduler_overrides),
                 "text_encoders": text_encoder_modules(models, self.text_encoder_specs)}
@@ -118,7 +118,7 @@ class SD1(Family):
     def pipeline(self, base, scheduler=None):
         from diffusers import StableDiffusionPipeline
         pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.denoiser,
             scheduler=inference_scheduler(scheduler, base.noise_scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
@@ -126,7 +126,7 @@ class SD1(Family):
 
     def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
         from trainer.adapters.original_layout import original_checkpoint
-        return original_checkpoint(base.unet, base.vae, base.text_encoder)
+        return original_checkpoint(base.denoiser, base.vae, base.text_encoder)
 
     def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
         return DEFAULT_CONFIG_DIR

@@ -57,7 +57,7 @@ class SD2(SD1):
 
     def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
         from trainer.adapters.original_layout import open_clip_to_original, unet_vae_to_original
-        out = unet_vae_to_original(base.unet, base.vae)
+        out = unet_vae_to_original(base.denoiser, base.vae)
         out.update({OPEN_CLIP_KEY + k: v for k, v in open_clip_to_original(base.text_encoder).items()})
         return out
 

@@ -111,7 +111,7 @@ class SDXL(SD1):
     def predict(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         dtype = base.dtype  # read once (BaseModel.frozen_dtype)
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
-        return base.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
+        return base.denoiser(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
                          added_cond_kwargs=added).sample
 
     # ---- names, metadata, sampling, baking -------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class SDXL(SD1):
         from diffusers import StableDiffusionXLPipeline
         pipe = StableDiffusionXLPipeline(
             vae=base.vae, text_encoder=base.text_encoders["lora_te1"], text_encoder_2=base.text_encoders["lora_te2"],
-            tokenizer=base.tokenizers["lora_te1"], tokenizer_2=base.tokenizers["lora_te2"], unet=base.unet,
+            tokenizer=base.tokenizers["lora_te1"], tokenizer_2=base.tokenizers["lora_te2"], unet=base.denoiser,
             scheduler=inference_scheduler(scheduler, base.noise_scheduler.config), force_zeros_for_empty_prompt=True,
             add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
@@ -139,7 +139,7 @@ class SDXL(SD1):
         import torch
         from trainer.adapters.original_layout import open_clip_to_original, text_encoder_to_original, \
             unet_vae_to_original
-        out = unet_vae_to_original(base.unet, base.vae)
+        out = unet_vae_to_original(base.denoiser, base.vae)
         te1, te2 = base.text_encoders["lora_te1"], base.text_encoders["lora_te2"]
         out.update({CLIP_KEY + k: v for k, v in text_encoder_to_original(te1.state_dict()).items()
                     if not k.endswith("position_ids")})
