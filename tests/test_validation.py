@@ -14,7 +14,8 @@ from trainer import runs
 from trainer.__main__ import main
 from trainer.data import BatchPlan, scan_dataset
 from trainer.events import Progress, Validation, read_events
-from trainer.validation import fixed_timesteps, split_validation
+from trainer.models.noise import fixed_timesteps
+from trainer.validation import split_validation
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,6 @@ import torch
 from . import config as C
 from .seeds import VALIDATION, mix
 from .data import DatasetError, with_trigger
-from .models.noise import fixed_timesteps  # noqa: F401  (the DDPM points; tests and callers read it here)
 
 
 def split_validation(scan, cfg: C.TrainConfig):
