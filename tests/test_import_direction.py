@@ -99,8 +99,16 @@ def module_graph(package_root: Path, package: str) -> dict[str, set[str]]:
                 deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in paths else target for a in node.names}
             elif isinstance(node, ast.Import):
                 deps |= {alias.name for alias in node.names}
+        # importing pkg.sub.mod runs pkg.sub's __init__ first: the importer depends on each package above the module
+        # (but its own packages, already being imported)
+        deps |= {parent for d in deps for parent in _parents(d) if parent in paths and not name.startswith(parent)}
         graph[name] = {d for d in deps if d.split(".")[0] == package and d != name}
     return graph
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(2, len(parts))]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -134,6 +142,17 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"app.a": {"app.b"}, "app.b": {"app.a"}}) == ["app.a", "app.b", "app.a"]
+
+
+def test_the_graph_counts_a_package_init_that_a_submodule_import_runs(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import a\n")
+    (pkg / "sub" / "a.py").write_text("def f():\n    from pkg import b\n")
+    (pkg / "sub" / "c.py").write_text("")
+    (pkg / "b.py").write_text("from pkg.sub.c import x\n")  # runs pkg/sub/__init__, which imports a
+    assert find_cycle(module_graph(pkg, "pkg")) is not None
 
 
 def test_the_graph_counts_imports_inside_functions(tmp_path):

@@ -262,11 +262,10 @@ def _wait_for_last_event(run_dir: Path, before: int, quiet_s: float = 60.0) -> N
 
 
 def _outcome(run_dir: Path, errors: str, code: int, before: int, aborted: bool) -> int:
-    """0 done, 1 failed, job.INTERRUPTED aborted. An abort (the second Ctrl+C) leaves the run stopped where it was,
+    """0 done, 1 failed, INTERRUPTED aborted. An abort (the second Ctrl+C) leaves the run stopped where it was,
     as one process's does, unless the run had ended anyway or a process had failed before it (torchrun names it):
     then that is what the user must hear."""
-    from .events import EventLog, Failed, Finished, read_events
-    from .events import INTERRUPTED
+    from .events import INTERRUPTED, EventLog, Failed, Finished, read_events
     events = read_events(Path(run_dir) / "events.jsonl")[before:]
     if code == 0 or any(isinstance(e, Finished) for e in events):
         return 0

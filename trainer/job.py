@@ -307,8 +307,6 @@ def _train(trainer, resume: bool) -> int:
     return 0 if path is not None or trainer.stopped_untrained else 1
 
 
-
-
 class Aborted(BaseException):
     """A process of a multi-process run told to end now (not an Exception: nothing on the way may catch it)."""
 

@@ -1,0 +1,16 @@
+"""export_adapter: any readable LoRA re-written in our kohya or diffusers layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .read import load_adapter
+from .write import save_adapter
+
+
+def export_adapter(source, out_path, format: str = "kohya", dtype: str = "fp16", index: dict | None = None) -> Path:
+    """Re-write any readable LoRA (a file, a checkpoint or a run folder) in our kohya or diffusers layout, metadata
+    carried over. A run's adapter is written with the module names of the run's own base model."""
+    from trainer.runs import run_model_index
+    if index is None and format == "diffusers":
+        index = run_model_index(source)
+    return save_adapter(load_adapter(source), out_path, format=format, dtype=dtype, index=index)
