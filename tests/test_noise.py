@@ -224,3 +224,19 @@ def test_the_loop_and_validation_ask_the_familys_process(tiny_model_dir, image_d
     validation = [e for e in events if isinstance(e, Validation)]
     assert validation and set(validation[-1].per_timestep) == {"200", "400", "600", "800"}
     assert all(math.isfinite(v) for v in validation[-1].per_timestep.values())
+
+
+def test_a_drawn_noise_level_is_never_zero():
+    """torch.rand can give exactly 0, and mode sampling near u = 1 gives levels ~0: sigma_sqrt would weigh them
+    1/sigma^2 (infinite); the draw stays within the scheduler's levels [1/1000, 1]."""
+    from types import SimpleNamespace
+    from trainer.models.noise import FlowNoise, MIN_SIGMA
+    cfg = SimpleNamespace(timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                          flow_shift=1.0, flow_weighting="sigma_sqrt")
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda *a, **k: torch.zeros(1)
+        draw = FlowNoise(cfg).draw(torch.zeros(1, 4, 2, 2), [torch.Generator().manual_seed(0)])
+    finally:
+        torch.rand = real_rand
+    assert draw.timesteps.item() == MIN_SIGMA * 1000 and torch.isfinite(draw.weights[0]).all()

@@ -184,16 +184,19 @@ class LossSection:
                                  "level is drawn. logit_normal (the SD3 paper's default) favours the middle levels; "
                                  "uniform weighs all alike; mode is a heavier middle shaped by mode_scale.",
                                  choices=["logit_normal", "uniform", "mode"])
-    logit_mean: float = opt(0.0, "Flow-matching models only: the mean of logit(sigma) for logit_normal sampling; "
-                                 "above 0 trains more at high noise (composition), below 0 at low noise (detail).")
+    logit_mean: float = opt(0.0, "Flow-matching models only: the mean of logit(sigma) for logit_normal sampling, "
+                                 "sigma being the noise level (the SD3 paper's convention); above 0 trains more at "
+                                 "high noise (composition), below 0 at low noise (detail). diffusers' and "
+                                 "sd-scripts' scripts read the sign the other way round.", min=-5.0, max=5.0)
     logit_std: float = opt(1.0, "Flow-matching models only: the spread of logit(sigma) for logit_normal sampling; "
                                 "1.0 is the SD3 paper's.", min=0.01, max=10.0)
     mode_scale: float = opt(1.29, "Flow-matching models only: how strongly mode sampling favours the middle noise "
                                   "levels (1.29, the SD3 paper's; 0 = uniform; the paper's bounds -1 to 1.75 keep it a "
                                   "valid mapping).", min=-1.0, max=1.75)
     flow_shift: float = opt(1.0, "Flow-matching models only: shifts the drawn noise levels towards noise, "
-                                 "shift*s / (1 + (shift-1)*s); 1.0 = no shift, the usual for LoRA training (SD3's "
-                                 "inference uses 3.0; 3.0 here trains more at high noise).", min=0.01, max=100.0)
+                                 "shift*s / (1 + (shift-1)*s); 1.0 = no shift, sd-scripts' default for LoRA training "
+                                 "(diffusers' script trains at the scheduler's 3.0 for SD3, which is also SD3's "
+                                 "inference shift; 3.0 here trains more at high noise).", min=0.01, max=100.0)
     flow_weighting: str = opt("none", "Flow-matching models only: per-image loss weight by noise level. none (the "
                                       "usual with logit_normal); sigma_sqrt or cosmap (the SD3 paper's, as diffusers "
                                       "names them).", choices=["none", "sigma_sqrt", "cosmap"])

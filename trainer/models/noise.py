@@ -129,6 +129,8 @@ class DdpmNoise(NoiseProcess):
 # training_utils.compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3 define them, drawn here
 # from each image's own generator instead of one batch generator.
 FLOW_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler: timesteps = sigmas * num_train_timesteps (1000)
+MIN_SIGMA = 1 / FLOW_TIMESTEPS  # the scheduler's smallest level: a drawn 0 (torch.rand can give one) would weigh
+# sigma_sqrt's 1/sigma^2 infinitely, and mode sampling near u = 1 gives levels below any the model ever sees
 
 
 def sample_sigma(gen: torch.Generator, scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -181,7 +183,7 @@ class FlowNoise(NoiseProcess):
         for g in gens:
             noise.append(torch.randn(latents.shape[1:], generator=g))
             sigmas.append(sample_sigma(g, c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale))
-        sigmas = shift_sigmas(torch.cat(sigmas), c.flow_shift)
+        sigmas = shift_sigmas(torch.cat(sigmas), c.flow_shift).clamp(MIN_SIGMA, 1.0)
         draw = self._at(latents, torch.stack(noise).to(latents.device), sigmas)
         if c.flow_weighting != "none":
             draw.weights = (flow_weights(sigmas, c.flow_weighting).to(latents.device),)
