@@ -46,6 +46,8 @@ Files
 """
 from __future__ import annotations
 
+from .lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -98,12 +100,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
-    import importlib
-    module, _, attr = _EXPORTS[name].partition(":")
-    return getattr(importlib.import_module(f".{module}", __name__), attr or name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

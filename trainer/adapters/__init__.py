@@ -5,6 +5,8 @@ file format an adapter came from. Imports are lazy so `import trainer.adapters` 
 """
 from __future__ import annotations
 
+from trainer.lazy import lazy_getattr
+
 _EXPORTS = {
     "FusedBlender": "blend", "merge_exact": "merge", "merge_svd": "merge", "resize": "resize",
     "bake": "bake", "save_single_file": "bake", "save_diffusers": "bake", "fuse_into": "bake",
@@ -15,8 +17,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer.adapters' has no attribute {name!r}")
-    import importlib
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

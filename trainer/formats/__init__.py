@@ -4,6 +4,8 @@ Everything goes through `trainer.lora_state.Adapter` (layers keyed by kohya modu
 """
 from __future__ import annotations
 
+from trainer.lazy import lazy_getattr
+
 # Imported on first use (as trainer.models and trainer are): an eager import of every submodule here would run
 # whenever any one of them is imported (a package's __init__ runs first), and would close a circle through
 # formats.check -> models.meta -> formats.names.
@@ -20,8 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer.formats' has no attribute {name!r}")
-    import importlib
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

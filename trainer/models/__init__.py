@@ -7,6 +7,8 @@ Names are imported on first use, so `trainer.models.info` and `errors` stay free
 """
 from __future__ import annotations
 
+from trainer.lazy import lazy_getattr
+
 _EXPORTS = {
     "BaseModel": "base", "ModelLoadError": "errors", "SUPPORTED_FAMILIES": "load", "load_base_model": "load",
     "resolve_model_path": "info", "native_resolution": "info", "training_defaults": "info", "family_name": "info",
@@ -18,8 +20,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer.models' has no attribute {name!r}")
-    import importlib
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
