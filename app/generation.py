@@ -165,9 +165,9 @@ def compare_run(settings, run_dir: Path, progress=None):
     if not checkpoint_dirs(run_dir):  # before loading a model for nothing
         raise AppError(f"{Path(run_dir).name} has no checkpoint yet; compare its checkpoints after the first one.")
     model_path = load_run_config(run_dir).model.path
-    with _Rendering(settings, progress):  # the shared model cache is changed under the device lock only
-        gen = get_generator(model_path)
-    return compare_checkpoints(run_dir, generator=gen, progress=progress, hold=lambda: _Rendering(settings, progress))
+    # each stretch takes the cached Generator under the device lock; holding none between them, a generation on
+    # another model in between leaves one base model in memory
+    return compare_checkpoints(run_dir, progress=progress, hold=lambda: _Rendering(settings, progress, model_path))
 
 
 WAIT_S = 600.0  # a generation, or a compare's stretch, in another tab ends within minutes
@@ -189,13 +189,16 @@ class _Rendering:
     """The device for one stretch of a long job (a compare's prompt on one checkpoint): it waits for a generation
     that has the device, refuses while a training runs, and turns running out of memory into a message."""
 
-    def __init__(self, settings, progress=None):
-        self.settings, self.progress = settings, progress
+    def __init__(self, settings, progress=None, model_path: str | None = None):
+        self.settings, self.progress, self.model_path = settings, progress, model_path
 
     def __enter__(self):
+        """The cached Generator of model_path (None without one), taken under the lock: a generation on another
+        model between two stretches replaced it, and the next stretch must not keep the old one alive."""
         take_device(self.progress)
         try:
             _check_idle(self.settings)
+            return None if self.model_path is None else get_generator(self.model_path)
         except BaseException:
             free_device()
             raise

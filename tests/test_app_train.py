@@ -503,3 +503,27 @@ def test_a_generate_pressed_while_a_compare_renders_waits_its_turn(settings, tin
     G.compare_run(settings, run_dir, progress=progress)
     threads[0].join(600)
     assert len(results) == 1 and isinstance(results[0], list), results
+
+
+def test_a_compare_and_a_generate_on_another_model_keep_one_model_in_memory(settings, tiny_model_dir, image_dir):
+    """The review's case: a Generate on another base model between two stretches of a compare replaced the app's
+    cached model, while the compare went on with its own reference: two base models in (GPU) memory. Each stretch
+    now takes the cached Generator of its run's model under the device lock."""
+    import gc
+    from test_training import make_cfg, train
+    from app import generation as G
+    from trainer import Generator
+    cfg = make_cfg(tiny_model_dir, image_dir, settings.runs_dir.parent, **{
+        "schedule.max_steps": 2, "saving.every_n_steps": 1, "sampling.steps": 2, "sampling.prompts": ["zqx"]})
+    _, _, run_dir = train(cfg)
+    loaded_counts = []
+
+    def progress(share, text):
+        if text.startswith("checkpoint 2 of 2") and ": " not in text:  # between the two checkpoints' stretches
+            G.generate(settings, "", [], "a red square", steps=1, width=16, height=16)  # the built-in model
+        elif text.startswith("checkpoint 2 of 2") and not loaded_counts:  # the second stretch renders
+            gc.collect()
+            loaded_counts.append(sum(1 for o in gc.get_objects() if isinstance(o, Generator) and o.loaded))
+
+    G.compare_run(settings, run_dir, progress=progress)
+    assert loaded_counts == [1], f"base models in memory while the compare rendered again: {loaded_counts}"

@@ -22,7 +22,9 @@ def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, s
     Generator of the run's base model to reuse; `progress(fraction, text)` hears "checkpoint k of n" before each
     row and each denoising step within it. `hold()`: a context manager around each prompt's images, the only time
     the device works (the app's device lock: between them another job gets the device, and may change the
-    generator's adapters, so each stretch sets the checkpoint again; unchanged, that costs nothing)."""
+    generator's adapters, so each stretch sets the checkpoint again; unchanged, that costs nothing). What it
+    enters as, when not None, is the Generator that stretch uses: the app's cached one of the run's model, so a
+    generation on another model in between does not leave two base models in memory."""
     from .generate import Generator
     from .grid import image_grid
     run_dir = Path(run_dir)
@@ -32,7 +34,6 @@ def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, s
         raise UserError(f"run {run_dir.name} has no checkpoint yet; compare it after its first one")
     prompts = prompts or sample_prompts(cfg, cfg.dataset.trigger or dataset_trigger(cfg.dataset.path))
     seeds = seeds or [cfg.sampling.seed, cfg.sampling.seed + 1]
-    generator = generator or Generator(cfg.model.path)
     losses, best = runs.validation_losses(run_dir), runs.best_checkpoint(run_dir)
     rows, labels, n = [], [], len(checkpoints)
     for i, checkpoint in enumerate(checkpoints):
@@ -42,7 +43,8 @@ def compare_checkpoints(run_dir: str | Path, prompts: list[str] | None = None, s
         row = []
         for j, prompt in enumerate(prompts):
             heard = _within(progress, (i + j / len(prompts)) / n, 1 / (n * len(prompts)), where)
-            with hold() if hold else contextlib.nullcontext():
+            with hold() if hold else contextlib.nullcontext() as held:
+                generator = held or generator or Generator(cfg.model.path)
                 generator.set_adapters([(str(checkpoint), 1.0)])
                 size = size or generator.base.native_resolution  # the first use loads the model: device work
                 row += _images(generator, cfg.sampling, prompt, seeds, steps or cfg.sampling.steps, size, heard)
