@@ -21,6 +21,8 @@ def oom_advice(device: str = "cuda") -> str:
 
 
 CPU_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "Cannot allocate memory")
+FILE_IN_THE_WAY = "A file stands where a folder is needed: rename or remove it, or choose another folder."
+
 DISK_MARKERS = {"No space left on device": "The disk is full: free space there, or set saving.runs_dir (and "
                                            "dataset.cache_dir) to a disk with room; the checkpoints already "
                                            "written are kept and the run can be resumed.",
@@ -28,10 +30,7 @@ DISK_MARKERS = {"No space left on device": "The disk is full: free space there, 
                                          "dataset.cache_dir).",
                 "Permission denied": "loradesk may not write there: choose a folder you own for saving.runs_dir "
                                      "(or dataset.cache_dir), or fix its permissions.",
-                "File exists": "A file stands where a folder is needed: rename or remove it, or choose another "
-                               "folder.",
-                "Not a directory": "A file stands where a folder is needed: rename or remove it, or choose another "
-                                   "folder."}
+                "File exists": FILE_IN_THE_WAY, "Not a directory": FILE_IN_THE_WAY}
 
 
 def is_cpu_oom(error: str) -> bool:
