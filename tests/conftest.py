@@ -49,3 +49,10 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny SDXL diffusers folder built from configs (seed 0), shared by the whole session."""
     from tiny import save_tiny_sdxl
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny SD 3.5 diffusers folder (dual attention in block 0, qk-norm, a synthesized T5 tokenizer), seed 0."""
+    from tiny_sd3 import make_tiny_sd3
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model")

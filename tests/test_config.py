@@ -148,9 +148,9 @@ def test_per_encoder_learning_rates_and_switches():
     C.apply_overrides(cfg, ["network.text_encoders=['te1']", "optimizer.text_encoder_lrs=['te1=2e-5', 'te2=0']"])
     assert C.text_encoder_lr(cfg, "te1") == 2e-5 and C.text_encoder_lr(cfg, "te2") == 0.0
     assert C.text_encoder_lr(cfg, "te") == cfg.optimizer.text_encoder_lr and C.trains_text_encoders(cfg)
-    cfg.optimizer.text_encoder_lrs = ["te3=1e-5", "te1=fast"]
+    cfg.optimizer.text_encoder_lrs = ["te4=1e-5", "te1=fast"]
     problems = "\n".join(C.validate(cfg, check_paths=False))
-    assert "'te3=1e-5' is not prefix=rate" in problems and "'te1=fast'" in problems
+    assert "'te4=1e-5' is not prefix=rate" in problems and "'te1=fast'" in problems
     cfg.optimizer.text_encoder_lrs, cfg.network.text_encoders = [], ["te", "clip"]
     assert "'clip' is not a text encoder" in "\n".join(C.validate(cfg, check_paths=False))
 

@@ -38,7 +38,7 @@ def opt(default, help: str, *, choices=None, min=None, max=None, basic=False, la
 
 # the LoRA target groups every family's diffusers models share (trainer.models.family owns the module lists; these
 # are the names the config accepts, for validate() and the help text)
-UNET_GROUP_NAMES = ("attention", "feed_forward", "projections")
+UNET_GROUP_NAMES = ("attention", "feed_forward", "projections", "adaln")
 TEXT_ENCODER_GROUP_NAMES = ("attention", "mlp")
 
 
@@ -75,6 +75,18 @@ class ModelSection:
                       choices=["auto", *sorted(FAMILY_NAMES)])
     trust_pickle: bool = opt(False, "Allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True). Only for "
                                     "files you trust; prefer .safetensors.")
+    # SD3 single files as ComfyUI users keep them: the transformer in model.path, the rest beside it
+    clip_l_path: str = opt("", "SD3 only: a separate CLIP-L text encoder file (clip_l.safetensors) for a model.path "
+                               "checkpoint that holds none; empty = the one inside model.path.", label="CLIP-L file")
+    clip_g_path: str = opt("", "SD3 only: a separate CLIP-G text encoder file (clip_g.safetensors); empty = the one "
+                               "inside model.path.", label="CLIP-G file")
+    t5_path: str = opt("", "SD3 only: a separate T5-XXL text encoder file (t5xxl_fp16.safetensors); empty = the one "
+                           "inside model.path, or none (see t5_length).", label="T5-XXL file")
+    vae_path: str = opt("", "SD3 only: a separate VAE file (diffusers or original layout); empty = the one inside "
+                            "model.path.", label="VAE file")
+    t5_length: int = opt(256, "SD3 only: T5 tokens per caption (sd-scripts' default 256; up to 512). 0 leaves T5 "
+                              "out: its part of the conditioning is zeros, as SD3 allows, which saves about 9 GB "
+                              "(fp16) at some cost to prompt following.", min=0, max=512, label="T5 tokens")
 
 
 @dataclass
@@ -122,15 +134,20 @@ class NetworkSection:
                             "longer moves the adapter.", min=0.01, basic=True)
     dropout: float = opt(0.0, "Dropout on the LoRA input during training (each image's mask from its own seed).",
                          min=0.0, max=1.0)
-    unet_targets: list = opt(["attention"], "UNet modules to adapt: groups 'attention' (to_q, to_k, to_v, "
-                                            "to_out.0), 'feed_forward' (ff.net.0.proj, ff.net.2), 'projections' "
-                                            "(proj_in, proj_out), or module names.")
+    unet_targets: list = opt(["attention"], "Denoiser (UNet or transformer) modules to adapt: groups 'attention' "
+                                            "(UNet: to_q, to_k, to_v, to_out.0; SD3: both streams' q/k/v/out, and "
+                                            "attn2 where present), 'feed_forward' (ff.net.0.proj, ff.net.2; SD3 "
+                                            "also ff_context), 'projections' (UNet: proj_in, proj_out), 'adaln' "
+                                            "(SD3: the adaLN modulation; diffusers notes training it can hurt "
+                                            "anatomy), or module names.")
     text_encoders: list = opt(["all"], "Text encoders that also get a LoRA: 'all' (every one the base model has), "
-                                       "or by kohya prefix: te (SD 1.x and 2.x), te1 (SDXL's CLIP ViT-L), te2 "
-                                       "(SDXL's OpenCLIP bigG). Empty = the UNet only.", basic=True,
+                                       "or by kohya prefix: te (SD 1.x and 2.x), te1 (SDXL's CLIP ViT-L, SD3's "
+                                       "CLIP-L), te2 (SDXL's OpenCLIP bigG, SD3's CLIP-G), te3 (SD3's T5, never in "
+                                       "'all'). Empty = the UNet only.", basic=True,
                               label="Text encoders to train")
-    text_encoder_targets: list = opt(["attention"], "Text-encoder modules: groups 'attention' (q/k/v/out_proj), "
-                                                    "'mlp' (fc1, fc2), or module names.")
+    text_encoder_targets: list = opt(["attention"], "Text-encoder modules: groups 'attention' (CLIP: q/k/v/out_proj; "
+                                                    "T5: q, k, v, o), 'mlp' (CLIP: fc1, fc2; T5: wi_0, wi_1, wo), "
+                                                    "or module names.")
     init: str = opt("gaussian", "Initialisation of A (B starts at zero, so step 0 is the base model).",
                     choices=["gaussian", "kaiming"])
 
@@ -251,8 +268,10 @@ class SavingSection:
     runs_dir: str = opt("runs", "Folder that holds the run folders.")
     every_n_steps: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0)
     keep_last: int = opt(3, "Checkpoints kept; older ones are deleted.", min=1)
-    format: str = opt("kohya", "Layout of the final adapter: kohya (A1111, ComfyUI, diffusers) or diffusers/peft.",
-                      choices=["kohya", "diffusers"])
+    format: str = opt("auto", "Layout of the final adapter: auto = the one the most programs load for the base "
+                              "model (kohya for SD 1.x/2.x/SDXL: A1111, ComfyUI, Forge, diffusers; diffusers for "
+                              "SD3: diffusers, ComfyUI, A1111, and an SD3 run also writes <name>-kohya.safetensors "
+                              "for Forge), or kohya, or diffusers/peft.", choices=["auto", "kohya", "diffusers"])
     dtype: str = opt("fp16", "Precision of the final adapter file.", choices=["fp16", "fp32", "bf16"])
 
 
@@ -606,10 +625,24 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
         if mp and Path(mp).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and not cfg.model.trust_pickle:
             problems.append(f"model.path {mp} is a pickle checkpoint, which can run code when loaded; convert it to "
                             f".safetensors, or set model.trust_pickle=true if you trust the file")
+        problems += _component_file_problems(cfg.model)
     return problems
 
 
-PATH_KEYS = ("model.path", "dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir")
+def _component_file_problems(model: ModelSection) -> list[str]:
+    problems = []
+    for key in ("clip_l_path", "clip_g_path", "t5_path", "vae_path"):
+        value = getattr(model, key)
+        if value.strip() and not expand_path(value).is_file():
+            problems.append(f"model.{key} {value} is not a file; give the .safetensors file, or leave it empty to "
+                            f"use the one inside model.path")
+        elif value.strip() and expand_path(value).suffix.lower() != ".safetensors":
+            problems.append(f"model.{key} {value}: only .safetensors component files are read; convert it")
+    return problems
+
+
+PATH_KEYS = ("model.path", "model.clip_l_path", "model.clip_g_path", "model.t5_path", "model.vae_path",
+             "dataset.path", "dataset.regularization_path", "validation.path", "saving.runs_dir")
 
 
 def sample_prompts(cfg: TrainConfig, trigger: str | None) -> list[str]:
@@ -669,7 +702,7 @@ def _network_problems(cfg: TrainConfig) -> list[str]:
         problems += [f"network.{key}: {name!r} is not a group ({', '.join(groups)}) or a module name"
                      for name in names if not re.fullmatch(r"[A-Za-z0-9_.]+", name)]
     problems += [f"network.text_encoders: {name!r} is not a text encoder; use all, or te (SD 1.x/2.x), te1 and "
-                 f"te2 (SDXL)" for name in net.text_encoders if name not in ("all", *TEXT_ENCODER_NAMES)]
+                 f"te2 (SDXL), te1, te2 and te3 (SD3)" for name in net.text_encoders if name not in ("all", *TEXT_ENCODER_NAMES)]
     lrs, lr_problems = parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)
     problems += lr_problems
     te_trains = trains_text_encoders(cfg)
@@ -707,6 +740,22 @@ def text_encoder_lr(cfg: TrainConfig, name: str) -> float:
 def world_size(cfg: TrainConfig) -> int:
     """Data-parallel processes of a run: processes per machine x machines."""
     return cfg.distributed.processes * cfg.distributed.machines
+
+
+MODEL_OPTIONS = ("clip_l_path", "clip_g_path", "t5_path", "vae_path", "t5_length")
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """The model section's family options, as load_base_model takes them (paths expanded; empty ones left out)."""
+    out = {}
+    for key in MODEL_OPTIONS:
+        value = getattr(cfg.model, key)
+        if isinstance(value, str):
+            if value.strip():
+                out[key] = str(expand_path(value))
+        else:
+            out[key] = value
+    return out
 
 
 def global_batch(cfg: TrainConfig) -> int:

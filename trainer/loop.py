@@ -180,7 +180,8 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if device == "cpu" and self.world == 1:  # the count the run recorded (several processes: the launcher's)
             use_cpu_threads(torch, cfg.precision.cpu_threads)
-        self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle)
+        self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle,
+                                    options=C.model_options(cfg))
         torch.manual_seed(cfg.run.seed)  # the LoRA A init
         self.params = inject_lora(self.base, cfg)
         self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train
@@ -371,7 +372,7 @@ class Trainer:
         """Latents drawn from VAE posteriors [B, 2C, h, w] (mean and std) with `generator`, scaled for the UNet."""
         mean, std = posterior.chunk(2, dim=1)
         noise = torch.randn(mean.shape, generator=generator)
-        return (mean + std * noise.to(mean.device)) * self.base.vae.config.scaling_factor
+        return self.base.latents(mean + std * noise.to(mean.device))
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_epoch_cache", (None,))[0] != epoch:
@@ -479,10 +480,18 @@ class Trainer:
         return loss
 
     def export_final(self) -> Path:
+        """The final adapter in saving.format's layout; for a family no one layout brings to every program (SD3),
+        its other layouts beside it as <name>-<layout>.safetensors."""
         from .formats import save_adapter
-        path = runs.final_adapter_path(self.run_dir, self.cfg)
-        return save_adapter(self.base.injected_adapter(), path, format=self.cfg.saving.format,
-                            dtype=self.cfg.saving.dtype, metadata=self.metadata(), index=self.base.module_index())
+        path, family = runs.final_adapter_path(self.run_dir, self.cfg), self.base.family
+        chosen = family.layout(self.cfg.saving.format)
+        adapter, index, metadata = self.base.injected_adapter(), self.base.module_index(), self.metadata()
+        others = [f for f in family.layouts if f != chosen] if family.writes_every_layout else []
+        for layout in others:
+            save_adapter(adapter, path.with_name(f"{path.stem}-{layout}.safetensors"), format=layout,
+                         dtype=self.cfg.saving.dtype, metadata=metadata, index=index, family=family)
+        return save_adapter(adapter, path, format=chosen, dtype=self.cfg.saving.dtype, metadata=metadata,
+                            index=index, family=family)
 
     def metadata(self) -> dict[str, str]:
         from .formats import build_metadata

@@ -82,7 +82,8 @@ def trained_text_encoders(base, cfg: C.TrainConfig) -> dict[str, float]:
     out = {}
     for spec in base.family.text_encoder_specs:
         short = spec.prefix.removeprefix("lora_")
-        if ("all" in names or short in names) and C.text_encoder_lr(cfg, short) > 0:
+        named = short in names or ("all" in names and spec.trains_by_default)  # SD3's T5 only when named
+        if named and C.text_encoder_lr(cfg, short) > 0:
             out[spec.prefix] = C.text_encoder_lr(cfg, short)
     return out
 
@@ -103,13 +104,13 @@ def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
     """Add a LoRA adapter named 'default' to base.denoiser and to each text encoder that trains."""
     family = base.family
     unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
-    unet = _inject(base.denoiser, cfg, unet_targets, "UNet", "unet_targets") if unet_targets else {}
+    unet = _inject(base.denoiser, cfg, unet_targets, family.denoiser_label, "unet_targets") if unet_targets else {}
     per_image_dropout(base.denoiser, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process
     params = LoraParams(unet=unet, lrs={"unet": cfg.optimizer.unet_lr})
-    te_targets = C.expand_targets(cfg.network.text_encoder_targets, family.text_encoder_groups)
     specs = {spec.prefix: spec for spec in family.text_encoder_specs}
     for prefix, lr in trained_text_encoders(base, cfg).items():
         spec = specs[prefix]
+        te_targets = C.expand_targets(cfg.network.text_encoder_targets, spec.groups)  # CLIP's or T5's names
         params.text_encoders[spec.component] = _inject(base.text_encoders[prefix], cfg, te_targets,
                                                        f"text encoder {spec.label}", "text_encoder_targets")
         per_image_dropout(base.text_encoders[prefix], ADAPTER_NAME, spec.component)

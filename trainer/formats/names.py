@@ -23,7 +23,8 @@ TEXT_ENCODER_PREFIXES = tuple(p for p in COMPONENTS if p != UNET_PREFIX)  # ever
 PREFIXES = (UNET_PREFIX, *TEXT_ENCODER_PREFIXES)
 
 # roots of CLIPTextModel's inner CLIPTextTransformer, which transformers 5.x hoisted to the top level
-_CLIP_TRANSFORMER_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+# (`encoder.layers.`, not `encoder.`: T5's modules are `encoder.block.*` and keep their plain names, lora_te3_...)
+_CLIP_TRANSFORMER_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
 _KOHYA_CLIP_ROOTS = tuple(r.replace(".", "_") for r in _CLIP_TRANSFORMER_ROOTS)
 # peft's inner modules of a wrapped layer: never adaptable targets themselves
 _PEFT_INNER = {"lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}

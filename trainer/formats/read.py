@@ -16,11 +16,19 @@ import torch
 from trainer.lora_state import Adapter, LoraLayer
 
 from .errors import AdapterFormatError
-from .layout import DIFFUSERS_CONFIG_KEY, shape_problem
+from .fused import split_layers
+from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, shape_problem
 from .names import UNET_PREFIX, diffusers_aliases, kohya_name, normalise_kohya_name
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^lora_(unet|transformer|te1|te2|te3|te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|"
+                        r"alpha)$")
+# OneTrainer's default LoRA output (output_model_format SAFETENSORS, migrated to LEGACY_LORA: OneTrainer
+# modules/util/config/TrainConfig.py:859-864, 1044) is its "mixture" layout for SD3 (modelSaver/stableDiffusion3/
+# StableDiffusion3LoRASaver.py:14-15 -> util/convert_lora_util.py:85-103): kohya-style keys of the diffusers module
+# paths, split q/k/v, the transformer under `lora_transformer_` (the text encoders under lora_te1/2/3_ as ours).
+_FOREIGN_PREFIXES = {"lora_transformer_": UNET_PREFIX + "_"}
+_DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder_3", "text_encoder")
 _KOHYA_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 # module path + which tensor, for the layouts diffusers and peft have written over the years
 _MODULE_KEYS = [
@@ -62,7 +70,30 @@ def load_adapter(source) -> Adapter:
     layers = _assemble(parts, path)
     _refuse_non_finite(layers, path)
     _refuse_zero_alphas(layers, path)
-    return Adapter(layers=_original_unet_names(layers, file_meta), metadata=dict(file_meta))
+    family = _family(layers, file_meta)
+    layers = _split_fused(layers, family, file_meta, path)
+    return Adapter(layers=_original_unet_names(layers, family, file_meta), metadata=dict(file_meta))
+
+
+def _family(layers: dict[str, LoraLayer], file_meta: dict):
+    from trainer.models import family_of_adapter
+    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in layers.items()}
+    return family_of_adapter(layers, shapes, file_meta)
+
+
+def _split_fused(layers: dict[str, LoraLayer], family, file_meta: dict, path: Path) -> dict[str, LoraLayer]:
+    """A file whose modules fuse several of the model's (SD3's qkv in the SAI kohya layout) back under the internal
+    names: the family says which file names hold which parts (Family.kohya_file_parts; none for a family without)."""
+    hook = getattr(family, "kohya_file_parts", None)
+    parts = hook(list(layers), file_meta) if hook is not None else []
+    if not parts:
+        return layers
+    taken = {part for fused in parts if fused.name in layers for part in fused.parts if part != fused.name}
+    clash = sorted(taken & set(layers))
+    if clash:
+        raise AdapterFormatError(f"{path.name} holds both fused modules and their parts ({_listing(clash, 3)}); "
+                                 f"re-export it from the tool that made it")
+    return split_layers(layers, parts)
 
 
 def _refuse_integers(parts: dict[str, dict], path: Path) -> None:
@@ -98,13 +129,11 @@ def _refuse_non_finite(layers: dict[str, LoraLayer], path: Path) -> None:
                                  f"checkpoint of its run, or train again with a lower learning rate")
 
 
-def _original_unet_names(layers: dict[str, LoraLayer], file_meta: dict) -> dict[str, LoraLayer]:
+def _original_unet_names(layers: dict[str, LoraLayer], family, file_meta: dict) -> dict[str, LoraLayer]:
     """An adapter of a family whose files name UNet modules in the original layout (SDXL), read from a file that
     names them as diffusers does (diffusers' own kohya exporter, diffusers and peft files), under the family's
     names: mapped through the module index of the family's standard model, never by rewriting strings."""
-    from trainer.models import family_of_adapter, meta_index
-    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in layers.items()}
-    family = family_of_adapter(layers, shapes, file_meta)
+    from trainer.models import meta_index
     diffusers_named = [n for n in layers if n.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_",
                                                           "lora_unet_up_blocks_"))]
     if family is None or not family.original_unet_names or not diffusers_named:
@@ -125,7 +154,7 @@ def detect_format(keys_or_path) -> str:
     if not any(p.match(k) for k in stripped for p, part in _MODULE_KEYS if part != "alpha") \
             and not any(_OLD_PROCESSOR_KEY.match(k) for k in stripped):
         return "unknown"
-    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in stripped):
+    if any(k.startswith(tuple(c + "." for c in _DIFFUSERS_COMPONENTS)) for k in stripped):
         return "diffusers"
     return "peft"
 
@@ -170,9 +199,16 @@ def _parse_kohya(state: dict) -> tuple[dict, list[str]]:
         if not m:
             unknown.append(key)
             continue
-        name = normalise_kohya_name(key.split(".", 1)[0])
+        name = normalise_kohya_name(_foreign_prefix(key.split(".", 1)[0]))
         parts.setdefault(name, {})[_KOHYA_PART[m.group(3)]] = tensor
     return parts, unknown
+
+
+def _foreign_prefix(name: str) -> str:
+    for foreign, ours in _FOREIGN_PREFIXES.items():
+        if name.startswith(foreign):
+            return ours + name[len(foreign):]
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +218,9 @@ def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[st
     from trainer.models.detect import text_encoder_prefixes
     found_keys = {key: _module_and_part(_strip_peft_root(key).replace(".processor.", ".")) for key in state}
     components = {found[0][0] for found in found_keys.values() if found and found[0][0].startswith("text_encoder")}
-    prefixes = {"unet": UNET_PREFIX, **text_encoder_prefixes(components)}
+    # a component no family declares (text_encoder_3 before SD3 is known) keeps the prefix layout.COMPONENTS gives
+    fallback = {component: prefix for prefix, component in COMPONENTS.items() if prefix != UNET_PREFIX}
+    prefixes = {**fallback, **text_encoder_prefixes(components), "unet": UNET_PREFIX, "transformer": UNET_PREFIX}
     parts, unknown, paths = {}, [], {}
     for key, tensor in state.items():
         found = found_keys[key]
@@ -217,7 +255,7 @@ def _module_and_part(key: str):
 
 
 def _split_component(path: str) -> tuple[str, str]:
-    for component in ("unet", "text_encoder_2", "text_encoder"):
+    for component in _DIFFUSERS_COMPONENTS:
         if path.startswith(component + "."):
             return component, path[len(component) + 1:]
     return "", path  # a bare peft file: the component is guessed from the path

@@ -14,14 +14,16 @@ from trainer.lora_state import Adapter, LoraLayer
 
 from .errors import AdapterFormatError
 from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
-from .names import normalise_path, resolve_paths
+from .fused import fuse_layers
+from .names import UNET_PREFIX, normalise_path, resolve_paths
 
 
 def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp16",
-                 metadata: dict[str, str] | None = None, index: dict | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, index: dict | None = None, family=None) -> Path:
     """Write `adapter` to `path` (.safetensors) in the kohya or diffusers layout; returns the path. The diffusers
     layout needs each layer's module path: from `index` (a model's module_index), else from the standard model of
-    the family the adapter was made for."""
+    the family the adapter was made for. `family` (trainer.models.family.Family; else the adapter's, else SD 1.x)
+    says the denoiser's component, whether the diffusers layout folds alpha, and how kohya files group modules."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"adapter files are written as .safetensors; name {path} with that suffix")
@@ -37,23 +39,29 @@ def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp
     # a config carried over from a diffusers file we read: diffusers refuses a kohya file that has one (it cannot
     # take both network alphas and a config), and the diffusers writer makes a fresh one
     meta.pop(DIFFUSERS_CONFIG_KEY, None)
+    family = family or family_of(adapter)
     if format == "kohya":
-        tensors = kohya_tensors(adapter, dt)
+        tensors = kohya_tensors(adapter, dt, file_layout(adapter, family, index))
     else:
-        tensors, configs = diffusers_tensors(adapter, dt, index)
+        tensors, configs = diffusers_tensors(adapter, dt, index, family)
         meta[DIFFUSERS_CONFIG_KEY] = json.dumps(configs, sort_keys=True)
     meta = check_metadata(meta, str(path))
     write_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
     return path
 
 
-def kohya_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor]:
+def kohya_tensors(adapter: Adapter, dt: torch.dtype, layout=()) -> dict[str, torch.Tensor]:
     """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-d, in the save dtype as sd-scripts).
 
     Every layer gets the same alpha: diffusers 0.42 applies only the most common alpha of a kohya file (the
     alpha_pattern it builds never matches a module), so a layer whose alpha differs has the ratio folded into its
     up weight instead. Each delta stays (alpha/r) * up @ down exactly, for diffusers, A1111 and ComfyUI alike.
+
+    With a `layout` (Family.kohya_file_layout: a list of FusedName) the layers are written under the file's names,
+    fused where it says (trainer.formats.fused), each module with its own alpha: diffusers reads no such file.
     """
+    if layout:
+        return _fused_kohya_tensors(adapter, dt, layout)
     alphas = {name: _alpha(layer) for name, layer in adapter.layers.items()}
     # alpha 0 (a zero delta) cannot carry other layers' scales, so it never becomes the shared alpha of a mixed set
     counts = collections.Counter(a for a in alphas.values() if a != 0 or len(set(alphas.values())) == 1)
@@ -66,6 +74,39 @@ def kohya_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_up.weight"] = _copy(up, dt)
         out[f"{name}.alpha"] = torch.tensor(common, dtype=dt)
     return out
+
+
+def _fused_kohya_tensors(adapter: Adapter, dt: torch.dtype, layout) -> dict[str, torch.Tensor]:
+    layers = fuse_layers(adapter.layers, layout)
+    out = {}
+    for name in sorted(layers):
+        layer = layers[name]
+        out[f"{name}.lora_down.weight"] = _copy(layer.down, dt)
+        out[f"{name}.lora_up.weight"] = _copy(layer.up, dt)
+        out[f"{name}.alpha"] = torch.tensor(_alpha(layer), dtype=dt)
+    return out
+
+
+def family_of(adapter: Adapter):
+    """The family an adapter was made for (trainer.models.family_of_adapter), SD 1.x when nothing tells."""
+    from trainer.models.detect import adapter_family
+    return adapter_family(adapter)
+
+
+def file_layout(adapter: Adapter, family, index: dict | None = None) -> list:
+    """The family's kohya file layout for this adapter ([] for a family that writes one module per layer). The
+    module index is built (from the family's standard model when none is given) only for a family that has one."""
+    if not has_file_layout(family):
+        return []
+    from trainer.models import adapter_index
+    return family.kohya_file_layout(index if index is not None else adapter_index(adapter))
+
+
+def has_file_layout(family) -> bool:
+    """Whether the family overrides Family.kohya_file_layout (SD 1.x/2.x/SDXL do not: their files are unchanged)."""
+    from trainer.models.family import Family
+    hook = getattr(type(family), "kohya_file_layout", None)
+    return hook is not None and hook is not Family.kohya_file_layout
 
 
 def as_saved(adapter: Adapter, dtype: str = "fp16") -> Adapter:
@@ -82,24 +123,33 @@ def _alpha(layer) -> float:
     return float(layer.alpha) if layer.alpha is not None else float(layer.rank)
 
 
-def diffusers_tensors(adapter: Adapter, dt: torch.dtype, index: dict | None = None
+def diffusers_tensors(adapter: Adapter, dt: torch.dtype, index: dict | None = None, family=None
                       ) -> tuple[dict[str, torch.Tensor], dict]:
-    """What `save_lora_weights` writes: `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`,
-    `text_encoder_2.`), paths in diffusers' layout whatever layout the kohya names were in.
+    """What `save_lora_weights` writes: `unet.<path>.lora_A.weight` / `.lora_B.weight` (`transformer.` for a family
+    whose denoiser is one, and `text_encoder.`, `text_encoder_2.`, `text_encoder_3.`), paths in diffusers' layout
+    whatever layout the kohya names were in.
 
     diffusers refuses tensor keys without 'lora' in them, so alphas cannot travel as `.alpha` keys; they go, as
     diffusers itself stores them, into a peft LoraConfig per component under the `lora_adapter_metadata` key.
+    A family with diffusers_alpha_folded has alpha/rank multiplied into up and lora_alpha = r in the config, so
+    readers that ignore the config (ComfyUI, A1111) get the trained scale too.
     """
+    family = family or family_of(adapter)
+    components = {**COMPONENTS, **{spec.prefix: spec.component for spec in family.text_encoder_specs},
+                  UNET_PREFIX: family.denoiser_component}
+    folded = bool(getattr(family, "diffusers_alpha_folded", False))
     paths = _module_paths(adapter, index)
     tensors, layers_by_component = {}, collections.defaultdict(dict)
     for name in sorted(adapter.layers):
         layer = adapter.layers[name]
         prefix, path = paths[name]
         path = normalise_path(prefix, path)
-        component = COMPONENTS[prefix]
-        tensors[f"{component}.{path}.lora_A.weight"] = _copy(layer.down, dt)
-        tensors[f"{component}.{path}.lora_B.weight"] = _copy(layer.up, dt)
+        component = components[prefix]
         alpha = _alpha(layer)
+        up = layer.up.double() * (alpha / layer.rank) if folded and alpha != layer.rank else layer.up
+        alpha = float(layer.rank) if folded else alpha
+        tensors[f"{component}.{path}.lora_A.weight"] = _copy(layer.down, dt)
+        tensors[f"{component}.{path}.lora_B.weight"] = _copy(up, dt)
         # config patterns are matched as path suffixes, so drop `text_model.` to fit both CLIP layouts
         layers_by_component[component][path.removeprefix("text_model.")] = (layer.rank, alpha)
     configs = {}

@@ -13,7 +13,7 @@ _EXPORTS = {
     "BaseModel": "base", "ModelLoadError": "errors", "SUPPORTED_FAMILIES": "load", "load_base_model": "load",
     "resolve_model_path": "info", "native_resolution": "info", "training_defaults": "info", "family_name": "info",
     "model_summary": "info",
-    "get_family": "detect", "family_of_adapter": "detect", "meta_index": "meta", "adapter_index": "meta",
+    "get_family": "detect", "family_of_adapter": "detect", "adapter_family": "detect", "default_family": "detect", "meta_index": "meta", "adapter_index": "meta",
     "model_index": "meta", "SizeInfo": "family",
 }
 

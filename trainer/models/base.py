@@ -20,6 +20,7 @@ class BaseModel:
     source: str  # the resolved path or hub id
     text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)  # kohya prefix -> module, in order
     tokenizers: dict[str, object] = field(default_factory=dict)  # kohya prefix -> tokenizer
+    options: dict = field(default_factory=dict)  # the family's model options (SD3's t5_length), from model.*
     # the frozen weights' dtypes, read once (frozen_dtype): not a constructor argument, so dataclasses.replace
     # (the loop's data-parallel view) reads them again from its own modules
     _dtypes: dict[str, torch.dtype] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -71,8 +72,12 @@ class BaseModel:
         return native_size(self.denoiser.config, self.vae.config)
 
     def prediction_type(self) -> str:
-        """"epsilon" or "v_prediction", as the model's scheduler config says."""
-        return self.noise_scheduler.config.prediction_type
+        """"epsilon" or "v_prediction", as the model's scheduler config says; "flow" for rectified flow."""
+        return self.family.prediction_type(self)
+
+    def latents(self, sampled: torch.Tensor) -> torch.Tensor:
+        """Latents drawn from the VAE's posterior, scaled (and shifted) as the denoiser takes them."""
+        return self.family.latents(self, sampled)
 
     @property
     def components(self) -> list[torch.nn.Module]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 # name -> (module, instance); the order is the order of detection (the most specific first)
-FAMILIES = {"sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"), "sd1": ("sd1", "SD1_FAMILY")}
+FAMILIES = {"sd3": ("sd3", "SD3_FAMILY"), "sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"),
+            "sd1": ("sd1", "SD1_FAMILY")}
 
 
 def get_family(name: str):
@@ -22,6 +23,19 @@ def get_family(name: str):
     return getattr(importlib.import_module(f".{module}", __package__), attr)
 
 
+DEFAULT_FAMILY = "sd1"  # what a model or adapter whose files tell nothing is taken to be (the most common base)
+
+
+def default_family():
+    return get_family(DEFAULT_FAMILY)
+
+
+def adapter_family(adapter):
+    """The family an Adapter was made for (family_of_adapter), the default family when nothing tells."""
+    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in adapter.layers.items()}
+    return family_of_adapter(adapter.layers, shapes, adapter.metadata) or default_family()
+
+
 def all_families() -> list:
     return [get_family(name) for name in FAMILIES]
 
@@ -30,7 +44,8 @@ def all_families() -> list:
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # what the families load from a folder
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # what the families
+# load from a folder (SD3's text_encoder_3, T5, is optional: it may be left out)
 
 
 def check_model_files(source: Path):
@@ -73,10 +88,11 @@ def family_of_folder(folder: Path):
     name = str(index.get("_class_name", ""))
     if not name.startswith("StableDiffusion"):
         raise ModelLoadError(f"{folder} holds {'a ' + name if name else 'a model of unknown kind'}, not a Stable "
-                             f"Diffusion model; give a Stable Diffusion 1.x, 2.x or SDXL model folder or checkpoint")
-    if "unet" not in index:
-        raise ModelLoadError(f"{folder / 'model_index.json'} names no UNet, so {folder} is not a complete {name} "
-                             f"folder; copy the complete model folder again")
+                             f"Diffusion model; give a Stable Diffusion 1.x, 2.x, SDXL or 3.x model folder or "
+                             f"checkpoint")
+    if "unet" not in index and "transformer" not in index:
+        raise ModelLoadError(f"{folder / 'model_index.json'} names no UNet or transformer, so {folder} is not a "
+                             f"complete {name} folder; copy the complete model folder again")
     unet_config = folder / "unet" / "config.json"
     config = read_json(unet_config) if unet_config.is_file() else {}
     return next(f for f in all_families() if f.claims_folder(index, config))
@@ -132,10 +148,16 @@ def family_of_adapter(names, shapes: dict[str, tuple], metadata: dict | None = N
     and SGM UNet names) and the widths of its text layers (768 for SD 1.x's CLIP, 1024 for SD 2.x's OpenCLIP);
     None when nothing tells (a LoRA of a small custom model)."""
     version = (metadata or {}).get("ss_base_model_version", "")
-    for prefix, name in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+    for prefix, name in (("sd3", "sd3"), ("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
         if version.startswith(prefix):
             return get_family(name)
+    if version in ("medium", "5-medium", "5-large") or \
+            (metadata or {}).get("modelspec.architecture", "").startswith("stable-diffusion-3"):  # sd-scripts' SD3
+        return get_family("sd3")
     names = set(names)
+    if any(n.startswith(("lora_te3_", "lora_unet_joint_blocks_", "lora_unet_transformer_blocks_",
+                         "lora_transformer_")) for n in names):
+        return get_family("sd3")  # T5, or the MMDiT's blocks in SAI's or diffusers' names
     if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
                          "lora_unet_output_blocks")) for n in names):
         return get_family("sdxl")

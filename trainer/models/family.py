@@ -9,7 +9,7 @@ toolkit and the app ask the base model's family (`BaseModel.family`) instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -43,9 +43,23 @@ class SizeInfo:
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    prefix: str       # kohya's: lora_te (SD 1.x/2.x), lora_te1 / lora_te2 (SDXL)
-    component: str    # diffusers pipeline component: text_encoder, text_encoder_2
-    label: str        # for people: "CLIP ViT-L", "OpenCLIP bigG"
+    prefix: str       # kohya's: lora_te (SD 1.x/2.x), lora_te1 / lora_te2 (SDXL), lora_te3 (SD3's T5)
+    component: str    # diffusers pipeline component: text_encoder, text_encoder_2, text_encoder_3
+    label: str        # for people: "CLIP ViT-L", "OpenCLIP bigG", "T5-XXL"
+    groups: dict = field(default_factory=lambda: TEXT_ENCODER_GROUPS, compare=False)  # its LoRA target groups
+    trains_by_default: bool = True  # network.text_encoders "all" includes it (SD3's T5 only when named: te3)
+
+
+@dataclass(frozen=True)
+class FusedName:
+    """One module of a file layout that holds several trained modules as one (SD3's qkv in the SAI layout): the
+    file's kohya name and the internal kohya names of its parts in the order of its output rows, with each part's
+    output rows. A part of one is a plain rename. `swap_halves`: the file's module orders the two halves of its
+    rows the other way round (SAI's (shift, scale) where diffusers has (scale, shift)), so its up rows swap."""
+    name: str
+    parts: tuple[str, ...]
+    rows: tuple[int, ...]
+    swap_halves: bool = False
 
 
 class Family:
@@ -57,6 +71,16 @@ class Family:
     unet_groups = UNET_GROUPS
     text_encoder_groups = TEXT_ENCODER_GROUPS
     original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
+    denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer
+    denoiser_label = "UNet"      # for people, in messages and the form
+    diffusers_alpha_folded = False  # the diffusers layout writes alpha/rank into up (no config needed to read it)
+    # the adapter file layouts and the programs that load each, the default (most readers) first; a family whose
+    # adapters no one layout brings to every program (SD3) has its runs write every layout
+    layouts = {"kohya": "A1111, ComfyUI, Forge and diffusers", "diffusers": "diffusers and ComfyUI"}
+    writes_every_layout = False
+    # config values that follow the family (samples and the Generate tab start from them): SD 1.x/2.x/SDXL keep
+    # the config's defaults
+    sample_defaults: dict = {}
 
     # ---- telling it apart ----------------------------------------------------------------------------------------
     def claims_folder(self, index: dict, unet_config: dict) -> bool:
@@ -77,9 +101,10 @@ class Family:
         raise NotImplementedError
 
     def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
-                         prediction: str | None = None) -> dict:
+                         prediction: str | None = None, options: dict | None = None) -> dict:
         """BaseModel fields from an original-layout state dict, shaped by configs (shipped ones by default);
-        `prediction` is what the file's '<stem>.yaml' says (None without one)."""
+        `prediction` is what the file's '<stem>.yaml' says (None without one); `options` the model section's
+        family options (SD3's separate text-encoder and VAE files)."""
         raise NotImplementedError
 
     # ---- conditioning --------------------------------------------------------------------------------------------
@@ -104,6 +129,30 @@ class Family:
         return DdpmNoise(base.noise_scheduler, prediction, cfg.loss)
 
     # ---- names, sizes, metadata, sampling, baking ------------------------------------------------------------------
+    def layout(self, choice: str) -> str:
+        """The file layout saving.format asks for: "auto" is the one the most programs load."""
+        return next(iter(self.layouts)) if choice == "auto" else choice
+
+    def kohya_file_layout(self, index: dict) -> list[FusedName]:
+        """How this family's kohya files group the modules of `index` (a module_index) when that is not one file
+        module per trained module ([] then: SD 1.x/2.x/SDXL). SD3's fuse q, k and v as sd-scripts does."""
+        return []
+
+    def kohya_file_parts(self, names, metadata: dict | None = None) -> list[FusedName]:
+        """The fused modules among a kohya file's names (read back into their parts); [] where files fuse none."""
+        return []
+
+    def prediction_type(self, base) -> str:
+        """What the denoiser predicts: "epsilon" or "v_prediction" as the model's scheduler config says."""
+        return base.noise_scheduler.config.prediction_type
+
+    def latents(self, base, sampled: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the denoiser takes them: (z - shift) * scale, from the VAE's config (SD3's VAE has a
+        shift_factor; SD 1.x/2.x/SDXL's have none)."""
+        shift = base.vae.config.get("shift_factor", None)
+        scaled = sampled if shift is None else sampled - shift
+        return scaled * base.vae.config.scaling_factor
+
     def kohya_unet_path(self, path: str, unet_config) -> str:
         """A UNet module path as kohya names it (the diffusers path for SD 1.x/2.x)."""
         return path
@@ -121,6 +170,11 @@ class Family:
 
     def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
         """The model's weights under the original single-file names (A1111, ComfyUI)."""
+        raise NotImplementedError
+
+    def model_builders(self, config_dir: Path) -> dict:
+        """"denoiser" and each text encoder's kohya prefix -> a function that builds it from config_dir's configs
+        (meta.meta_models calls them on the meta device: key sets and names without weights)."""
         raise NotImplementedError
 
     def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:

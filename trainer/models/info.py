@@ -53,9 +53,15 @@ def native_resolution(path: str) -> int:
     if folder is None:
         return SD_DEFAULT_SIZE
     try:
-        return native_size(_json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json"))
+        return native_size(_json(denoiser_config_file(folder)), _json(folder / "vae" / "config.json"))
     except (OSError, ValueError, KeyError, TypeError):
         return SD_DEFAULT_SIZE  # loading the model names the damage; a default size is enough to fill a form
+
+
+def denoiser_config_file(folder: Path) -> Path:
+    """The denoiser's config of a diffusers folder: unet/ (SD 1.x/2.x/SDXL) or transformer/ (SD3, FLUX)."""
+    transformer = folder / "transformer" / "config.json"
+    return transformer if transformer.is_file() else folder / "unet" / "config.json"
 
 
 def training_defaults(path: str) -> dict[str, object]:
@@ -63,6 +69,10 @@ def training_defaults(path: str) -> dict[str, object]:
     count that finishes in minutes on a CPU and its samples' rhythm and guidance. Generating on the model starts
     from the same values (presets.generation_defaults)."""
     values: dict[str, object] = {"dataset.resolution": native_resolution(path)}
+    name = family_name(path)
+    if name is not None:
+        from .detect import get_family
+        values.update(get_family(name).sample_defaults)
     if is_tiny_model(path):
         values.update({"schedule.max_steps": TINY_MAX_STEPS, "sampling.every_n_steps": TINY_SAMPLE_EVERY,
                        "sampling.guidance": TINY_GUIDANCE})

@@ -27,26 +27,28 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool = False,
                     dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-                    config_dir: str | Path | None = None) -> BaseModel:
+                    config_dir: str | Path | None = None, options: dict | None = None) -> BaseModel:
     """Load a frozen base model.
 
     path: a diffusers folder (model_index.json), a single-file checkpoint in the original layout (.safetensors;
     .ckpt/.pt/.pth/.bin only with trust_pickle=True), a hub id (needs network) or "" (the tiny built-in model).
     config_dir: diffusers configs for a single file that is not standard-size (else a '<stem>' or '<stem>.config'
     folder beside the file is used, else the family's shipped configs).
+    options: the family's model options (config.model_options: SD3's T5 length and separate component files).
     """
+    options = dict(options or {})
     dtype, device = _check_dtype(dtype), _check_device(device)
     source = resolve_model_path(path)
     local = Path(source)
     if local.is_dir():
         detected, parts = _load_folder(local, family, dtype, trust_pickle)
     elif local.is_file():
-        detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir)
+        detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir, options)
     elif looks_like_hub_id(source):
         detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, shown=source)
     else:
         raise ModelLoadError(_missing_message(source, path))
-    base = BaseModel(family=detected, source=source, **parts)
+    base = BaseModel(family=detected, source=source, options=options, **parts)
     _freeze(base)
     return _to_device(base, device)
 
@@ -56,12 +58,12 @@ def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, shown: st
     return detected, detected.load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
 
 
-def _load_single_file(file: Path, family: str, dtype, trust_pickle: bool, config_dir):
+def _load_single_file(file: Path, family: str, dtype, trust_pickle: bool, config_dir, options: dict):
     state_dict = read_state_dict(file, trust_pickle=trust_pickle)
     detected = _agree(family_of_checkpoint(state_dict, file), family, file, "checkpoint")
     configs = _sidecar_configs(file, config_dir)
     parts = detected.load_single_file(state_dict, source=file, config_dir=configs, dtype=dtype,
-                                      prediction=original_yaml_prediction(file))
+                                      prediction=original_yaml_prediction(file), options=options)
     return detected, parts
 
 

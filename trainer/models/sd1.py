@@ -44,7 +44,7 @@ class SD1(Family):
         return self.components({"unet": unet, "vae": vae, "text_encoder": text_encoder}, folder)
 
     def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
-                         prediction: str | None = None) -> dict:
+                         prediction: str | None = None, options: dict | None = None) -> dict:
         """`prediction`: what a sidecar '<stem>.yaml' says (None without one)."""
         configs = config_dir or self.shipped_configs(state_dict, prediction)
         fit = Fit(source, configs, default_configs=config_dir is None, family_label=self.label)
@@ -127,6 +127,18 @@ class SD1(Family):
     def original_checkpoint(self, base) -> dict[str, torch.Tensor]:
         from trainer.adapters.original_layout import original_checkpoint
         return original_checkpoint(base.denoiser, base.vae, base.text_encoder)
+
+    def model_builders(self, config_dir: Path) -> dict:
+        import functools
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
+        builders = {"denoiser": lambda: UNet2DConditionModel.from_config(unet_config)}
+        for spec in self.text_encoder_specs:
+            cls = CLIPTextModelWithProjection if spec.component == "text_encoder_2" else CLIPTextModel
+            config = CLIPTextConfig.from_pretrained(config_dir, subfolder=spec.component)
+            builders[spec.prefix] = functools.partial(cls, config)
+        return builders
 
     def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
         return DEFAULT_CONFIG_DIR

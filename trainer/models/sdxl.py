@@ -57,7 +57,7 @@ class SDXL(SD1):
         return self.components(models, folder)
 
     def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
-                         prediction: str | None = None) -> dict:
+                         prediction: str | None = None, options: dict | None = None) -> dict:
         if any(k.startswith(REFINER_KEY) for k in state_dict):
             raise ModelLoadError(f"{source} is an SDXL refiner (one OpenCLIP text encoder, no CLIP ViT-L); LoRAs "
                                  f"are trained on the SDXL base model or its derivatives: give one of those")

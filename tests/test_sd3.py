@@ -1,0 +1,237 @@
+"""SD 3.5 through the family seam: a tiny SD 3.5 (dual attention, qk-norm, CLIP-L + CLIP-G + T5) trained through the
+CLI with CLIP LoRA on; both file layouts; diffusers loads its layout with every key and the outputs of a hand merge;
+the SAI/kohya layout's fused qkv equals the split modules exactly and reads back to the same deltas."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tiny import make_images
+from trainer import runs
+from trainer.formats import load_adapter
+from trainer.models import load_base_model
+
+
+def train(model: Path, root: Path, *extra: str, steps: int = 12) -> Path:
+    from trainer.__main__ import main
+    data = make_images(root / "data", n=4, size=48)
+    sets = [f"model.path={model}", f"dataset.path={data}", "dataset.resolution=32", "dataset.batch_size=2",
+            f"schedule.max_steps={steps}", "schedule.lr_scheduler=constant", "optimizer.unet_lr=3e-3",
+            "optimizer.text_encoder_lr=2e-3", "model.t5_length=16", "network.rank=4", "network.alpha=2",
+            f"saving.runs_dir={root / 'runs'}", "run.name=sd3", "saving.dtype=fp32", "saving.every_n_steps=6",
+            "sampling.every_n_steps=0", *extra]
+    assert main(["train", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
+    run_dir, = (root / "runs").iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tiny_sd3_dir, tmp_path_factory):
+    """12 CLI steps on the tiny SD 3.5: the transformer's attention (both streams and attn2) and both CLIPs."""
+    return train(tiny_sd3_dir, tmp_path_factory.mktemp("sd3-run"), "network.text_encoders=['te1', 'te2']")
+
+
+def keys_of(path: Path) -> tuple[set[str], dict]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys()), f.metadata()
+
+
+def test_an_sd3_run_writes_both_layouts_with_sd3_metadata(sd3_run):
+    diffusers_keys, meta = keys_of(sd3_run / "sd3.safetensors")  # the default: the layout most programs load
+    assert {k.split(".")[0] for k in diffusers_keys} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert any(".attn2.to_q.lora_A." in k for k in diffusers_keys)
+    kohya_keys, kohya_meta = keys_of(sd3_run / "sd3-kohya.safetensors")
+    modules = {k.split(".")[0] for k in kohya_keys}
+    unet = {m for m in modules if m.startswith("lora_unet_")}
+    # sd-scripts' lora_sd3 names: SAI's MMDiT paths, q/k/v as one qkv module
+    assert unet == {f"lora_unet_joint_blocks_{i}_{s}" for i, s in
+                    [(0, "x_block_attn_qkv"), (0, "x_block_attn_proj"), (0, "x_block_attn2_qkv"),
+                     (0, "x_block_attn2_proj"), (0, "context_block_attn_qkv"), (0, "context_block_attn_proj"),
+                     (1, "x_block_attn_qkv"), (1, "x_block_attn_proj"), (1, "context_block_attn_qkv"),
+                     (1, "context_block_attn_proj"), (2, "x_block_attn_qkv"), (2, "x_block_attn_proj"),
+                     (2, "context_block_attn_qkv")]}  # the last block's context stream ends at its qkv
+    assert {m.split("_text_model_")[0] for m in modules - unet} == {"lora_te1", "lora_te2"}
+    for m in (meta, kohya_meta):  # as sd-scripts writes for SD 3.5 Medium (dual attention and qk-norm)
+        assert m["ss_base_model_version"] == "5-medium"
+        assert m["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+
+
+def test_the_fused_qkv_equals_the_split_modules_exactly(sd3_run):
+    kohya = load_adapter(sd3_run / "sd3-kohya.safetensors")
+    split = load_adapter(sd3_run / "sd3.safetensors")
+    assert kohya.layers.keys() == split.layers.keys()
+    with safe_open(str(sd3_run / "sd3-kohya.safetensors"), "pt") as f:
+        down = f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight")
+        up = f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight")
+        alpha = float(f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"))
+    assert down.shape[0] == 12 and up.shape[1] == 12  # rank 3 x 4: [A_q; A_k; A_v], block-diagonal up
+    fused = (alpha / down.shape[0]) * (up @ down)
+    parts = [kohya.layers[f"lora_unet_transformer_blocks_0_attn_to_{p}"] for p in "qkv"]
+    assert torch.equal(fused, torch.cat([layer.delta() for layer in parts]))
+    for name, layer in kohya.layers.items():  # read back: the same ranks and the same deltas as the split file
+        assert layer.rank == split.layers[name].rank == 4, name
+        assert torch.allclose(layer.delta(), split.layers[name].delta(), atol=1e-7, rtol=0), name
+
+
+def transformer_output(transformer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    noisy, hidden, pooled = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 93, 96, generator=g), \
+        torch.randn(1, 64, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=noisy, timestep=torch.tensor([500.0]), encoder_hidden_states=hidden,
+                           pooled_projections=pooled, return_dict=False)[0]
+
+
+def hand_merged(model_dir: Path, adapter) -> torch.nn.Module:
+    """The base transformer with W + (alpha/r) B A written into each adapted weight by hand."""
+    base = load_base_model(str(model_dir))
+    modules = dict(base.denoiser.named_modules())
+    for name, layer in adapter.layers.items():
+        if name.startswith("lora_unet_"):
+            path = next(p for p in modules if "lora_unet_" + p.replace(".", "_") == name)
+            with torch.no_grad():
+                modules[path].weight += (layer.alpha / layer.rank) * (layer.up @ layer.down)
+    return base.denoiser
+
+
+def test_diffusers_loads_the_default_file_with_every_key_and_the_hand_merged_output(sd3_run, tiny_sd3_dir, caplog):
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as dlogging
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
+    plain = transformer_output(pipe.transformer)
+    dlogging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            pipe.load_lora_weights(str(sd3_run / "sd3.safetensors"))
+    finally:
+        dlogging.disable_propagation()
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage() or "missing" in r.getMessage()]
+    keys, _ = keys_of(sd3_run / "sd3.safetensors")
+    loaded = sum(1 for model in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+                 for m in model.modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert loaded == len({k.rsplit(".lora_", 1)[0] for k in keys})  # every layer of the file found its module
+    theirs = transformer_output(pipe.transformer)
+    ours = transformer_output(hand_merged(tiny_sd3_dir, load_adapter(sd3_run / "sd3-kohya.safetensors")))
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - plain).abs().max() > 1e-3, "the LoRA changes the output"
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "events.jsonl").read_text().splitlines()
+            if '"progress"' in line]
+
+
+def test_the_flow_matching_loss_falls_on_the_tiny_sd3(tiny_sd3_dir, tmp_path):
+    same = make_images(tmp_path / "same", n=4, size=48)  # the training images: a noise-free view of the loss
+    run_dir = train(tiny_sd3_dir, tmp_path, "network.text_encoders=['te1', 'te2']", f"validation.path={same}",
+                    "dataset.batch_size=4", steps=40)
+    assert len(losses(run_dir)) == 40
+    fixed = runs.validation_losses(run_dir)  # fixed noise levels and noise
+    print(f"tiny SD3: flow-matching loss at fixed sigmas and noise, step 0 {fixed[0]:.4f}, step 40 {fixed[40]:.4f}")
+    assert fixed[40] < 0.95 * fixed[0]
+
+
+# ---- key sets at real size, from the shipped configs on the meta device --------------------------------------------
+def sd_scripts_names(num_layers: int, dual_attention: range) -> set[str]:
+    """The modules kohya-ss/sd-scripts' networks/lora_sd3.py (main @ 48d368fa) gives a LoRA by default, restated:
+    every nn.Linear inside each SingleDiTBlock (LS:231, 324-352), i.e. joint_blocks.N.x_block and .context_block of
+    SAI's MMDiT (library/sd3_models.py:691-692): attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1, and on
+    dual-attention x blocks attn2.qkv and attn2.proj (sd3_models.py:474-476, 599-616); the last block's context
+    block is pre_only (sd3_models.py:849) and has only attn.qkv and adaLN_modulation.1. The name is "lora_unet" +
+    "." + the module path with every "." made "_" (LS:233, 333-334)."""
+    names = set()
+    for i in range(num_layers):
+        for stream in ("x_block", "context_block"):
+            last_context = stream == "context_block" and i == num_layers - 1
+            modules = ["attn.qkv", "adaLN_modulation.1"] if last_context else \
+                ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"]
+            if stream == "x_block" and i in dual_attention:
+                modules += ["attn2.qkv", "attn2.proj"]
+            names |= {("lora_unet." + f"joint_blocks.{i}.{stream}.{m}").replace(".", "_") for m in modules}
+    return names
+
+
+@pytest.mark.parametrize("config, layers, dual, counts", [
+    # attention: 8 per block (both streams' q, k, v, out), 7 in the last (no context out), 4 per attn2;
+    # feed_forward: 4 per block, 2 in the last; adaln: 2 per block
+    ("sd35-medium", 24, range(13), {"attention": 24 * 8 - 1 + 13 * 4, "feed_forward": 24 * 4 - 2, "adaln": 48}),
+    ("sd35-large", 38, range(0), {"attention": 38 * 8 - 1, "feed_forward": 38 * 4 - 2, "adaln": 76}),
+    ("sd3-medium", 24, range(0), {"attention": 24 * 8 - 1, "feed_forward": 24 * 4 - 2, "adaln": 48}),
+])
+def test_real_size_key_sets_match_sd_scripts(config, layers, dual, counts):
+    from trainer.models import get_family, meta_index
+    from trainer.models.family import CONFIGS
+    family = get_family("sd3")
+    index = meta_index("sd3", CONFIGS / config)
+    transformer = {n: e for n, e in index.items() if e[0] == "lora_unet"}
+    for group, count in counts.items():
+        suffixes = tuple("." + m for m in family.unet_groups[group])
+        assert sum(1 for _, path, _ in transformer.values() if path.endswith(suffixes)) == count, group
+    targets = tuple("." + m for g in ("attention", "feed_forward", "adaln") for m in family.unet_groups[g])
+    trained = {n: e for n, e in transformer.items() if e[1].endswith(targets)}
+    file_names = {f.name for f in family.kohya_file_layout(trained)}
+    assert file_names == sd_scripts_names(layers, dual)
+    assert len(file_names) == {"sd35-medium": 263, "sd35-large": 377, "sd3-medium": 237}[config]  # ran sd-scripts
+    encoders = {p: sum(1 for e in index.values() if e[0] == p) for p in ("lora_te1", "lora_te2", "lora_te3")}
+    # CLIP-L 12 layers x 6 (q, k, v, out, fc1, fc2), CLIP-G 32 x 6, T5-XXL 24 x 7 (q, k, v, o, wi_0, wi_1, wo):
+    # sd-scripts' 72, 192 and 168 (lora_sd3.py:232, 418-426), plus the CLIPs' text_projection, which it skips
+    assert encoders == {"lora_te1": 72 + 1, "lora_te2": 192 + 1, "lora_te3": 168}
+    assert "lora_te3_encoder_block_23_layer_1_DenseReluDense_wi_1" in index
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in index
+
+
+# ---- resume, data parallel, validation: the run guarantees of the UNet families hold for a flow transformer ----------
+def sd3_cfg(model: Path, data: Path, tmp_path: Path, **overrides):
+    from test_training import make_cfg
+    values = {"model.t5_length": 16, "dataset.resolution": 32, "network.text_encoders": ["te1"],
+              "loss.flow_weighting": "sigma_sqrt", "loss.flow_shift": 3.0, **overrides}
+    return make_cfg(model, data, tmp_path, **values)
+
+
+def test_stop_then_resume_equals_an_uninterrupted_sd3_run(tiny_sd3_dir, tmp_path):
+    from test_training import assert_same_tensors, tensors, train
+    from trainer.events import Progress
+    cfg = sd3_cfg(tiny_sd3_dir, make_images(tmp_path / "data", n=4, size=48), tmp_path,
+                  **{"schedule.max_steps": 6, "dataset.flip": True, "network.dropout": 0.1,
+                     "loss.timestep_sampling": "mode"})
+    full, _, _ = train(cfg)
+
+    def stop_at_3(trainer, event):
+        if isinstance(event, Progress) and event.step == 3:
+            trainer.inbox.request("stop")
+
+    _, _, run_dir = train(cfg, on_event=stop_at_3)
+    assert runs.last_checkpoint(run_dir).name == "step-000003"
+    resumed, events, _ = train(cfg, run_dir=run_dir, resume=True)
+    assert [e.step for e in events if isinstance(e, Progress)] == [4, 5, 6]
+    assert_same_tensors(tensors(full), tensors(resumed))
+
+
+def test_two_processes_train_the_sd3_adapter_one_process_trains(tiny_sd3_dir, tmp_path):
+    from test_distributed import assert_close
+    from test_distributed import train as train_dp
+    data = make_images(tmp_path / "eight", n=8, size=48)
+    common = ("model.t5_length=16", "network.text_encoders=['te1']", "loss.timestep_sampling=uniform")
+    one = train_dp(tiny_sd3_dir, data, tmp_path / "runs", "one", 1, "dataset.batch_size=4", *common)
+    two = train_dp(tiny_sd3_dir, data, tmp_path / "runs", "two", 2, "dataset.batch_size=2", *common)
+    assert_close(two / "two.safetensors", one / "one.safetensors")
+    assert_close(two / "two-kohya.safetensors", one / "one-kohya.safetensors")
+
+
+def test_the_sd3_validation_loss_is_deterministic_at_fixed_noise_levels(tiny_sd3_dir, tmp_path):
+    from test_training import train
+    from trainer.events import Validation
+    data = make_images(tmp_path / "data", n=6, size=48)
+    cfg = sd3_cfg(tiny_sd3_dir, data, tmp_path, **{"validation.split": 0.34, "validation.every_n_steps": 2,
+                                                 "schedule.max_steps": 4})
+    _, first, _ = train(cfg)
+    _, second, _ = train(cfg)
+    a, b = ([e for e in events if isinstance(e, Validation)] for events in (first, second))
+    assert [v.step for v in a] == [0, 2, 4]
+    assert [(v.loss, v.per_timestep) for v in a] == [(v.loss, v.per_timestep) for v in b]
+    assert set(a[0].per_timestep) == {"200", "400", "600", "800"}  # sigma 0.2 .. 0.8 x 1000
+    assert len({v.loss for v in a}) == len(a), "it moves as the adapter trains"
