@@ -3,13 +3,14 @@
 Some fields are not plain widgets. The trigger belongs to the dataset (the Dataset tab saves it in the dataset
 folder, and the trainer reads it from there); the runs folder and the disk cache's folder are this app's settings
 (a cache beside any folder the form named could be written anywhere on the server). The text encoders are one
-row per encoder of the chosen base model's family (a switch and a learning rate each: SDXL has two), which stand
-for network.text_encoders, optimizer.text_encoder_lr and optimizer.text_encoder_lrs.
+row per encoder of the chosen base model's family (a switch and a learning rate each: SDXL has two, SD3 three), which
+stand for network.text_encoders, optimizer.text_encoder_lr and optimizer.text_encoder_lrs; which encoders 'all'
+covers is the engine's rule (trainer.named_text_encoders: SD3's T5 only when named).
 """
 from __future__ import annotations
 
-from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, leaves_folder,
-                     model_summary, set_value, text_encoder_lr)
+from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, layout_choices,
+                     leaves_folder, model_summary, named_text_encoders, set_value, text_encoder_lr)
 
 ELSEWHERE = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir")
 READ_KEYS = ("dataset.path", "dataset.regularization_path", "validation.path")  # folders it reads images from
@@ -30,7 +31,7 @@ def config_to_values(cfg: TrainConfig) -> list:
 
 
 def family_encoders(model_path: str) -> list[tuple[str, str]]:
-    """(name, label) of the base model's text encoders (te for SD 1.x/2.x; te1, te2 for SDXL)."""
+    """(name, label) of the base model's text encoders (te for SD 1.x/2.x; te1, te2 for SDXL; te1-te3 for SD3)."""
     summary = model_summary(model_path or "")
     return summary["encoders"] if summary else [("te", "text encoder")]
 
@@ -40,26 +41,38 @@ def model_note(path: str) -> str:
     summary = model_summary(path or "")
     if summary is None:
         return "Base model: its family shows once it loads (a hub id, or a folder without model_index.json)."
-    encoders = " and ".join(f"{label} ({name})" for name, label in summary["encoders"])
+    by_default = named_text_encoders(["all"], path or "")
+    encoders = " + ".join(f"{label} ({name})" if name in by_default else
+                          f"{label} ({name}; frozen unless {name} is named: 'all' leaves it out)"
+                          for name, label in summary["encoders"])
     return f"Base model: **{summary['label']}**, native {summary['native']} px; text encoders: {encoders}."
 
 
+def format_choices(source: str = "") -> list[tuple[str, str]]:
+    """The adapter layouts for a base model or a run folder as a dropdown's (label, value) pairs: each labelled by
+    the programs that read it, the one that loads in the most programs first (the engine's Family.layouts)."""
+    return [(f"{layout}: {programs}", layout) for layout, programs in layout_choices(source)]
+
+
 def encoder_values(cfg: TrainConfig) -> list:
-    """[on, learning rate] for each of TEXT_ENCODER_NAMES, as the encoder rows show them."""
-    names = cfg.network.text_encoders
+    """[on, learning rate] for each of TEXT_ENCODER_NAMES, as the encoder rows show them ('all' ticks the ones the
+    engine says it covers: not SD3's T5)."""
+    named = named_text_encoders(cfg.network.text_encoders, cfg.model.path)
     out = []
     for name in TEXT_ENCODER_NAMES:
-        out += [("all" in names or name in names), text_encoder_lr(cfg, name)]
+        out += [name in named, text_encoder_lr(cfg, name)]
     return out
 
 
 def apply_encoder_values(cfg: TrainConfig, values: list) -> None:
     """The encoder rows of the model's family back into the three config keys (rows of other families are
-    hidden and ignored): all on -> ['all']; a learning rate per encoder that differs from the first one's."""
+    hidden and ignored): exactly the ones 'all' covers on -> ['all'], else the names; a learning rate per encoder
+    that differs from the first one's."""
     rows = dict(zip(TEXT_ENCODER_NAMES, zip(values[0::2], values[1::2])))
     mine = [name for name, _ in family_encoders(cfg.model.path)]
     on = [name for name in mine if rows[name][0]]
-    cfg.network.text_encoders = ["all"] if on == mine else on
+    covered = [name for name in mine if name in named_text_encoders(["all"], cfg.model.path)]
+    cfg.network.text_encoders = ["all"] if on == covered and on else on
     rates = {name: float(rows[name][1] or 0.0) for name in mine}
     cfg.optimizer.text_encoder_lr = rates[mine[0]]
     cfg.optimizer.text_encoder_lrs = [f"{n}={r:g}" for n, r in rates.items() if r != rates[mine[0]]]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Benchmark: peak memory and time of one LoRA training step at real SD 1.5 and SDXL size (real configs, random
-weights), against a frozen forward pass of the same UNet.
+"""Benchmark: peak memory and time of one LoRA training step at real SD 1.5, SDXL and SD 3.5 Medium size (real
+configs, random weights), against a frozen forward pass of the same denoiser (UNet or MMDiT transformer).
 
-Each row runs in a fresh process so its peak is its own: frozen UNet weights in bf16, rank-8 LoRA on the UNet
+Each row runs in a fresh process so its peak is its own: frozen denoiser weights in bf16, rank-8 LoRA on its
 attention (fp32 weights, trained through bf16 autocast), gradient checkpointing, cached latents and text-encoder
 outputs (so no VAE or text encoder is resident), batch 1. On the CPU the peak is the process's maximum resident set;
 on a CUDA machine (--device cuda, the default when one is present) it is torch.cuda.max_memory_allocated.
@@ -15,6 +15,7 @@ or a CPU with AVX-512 BF16 / AMX gives the times too.
 
     python bench/bench_memory.py                 # SD 1.5 and SDXL at 512 px, 2 timed steps each
     python bench/bench_memory.py --models sdxl --resolution 1024 --steps 1
+    python bench/bench_memory.py --models sd35m --resolution 256 --steps 1   # SD 3.5 Medium on a CPU
     python bench/bench_memory.py --write         # also put the table into docs/benchmarks.md
 """
 from __future__ import annotations
@@ -33,7 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from docs_section import write_section  # noqa: E402  (bench/ is the script's folder)
-MODELS = {"sd15": ("sd1", "sd15"), "sdxl": ("sdxl", "sdxl")}  # name -> (family, shipped config folder)
+# name -> (family, shipped config folder); the SD3 rows are opt-in (--models): SD 3.5 Large's bf16 transformer
+# alone is 16 GB, and gpu_check.py runs both at 1024 px
+MODELS = {"sd15": ("sd1", "sd15"), "sdxl": ("sdxl", "sdxl"), "sd35m": ("sd3", "sd35-medium"),
+          "sd35l": ("sd3", "sd35-large")}
+DEFAULT_MODELS = ["sd15", "sdxl"]
+# SD3's cached text: CLIP-L + CLIP-G's 77 tokens in front of T5's (model.t5_length 256, sd-scripts' default and the
+# sd35 presets'), 4096 wide (trainer/models/sd3.py encode_text); pooled: both CLIPs' projections, 768 + 1280
+SD3_T5_LENGTH = 256
 
 
 def peak_gb(device: str) -> float:
@@ -43,16 +51,21 @@ def peak_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def random_unet(config_dir: Path, device: str):
-    """The UNet of a config with random bf16 weights, allocated once in bf16 (no fp32 copy on the way)."""
+def random_unet(config_dir: Path, device: str, family=None):
+    """The denoiser of a config (the family's: a UNet, or SD3's transformer) with random bf16 weights, allocated
+    once in bf16 (no fp32 copy on the way)."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    sub = family.denoiser_component if family is not None else "unet"
+    cls = SD3Transformer2DModel if sub == "transformer" else UNet2DConditionModel
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config_dir), subfolder="unet"))
+        unet = cls.from_config(cls.load_config(str(config_dir), subfolder=sub))
     # channels_last: PyTorch's CPU bf16 convolution in the default layout has no fast kernel on a CPU without native
     # bf16 (a 320-channel 3x3 conv at 64x64: 48 s, against 0.6 s channels_last on AVX2); on CUDA it is the fast one.
-    unet = unet.to_empty(device=device).to(torch.bfloat16, memory_format=torch.channels_last)
+    # (SD3's transformer has one convolution, its patch embedding: its layout does not matter.)
+    layout = torch.channels_last if sub == "unet" else torch.contiguous_format
+    unet = unet.to_empty(device=device).to(torch.bfloat16, memory_format=layout)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in unet.parameters():
@@ -65,6 +78,9 @@ def conditioning(family_name: str, resolution: int, device: str) -> dict:
     import torch
     from trainer.models import get_family
     from trainer.models.family import SizeInfo
+    if family_name == "sd3":
+        return {"encoder_hidden_states": torch.randn(1, 77 + SD3_T5_LENGTH, 4096, device=device),
+                "pooled_projections": torch.randn(1, 768 + 1280, device=device)}
     width = {"sd1": 768, "sdxl": 2048}[family_name]
     text = {"encoder_hidden_states": torch.randn(1, 77, width, device=device)}
     if family_name == "sdxl":
@@ -82,13 +98,14 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     from trainer.network import inject_lora
     family_name, configs = MODELS[model]
     family = get_family(family_name)
-    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device)
+    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family)
     weights = peak_gb(device)
     base = SimpleNamespace(denoiser=unet, text_encoders={}, family=family)
     cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device).items()}
-    latents = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
+    channels = unet.config.in_channels  # 4; SD3's VAE has 16
+    latents = torch.randn(1, channels, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
     latents = latents.to(memory_format=torch.channels_last)
-    t = torch.tensor([500], device=device)
+    t = torch.tensor([500.0 if family_name == "sd3" else 500], device=device)  # SD3: a flow time x 1000
     predict = lambda: family.predict(SimpleNamespace(denoiser=unet, dtype=unet.dtype), latents, t, cond)  # noqa: E731
     forward = []
     for _ in range(steps):
@@ -137,9 +154,10 @@ def table(rows: list[dict]) -> str:
     peak = "max resident set" if device == "cpu" else "torch.cuda.max_memory_allocated"
     lines = [f"### One LoRA training step at real size (bench/bench_memory.py)", "",
              f"{platform.machine()}, {device}, {rows[0]['threads']} torch thread(s), torch {torch.__version__}. "
-             f"Real configs with random weights; frozen UNet in bf16, rank-8 LoRA on the UNet attention (fp32 "
+             f"Real configs with random weights; frozen denoiser in bf16, rank-8 LoRA on its attention (fp32 "
              f"weights, bf16 autocast), gradient checkpointing, cached latents and text-encoder outputs (no VAE or "
-             f"text encoder resident), batch 1, AdamW; medians of the timed passes. Peak: {peak}, in its own process.",
+             f"text encoder resident; SD3: 77 + {SD3_T5_LENGTH} text tokens), batch 1, AdamW; medians of the timed "
+             f"passes. Peak: {peak}, in its own process.",
              "", "| model | px | LoRA parameters | bf16 weights | frozen forward | peak | training step | peak | "
                  "step / forward |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -151,7 +169,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2, help="timed passes of each kind")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -5,7 +5,9 @@
      keeps them on CUDA), 8-bit AdamW (bitsandbytes), gradient checkpointing; each must finish with a finite loss
      and an adapter.
   2. Peak memory of one LoRA training step at SD 1.5 and SDXL size (real configs, random bf16 weights; the rows of
-     bench/bench_memory.py) at 512 and 1024 px, with and without gradient checkpointing.
+     bench/bench_memory.py) at 512 and 1024 px, with and without gradient checkpointing; SD 3.5 Medium and Large
+     at 1024 px (cached text: 77 + 256 tokens), the sizes the sd35-medium (12 GB) and sd35-large (16 GB) presets
+     are meant to fit.
   3. With two or more GPUs: two processes (DDP over NCCL) against one with the same global batch.
 
 On a machine without CUDA it says so and exits 0. Put the table in docs/benchmarks.md with --write.
@@ -63,20 +65,24 @@ def trainings(root: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+# (bench_memory model, px, gradient checkpointing): SD 1.5 and SDXL at both sizes with and without; SD 3.5 at its
+# native 1024 px, Medium both ways, Large (its bf16 transformer alone is 16 GB) as its preset trains it
+MEMORY_ROWS = [(model, px, ckpt) for model in ("sd15", "sdxl") for px in (512, 1024) for ckpt in (True, False)]
+MEMORY_ROWS += [("sd35m", 1024, True), ("sd35m", 1024, False), ("sd35l", 1024, True)]
+
+
 def memory() -> list[tuple[str, str, str]]:
     from bench_memory import run_row
     rows = []
-    for model in ("sd15", "sdxl"):
-        for px in (512, 1024):
-            for checkpointing in (True, False):
-                what = f"{model} {px} px, {'with' if checkpointing else 'without'} checkpointing"
-                try:
-                    r = run_row(model, px, 1, "cuda", checkpointing)
-                except SystemExit as e:  # run_row's report of a failed child (out of memory, say)
-                    rows.append((what, "FAILED", str(e).strip().splitlines()[-1][:160]))
-                    continue
-                rows.append((what, "ok", f"weights {r['weights_gb']:.2f} GB, step peak {r['step_peak_gb']:.2f} GB, "
-                                         f"step {r['step_s']:.2f} s (forward {r['forward_s']:.2f} s)"))
+    for model, px, checkpointing in MEMORY_ROWS:
+        what = f"{model} {px} px, {'with' if checkpointing else 'without'} checkpointing"
+        try:
+            r = run_row(model, px, 1, "cuda", checkpointing)
+        except SystemExit as e:  # run_row's report of a failed child (out of memory, say)
+            rows.append((what, "FAILED", str(e).strip().splitlines()[-1][:160]))
+            continue
+        rows.append((what, "ok", f"weights {r['weights_gb']:.2f} GB, step peak {r['step_peak_gb']:.2f} GB, "
+                                 f"step {r['step_s']:.2f} s (forward {r['forward_s']:.2f} s)"))
     return rows
 
 

@@ -276,18 +276,19 @@ def test_the_text_encoder_rows_follow_the_base_models_family(settings, tiny_sdxl
     sdxl = str(tiny_sdxl_dir)
     assert F.family_encoders(sdxl) == [("te1", "CLIP ViT-L"), ("te2", "OpenCLIP bigG")]
     assert F.family_encoders("") == [("te", "CLIP ViT-L")]
-    rows = tab.encoder_rows(sdxl)  # te, te1, te2: (row visibility, checkbox label) each
-    assert [r["visible"] for r in rows[0::2]] == [False, True, True] and rows[5]["label"] == "Train OpenCLIP bigG (te2)"
+    rows = tab.encoder_rows(sdxl)  # te, te1, te2, te3: (row visibility, checkbox label) each
+    assert [r["visible"] for r in rows[0::2]] == [False, True, True, False]
+    assert rows[5]["label"] == "Train OpenCLIP bigG (te2)"
     assert "**SDXL**" in F.model_note(sdxl) and "te1" in F.model_note(sdxl)
     cfg = tab.initial_config(settings)
     cfg.model.path = sdxl
-    F.apply_encoder_values(cfg, [True, 1e-4, True, 1e-5, False, 5e-6])  # the hidden te row is ignored
+    F.apply_encoder_values(cfg, [True, 1e-4, True, 1e-5, False, 5e-6, True, 5e-6])  # hidden te, te3 rows ignored
     assert (cfg.network.text_encoders, cfg.optimizer.text_encoder_lr, cfg.optimizer.text_encoder_lrs) == (
         ["te1"], 1e-5, ["te2=5e-06"])
-    F.apply_encoder_values(cfg, [False, 0, True, 1e-5, True, 2e-5])
+    F.apply_encoder_values(cfg, [False, 0, True, 1e-5, True, 2e-5, False, 5e-6])
     assert (cfg.network.text_encoders, cfg.optimizer.text_encoder_lrs) == (["all"], ["te2=2e-05"])
     back = F.encoder_values(cfg)
-    assert back[2:] == [True, 1e-5, True, 2e-5]
+    assert back[2:6] == [True, 1e-5, True, 2e-5]
 
 
 def test_the_gpu_choice_is_offered_only_with_more_than_one_gpu(settings, monkeypatch):

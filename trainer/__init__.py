@@ -15,7 +15,9 @@ Config (stdlib only)
 Base models
   load_base_model(path) -> BaseModel, ModelLoadError, resolve_model_path(), native_resolution(path),
   training_defaults(path), model_summary(path) (family, native size, text encoders: from config files only),
-  TEXT_ENCODER_NAMES (te, te1, te2: how the config names text encoders)
+  TEXT_ENCODER_NAMES (te, te1, te2, te3: how the config names text encoders), named_text_encoders(names, model)
+  (which of them network.text_encoders gives a LoRA: 'all' leaves SD3's T5 out), layout_choices(model or run)
+  ((layout, the programs that read it) for its adapters, saving.format "auto"'s first)
 Datasets
   scan_dataset(ds) -> DatasetScan (items, skipped, warnings, trigger), DatasetError, ImageLoadError, probe_image(),
   IMAGE_EXTENSIONS, CAPTION_EXTENSIONS, DATASET_FILE, is_image_file(), is_ignored(), read_caption(),
@@ -97,10 +99,59 @@ _EXPORTS = {
     **dict.fromkeys(["atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"], "atomic"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "named_text_encoders", "layout_choices"])
 
 
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+
+def named_text_encoders(names: list[str], model_path: str = "") -> list[str]:
+    """The text encoders (of TEXT_ENCODER_NAMES) that network.text_encoders `names` gives a LoRA: each one named,
+    and with 'all' each one its family trains by default (TextEncoderSpec.trains_by_default: SD3's T5, te3, only
+    when named). The base model's family decides for its own encoders (from its config files; SD 1.x when they do
+    not tell), the first family that has one for the others. network.trained_text_encoders applies the same rule
+    to a loaded model."""
+    from .config import TEXT_ENCODER_NAMES
+    from .models.detect import all_families
+    family = _family_of_source(model_path)
+    specs = {}
+    for spec in [s for f in (family, *all_families()) for s in f.text_encoder_specs]:
+        specs.setdefault(spec.prefix.removeprefix("lora_"), spec)  # the model's own family first
+    return [name for name in TEXT_ENCODER_NAMES
+            if name in names or ("all" in names and specs[name].trains_by_default)]
+
+
+def layout_choices(source: str = "") -> list[tuple[str, str]]:
+    """(layout, the programs that read it) for the adapters of a base model ("" = the tiny one) or of a run folder
+    (its config's model), the one saving.format "auto" writes first (Family.layouts)."""
+    return list(_family_of_source(str(source)).layouts.items())
+
+
+def _family_of_source(source: str):
+    """A run folder's family (its config's model.family, else its model's configs, else its adapter's names), or a
+    base model's (detect.default_family, SD 1.x, when its files do not tell: a hub id)."""
+    from .models.detect import default_family, get_family
+    from .models.info import family_name
+    from .runs import is_run_dir, load_run_config
+    if source and is_run_dir(source):
+        model = load_run_config(source).model
+        name = model.family if model.family != "auto" else family_name(model.path)
+        return get_family(name) if name is not None else _adapter_family(source)
+    name = family_name(source)
+    return get_family(name) if name is not None else default_family()
+
+
+def _adapter_family(run_dir: str):
+    """The family a run's adapter names show (its model's files are not at hand: a hub id); the default without one."""
+    from .errors import UserError
+    from .formats import load_adapter
+    from .formats.write import family_of
+    from .models.detect import default_family
+    from .runs import adapter_file
+    try:
+        return family_of(load_adapter(adapter_file(run_dir)))
+    except UserError:  # no adapter yet
+        return default_family()
 
 
 def __dir__() -> list[str]:

@@ -42,7 +42,7 @@ def run_names(settings: AppSettings) -> list[str]:
 def _slots_column(settings: AppSettings, c: dict) -> None:
     c["model"] = gr.Textbox(settings.base_model, label="Base model", elem_id="gen-model",
                             placeholder="empty = the tiny built-in model",
-                            info="A diffusers folder or a .safetensors checkpoint (SD 1.x, 2.x or SDXL); loaded "
+                            info="A diffusers folder or a .safetensors checkpoint (SD 1.x, 2.x, SDXL or SD 3/3.5); loaded "
                                  "once and kept.")
     c["model_note"] = gr.Markdown(model_note(settings.base_model), elem_id="gen-model-note")
     choices = G.adapter_choices(settings)

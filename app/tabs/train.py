@@ -11,8 +11,9 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, checkpoint_dirs,
-                     chosen_gpus, dataset_trigger, default_config, fields, gpu_settings, list_presets, list_runs,
-                     load_run_config, native_resolution, resume_run, send_command, start_run, visible_gpus)
+                     chosen_gpus, dataset_trigger, default_config, fields, get_value, gpu_settings, list_presets,
+                     list_runs, load_run_config, resume_run, send_command, start_run, training_defaults,
+                     visible_gpus)
 
 from .. import datasets as D
 from .. import forms as F
@@ -222,6 +223,24 @@ def run_names(settings: AppSettings) -> list[str]:
     return [row[0] for row in runs_rows(settings)]
 
 
+def model_defaults(new: str, before: str, current: dict) -> dict:
+    """The form values a new base model brings: each setting that follows the model (the engine's
+    training_defaults of either model: its native size, its family's sample steps and guidance, the tiny model's
+    short run) and that the form still shows as the old model set it; what the user changed stays theirs."""
+    old_cfg, new_cfg = default_config(before or ""), default_config(new or "")
+    keys = sorted(set(training_defaults(new or "")) | set(training_defaults(before or "")))
+    return {key: get_value(new_cfg, key) for key in keys
+            if key in current and current[key] == get_value(old_cfg, key) != get_value(new_cfg, key)}
+
+
+def export_formats(settings: AppSettings, name: str | None) -> dict:
+    """The download's layout choices for a run (its base model's family's), labelled by the programs that read
+    each, the one that loads in the most programs picked."""
+    run_dir = Path(settings.runs_dir) / name if name else None
+    choices = F.format_choices(str(run_dir) if run_dir is not None and run_dir.is_dir() else settings.base_model)
+    return {"choices": choices, "value": choices[0][1]}
+
+
 def encoder_rows(path: str) -> list:
     """Updates for the text-encoder rows: the base model's encoders shown, with their names; the others hidden."""
     mine = dict(F.family_encoders(path))
@@ -312,7 +331,8 @@ def _form(infos: list[FieldInfo], values: dict, after_basic=None) -> tuple[list,
 def _encoder_rows(cfg, c: dict) -> None:
     """One row per text encoder the base model's family has: a switch and a learning rate (kohya's SDXL trainer
     sets each of its two apart); rows of other families are built hidden."""
-    gr.Markdown("**Text encoders** (each its own LoRA and learning rate; off = the UNet only)", elem_classes=["ld-note"])
+    gr.Markdown("**Text encoders** (each its own LoRA and learning rate; none ticked = the UNet or transformer only)",
+                elem_classes=["ld-note"])
     values, mine = F.encoder_values(cfg), dict(F.family_encoders(cfg.model.path))
     c["encoders"], c["encoder_rows"] = [], []
     for i, name in enumerate(TEXT_ENCODER_NAMES):
@@ -369,9 +389,10 @@ def _runs_column(settings: AppSettings, c: dict) -> None:
                              interactive=False, elem_id="runs-table", max_height=220)
     c["picked"] = gr.Dropdown(run_names(settings), value=None, label="Run", elem_id="run-picker",
                               info="Follow it in the live view, resume it, or download its adapter.")
+    formats = export_formats(settings, None)
     with gr.Row():
-        c["fmt"] = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="Format",
-                               info="kohya: A1111, ComfyUI, Forge, diffusers.")
+        c["fmt"] = gr.Dropdown(formats["choices"], value=formats["value"], label="Format", elem_id="run-format",
+                               info="Each layout with the programs that load it; the first loads in the most.")
         c["dtype"] = gr.Dropdown(["fp16", "fp32", "bf16"], value="fp16", label="Precision")
     c["which"] = gr.Radio(list(WHICH), value="final", label="Adapter to download", elem_id="run-which",
                           info="best checkpoint: the one with the lowest validation loss (runs with validation).")
@@ -456,19 +477,22 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
 
 def _wire_model_defaults(c: dict) -> None:
-    """A new base model brings its native size (unless the user had changed the resolution), its family's note and
-    one text-encoder row per encoder it has."""
-    model, res = c["by_key"]["model.path"], c["by_key"]["dataset.resolution"]
-    outputs = [res, c["model_before"], c["model_note"], *c["encoder_rows"]]
+    """A new base model brings the settings that follow it (model_defaults: its native size, its family's sample
+    steps and guidance, unless the user had changed them), its family's note and one text-encoder row per encoder
+    it has."""
+    model = c["by_key"]["model.path"]
+    keys = [i.key for i in F.form_fields() if i.key != "model.path"]
+    follow = [c["by_key"][key] for key in keys]
+    outputs = [c["model_before"], c["model_note"], *c["encoder_rows"], *follow]
 
-    def on_model(new, before, resolution):
+    def on_model(new, before, *values):
         if new == before:
             return [gr.skip() for _ in outputs]
-        follows = resolution == native_resolution(before or "")
-        return [native_resolution(new or "") if follows else gr.skip(), new, F.model_note(new), *encoder_rows(new)]
+        brought = model_defaults(new, before, dict(zip(keys, values)))
+        return [new, F.model_note(new), *encoder_rows(new), *(brought.get(key, gr.skip()) for key in keys)]
 
     for event in (model.blur, model.submit, model.change):
-        event(on_model, [model, c["model_before"], res], outputs, show_progress="hidden",
+        event(on_model, [model, c["model_before"], *follow], outputs, show_progress="hidden",
               trigger_mode="always_last")
 
 
@@ -558,6 +582,8 @@ def _wire_runs(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
 
     c["export_btn"].click(guarded(on_export, c["download"]), [c["picked"], c["fmt"], c["dtype"], c["which"]],
                           c["download"])
+    c["picked"].change(lambda name: gr.update(**export_formats(s, name)), [c["picked"]], [c["fmt"]],
+                       show_progress="hidden")
     _wire_compare(s, c)
 
 
