@@ -39,7 +39,8 @@ Adapters (a source is an adapter file, a checkpoint folder or a run folder, alwa
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf, integer tensors and all
   alphas 0 refused), LoraLayer,
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
-  AdapterFormatError, merge_exact(), merge_svd(), resize_adapter(), bake(), is_foreign_folder(), analyze(),
+  AdapterFormatError, merge_exact(), merge_svd(), save_merged() (a merged adapter in its family's layouts),
+  resize_adapter(), bake(), is_foreign_folder(), analyze(),
   Generator, image_grid(), compare_checkpoints(run_dir) (checkpoints x prompts and seeds, validation losses)
   adapter_weight(value, label), guidance_scale(value, name), seed_value(value), finite_number(), NotFiniteError:
   the one rule for adapter weights, guidance and seeds (NaN, infinity, seeds torch cannot take refused by name)
@@ -88,7 +89,7 @@ _EXPORTS = {
                     "formats"),
     **dict.fromkeys(["Adapter", "LoraLayer"], "lora_state"),
     # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
-    **dict.fromkeys(["merge_exact", "merge_svd"], "adapters.merge"),
+    **dict.fromkeys(["merge_exact", "merge_svd", "save_merged"], "adapters.merge"),
     **dict.fromkeys(["bake", "is_foreign_folder"], "adapters.bake"),
     "compare_checkpoints": "adapters.compare",
     "analyze": "adapters.analyze",

@@ -8,7 +8,8 @@ from __future__ import annotations
 from trainer.lazy import lazy_getattr
 
 _EXPORTS = {
-    "FusedBlender": "blend", "merge_exact": "merge", "merge_svd": "merge", "resize": "resize",
+    "FusedBlender": "blend", "merge_exact": "merge", "merge_svd": "merge", "save_merged": "merge",
+    "resize": "resize",
     "bake": "bake", "save_single_file": "bake", "save_diffusers": "bake", "fuse_into": "bake",
     "analyze": "analyze", "spectrum": "analyze", "subspace_similarity": "analyze", "effective_rank": "analyze",
     "Generator": "generate",

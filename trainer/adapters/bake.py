@@ -51,10 +51,22 @@ def save_single_file(base, path: str | Path, dtype: str = "fp16", metadata: dict
     path = Path(path)
     cast = _dtype(dtype)
     state = base.family.original_checkpoint(base)
-    tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in state.items()}
+    tensors = _unshared({k: v.detach().to("cpu", cast).contiguous() for k, v in state.items()})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each name its own storage: safetensors refuses tensors that share memory, and a layout may hold one weight
+    under two names (SD3's T5 embedding, tied in the model, is `shared` and `encoder.embed_tokens` in the file)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def save_diffusers(base, folder: str | Path, dtype: str | None = None) -> Path:

@@ -48,7 +48,8 @@ def _blend_parser(sub) -> None:
                        description="Merge adapters: exact (rank = sum of ranks) or SVD-compressed with --rank.")
     p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
                    help="adapter files, checkpoint or run folders, with weights (default 1)")
-    p.add_argument("--out", required=True, help="output .safetensors (kohya format)")
+    p.add_argument("--out", required=True, help="output .safetensors in the family's layout (kohya; SD3: diffusers, "
+                                                "with <name>-kohya.safetensors beside it)")
     p.add_argument("--rank", type=int, help="compress every layer to this rank by SVD (default: exact)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
     p.add_argument("--report", help="also write the per-layer kept-norm report as JSON here")
@@ -62,7 +63,7 @@ def _resize_parser(sub) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the new rank of every layer")
     size.add_argument("--keep", type=float, help="share of each layer's Frobenius norm to keep, e.g. 0.95")
-    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors (as blend's --out)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
     p.set_defaults(func=cmd_resize)
@@ -161,7 +162,7 @@ def _load(path: str):
 
 @_user_errors
 def cmd_blend(args) -> int:
-    from trainer import merge_exact, merge_svd, save_adapter
+    from trainer import merge_exact, merge_svd, save_merged
     _check_out(args.out, ".safetensors")
     _check_rank(args.rank)
     specs = [parse_weighted(text) for text in args.adapters]
@@ -172,26 +173,28 @@ def cmd_blend(args) -> int:
         merged, report = merge_exact(pairs, titles, labels), None
     else:
         merged, report = merge_svd(pairs, args.rank, titles, labels)
-    save_adapter(merged, args.out, dtype=args.dtype)
+    written = save_merged(merged, args.out, dtype=args.dtype, source=_check_file(specs[0][0]))
     ranks = sorted({layer.rank for layer in merged.layers.values()})
     print(f"wrote {args.out}: {len(merged)} layers, rank {_span(ranks)}")
+    _print_also(written)
     _print_report(report, args.report)
     return 0
 
 
 @_user_errors
 def cmd_resize(args) -> int:
-    from trainer import resize_adapter as resize, save_adapter
+    from trainer import resize_adapter as resize, save_merged
     _check_out(args.out, ".safetensors")
     _check_rank(args.rank)
     if args.keep is not None and not 0 < args.keep <= 1:
         raise UsageError(f"--keep must be in (0, 1], for example 0.95; got {args.keep}")
     adapter = _load(args.adapter)
     resized, report = resize(adapter, rank=args.rank, keep=args.keep, label=Path(args.adapter).name)
-    save_adapter(resized, args.out, dtype=args.dtype)
+    written = save_merged(resized, args.out, dtype=args.dtype, source=_check_file(args.adapter))
     ranks = sorted({layer.rank for layer in resized.layers.values()})
     print(f"wrote {args.out}: {len(resized)} layers, rank {_span(ranks)}, "
           f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters")
+    _print_also(written)
     _print_report(report, args.report)
     return 0
 
@@ -289,6 +292,12 @@ def cmd_compare(args) -> int:
     save_image_atomic(grid, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _print_also(written: list[Path]) -> None:
+    """The other layouts written beside --out (SD3's adapters: one file per layout, as its runs write them)."""
+    for path in written[1:]:
+        print(f"also wrote {path} ({path.stem.rsplit('-', 1)[-1]} layout)")
 
 
 def _span(values: list[int]) -> str:

@@ -12,12 +12,12 @@ from trainer.finite import adapter_weight, guidance_scale, seed_value
 from trainer.lora_state import Adapter
 from trainer.threads import pick_cpu_threads, use_cpu_threads
 
-from trainer.formats import load_adapter, save_adapter
+from trainer.formats import load_adapter
 from trainer.runs import adapter_file
 from trainer.models import load_base_model
 from .blend import FusedBlender
 from .grid import image_grid
-from .merge import merge_exact, merge_svd
+from .merge import merge_exact, merge_svd, save_merged
 
 Source = Adapter | str | Path
 Progress = Callable[[float, str], None]  # (share done, what is happening)
@@ -172,7 +172,8 @@ class Generator:
             titles = [Path(name).stem if not name.startswith("adapter@") else None for name in blender.active()]
             titles = titles if all(titles) else None
             merged, report = (merge_exact(pairs, titles), None) if rank is None else merge_svd(pairs, rank, titles)
-            save_adapter(merged, path, dtype=dtype)
+            # the loaded model's index: its true widths and block count for the family's layouts (SD3 writes two)
+            save_merged(merged, path, dtype=dtype, index=self.base.module_index())
             return report
 
 

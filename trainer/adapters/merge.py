@@ -7,6 +7,7 @@ learnt. `merge_exact` stacks the ranks instead (the product of the stacked facto
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,31 @@ def merge_svd(pairs: list[tuple[Adapter, float]], rank: int, titles: list[str] |
     if rank < 1:
         raise ValueError(f"merge: rank must be at least 1, got {rank}")
     return compress(merge_exact(pairs, titles, labels), rank=rank)
+
+
+def save_merged(adapter: Adapter, path: str | Path, dtype: str = "fp16", index: dict | None = None,
+                source: str | Path | None = None) -> list[Path]:
+    """Write a tool's result (a blend, a resize) as a run writes its final adapter (loop.export_final): in its
+    family's default layout at `path` and, for a family no one layout brings to every program (SD3: diffusers'
+    layout loads in diffusers/ComfyUI/A1111, sd-scripts' fused-qkv one in ComfyUI/Forge), each other layout beside
+    it as <stem>-<layout>.safetensors. SD 1.x/2.x/SDXL: one kohya file, as before. `index`: the module index of the
+    adapter's base model (the widths and block count its layouts need), else that of the model of the run
+    `source` lies in; used only when it holds every layer, else the family's standard model gives them. Returns
+    the paths written, `path` first."""
+    from trainer.formats import save_adapter
+    from trainer.formats.write import family_of
+    from trainer.runs import run_model_index
+    path = Path(path)
+    family = family_of(adapter)
+    if index is None and source is not None:
+        index = run_model_index(source)
+    index = index if index is not None and set(adapter.layers) <= set(index) else None
+    chosen = family.layout("auto")
+    others = [f for f in family.layouts if f != chosen] if family.writes_every_layout else []
+    written = [path.with_name(f"{path.stem}-{layout}{path.suffix}") for layout in others]
+    for layout, out in zip(others, written):  # the siblings first: `path` appearing means the set is complete
+        save_adapter(adapter, out, format=layout, dtype=dtype, index=index, family=family)
+    return [save_adapter(adapter, path, format=chosen, dtype=dtype, index=index, family=family), *written]
 
 
 def _stack(name: str, parts: list[tuple[LoraLayer, float]]) -> LoraLayer:
