@@ -235,3 +235,58 @@ def test_the_sd3_validation_loss_is_deterministic_at_fixed_noise_levels(tiny_sd3
     assert [(v.loss, v.per_timestep) for v in a] == [(v.loss, v.per_timestep) for v in b]
     assert set(a[0].per_timestep) == {"200", "400", "600", "800"}  # sigma 0.2 .. 0.8 x 1000
     assert len({v.loss for v in a}) == len(a), "it moves as the adapter trains"
+
+
+def test_t5_length_0_leaves_t5_unloaded_and_its_part_zeros(tiny_sd3_dir):
+    base = load_base_model(str(tiny_sd3_dir), options={"t5_length": 0})
+    assert list(base.text_encoders) == ["lora_te1", "lora_te2"]  # never loaded: no memory for it
+    text = base.encode_text(["a red circle"])
+    states = text["encoder_hidden_states"]
+    assert states.shape == (1, 77 + 77, 96)  # as diffusers' pipeline does without T5: 77 zero positions
+    assert torch.count_nonzero(states[:, 77:]) == 0 and torch.count_nonzero(states[:, :77, :80]) > 0
+    pipe = base.pipeline()
+    assert pipe.text_encoder_3 is None
+    embeds = pipe.encode_prompt("a red circle", None, None, do_classifier_free_guidance=False,
+                                max_sequence_length=pipe.t5_length)[0]  # what its __call__ passes
+    assert torch.equal(embeds, states)  # samples condition as training did
+
+
+# ---- single files as people keep them ----------------------------------------------------------------------------
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x, y = a.state_dict(), b.state_dict()
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny_sd3_dir, tmp_path):
+    """SAI's sd3.5_medium.safetensors with everything inside, and the ComfyUI way: the transformer alone plus
+    clip_l / clip_g / t5xxl / VAE files (model.clip_l_path ...); both give the folder's weights exactly."""
+    from safetensors.torch import save_file
+
+    from trainer.models.sd3_bake import original_checkpoint
+    folder = load_base_model(str(tiny_sd3_dir))
+    state = {k: v.clone().contiguous() for k, v in original_checkpoint(folder).items()}
+    whole = tmp_path / "sd3.5_tiny.safetensors"
+    save_file(state, str(whole))
+    parts = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
+             "clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+             "t5xxl": "text_encoders.t5xxl.transformer."}
+    files = {}
+    for name, prefix in parts.items():
+        keep = prefix if name == "transformer" else ""  # a separate file holds its own names, no prefix
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({keep + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, str(files[name]))
+    options = {"clip_l_path": str(files["clip_l"]), "clip_g_path": str(files["clip_g"]),
+               "t5_path": str(files["t5xxl"]), "vae_path": str(files["vae"])}
+    for path, opts in ((whole, {}), (files["transformer"], options)):
+        base = load_base_model(str(path), config_dir=tiny_sd3_dir, options=opts)
+        assert base.family.name == "sd3" and list(base.text_encoders) == ["lora_te1", "lora_te2", "lora_te3"]
+        for a, b in zip(base.components, folder.components):
+            assert same_weights(a, b), type(a).__name__
+    from trainer.models import ModelLoadError
+    with pytest.raises(ModelLoadError, match="holds no VAE; give the SD3 VAE file as model.vae_path"):
+        load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir)
+    with pytest.raises(ModelLoadError, match="holds no CLIP-L text encoder; give its file as model.clip_l_path"):
+        load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir, options={"vae_path": str(files["vae"])})
+    without_t5 = load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir,
+                                 options={k: v for k, v in options.items() if k != "t5_path"})
+    assert "lora_te3" not in without_t5.text_encoders  # SD3 without T5: its part of the conditioning is zeros

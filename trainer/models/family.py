@@ -96,7 +96,8 @@ class Family:
         its config files only: validate calls it as loading does (detect.check_folder)."""
 
     # ---- loading -------------------------------------------------------------------------------------------------
-    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
+                    options: dict | None = None) -> dict:
         """BaseModel fields from a diffusers folder."""
         raise NotImplementedError
 

@@ -41,11 +41,11 @@ def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool 
     source = resolve_model_path(path)
     local = Path(source)
     if local.is_dir():
-        detected, parts = _load_folder(local, family, dtype, trust_pickle)
+        detected, parts = _load_folder(local, family, dtype, trust_pickle, options)
     elif local.is_file():
         detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir, options)
     elif looks_like_hub_id(source):
-        detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, shown=source)
+        detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, options, shown=source)
     else:
         raise ModelLoadError(_missing_message(source, path))
     base = BaseModel(family=detected, source=source, options=options, **parts)
@@ -53,9 +53,9 @@ def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool 
     return _to_device(base, device)
 
 
-def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, shown: str | None = None):
+def _load_folder(folder: Path, family: str, dtype, trust_pickle: bool, options: dict, shown: str | None = None):
     detected = _agree(check_folder(folder), family, shown or folder, "model")  # the check validate makes too
-    return detected, detected.load_folder(folder, dtype=dtype, trust_pickle=trust_pickle)
+    return detected, detected.load_folder(folder, dtype=dtype, trust_pickle=trust_pickle, options=options)
 
 
 def _load_single_file(file: Path, family: str, dtype, trust_pickle: bool, config_dir, options: dict):

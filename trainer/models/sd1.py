@@ -33,7 +33,8 @@ class SD1(Family):
                                                                  for k in keys)
 
     # ---- loading -------------------------------------------------------------------------------------------------
-    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
+                    options: dict | None = None) -> dict:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)

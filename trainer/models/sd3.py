@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, text_encoder_modules
 from .loading import guarded, load_component
+from .sd3_files import DEFAULT_T5_LENGTH, uses_t5
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,6 @@ TRANSFORMER_GROUPS = {
 }
 T5_GROUPS = {"attention": ["q", "k", "v", "o"], "mlp": ["wi_0", "wi_1", "wo"]}
 CLIP_LENGTH = 77
-DEFAULT_T5_LENGTH = 256  # sd-scripts' default for SD3 (diffusers' pipeline defaults to 256 too; its script to 77)
 SAI_TRANSFORMER_KEY = "model.diffusion_model."
 
 
@@ -61,7 +61,8 @@ class SD3(Family):
         return any(k.startswith(SAI_TRANSFORMER_KEY + "joint_blocks.") for k in keys)
 
     # ---- loading -------------------------------------------------------------------------------------------------
-    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
+                    options: dict | None = None) -> dict:
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, T5EncoderModel
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
@@ -69,7 +70,7 @@ class SD3(Family):
                   "vae": load_component(folder, "vae", AutoencoderKL, **load),
                   "text_encoder": load_component(folder, "text_encoder", CLIPTextModelWithProjection, **load),
                   "text_encoder_2": load_component(folder, "text_encoder_2", CLIPTextModelWithProjection, **load)}
-        if (folder / "text_encoder_3").is_dir():  # T5 is optional: SD3 runs with its part zeroed
+        if (folder / "text_encoder_3").is_dir() and uses_t5(options):  # optional: SD3 runs with its part zeroed
             models["text_encoder_3"] = load_component(folder, "text_encoder_3", T5EncoderModel, **load)
         return self.components(models, folder)
 

@@ -18,7 +18,13 @@ TEXT_KEYS = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_
              "text_encoder_3": "text_encoders.t5xxl.transformer."}
 OPTION_OF = {"text_encoder": "clip_l_path", "text_encoder_2": "clip_g_path", "text_encoder_3": "t5_path",
              "vae": "vae_path"}
+DEFAULT_T5_LENGTH = 256  # sd-scripts' default for SD3 (diffusers' pipeline defaults to 256 too; its script to 77)
 LABELS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL", "vae": "VAE"}
+
+
+def uses_t5(options: dict | None) -> bool:
+    """Whether T5 is loaded at all: model.t5_length 0 leaves it on disk (9.5 GB in bf16 that never load)."""
+    return int((options or {}).get("t5_length", DEFAULT_T5_LENGTH)) != 0
 
 
 def shipped_configs(state_dict: dict) -> Path:
@@ -38,7 +44,7 @@ def load_models(state_dict: dict, *, source: Path, config_dir: Path | None, dtyp
     fit = Fit(source, configs, default_configs=config_dir is None, family_label=label)
     models = {"transformer": _transformer(state_dict, fit, configs, dtype),
               "vae": _vae(state_dict, fit, configs, dtype, options.get("vae_path"), label)}
-    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3")[:3 if uses_t5(options) else 2]:
         weights, where = _text_weights(state_dict, sub, source, options)
         if weights is None and sub == "text_encoder_3":
             continue  # SD3 runs without T5 (its part of the conditioning is zeros)

@@ -44,7 +44,8 @@ class SDXL(SD1):
     def refuse_folder(self, folder: Path) -> None:
         _refuse_refiner_folder(folder)
 
-    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool) -> dict:
+    def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
+                    options: dict | None = None) -> dict:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
         _refuse_refiner_folder(folder)
