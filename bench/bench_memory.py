@@ -89,7 +89,8 @@ def conditioning(family_name: str, resolution: int, device: str) -> dict:
     return get_family(family_name).conditioning(None, text, sizes) if family_name == "sdxl" else text
 
 
-def measure(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True) -> dict:
+def measure(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True,
+            fp8: bool = False) -> dict:
     """One process's row: weights, forward and training-step times (medians), peaks after each phase."""
     import torch
     from types import SimpleNamespace
@@ -99,6 +100,8 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     family_name, configs = MODELS[model]
     family = get_family(family_name)
     unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family)
+    if fp8:  # precision.fp8_base: the loop's BaseModel.store_denoiser_in_fp8 (peft's layers are skipped by name)
+        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     weights = peak_gb(device)
     base = SimpleNamespace(denoiser=unet, text_encoders={}, family=family)
     cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device).items()}
@@ -132,17 +135,19 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train.append(time.perf_counter() - start)
-    return {"model": model, "resolution": resolution, "device": device,
+    return {"model": model, "resolution": resolution, "device": device, "fp8": fp8,
             "lora_params": sum(p.numel() for p in params.named().values()), "weights_gb": weights,
             "forward_s": statistics.median(forward), "forward_peak_gb": peak_forward,
             "step_s": statistics.median(train), "step_peak_gb": peak_gb(device), "threads": torch.get_num_threads()}
 
 
-def run_row(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True) -> dict:
+def run_row(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True,
+            fp8: bool = False) -> dict:
     """One row, measured in a fresh process (bench/gpu_check.py runs it too)."""
     done = subprocess.run([sys.executable, __file__, "--child", model, "--resolution", str(resolution),
                            "--steps", str(steps), "--device", device]
-                          + ([] if checkpointing else ["--no-checkpointing"]), capture_output=True, text=True)
+                          + ([] if checkpointing else ["--no-checkpointing"]) + (["--fp8"] if fp8 else []),
+                          capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{model} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,16 +157,16 @@ def table(rows: list[dict]) -> str:
     import torch
     device = rows[0]["device"]
     peak = "max resident set" if device == "cpu" else "torch.cuda.max_memory_allocated"
-    lines = [f"### One LoRA training step at real size (bench/bench_memory.py)", "",
+    lines = ["### One LoRA training step at real size (bench/bench_memory.py)", "",
              f"{platform.machine()}, {device}, {rows[0]['threads']} torch thread(s), torch {torch.__version__}. "
              f"Real configs with random weights; frozen denoiser in bf16, rank-8 LoRA on its attention (fp32 "
              f"weights, bf16 autocast), gradient checkpointing, cached latents and text-encoder outputs (no VAE or "
              f"text encoder resident; SD3: 77 + {SD3_T5_LENGTH} text tokens), batch 1, AdamW; medians of the timed "
              f"passes. Peak: {peak}, in its own process.",
-             "", "| model | px | LoRA parameters | bf16 weights | frozen forward | peak | training step | peak | "
+             "", "| model | px | LoRA parameters | weights | frozen forward | peak | training step | peak | "
                  "step / forward |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['resolution']} | {r['lora_params']:,} | {r['weights_gb']:.2f} GB | "
+        lines.append(f"| {r['model']}{' (fp8 base)' if r.get('fp8') else ''} | {r['resolution']} | {r['lora_params']:,} | {r['weights_gb']:.2f} GB | "
                      f"{r['forward_s']:.1f} s | {r['forward_peak_gb']:.2f} GB | {r['step_s']:.1f} s | "
                      f"{r['step_peak_gb']:.2f} GB | {r['step_s'] / r['forward_s']:.2f}x |")
     return "\n".join(lines)
@@ -175,14 +180,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
     ap.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    ap.add_argument("--fp8", action="store_true", help="the denoiser's frozen weights in fp8 (precision.fp8_base)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
-        print(json.dumps(measure(args.child, args.resolution, args.steps, device, not args.no_checkpointing)))
+        print(json.dumps(measure(args.child, args.resolution, args.steps, device, not args.no_checkpointing,
+                                 args.fp8)))
         return 0
-    rows = [run_row(m, args.resolution, args.steps, device, not args.no_checkpointing) for m in args.models]
+    rows = [run_row(m, args.resolution, args.steps, device, not args.no_checkpointing, args.fp8)
+            for m in args.models]
     text = table(rows)
     print(text)
     if args.write:

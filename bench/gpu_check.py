@@ -67,17 +67,19 @@ def trainings(root: Path) -> list[tuple[str, str, str]]:
 
 # (bench_memory model, px, gradient checkpointing): SD 1.5 and SDXL at both sizes with and without; SD 3.5 at its
 # native 1024 px, Medium both ways, Large (its bf16 transformer alone is 16 GB) as its preset trains it
-MEMORY_ROWS = [(model, px, ckpt) for model in ("sd15", "sdxl") for px in (512, 1024) for ckpt in (True, False)]
-MEMORY_ROWS += [("sd35m", 1024, True), ("sd35m", 1024, False), ("sd35l", 1024, True)]
+MEMORY_ROWS = [(model, px, ckpt, False) for model in ("sd15", "sdxl") for px in (512, 1024) for ckpt in (True, False)]
+# (the fourth: fp8 base weights, as the sd35-large preset trains on 16 GB)
+MEMORY_ROWS += [("sd35m", 1024, True, False), ("sd35m", 1024, False, False), ("sd35l", 1024, True, False),
+                ("sd35l", 1024, True, True)]
 
 
 def memory() -> list[tuple[str, str, str]]:
     from bench_memory import run_row
     rows = []
-    for model, px, checkpointing in MEMORY_ROWS:
-        what = f"{model} {px} px, {'with' if checkpointing else 'without'} checkpointing"
+    for model, px, checkpointing, fp8 in MEMORY_ROWS:
+        what = f"{model} {px} px, {'with' if checkpointing else 'without'} checkpointing{', fp8 base' if fp8 else ''}"
         try:
-            r = run_row(model, px, 1, "cuda", checkpointing)
+            r = run_row(model, px, 1, "cuda", checkpointing, fp8)
         except SystemExit as e:  # run_row's report of a failed child (out of memory, say)
             rows.append((what, "FAILED", str(e).strip().splitlines()[-1][:160]))
             continue

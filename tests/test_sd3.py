@@ -290,3 +290,49 @@ def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny
     without_t5 = load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir,
                                  options={k: v for k, v in options.items() if k != "t5_path"})
     assert "lora_te3" not in without_t5.text_encoders  # SD3 without T5: its part of the conditioning is zeros
+
+
+def test_fp8_base_weights_store_the_denoiser_in_fp8_and_train_the_lora_in_fp32(tiny_sd3_dir, tmp_path):
+    """precision.fp8_base (SD 3.5 Large's 16 GB preset): diffusers' layerwise casting keeps the frozen Linear
+    weights in float8_e4m3fn and computes in the training precision; the LoRA factors stay fp32 and learn."""
+    from test_training import train
+    from trainer.loop import Trainer
+    cfg = sd3_cfg(tiny_sd3_dir, make_images(tmp_path / "data", n=4, size=48), tmp_path,
+                  **{"precision.fp8_base": True, "schedule.max_steps": 3, "network.text_encoders": []})
+    trainer = Trainer(cfg, tmp_path / "probe")
+    trainer.scan = None
+    trainer._setup_model()
+    weights = {n: p.dtype for n, p in trainer.base.denoiser.named_parameters()}
+    assert weights["transformer_blocks.0.attn.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert weights["transformer_blocks.0.ff.net.2.weight"] == torch.float8_e4m3fn
+    assert all(p.dtype == torch.float32 for p in trainer.params.named().values())
+    assert trainer.base.dtype == torch.float32  # what predict casts its inputs to: the compute dtype
+    adapter, _, _ = train(cfg)
+    with safe_open(str(adapter), "pt") as f:
+        ups = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+    assert ups and all(torch.isfinite(u).all() for u in ups) and any(u.abs().max() > 0 for u in ups)
+
+
+def test_t5_trains_only_when_te3_is_named_and_keeps_kohyas_lora_te3_names(tiny_sd3_dir, tmp_path):
+    from test_training import train
+    data = make_images(tmp_path / "data", n=2, size=48)
+    cfg = sd3_cfg(tiny_sd3_dir, data, tmp_path, **{"network.text_encoders": ["all"], "schedule.max_steps": 1})
+    from trainer.loop import Trainer
+    probe = Trainer(cfg, tmp_path / "probe")
+    probe.scan = None
+    probe._setup_model()
+    assert set(probe.trained_encoders) == {"lora_te1", "lora_te2"}  # 'all' leaves T5 frozen
+    cfg = sd3_cfg(tiny_sd3_dir, data, tmp_path, **{"network.text_encoders": ["te3"], "schedule.max_steps": 2,
+                                                 "network.text_encoder_targets": ["attention", "mlp"]})
+    adapter, _, _ = train(cfg)
+    names = {k.split(".")[0] for k in keys_of(adapter.with_name(adapter.stem + "-kohya.safetensors"))[0]}
+    te3 = {n for n in names if n.startswith("lora_te3_")}
+    assert te3 == {f"lora_te3_encoder_block_{i}_layer_{j}" for i in range(2) for j in
+                   ("0_SelfAttention_q", "0_SelfAttention_k", "0_SelfAttention_v", "0_SelfAttention_o",
+                    "1_DenseReluDense_wi_0", "1_DenseReluDense_wi_1", "1_DenseReluDense_wo")}
+    keys, _ = keys_of(adapter)
+    assert "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" in keys
+    kohya, split = load_adapter(adapter.with_name(adapter.stem + "-kohya.safetensors")), load_adapter(adapter)
+    assert kohya.layers.keys() == split.layers.keys()
+    for name, layer in kohya.layers.items():
+        assert torch.allclose(layer.delta(), split.layers[name].delta(), atol=1e-7, rtol=0), name

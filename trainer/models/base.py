@@ -104,6 +104,13 @@ class BaseModel:
             self._dtypes[component] = getattr(self, component).dtype
         return self._dtypes[component]
 
+    def store_denoiser_in_fp8(self, compute_dtype: torch.dtype) -> None:
+        """diffusers' layerwise casting: the denoiser's frozen weights stored in float8_e4m3fn, each layer cast to
+        compute_dtype while it runs; peft's LoRA layers (trainable, fp32) and the norms are left as they are
+        (diffusers skips both by default). The model's dtype reads as compute_dtype from then on."""
+        self.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+        self._dtypes.clear()
+
     def place(self, device, dtype: torch.dtype) -> None:
         """Every frozen component to `device`, in `dtype` (a VAE that overflows in half precision, as SDXL's does,
         says force_upcast and stays fp32); the dtypes are read again once."""
