@@ -80,7 +80,7 @@ def test_the_fused_qkv_equals_the_split_modules_exactly(sd3_run):
 def transformer_output(transformer) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     noisy, hidden, pooled = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 93, 96, generator=g), \
-        torch.randn(1, 64, generator=g)
+        torch.randn(1, 72, generator=g)
     with torch.no_grad():
         return transformer(hidden_states=noisy, timestep=torch.tensor([500.0]), encoder_hidden_states=hidden,
                            pooled_projections=pooled, return_dict=False)[0]
@@ -257,15 +257,13 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny_sd3_dir, tmp_path):
-    """SAI's sd3.5_medium.safetensors with everything inside, and the ComfyUI way: the transformer alone plus
-    clip_l / clip_g / t5xxl / VAE files (model.clip_l_path ...); both give the folder's weights exactly."""
+def single_files(base, folder: Path) -> tuple[Path, dict[str, Path]]:
+    """The model as SAI's single file, and as ComfyUI users keep it: the transformer alone plus a file per part."""
     from safetensors.torch import save_file
 
     from trainer.models.sd3_bake import original_checkpoint
-    folder = load_base_model(str(tiny_sd3_dir))
-    state = {k: v.clone().contiguous() for k, v in original_checkpoint(folder).items()}
-    whole = tmp_path / "sd3.5_tiny.safetensors"
+    state = {k: v.clone().contiguous() for k, v in original_checkpoint(base).items()}
+    whole = folder / "sd3.5_tiny.safetensors"
     save_file(state, str(whole))
     parts = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
              "clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
@@ -273,8 +271,16 @@ def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny
     files = {}
     for name, prefix in parts.items():
         keep = prefix if name == "transformer" else ""  # a separate file holds its own names, no prefix
-        files[name] = tmp_path / f"{name}.safetensors"
+        files[name] = folder / f"{name}.safetensors"
         save_file({keep + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, str(files[name]))
+    return whole, files
+
+
+def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny_sd3_dir, tmp_path):
+    """SAI's sd3.5_medium.safetensors with everything inside, and the ComfyUI way: the transformer alone plus
+    clip_l / clip_g / t5xxl / VAE files (model.clip_l_path ...); both give the folder's weights exactly."""
+    folder = load_base_model(str(tiny_sd3_dir))
+    whole, files = single_files(folder, tmp_path)
     options = {"clip_l_path": str(files["clip_l"]), "clip_g_path": str(files["clip_g"]),
                "t5_path": str(files["t5xxl"]), "vae_path": str(files["vae"])}
     for path, opts in ((whole, {}), (files["transformer"], options)):
@@ -283,9 +289,9 @@ def test_sai_single_files_load_whole_or_with_separate_text_encoders_and_vae(tiny
         for a, b in zip(base.components, folder.components):
             assert same_weights(a, b), type(a).__name__
     from trainer.models import ModelLoadError
-    with pytest.raises(ModelLoadError, match="holds no VAE; give the SD3 VAE file as model.vae_path"):
+    with pytest.raises(ModelLoadError, match="holds no VAE; give its file as model.vae_path"):
         load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir)
-    with pytest.raises(ModelLoadError, match="holds no CLIP-L text encoder; give its file as model.clip_l_path"):
+    with pytest.raises(ModelLoadError, match="holds no CLIP-L; give its file as model.clip_l_path"):
         load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir, options={"vae_path": str(files["vae"])})
     without_t5 = load_base_model(str(files["transformer"]), config_dir=tiny_sd3_dir,
                                  options={k: v for k, v in options.items() if k != "t5_path"})
@@ -336,3 +342,45 @@ def test_t5_trains_only_when_te3_is_named_and_keeps_kohyas_lora_te3_names(tiny_s
     assert kohya.layers.keys() == split.layers.keys()
     for name, layer in kohya.layers.items():
         assert torch.allclose(layer.delta(), split.layers[name].delta(), atol=1e-7, rtol=0), name
+
+
+def test_check_names_missing_and_wrong_component_files_before_loading(tiny_sd3_dir, tmp_path):
+    """validate and the app's Check read the files' headers: a transformer-only file without its parts, a CLIP-G
+    given as CLIP-L, a text encoder given as VAE, T5 trained but left out, sides that are no multiple of 16; loading
+    refuses the same wrong file with the same words."""
+    import shutil
+
+    from trainer import config_problems
+    from trainer import config as C
+    from trainer.models import ModelLoadError
+    _, files = single_files(load_base_model(str(tiny_sd3_dir)), tmp_path)
+    shutil.copytree(tiny_sd3_dir, tmp_path / "transformer")  # the configs beside the file, as '<stem>/'
+    data = make_images(tmp_path / "data", n=2, size=48)
+
+    def problems(*sets: str) -> list[str]:
+        cfg = C.TrainConfig()
+        C.apply_overrides(cfg, [f"model.path={files['transformer']}", f"dataset.path={data}",
+                                "dataset.resolution=32", *sets])
+        return config_problems(cfg)
+
+    found = problems()
+    assert any("holds no VAE; give its file as model.vae_path" in p for p in found), found
+    assert any("holds no CLIP-L; give its file as model.clip_l_path" in p for p in found)
+    assert any("holds no CLIP-G; give its file as model.clip_g_path" in p for p in found)
+    parts = [f"model.vae_path={files['vae']}", f"model.clip_l_path={files['clip_l']}",
+             f"model.clip_g_path={files['clip_g']}"]
+    assert problems(*parts) == []
+    wrong = [f"model.vae_path={files['clip_l']}", f"model.clip_l_path={files['clip_g']}",
+             f"model.clip_g_path={files['clip_g']}"]
+    found = problems(*wrong)
+    assert any("model.clip_l_path" in p and "is not SD3's CLIP-L: it has 48 wide where SD3's has 32" in p
+               for p in found), found
+    assert any("model.vae_path" in p and "is not a VAE file" in p for p in found)
+    assert any("te3 (T5) but model.t5_length is 0" in p
+               for p in problems(*parts, "network.text_encoders=['te3']", "model.t5_length=0"))
+    assert any("holds no T5" in p for p in problems(*parts, "network.text_encoders=['te3']"))
+    assert any("dataset.resolution 40 must be a multiple of 16" in p
+               for p in problems(*parts, "dataset.resolution=40"))
+    options = {"vae_path": str(files["vae"]), "clip_l_path": str(files["clip_g"]), "clip_g_path": str(files["clip_g"])}
+    with pytest.raises(ModelLoadError, match="is not SD3's CLIP-L: it has 48 wide where SD3's has 32"):
+        load_base_model(str(files["transformer"]), options=options)

@@ -8,8 +8,10 @@ pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py):
   T5 width and concatenates them with T5's states on the sequence axis, so joint_attention_dim = T5 d_model >=
   CLIP-L width + CLIP-G width; pooled = CLIP-L text_embeds ++ CLIP-G text_embeds, so pooled_projection_dim =
   projection_dim_L + projection_dim_G.
-Projection widths differ from hidden widths on purpose (the real models have them equal), so code that confuses a
-CLIP's hidden width with its pooled width fails here instead of passing by coincidence.
+CLIP-G's projection width differs from its hidden width on purpose (the real model has them equal), so code that
+confuses a CLIP's hidden width with its pooled width fails here instead of passing by coincidence. CLIP-L's
+projection is an identity, as in SAI's SD3 (it pools CLIP-L unprojected: ComfyUI's SD3 text model and diffusers'
+single-file reader both take it so).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from tiny import WORDS, write_tokenizer
 
 # The sizes below, in one place, so tests can assert against them.
-CLIP_L_WIDTH, CLIP_L_PROJ = 32, 24
+CLIP_L_WIDTH, CLIP_L_PROJ = 32, 32
 CLIP_G_WIDTH, CLIP_G_PROJ = 48, 40
 T5_WIDTH = 96                       # > 32 + 48, so the CLIP states really get zero-padded as in SD3 (2048 -> 4096)
 HEADS, HEAD_DIM = 2, 8              # inner dim 16 = caption_projection_dim
@@ -105,6 +107,8 @@ def _text_encoders(seed: int, vocab_size: int, t5_vocab_size: int):
                               vocab_size=vocab_size, max_position_embeddings=77, hidden_act="gelu")
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(clip(CLIP_L_WIDTH, CLIP_L_PROJ))
+    with torch.no_grad():  # SAI's CLIP-L pools unprojected
+        text_encoder.text_projection.weight.copy_(torch.eye(CLIP_L_PROJ))
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(clip(CLIP_G_WIDTH, CLIP_G_PROJ))
     torch.manual_seed(seed + 2)

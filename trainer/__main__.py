@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a run's adapter in another format or precision")
     e.add_argument("source", metavar="RUN_DIR", help="run folder, checkpoint folder or adapter .safetensors")
-    e.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    e.add_argument("--format", choices=["auto", "kohya", "diffusers"], default="auto",
+                   help="auto: the layout the most programs load for the adapter's family (kohya for SD 1.x/2.x/SDXL, "
+                        "diffusers for SD3)")
     e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     e.add_argument("--out", required=True, help="output .safetensors")
     e.add_argument("--step", help="with a run folder: the checkpoint at this step, or 'best' (the lowest "
@@ -254,7 +256,7 @@ def cmd_export(args) -> int:
         out = export_adapter(src, args.out, format=args.format, dtype=args.dtype)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot write {args.out}: {e}") from None
-    print(f"wrote {out} ({args.format}, {args.dtype}) from {src}")
+    print(f"wrote {out} ({args.dtype}) from {src}")
     return 0
 
 

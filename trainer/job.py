@@ -79,6 +79,10 @@ def model_problems(cfg: C.TrainConfig) -> list[str]:
         return []
     family = get_family(name)
     problems = text_encoder_problems(family, cfg)
+    try:
+        problems += family.model_problems(cfg, Path(resolve_model_path(cfg.model.path)))
+    except ModelLoadError as e:  # a component file that is no readable .safetensors
+        problems.append(f"model: {e}")
     if cfg.model.family not in ("auto", name):
         forced = get_family(cfg.model.family)
         where = cfg.model.path or "the built-in tiny model"

@@ -451,8 +451,11 @@ class Trainer:
         loss = self.validate()  # every checkpoint has its validation loss: that is how the best one is found
         with runs.new_checkpoint_dir(self.run_dir, self.step) as tmp:
             save_training_state(tmp, self.params, self.optimizer, self.lr_scheduler, self.step, 0)
+            # the family's default layout (kohya for the UNet families; SD3's diffusers layout reads back without
+            # the model at hand, where its fused kohya names need the model's block count)
             save_adapter(self.base.injected_adapter(), runs.checkpoint_adapter(tmp),
-                         format="kohya", dtype="fp32", metadata=self.metadata())
+                         format=self.base.family.layout("auto"), dtype="fp32", metadata=self.metadata(),
+                         index=self.base.module_index(), family=self.base.family)
         if loss is not None and (self.best is None or loss < self.best[0]):
             self.best = (loss, self.step)
         runs.prune_checkpoints(self.run_dir, self.cfg.saving.keep_last, keep=self.best[1] if self.best else None)

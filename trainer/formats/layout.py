@@ -17,13 +17,17 @@ def _components() -> dict[str, str]:
     out = {"lora_unet": "unet"}
     for family in all_families():
         out.update({spec.prefix: spec.component for spec in family.text_encoder_specs})
-    # kohya's name for a third text encoder (sd-scripts networks/lora_sd3.py:236, LORA_PREFIX_TEXT_ENCODER_T5), so
-    # files that hold one read even where no family declares it
-    out.setdefault("lora_te3", "text_encoder_3")
     return out
 
 
+def _denoiser_components() -> tuple[str, ...]:
+    """The diffusers components a family's denoiser comes as (unet, transformer), all under kohya's lora_unet."""
+    from trainer.models.detect import all_families
+    return tuple(dict.fromkeys(family.denoiser_component for family in all_families()))
+
+
 COMPONENTS = _components()
+DENOISER_COMPONENTS = _denoiser_components()
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

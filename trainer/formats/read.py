@@ -17,18 +17,21 @@ from trainer.lora_state import Adapter, LoraLayer
 
 from .errors import AdapterFormatError
 from .fused import split_layers
-from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, shape_problem
+from .layout import COMPONENTS, DENOISER_COMPONENTS, DIFFUSERS_CONFIG_KEY, shape_problem
 from .names import UNET_PREFIX, diffusers_aliases, kohya_name, normalise_kohya_name
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-_KOHYA_KEY = re.compile(r"^lora_(unet|transformer|te1|te2|te3|te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|"
+# OneTrainer names a denoiser that is no UNet by its component (lora_transformer_): read as kohya's lora_unet_
+_FOREIGN_PREFIXES = {f"lora_{c}_": UNET_PREFIX + "_" for c in DENOISER_COMPONENTS if f"lora_{c}" != UNET_PREFIX}
+_PREFIX_NAMES = sorted({p.removeprefix("lora_") for p in COMPONENTS} | {p[5:-1] for p in _FOREIGN_PREFIXES},
+                       key=len, reverse=True)  # the longest first: te1 before te
+_KOHYA_KEY = re.compile(rf"^lora_({'|'.join(_PREFIX_NAMES)})_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|"
                         r"alpha)$")
 # OneTrainer's default LoRA output (output_model_format SAFETENSORS, migrated to LEGACY_LORA: OneTrainer
 # modules/util/config/TrainConfig.py:859-864, 1044) is its "mixture" layout for SD3 (modelSaver/stableDiffusion3/
 # StableDiffusion3LoRASaver.py:14-15 -> util/convert_lora_util.py:85-103): kohya-style keys of the diffusers module
 # paths, split q/k/v, the transformer under `lora_transformer_` (the text encoders under lora_te1/2/3_ as ours).
-_FOREIGN_PREFIXES = {"lora_transformer_": UNET_PREFIX + "_"}
-_DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder_3", "text_encoder")
+_DIFFUSERS_COMPONENTS = tuple(sorted({*DENOISER_COMPONENTS, *COMPONENTS.values()}, key=len, reverse=True))
 _KOHYA_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 # module path + which tensor, for the layouts diffusers and peft have written over the years
 _MODULE_KEYS = [
@@ -220,7 +223,7 @@ def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[st
     components = {found[0][0] for found in found_keys.values() if found and found[0][0].startswith("text_encoder")}
     # a component no family declares (text_encoder_3 before SD3 is known) keeps the prefix layout.COMPONENTS gives
     fallback = {component: prefix for prefix, component in COMPONENTS.items() if prefix != UNET_PREFIX}
-    prefixes = {**fallback, **text_encoder_prefixes(components), "unet": UNET_PREFIX, "transformer": UNET_PREFIX}
+    prefixes = {**fallback, **text_encoder_prefixes(components), **dict.fromkeys(DENOISER_COMPONENTS, UNET_PREFIX)}
     parts, unknown, paths = {}, [], {}
     for key, tensor in state.items():
         found = found_keys[key]

@@ -101,6 +101,11 @@ def family_of_folder(folder: Path):
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names in a .safetensors file's header (8 bytes of length, then JSON), checked against the file's
     size, so random bytes or a truncated download are found without reading the weights."""
+    return list(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape from a .safetensors file's header (safetensors_keys' check), without the weights."""
     try:
         with open(path, "rb") as f:
             size, head = os.fstat(f.fileno()).st_size, f.read(8)
@@ -111,10 +116,11 @@ def safetensors_keys(path: Path) -> list[str]:
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
         if 8 + length + max(ends, default=0) > size:
             raise ValueError("it is shorter than its header says")
+        shapes = {key: list(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise ModelLoadError(f"{path} is not a readable .safetensors file ({err}); it is probably truncated or "
                              f"corrupt: download or copy it again") from err
-    return [key for key in header if key != "__metadata__"]
+    return shapes
 
 
 def not_a_checkpoint_message(path: Path) -> str:
@@ -144,30 +150,22 @@ def family_of_checkpoint(state_dict: dict, path: Path):
 
 
 def family_of_adapter(names, shapes: dict[str, tuple], metadata: dict | None = None):
-    """The family a LoRA was made for, from sd-scripts' metadata, else its kohya names (SDXL's two text encoders
-    and SGM UNet names) and the widths of its text layers (768 for SD 1.x's CLIP, 1024 for SD 2.x's OpenCLIP);
+    """The family a LoRA was made for: the first (in FAMILIES' order, the most specific first) that claims its
+    sd-scripts metadata, else its kohya names (Family.claims_adapter), else by the widths of its text layers (768 for
+    SD 1.x's CLIP, 1024 for SD 2.x's OpenCLIP, 2048 for SDXL's joined conditioning in a diffusers-named file);
     None when nothing tells (a LoRA of a small custom model)."""
-    version = (metadata or {}).get("ss_base_model_version", "")
-    for prefix, name in (("sd3", "sd3"), ("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
-            return get_family(name)
-    if version in ("medium", "5-medium", "5-large") or \
-            (metadata or {}).get("modelspec.architecture", "").startswith("stable-diffusion-3"):  # sd-scripts' SD3
-        return get_family("sd3")
-    names = set(names)
-    if any(n.startswith(("lora_te3_", "lora_unet_joint_blocks_", "lora_unet_transformer_blocks_",
-                         "lora_transformer_")) for n in names):
-        return get_family("sd3")  # T5, or the MMDiT's blocks in SAI's or diffusers' names
-    if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
-                         "lora_unet_output_blocks")) for n in names):
-        return get_family("sdxl")
+    metadata, names = metadata or {}, set(names)
+    families = all_families()
+    for family in families:
+        if family.claims_metadata(metadata):
+            return family
+    for family in families:
+        if family.claims_adapter(names):
+            return family
     widths = {shape[1] for name, shape in shapes.items() if name.endswith(("attn2_to_k", "self_attn_q_proj"))}
-    if widths & {2048}:  # SDXL's joined text conditioning (768 + 1280), in a diffusers-named file
-        return get_family("sdxl")
-    if widths & {1024}:
-        return get_family("sd2")
-    if widths & {768}:
-        return get_family("sd1")
+    for width, name in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
+        if width in widths:
+            return get_family(name)
     return None
 
 

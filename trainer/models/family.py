@@ -71,6 +71,7 @@ class Family:
     unet_groups = UNET_GROUPS
     text_encoder_groups = TEXT_ENCODER_GROUPS
     original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
+    sd_scripts_versions: tuple[str, ...] = ()  # ss_base_model_version values sd-scripts writes (prefixes)
     denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer
     denoiser_label = "UNet"      # for people, in messages and the form
     diffusers_alpha_folded = False  # the diffusers layout writes alpha/rank into up (no config needed to read it)
@@ -91,9 +92,24 @@ class Family:
         """True for an original single-file checkpoint of this family (its key layout)."""
         raise NotImplementedError
 
+    def claims_metadata(self, metadata: dict) -> bool:
+        """True for an adapter whose sd-scripts metadata (ss_base_model_version, modelspec.architecture) names
+        this family."""
+        version = metadata.get("ss_base_model_version", "")
+        return any(version.startswith(v) for v in self.sd_scripts_versions)
+
+    def claims_adapter(self, names: set[str]) -> bool:
+        """True for an adapter whose kohya names only this family's models have (checked most specific first)."""
+        return False
+
     def refuse_folder(self, folder: Path) -> None:
         """Raise ModelLoadError for a folder of this family that loradesk does not train (SDXL's refiner), from
         its config files only: validate calls it as loading does (detect.check_folder)."""
+
+    def model_problems(self, cfg, source: Path) -> list[str]:
+        """What training cfg on the model at `source` (a local folder or file) would refuse that only this family
+        knows, from config files and headers (job.model_problems: validate and the app's Check ask it)."""
+        return []
 
     # ---- loading -------------------------------------------------------------------------------------------------
     def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
@@ -178,12 +194,22 @@ class Family:
         (meta.meta_models calls them on the meta device: key sets and names without weights)."""
         raise NotImplementedError
 
-    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+    def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         """The shipped configs of this family's standard model (for key sets and name maps without weights)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+def size_problems(cfg, multiple: int, why: str, label: str) -> list[str]:
+    """Image sides a denoiser with patches needs beyond the VAE's factor of 8 (config.validate checks that one)."""
+    out = []
+    for key in ("resolution", "bucket_step"):
+        value = getattr(cfg.dataset, key)
+        if value % multiple:
+            out.append(f"dataset.{key} {value} must be a multiple of {multiple} for {label} ({why})")
+    return out
 
 
 def text_encoder_modules(parts: dict, specs: tuple[TextEncoderSpec, ...]) -> dict[str, nn.Module]:

@@ -27,7 +27,8 @@ def meta_index(family_name: str, config_dir: str | Path | None = None) -> dict:
 
 def adapter_index(adapter) -> dict:
     """The index of the standard model of the family an adapter was made for (SD 1.x when nothing tells)."""
-    return meta_index(adapter_family(adapter).name)
+    family = adapter_family(adapter)
+    return meta_index(family.name, family.meta_config_dir(set(adapter.layers), adapter.metadata))
 
 
 def model_index(model_path: str) -> dict:

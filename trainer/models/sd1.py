@@ -21,6 +21,7 @@ class SD1(Family):
     name = "sd1"
     label = "Stable Diffusion 1.x"
     text_encoder_specs = (TextEncoderSpec("lora_te", "text_encoder", "CLIP ViT-L"),)
+    sd_scripts_versions = ("sd_v1",)
     pad_token = "<|endoftext|>"
     text_width = 768  # CLIP ViT-L; SD 2.x's OpenCLIP ViT-H is 1024 wide
 
@@ -141,7 +142,7 @@ class SD1(Family):
             builders[spec.prefix] = functools.partial(cls, config)
         return builders
 
-    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+    def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         return DEFAULT_CONFIG_DIR
 
 

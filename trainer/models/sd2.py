@@ -20,6 +20,7 @@ BASE_GLOBAL_STEP = 875000  # the step count SD 2 base checkpoints carry (diffuse
 class SD2(SD1):
     name = "sd2"
     label = "Stable Diffusion 2.x"
+    sd_scripts_versions = ("sd_v2",)
     pad_token = "!"  # the OpenCLIP tokenizer pads with "!" (id 0)
     text_width = 1024
 
@@ -61,7 +62,7 @@ class SD2(SD1):
         out.update({OPEN_CLIP_KEY + k: v for k, v in open_clip_to_original(base.text_encoder).items()})
         return out
 
-    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+    def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         return CONFIGS / "sd2-768-v"
 
 

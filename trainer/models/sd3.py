@@ -10,11 +10,12 @@ at times, section 5.3.3 of the paper). Latents have 16 channels, scaled and shif
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .family import CONFIGS, Family, FusedName, TextEncoderSpec, text_encoder_modules
+from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
 from .loading import guarded, load_component
 from .sd3_files import DEFAULT_T5_LENGTH, uses_t5
 
@@ -59,6 +60,39 @@ class SD3(Family):
 
     def claims_checkpoint(self, keys: set[str]) -> bool:
         return any(k.startswith(SAI_TRANSFORMER_KEY + "joint_blocks.") for k in keys)
+
+    def claims_metadata(self, metadata: dict) -> bool:
+        """sd-scripts writes the MMDiT's model type (medium, 5-medium, 5-large) and SAI's stable-diffusion-3-*."""
+        return metadata.get("ss_base_model_version", "") in VARIANT_LAYERS or \
+            metadata.get("modelspec.architecture", "").startswith("stable-diffusion-3")
+
+    def claims_adapter(self, names: set[str]) -> bool:
+        """T5 (lora_te3), or the MMDiT's blocks in SAI's, diffusers' or OneTrainer's names. (FLUX's transformer
+        also has transformer_blocks: its family, checked first, claims its own single_transformer_blocks.)"""
+        return any(n.startswith(("lora_te3_", "lora_unet_joint_blocks_", "lora_unet_transformer_blocks_",
+                                 "lora_transformer_transformer_blocks_")) for n in names)
+
+    def model_problems(self, cfg, source: Path) -> list[str]:
+        """Besides sizes: T5 trained (te3) where it will not load, and a single file's missing or wrong component
+        files, from headers (sd3_files.file_problems)."""
+        from trainer.config import model_options, parse_text_encoder_lrs
+        from .detect import safetensors_shapes
+        from .info import sidecar_config_dir
+        from .sd3_files import TEXT_KEYS, file_problems
+        options = model_options(cfg)
+        problems = size_problems(cfg, 16, "the VAE's factor 8 times the transformer's patch of 2", self.label)
+        lrs = parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)[0]
+        if "te3" in cfg.network.text_encoders or lrs.get("te3", 0) > 0:
+            if not uses_t5(options):
+                problems.append("network.text_encoders names te3 (T5) but model.t5_length is 0, which leaves T5 "
+                                "out; set model.t5_length (256) or leave te3 out")
+            elif source.is_file() and not options.get("t5_path") and not any(
+                    k.startswith(TEXT_KEYS["text_encoder_3"]) for k in safetensors_shapes(source)):
+                problems.append(f"network.text_encoders names te3 (T5) but {source} holds no T5; give "
+                                f"t5xxl_fp16.safetensors as model.t5_path or leave te3 out")
+        if source.is_file() and source.suffix.lower() == ".safetensors":
+            problems += file_problems(source, options, sidecar_config_dir(source))
+        return problems
 
     # ---- loading -------------------------------------------------------------------------------------------------
     def load_folder(self, folder: Path, *, dtype: torch.dtype, trust_pickle: bool,
@@ -188,8 +222,19 @@ class SD3(Family):
                     CLIPTextModelWithProjection, CLIPTextConfig.from_pretrained(config_dir, subfolder=spec.component))
         return builders
 
-    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
-        return CONFIG_DIR
+    def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
+        """The shipped configs of the variant an adapter was made for: its metadata's model type (sd-scripts'),
+        else its names (blocks past 23: 3.5 Large; attn2: 3.5 Medium), else 3.5 Medium."""
+        from .sd3_layout import file_parts
+        model_type = _model_type((metadata or {}).get("modelspec.architecture", "")) or \
+            (metadata or {}).get("ss_base_model_version", "")
+        if model_type not in VARIANT_CONFIGS and adapter_names:
+            internal = set(adapter_names)
+            internal |= {p for f in file_parts(adapter_names, None) for p in f.parts}  # SAI-named files too
+            blocks = {int(m.group(1)) for n in internal if (m := _BLOCK.match(n))}
+            model_type = "5-large" if max(blocks, default=0) >= 24 else \
+                "medium" if not any("_attn2_" in n for n in internal) and len(blocks) == 24 else "5-medium"
+        return CONFIGS / VARIANT_CONFIGS.get(model_type, "sd35-medium")
 
 
 # sd-scripts' model types (library/sd3_utils.py:53-60) and their block counts
@@ -206,9 +251,16 @@ def variant(config) -> str:
     return "medium"
 
 
+VARIANT_CONFIGS = {"5-large": "sd35-large", "5-medium": "sd35-medium", "medium": "sd3-medium"}
+_BLOCK = re.compile(r"^lora_unet_transformer_blocks_(\d+)_")
+
+
+def _model_type(architecture: str) -> str:
+    return architecture.removeprefix("stable-diffusion-3-").split("/")[0]
+
+
 def _layers_of_variant(architecture: str) -> int | None:
-    model_type = architecture.removeprefix("stable-diffusion-3-").split("/")[0]
-    return VARIANT_LAYERS.get(model_type)
+    return VARIANT_LAYERS.get(_model_type(architecture))
 
 
 def _num_layers(index: dict) -> int:

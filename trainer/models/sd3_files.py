@@ -49,11 +49,65 @@ def load_models(state_dict: dict, *, source: Path, config_dir: Path | None, dtyp
         if weights is None and sub == "text_encoder_3":
             continue  # SD3 runs without T5 (its part of the conditioning is zeros)
         if weights is None:
-            raise ModelLoadError(f"{source} holds no {LABELS[sub]} text encoder; give its file as "
-                                 f"model.{OPTION_OF[sub]} ({'clip_l' if sub == 'text_encoder' else 'clip_g'}"
-                                 f".safetensors, as ComfyUI keeps it)")
+            raise ModelLoadError(missing_message(source, sub))
+        if where != source:  # a separate file: the kind of file it is, before its weights are converted
+            _refuse(component_problem(sub, {k: list(v.shape) for k, v in weights.items()}, configs,
+                                      f"model.{OPTION_OF[sub]} {where}"))
         models[sub] = _text_encoder(sub, weights, Fit(where, configs, config_dir is None, label), configs, dtype)
     return models, configs
+
+
+# one weight each component has, named as its own file holds it (a CLIP also with transformers' `text_model.`)
+PROBES = {"text_encoder": "encoder.layers.0.self_attn.q_proj.weight",
+          "text_encoder_2": "encoder.layers.0.self_attn.q_proj.weight",
+          "text_encoder_3": "encoder.block.0.layer.0.SelfAttention.q.weight", "vae": "decoder.conv_in.weight"}
+FILES = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "clip_g.safetensors",
+         "text_encoder_3": "t5xxl_fp16.safetensors", "vae": "the SD3 VAE (diffusion_pytorch_model.safetensors)"}
+
+
+def component_problem(sub: str, shapes: dict, configs: Path, where) -> str | None:
+    """Why weights of these shapes (names without the single file's prefix) are not SD3's `sub` as `configs`
+    describe it, or None: a CLIP-G given as CLIP-L, an SDXL VAE, a file of another kind."""
+    import json
+    shape = shapes.get(PROBES[sub], shapes.get("text_model." + PROBES[sub]))
+    give = f"give {FILES[sub]} as model.{OPTION_OF[sub]}"
+    if shape is None or len(shape) < 2:
+        kind = "file" if sub == "vae" else "text encoder"
+        return f"{where} is not a {LABELS[sub]} {kind} (it has no {PROBES[sub]}); {give}"
+    config = json.loads((configs / sub / "config.json").read_text(encoding="utf-8"))
+    want = config.get("latent_channels") if sub == "vae" else config.get("hidden_size", config.get("d_model"))
+    got = shape[1]
+    if want is not None and got != want:
+        what = "latent channels" if sub == "vae" else "wide"
+        return (f"{where} is not SD3's {LABELS[sub]}: it has {got} {what} where SD3's has {want} (an SD 1.x/SDXL "
+                f"VAE has 4 channels; CLIP-L is 768 wide, CLIP-G 1280, T5-XXL 4096); {give}")
+    return None
+
+
+def missing_message(source: Path, sub: str) -> str:
+    return (f"{source} holds no {LABELS[sub]}; give its file as model.{OPTION_OF[sub]} ({FILES[sub]}, as ComfyUI "
+            f"keeps it beside the checkpoint)")
+
+
+def file_problems(source: Path, options: dict, configs: Path | None) -> list[str]:
+    """What loading the single file `source` with these options would refuse, from the files' headers only (the
+    app's Check and validate ask this, so neither passes what loading then refuses)."""
+    from .detect import safetensors_shapes
+    shapes = safetensors_shapes(source)
+    configs = configs or shipped_configs(shapes)
+    problems = []
+    for sub, prefix in {"vae": VAE_KEY, **TEXT_KEYS}.items():
+        if sub == "text_encoder_3" and not uses_t5(options):
+            continue
+        if options.get(OPTION_OF[sub]):
+            path = Path(options[OPTION_OF[sub]])
+            problem = component_problem(sub, safetensors_shapes(path), configs, f"model.{OPTION_OF[sub]} {path}")
+        elif sub == "text_encoder_3" or any(k.startswith(prefix) for k in shapes):
+            continue  # inside model.path (converted at load), or no T5: SD3 runs without it
+        else:
+            problem = missing_message(source, sub)
+        problems += [problem] if problem else []
+    return problems
 
 
 def _transformer(state_dict: dict, fit: Fit, configs: Path, dtype):
@@ -75,8 +129,10 @@ def _vae(state_dict: dict, fit: Fit, configs: Path, dtype, vae_path: str | None,
     if vae_path:
         source = Path(vae_path)
         weights, vae_fit = _read(source), Fit(source, configs, fit.default_configs, label)
+        _refuse(component_problem("vae", {k: list(v.shape) for k, v in weights.items()}, configs,
+                                  f"model.vae_path {source}"))
     if not weights:
-        raise ModelLoadError(f"{fit.source} holds no VAE; give the SD3 VAE file as model.vae_path")
+        raise ModelLoadError(missing_message(fit.source, "vae"))
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in weights):
         converted = dict(weights)  # already in diffusers' layout (diffusion_pytorch_model.safetensors)
     else:
@@ -111,10 +167,17 @@ def _text_encoder(sub: str, weights: dict, fit: Fit, configs: Path, dtype):
         config = fit.config(lambda: CLIPTextConfig.from_pretrained(configs, subfolder=sub), sub)
         model = empty_models({sub: lambda: CLIPTextModelWithProjection(config)})[sub]
         weights = {k: v for k, v in clip_keys(dict(weights), model).items() if k != "logit_scale"}
-        if "text_projection.weight" not in weights:  # SAI's CLIP-L has none: identity, as diffusers loads it
+        if sub == "text_encoder":  # SD3 pools CLIP-L unprojected: ComfyUI's SD3 text model asks CLIP-L for its
+            # unprojected pooled output and diffusers' single-file reader puts an identity here
+            # (single_file_utils.py, 1762-1763), whatever projection a clip_l file brings
             weights["text_projection.weight"] = torch.eye(config.projection_dim, config.hidden_size)
     fit.load(model, f"{LABELS[sub]} text encoder", weights, dtype)
     return model
+
+
+def _refuse(problem: str | None) -> None:
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def _read(path: Path) -> dict:

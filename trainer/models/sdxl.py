@@ -32,6 +32,7 @@ class SDXL(SD1):
     text_encoder_specs = (TextEncoderSpec("lora_te1", "text_encoder", "CLIP ViT-L"),
                           TextEncoderSpec("lora_te2", "text_encoder_2", "OpenCLIP bigG"))
     original_unet_names = True
+    sd_scripts_versions = ("sdxl",)
 
     # ---- telling it apart ----------------------------------------------------------------------------------------
     def claims_folder(self, index: dict, unet_config: dict) -> bool:
@@ -39,6 +40,11 @@ class SDXL(SD1):
 
     def claims_checkpoint(self, keys: set[str]) -> bool:
         return any(k.startswith(("conditioner.embedders.", "conditioner.")) for k in keys)
+
+    def claims_adapter(self, names: set[str]) -> bool:
+        """Two CLIP encoders (lora_te1, lora_te2), or kohya's SGM UNet names."""
+        return any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
+                                 "lora_unet_output_blocks")) for n in names)
 
     # ---- loading -------------------------------------------------------------------------------------------------
     def refuse_folder(self, folder: Path) -> None:
@@ -151,7 +157,7 @@ class SDXL(SD1):
             out["ztsnr"] = torch.tensor([])
         return out
 
-    def meta_config_dir(self, adapter_names: set[str] | None = None) -> Path:
+    def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         return CONFIG_DIR
 
 
