@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tiny import make_images
 from trainer import runs
@@ -72,6 +73,11 @@ def test_the_fused_qkv_equals_the_split_modules_exactly(sd3_run):
     fused = (alpha / down.shape[0]) * (up @ down)
     parts = [kohya.layers[f"lora_unet_transformer_blocks_0_attn_to_{p}"] for p in "qkv"]
     assert torch.equal(fused, torch.cat([layer.delta() for layer in parts]))
+    # and the split modules as they trained (the run's last training state, peft's names): (alpha/r) B A each
+    state = load_file(str(runs.last_checkpoint(sd3_run) / "lora.safetensors"))
+    trained = [(2 / 4) * (state[f"unet.transformer_blocks.0.attn.to_{p}.lora_B.default.weight"]
+                          @ state[f"unet.transformer_blocks.0.attn.to_{p}.lora_A.default.weight"]) for p in "qkv"]
+    assert torch.equal(fused, torch.cat(trained))
     for name, layer in kohya.layers.items():  # read back: the same ranks and the same deltas as the split file
         assert layer.rank == split.layers[name].rank == 4, name
         assert torch.allclose(layer.delta(), split.layers[name].delta(), atol=1e-7, rtol=0), name
@@ -384,3 +390,50 @@ def test_check_names_missing_and_wrong_component_files_before_loading(tiny_sd3_d
     options = {"vae_path": str(files["vae"]), "clip_l_path": str(files["clip_g"]), "clip_g_path": str(files["clip_g"])}
     with pytest.raises(ModelLoadError, match="is not SD3's CLIP-L: it has 48 wide where SD3's has 32"):
         load_base_model(str(files["transformer"]), options=options)
+
+
+def test_every_target_group_lands_on_the_same_weights_through_both_layouts(tiny_sd3_dir, tmp_path, caplog):
+    """Attention, feed-forward and adaLN (whose last context block SAI stores with its halves swapped) trained:
+    the kohya file applied as ComfyUI and Forge apply it (each `lora_unet_<SAI path>` onto SAI's single-file
+    weight of that path, found from the file's keys as their key maps do) and converted to diffusers' layout by
+    diffusers' own converter equals the diffusers file applied to diffusers' weights; diffusers loads that file
+    with every key."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from diffusers.utils import logging as dlogging
+
+    from trainer.formats import kohya_name
+    from trainer.models.sd3_layout import transformer_to_original
+    run = train(tiny_sd3_dir, tmp_path, "network.text_encoders=[]",
+                "network.unet_targets=['attention', 'feed_forward', 'adaln']", steps=4)
+    base = load_base_model(str(tiny_sd3_dir)).denoiser
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    sai = transformer_to_original(plain, base.config, prefix="")
+    by_name = {kohya_name("lora_unet", k.removesuffix(".weight")): k for k in sai if k.endswith(".weight")}
+    with safe_open(str(run / "sd3-kohya.safetensors"), "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+        assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" in modules
+        for m in modules:
+            down, up = f.get_tensor(f"{m}.lora_down.weight"), f.get_tensor(f"{m}.lora_up.weight")
+            sai[by_name[m]] = sai[by_name[m]] + float(f.get_tensor(f"{m}.alpha")) / down.shape[0] * (up @ down)
+    through_sai = convert_sd3_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v
+                                                                   for k, v in sai.items()})
+    merged = hand_merged(tiny_sd3_dir, load_adapter(run / "sd3.safetensors")).state_dict()
+    assert through_sai.keys() == merged.keys()
+    changed = [k for k in merged if not torch.equal(merged[k], plain[k])]
+    assert "transformer_blocks.2.norm1_context.linear.weight" in changed and len(changed) > 40
+    for k in merged:
+        assert (through_sai[k] - merged[k]).abs().max() < 1e-6, k
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
+    dlogging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            pipe.load_lora_weights(str(run / "sd3.safetensors"))
+    finally:
+        dlogging.disable_propagation()
+    assert not [r for r in caplog.records if ("unexpected" in r.getMessage() or "missing" in r.getMessage())
+                and "No LoRA keys associated" not in r.getMessage()]  # (no text-encoder layers: none trained)
+    loaded = sum(1 for m in pipe.transformer.modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert loaded == len(load_adapter(run / "sd3.safetensors").layers)
+    ours = transformer_output(hand_merged(tiny_sd3_dir, load_adapter(run / "sd3.safetensors")))
+    assert (transformer_output(pipe.transformer) - ours).abs().max() < 1e-4
