@@ -56,3 +56,10 @@ def tiny_sd3_dir(tmp_path_factory) -> Path:
     """A tiny SD 3.5 diffusers folder (dual attention in block 0, qk-norm, a synthesized T5 tokenizer), seed 0."""
     from tiny_sd3 import make_tiny_sd3
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev diffusers folder (guidance embedding, dynamic shift, a synthesized T5 tokenizer), seed 0."""
+    from tiny_flux import make_tiny_flux
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")

@@ -57,7 +57,7 @@ def test_all_ticks_both_clips_but_not_t5_and_the_rows_write_back_what_the_engine
 def test_the_sd3_model_fields_are_in_the_forms_base_model_section_not_in_view():
     infos = {i.key: i for i in F.form_fields()}
     for key in ("model.clip_l_path", "model.clip_g_path", "model.t5_path", "model.vae_path", "model.t5_length"):
-        assert key in infos and not infos[key].basic and infos[key].help.startswith("SD3 only")
+        assert key in infos and not infos[key].basic and infos[key].help.startswith("SD3")
     assert tab.component_for(infos["model.t5_length"], 256).info.endswith("(0 to 512)")
 
 

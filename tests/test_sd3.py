@@ -379,7 +379,7 @@ def test_check_names_missing_and_wrong_component_files_before_loading(tiny_sd3_d
     wrong = [f"model.vae_path={files['clip_l']}", f"model.clip_l_path={files['clip_g']}",
              f"model.clip_g_path={files['clip_g']}"]
     found = problems(*wrong)
-    assert any("model.clip_l_path" in p and "is not SD3's CLIP-L: it has 48 wide where SD3's has 32" in p
+    assert any("model.clip_l_path" in p and "is not this model's CLIP-L: it has 48 wide where it needs 32" in p
                for p in found), found
     assert any("model.vae_path" in p and "is not a VAE file" in p for p in found)
     assert any("te3 (T5) but model.t5_length is 0" in p
@@ -388,7 +388,7 @@ def test_check_names_missing_and_wrong_component_files_before_loading(tiny_sd3_d
     assert any("dataset.resolution 40 must be a multiple of 16" in p
                for p in problems(*parts, "dataset.resolution=40"))
     options = {"vae_path": str(files["vae"]), "clip_l_path": str(files["clip_g"]), "clip_g_path": str(files["clip_g"])}
-    with pytest.raises(ModelLoadError, match="is not SD3's CLIP-L: it has 48 wide where SD3's has 32"):
+    with pytest.raises(ModelLoadError, match="is not this model's CLIP-L: it has 48 wide where it needs 32"):
         load_base_model(str(files["transformer"]), options=options)
 
 

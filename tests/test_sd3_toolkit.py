@@ -110,7 +110,7 @@ def test_a_base_without_t5_bakes_without_it_and_tied_or_flat_names_are_kept(tiny
     from types import SimpleNamespace
     from trainer.models.sd3_bake import clip_to_original, original_checkpoint, t5_to_original
     base = load_base_model(str(tiny_sd3_dir))
-    without = SimpleNamespace(denoiser=base.denoiser, vae=base.vae,
+    without = SimpleNamespace(denoiser=base.denoiser, vae=base.vae, family=base.family,
                               text_encoders={k: v for k, v in base.text_encoders.items() if k != "lora_te3"})
     keys = set(original_checkpoint(without))
     assert not any(k.startswith("text_encoders.t5xxl.") for k in keys)

@@ -75,18 +75,24 @@ class ModelSection:
                       choices=["auto", *sorted(FAMILY_NAMES)])
     trust_pickle: bool = opt(False, "Allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True). Only for "
                                     "files you trust; prefer .safetensors.")
-    # SD3 single files as ComfyUI users keep them: the transformer in model.path, the rest beside it
-    clip_l_path: str = opt("", "SD3 only: a separate CLIP-L text encoder file (clip_l.safetensors) for a model.path "
-                               "checkpoint that holds none; empty = the one inside model.path.", label="CLIP-L file")
+    # SD3 / FLUX single files as ComfyUI users keep them: the transformer in model.path, the rest beside it
+    clip_l_path: str = opt("", "SD3 and FLUX: a separate CLIP-L text encoder file (clip_l.safetensors) for a "
+                               "model.path checkpoint that holds none; empty = the one inside model.path.",
+                           label="CLIP-L file")
     clip_g_path: str = opt("", "SD3 only: a separate CLIP-G text encoder file (clip_g.safetensors); empty = the one "
                                "inside model.path.", label="CLIP-G file")
-    t5_path: str = opt("", "SD3 only: a separate T5-XXL text encoder file (t5xxl_fp16.safetensors); empty = the one "
-                           "inside model.path, or none (see t5_length).", label="T5-XXL file")
-    vae_path: str = opt("", "SD3 only: a separate VAE file (diffusers or original layout); empty = the one inside "
-                            "model.path.", label="VAE file")
-    t5_length: int = opt(256, "SD3 only: T5 tokens per caption (sd-scripts' default 256; up to 512). 0 leaves T5 "
-                              "out: its part of the conditioning is zeros, as SD3 allows, which saves about 9 GB "
-                              "(fp16) at some cost to prompt following.", min=0, max=512, label="T5 tokens")
+    t5_path: str = opt("", "SD3 and FLUX: a separate T5-XXL text encoder file (t5xxl_fp16 or fp8 .safetensors); "
+                           "empty = the one inside model.path, or none (SD3, see t5_length).", label="T5-XXL file")
+    vae_path: str = opt("", "SD3 and FLUX: a separate VAE file (FLUX's ae.safetensors; diffusers or original "
+                            "layout); empty = the one inside model.path.", label="VAE file")
+    train_guidance: float = opt(1.0, "FLUX.1 dev only: the guidance value its guidance embedding is given while "
+                                     "training. sd-scripts trains dev LoRAs at 1.0 (a LoRA trained at the 3.5 "
+                                     "people sample with learns to need it); samples use sampling.guidance.",
+                                min=0.0, max=30.0, label="FLUX training guidance")
+    t5_length: int = opt(256, "SD3 and FLUX: T5 tokens per caption (sd-scripts' default 256; FLUX.1 dev was trained "
+                              "with 512). SD3 only: 0 leaves T5 out, its part of the conditioning zeros, as SD3 "
+                              "allows, which saves about 9 GB (fp16) at some cost to prompt following.", min=0,
+                         max=512, label="T5 tokens")
 
 
 @dataclass
@@ -214,6 +220,9 @@ class LossSection:
                                  "shift*s / (1 + (shift-1)*s); 1.0 = no shift, sd-scripts' default for LoRA training "
                                  "(diffusers' script trains at the scheduler's 3.0 for SD3, which is also SD3's "
                                  "inference shift; 3.0 here trains more at high noise).", min=0.01, max=100.0)
+    resolution_shift: bool = opt(False, "FLUX only: shift each image's noise levels by its size as FluxPipeline's "
+                                        "scheduler does at inference (larger images train at more noise); replaces "
+                                        "flow_shift. sd-scripts calls this flux_shift.")
     flow_weighting: str = opt("none", "Flow-matching models only: per-image loss weight by noise level. none (the "
                                       "usual with logit_normal); sigma_sqrt or cosmap (the SD3 paper's, as diffusers "
                                       "names them).", choices=["none", "sigma_sqrt", "cosmap"])
@@ -750,7 +759,7 @@ def world_size(cfg: TrainConfig) -> int:
     return cfg.distributed.processes * cfg.distributed.machines
 
 
-MODEL_OPTIONS = ("clip_l_path", "clip_g_path", "t5_path", "vae_path", "t5_length")
+MODEL_OPTIONS = ("clip_l_path", "clip_g_path", "t5_path", "vae_path", "t5_length", "train_guidance")
 
 
 def model_options(cfg: TrainConfig) -> dict:

@@ -59,9 +59,15 @@ def _check_targets(model: nn.Module, targets: list[str], what: str, key: str) ->
         raise TargetError(f"{what} has no module named {', '.join(missing)}; check network.{key}")
 
 
-def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str, key: str) -> dict[str, nn.Parameter]:
+def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str, key: str,
+            excluded: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """`excluded`: module paths a suffix target must not take (FLUX's final proj_out beside its single blocks'):
+    then peft is given the matching paths themselves."""
     from peft import inject_adapter_in_model
     _check_targets(model, targets, what, key)
+    if excluded:
+        targets = [n for n, _ in model.named_modules() if n not in excluded
+                   and any(n == t or n.endswith("." + t) for t in targets)]
     model.requires_grad_(False)
     inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
     params = {}
@@ -104,7 +110,8 @@ def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
     """Add a LoRA adapter named 'default' to base.denoiser and to each text encoder that trains."""
     family = base.family
     unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
-    unet = _inject(base.denoiser, cfg, unet_targets, family.denoiser_label, "unet_targets") if unet_targets else {}
+    unet = _inject(base.denoiser, cfg, unet_targets, family.denoiser_label, "unet_targets",
+                   family.excluded_targets) if unet_targets else {}
     per_image_dropout(base.denoiser, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process
     params = LoraParams(unet=unet, lrs={"unet": cfg.optimizer.unet_lr})
     specs = {spec.prefix: spec for spec in family.text_encoder_specs}

@@ -78,9 +78,15 @@ def split(layer: LoraLayer, fused) -> dict[str, LoraLayer]:
 
 
 def _split_rows(fused, total: int) -> list[int]:
-    """The parts' output rows: fused.rows where they add up to the file's, else an equal split."""
+    """The parts' output rows: fused.rows where they add up to the file's; else in fused.rows' proportions (a
+    model of another width: FLUX's linear1 is q, k, v and the MLP input as 1:1:1:4 at any size); else an equal
+    split."""
     if fused.rows and sum(fused.rows) == total:
         return list(fused.rows)
+    if fused.rows and (total * fused.rows[0]) % sum(fused.rows) == 0:
+        scaled = [total * r // sum(fused.rows) for r in fused.rows]
+        if sum(scaled) == total and all(total * r % sum(fused.rows) == 0 for r in fused.rows):
+            return scaled
     n = len(fused.parts)
     if total % n:
         raise AdapterFormatError(f"{fused.name}: its {total} output rows do not split into its {n} parts "

@@ -60,7 +60,7 @@ def load_adapter(source) -> Adapter:
         parts, unknown = _parse_kohya(state)
     elif fmt in ("diffusers", "peft"):
         configs = _diffusers_configs(file_meta) if fmt == "diffusers" else _peft_config(path)
-        parts, unknown = _parse_modules(state, configs)
+        parts, unknown = _parse_modules(state, configs, file_meta)
     else:
         parts, unknown = {}, sorted(state)
     if unknown:
@@ -217,13 +217,17 @@ def _foreign_prefix(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers / peft
 
-def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[str]]:
-    from trainer.models.detect import text_encoder_prefixes
+def _parse_modules(state: dict, configs: dict[str, dict], metadata: dict | None = None) -> tuple[dict, list[str]]:
     found_keys = {key: _module_and_part(_strip_peft_root(key).replace(".processor.", ".")) for key in state}
-    components = {found[0][0] for found in found_keys.values() if found and found[0][0].startswith("text_encoder")}
+    components = {}  # text-encoder component -> its kind, from its module paths (T5's blocks or CLIP's layers)
+    for found in found_keys.values():
+        if found and found[0][0].startswith("text_encoder"):
+            t5 = found[0][1].startswith("encoder.block.")
+            components[found[0][0]] = "t5" if t5 or components.get(found[0][0]) == "t5" else "clip"
     # a component no family declares (text_encoder_3 before SD3 is known) keeps the prefix layout.COMPONENTS gives
     fallback = {component: prefix for prefix, component in COMPONENTS.items() if prefix != UNET_PREFIX}
-    prefixes = {**fallback, **text_encoder_prefixes(components), **dict.fromkeys(DENOISER_COMPONENTS, UNET_PREFIX)}
+    prefixes = {**fallback, **_text_prefixes(found_keys.values(), components, metadata or {}),
+                **dict.fromkeys(DENOISER_COMPONENTS, UNET_PREFIX)}
     parts, unknown, paths = {}, [], {}
     for key, tensor in state.items():
         found = found_keys[key]
@@ -242,6 +246,18 @@ def _parse_modules(state: dict, configs: dict[str, dict]) -> tuple[dict, list[st
             if alpha is not None:
                 layer["alpha"] = torch.tensor(alpha)
     return parts, unknown
+
+
+def _text_prefixes(found, components: dict[str, str], metadata: dict) -> dict[str, str]:
+    """diffusers text-encoder component -> kohya prefix: the family's that the file's metadata or denoiser names
+    claim (a FLUX file's lone text_encoder is CLIP-L, lora_te1, not SD 1.x's lora_te), else the family with the
+    fewest encoders of the file's kinds (models.detect.text_encoder_prefixes)."""
+    from trainer.models.detect import family_of_adapter, text_encoder_prefixes
+    denoiser = {kohya_name(UNET_PREFIX, f[0][1]) for f in found if f and f[0][0] in DENOISER_COMPONENTS}
+    family = family_of_adapter(denoiser, {}, metadata) if (denoiser or metadata) else None
+    if family is not None and set(components) <= {spec.component for spec in family.text_encoder_specs}:
+        return {spec.component: spec.prefix for spec in family.text_encoder_specs}
+    return text_encoder_prefixes(components)
 
 
 def _module_and_part(key: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 # name -> (module, instance); the order is the order of detection (the most specific first)
-FAMILIES = {"sd3": ("sd3", "SD3_FAMILY"), "sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"),
+FAMILIES = {"flux": ("flux", "FLUX_FAMILY"), "sd3": ("sd3", "SD3_FAMILY"), "sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"),
             "sd1": ("sd1", "SD1_FAMILY")}
 
 
@@ -86,10 +86,10 @@ def family_of_folder(folder: Path):
         raise ModelLoadError(f"{folder / 'model_index.json'} is not a diffusers model index (no JSON object); "
                              f"restore it from the model's original files")
     name = str(index.get("_class_name", ""))
-    if not name.startswith("StableDiffusion"):
+    if not name.startswith(("StableDiffusion", "Flux")):
         raise ModelLoadError(f"{folder} holds {'a ' + name if name else 'a model of unknown kind'}, not a Stable "
-                             f"Diffusion model; give a Stable Diffusion 1.x, 2.x, SDXL or 3.x model folder or "
-                             f"checkpoint")
+                             f"Diffusion or FLUX model; give a Stable Diffusion 1.x, 2.x, SDXL, 3.x or FLUX.1 model "
+                             f"folder or checkpoint")
     if "unet" not in index and "transformer" not in index:
         raise ModelLoadError(f"{folder / 'model_index.json'} names no UNet or transformer, so {folder} is not a "
                              f"complete {name} folder; copy the complete model folder again")
@@ -169,15 +169,17 @@ def family_of_adapter(names, shapes: dict[str, tuple], metadata: dict | None = N
     return None
 
 
-def text_encoder_prefixes(components: set[str]) -> dict[str, str]:
+def text_encoder_prefixes(components: set[str] | dict[str, str]) -> dict[str, str]:
     """diffusers component -> kohya prefix for a file whose text-encoder components are `components` (text_encoder
-    alone: lora_te; with text_encoder_2: SDXL's lora_te1 and lora_te2): the family with the fewest encoders that
-    has them all."""
+    alone: lora_te; with text_encoder_2: SDXL's lora_te1 and lora_te2, or FLUX's CLIP-L and T5 as lora_te1 and
+    lora_te3): the family with the fewest encoders that has them all, of the kind each is (component -> "clip" or
+    "t5", from its module paths, when given as a dict)."""
+    kinds = components if isinstance(components, dict) else {}
     families = sorted(all_families(), key=lambda f: len(f.text_encoder_specs))
     for family in families:
-        specs = {spec.component: spec.prefix for spec in family.text_encoder_specs}
-        if components <= set(specs):
-            return specs
+        specs = {spec.component: spec for spec in family.text_encoder_specs}
+        if set(components) <= set(specs) and all(specs[c].kind == k for c, k in kinds.items()):
+            return {c: spec.prefix for c, spec in specs.items()}
     return {spec.component: spec.prefix for spec in families[-1].text_encoder_specs}
 
 

@@ -48,6 +48,7 @@ class TextEncoderSpec:
     label: str        # for people: "CLIP ViT-L", "OpenCLIP bigG", "T5-XXL"
     groups: dict = field(default_factory=lambda: TEXT_ENCODER_GROUPS, compare=False)  # its LoRA target groups
     trains_by_default: bool = True  # network.text_encoders "all" includes it (SD3's T5 only when named: te3)
+    kind: str = "clip"  # "clip" or "t5": what its module paths look like (reading a diffusers file's components)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Family:
     unet_groups = UNET_GROUPS
     text_encoder_groups = TEXT_ENCODER_GROUPS
     original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
+    excluded_targets: tuple[str, ...] = ()  # denoiser module paths no target group takes (FLUX's final proj_out)
     sd_scripts_versions: tuple[str, ...] = ()  # ss_base_model_version values sd-scripts writes (prefixes)
     denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer
     denoiser_label = "UNet"      # for people, in messages and the form
@@ -91,6 +93,11 @@ class Family:
     def claims_checkpoint(self, keys: set[str]) -> bool:
         """True for an original single-file checkpoint of this family (its key layout)."""
         raise NotImplementedError
+
+    def sample_defaults_of(self, config_folder: Path | None) -> dict:
+        """The sample defaults of the model whose configs are in config_folder (a family with variants that sample
+        differently, FLUX.1 schnell, tells them apart); config values, torch-free."""
+        return dict(self.sample_defaults)
 
     def claims_metadata(self, metadata: dict) -> bool:
         """True for an adapter whose sd-scripts metadata (ss_base_model_version, modelspec.architecture) names

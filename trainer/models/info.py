@@ -44,7 +44,8 @@ def sidecar_config_dir(file: Path) -> Path | None:
 def native_size(unet_config: dict, vae_config: dict) -> int:
     """The image side the model was trained at: the UNet's latent size times the VAE's downsampling (what
     diffusers' pipelines use when no width or height is given)."""
-    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    # FLUX's transformer config has no sample_size: FluxPipeline's default_sample_size is 128 (1024 px)
+    return int(unet_config.get("sample_size", 128)) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def native_resolution(path: str) -> int:
@@ -72,7 +73,7 @@ def training_defaults(path: str) -> dict[str, object]:
     name = family_name(path)
     if name is not None:
         from .detect import get_family
-        values.update(get_family(name).sample_defaults)
+        values.update(get_family(name).sample_defaults_of(config_folder(resolve_model_path(path))))
     if is_tiny_model(path):
         values.update({"schedule.max_steps": TINY_MAX_STEPS, "sampling.every_n_steps": TINY_SAMPLE_EVERY,
                        "sampling.guidance": TINY_GUIDANCE})

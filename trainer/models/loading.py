@@ -83,6 +83,7 @@ class Fit:
 
     def __init__(self, source: Path, config_dir: Path, default_configs: bool, family_label: str):
         self.source, self.config_dir, self.default_configs = source, config_dir, default_configs
+        self.family_label = family_label
         if default_configs:
             self.fix = (f"if it is not a standard-size {family_label} model, put its diffusers configs (a model "
                         f"folder without weights) beside it in a folder named '{source.stem}' or "

@@ -166,8 +166,18 @@ class FlowNoise(NoiseProcess):
 
     prediction = "flow"
 
-    def __init__(self, loss_cfg):
-        self.cfg = loss_cfg
+    def __init__(self, loss_cfg, resolution_shift: tuple | None = None, patch: int = 1):
+        """`resolution_shift`: (base_seq_len, max_seq_len, base_shift, max_shift) of the model's scheduler, to shift
+        each image by its token count (latent pixels / patch^2) instead of by loss.flow_shift (FLUX)."""
+        self.cfg, self.resolution_shift, self.patch = loss_cfg, resolution_shift, patch
+
+    def _shift(self, latents: torch.Tensor) -> float:
+        if self.resolution_shift is None:
+            return self.cfg.flow_shift
+        base_len, max_len, base_shift, max_shift = self.resolution_shift
+        tokens = latents.shape[-2] * latents.shape[-1] // self.patch ** 2
+        mu = base_shift + (max_shift - base_shift) * (tokens - base_len) / (max_len - base_len)  # diffusers'
+        return math.exp(mu)  # calculate_shift, as FluxPipeline's scheduler takes it (time_shift with sigma 1)
 
     @staticmethod
     def _expand(sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -183,7 +193,7 @@ class FlowNoise(NoiseProcess):
         for g in gens:
             noise.append(torch.randn(latents.shape[1:], generator=g))
             sigmas.append(sample_sigma(g, c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale))
-        sigmas = shift_sigmas(torch.cat(sigmas), c.flow_shift).clamp(MIN_SIGMA, 1.0)
+        sigmas = shift_sigmas(torch.cat(sigmas), self._shift(latents)).clamp(MIN_SIGMA, 1.0)
         draw = self._at(latents, torch.stack(noise).to(latents.device), sigmas)
         if c.flow_weighting != "none":
             draw.weights = (flow_weights(sigmas, c.flow_weighting).to(latents.device),)

@@ -41,7 +41,7 @@ class SD3(Family):
     text_encoder_specs = (TextEncoderSpec("lora_te1", "text_encoder", "CLIP-L"),
                           TextEncoderSpec("lora_te2", "text_encoder_2", "CLIP-G"),
                           TextEncoderSpec("lora_te3", "text_encoder_3", "T5-XXL", groups=T5_GROUPS,
-                                          trains_by_default=False))
+                                          trains_by_default=False, kind="t5"))
     unet_groups = TRANSFORMER_GROUPS
     denoiser_component = "transformer"
     denoiser_label = "transformer"
@@ -78,7 +78,7 @@ class SD3(Family):
         from trainer.config import model_options, parse_text_encoder_lrs
         from .detect import safetensors_shapes
         from .info import sidecar_config_dir
-        from .sd3_files import TEXT_KEYS, file_problems
+        from .sd3_files import T5_KEY, file_problems
         options = model_options(cfg)
         problems = size_problems(cfg, 16, "the VAE's factor 8 times the transformer's patch of 2", self.label)
         lrs = parse_text_encoder_lrs(cfg.optimizer.text_encoder_lrs)[0]
@@ -87,7 +87,7 @@ class SD3(Family):
                 problems.append("network.text_encoders names te3 (T5) but model.t5_length is 0, which leaves T5 "
                                 "out; set model.t5_length (256) or leave te3 out")
             elif source.is_file() and not options.get("t5_path") and not any(
-                    k.startswith(TEXT_KEYS["text_encoder_3"]) for k in safetensors_shapes(source)):
+                    k.startswith(T5_KEY) for k in safetensors_shapes(source)):
                 problems.append(f"network.text_encoders names te3 (T5) but {source} holds no T5; give "
                                 f"t5xxl_fp16.safetensors as model.t5_path or leave te3 out")
         if source.is_file() and source.suffix.lower() == ".safetensors":
@@ -199,7 +199,7 @@ class SD3(Family):
                 "modelspec.implementation": "diffusers"}
 
     def pipeline(self, base, scheduler=None):
-        pipe = pipeline_class().of(base, inference_scheduler(scheduler, base.noise_scheduler.config), t5_length(base))
+        pipe = sd3_pipeline(base, inference_scheduler(scheduler, base.noise_scheduler.config), t5_length(base))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -278,10 +278,11 @@ def t5_length(base) -> int:
 T5_TOKENIZER = CONFIGS / "t5-tokenizer"  # T5 v1.1's vocabulary (Apache-2.0), shipped: see its SOURCE.md
 
 
-def t5_tokenizer(config_dir: Path):
-    """The folder's T5 tokenizer (tokenizer_3), else the shipped one (a single file's configs have none)."""
+def t5_tokenizer(config_dir: Path, sub: str = "tokenizer_3"):
+    """The folder's T5 tokenizer (SD3's tokenizer_3, FLUX's tokenizer_2), else the shipped one (a single file's
+    configs have none)."""
     from transformers import T5TokenizerFast
-    folder, sub = (config_dir, "tokenizer_3") if (config_dir / "tokenizer_3").is_dir() else (T5_TOKENIZER, "")
+    folder, sub = (config_dir, sub) if (config_dir / sub).is_dir() else (T5_TOKENIZER, "")
     return guarded(folder / sub, lambda: T5TokenizerFast.from_pretrained(folder, subfolder=sub,
                                                                         local_files_only=True))
 
@@ -305,28 +306,29 @@ def inference_scheduler(choice, config):
 
 
 @functools.cache
-def pipeline_class():
-    from diffusers import StableDiffusion3Pipeline
-
-    class SD3Pipeline(StableDiffusion3Pipeline):
-        """diffusers' pipeline, with the model's T5 length as the default max_sequence_length."""
+def with_t5_length(cls):
+    """`cls` (a diffusers pipeline with a T5 encoder: SD3's, FLUX's) whose max_sequence_length defaults to the
+    T5 length the model trains with (its `t5_length`), so samples condition as training does."""
+    class Pipeline(cls):
         t5_length = DEFAULT_T5_LENGTH
-
-        @classmethod
-        def of(cls, base, scheduler, length: int):
-            te = base.text_encoders
-            pipe = cls(transformer=base.denoiser, scheduler=scheduler, vae=base.vae,
-                       text_encoder=te["lora_te1"], tokenizer=base.tokenizers["lora_te1"],
-                       text_encoder_2=te["lora_te2"], tokenizer_2=base.tokenizers["lora_te2"],
-                       text_encoder_3=te.get("lora_te3") if length else None,
-                       tokenizer_3=base.tokenizers.get("lora_te3") if length else None)
-            pipe.t5_length = length or CLIP_LENGTH
-            return pipe
 
         def __call__(self, *args, max_sequence_length=None, **kwargs):
             return super().__call__(*args, max_sequence_length=max_sequence_length or self.t5_length, **kwargs)
 
-    return SD3Pipeline
+    Pipeline.__name__ = Pipeline.__qualname__ = cls.__name__
+    return Pipeline
+
+
+def sd3_pipeline(base, scheduler, length: int):
+    from diffusers import StableDiffusion3Pipeline
+    te = base.text_encoders
+    pipe = with_t5_length(StableDiffusion3Pipeline)(
+        transformer=base.denoiser, scheduler=scheduler, vae=base.vae, text_encoder=te["lora_te1"],
+        tokenizer=base.tokenizers["lora_te1"], text_encoder_2=te["lora_te2"], tokenizer_2=base.tokenizers["lora_te2"],
+        text_encoder_3=te.get("lora_te3") if length else None,
+        tokenizer_3=base.tokenizers.get("lora_te3") if length else None)
+    pipe.t5_length = length or CLIP_LENGTH  # without T5, diffusers' pipeline zeroes 77 positions
+    return pipe
 
 
 SD3_FAMILY = SD3()

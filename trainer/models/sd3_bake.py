@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .sd3_files import TEXT_KEYS, VAE_KEY
+from .sd3_files import PARTS
 from .sd3_layout import transformer_to_original
 
 if TYPE_CHECKING:
     import torch
 
-# kohya prefix -> the pipeline component whose single-file prefix (sd3_files.TEXT_KEYS) it goes under
-_COMPONENT_OF = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}
 # the roots of a CLIP text model's own weights: they sit under `text_model.` in the single file, the projection
 # beside it (transformers >= 5 may flatten the wrapper away, so a state dict can come either way)
 _CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -32,14 +30,23 @@ _T5_TIED = "encoder.embed_tokens.weight"
 
 def original_checkpoint(base) -> dict[str, torch.Tensor]:
     """transformer + VAE + CLIP-L + CLIP-G (+ T5 when the base has it) under SAI's single-file names."""
-    from trainer.adapters.original_layout import vae_to_original
     out = transformer_to_original(base.denoiser.state_dict(), base.denoiser.config)
-    out.update({VAE_KEY + k: v for k, v in vae_to_original(base.vae.state_dict()).items()})
+    out.update(parts_to_original(base, PARTS))
+    return out
+
+
+def parts_to_original(base, parts) -> dict[str, torch.Tensor]:
+    """The VAE (LDM layout) and each text encoder of `base` under its single-file prefix (single_files.Part's
+    first): what a transformer family's checkpoint holds beside its transformer (SD3's, and FLUX's as ComfyUI
+    saves one)."""
+    from trainer.adapters.original_layout import vae_to_original
+    prefix_of = {part.sub: part.prefixes[0] for part in parts}
+    out = {prefix_of["vae"] + k: v for k, v in vae_to_original(base.vae.state_dict()).items()}
+    components = {spec.prefix: spec for spec in base.family.text_encoder_specs}
     for prefix, encoder in base.text_encoders.items():
-        component = _COMPONENT_OF[prefix]
-        state = encoder.state_dict()
-        weights = t5_to_original(state) if component == "text_encoder_3" else clip_to_original(state)
-        out.update({TEXT_KEYS[component] + k: v for k, v in weights.items()})
+        spec, state = components[prefix], encoder.state_dict()
+        weights = t5_to_original(state) if spec.kind == "t5" else clip_to_original(state)
+        out.update({prefix_of[spec.component] + k: v for k, v in weights.items()})
     return out
 
 
