@@ -123,6 +123,12 @@ class DatasetSection:
     cache_latents: str = opt("memory", "Cache VAE latents when no random augmentation needs fresh pixels.",
                              choices=["off", "memory", "disk"])
     cache_text: bool = opt(True, "Cache text-encoder outputs when the text encoder is not trained.")
+    free_text_encoders: bool = opt(False, "Encode every caption, sample prompt and the negative prompt once at the "
+                                          "start, then delete the text encoders: frees their memory for the whole "
+                                          "run (T5-XXL alone is 9.5 GB in bf16, what decides whether SD 3.5 or FLUX "
+                                          "fit 12-16 GB). Costs the start-up encoding, and sampling.prompts cannot "
+                                          "change during the run. Needs cache_text on, no text encoder trained and "
+                                          "shuffle_tags off (shuffled captions are new each step).")
     cache_dir: str = opt("", "Folder of the disk latent cache (cache_latents = disk); empty = .loradesk-cache inside "
                              "the dataset folder. Entries are keyed by image content, so datasets can share one.")
 
@@ -612,6 +618,7 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
         problems.append(f"network.alpha/rank = {cfg.network.alpha / cfg.network.rank:g} scales the update by more "
                         f"than 16x, which usually diverges; lower network.alpha")
     problems += _network_problems(cfg)
+    problems += _free_text_encoder_problems(cfg)
     if cfg.optimizer.name == "prodigy" and cfg.optimizer.unet_lr < 0.1:
         problems.append(f"optimizer.unet_lr is {cfg.optimizer.unet_lr:g} with prodigy, which sets its own step "
                         f"size; use 1.0")
@@ -730,6 +737,23 @@ def _network_problems(cfg: TrainConfig) -> list[str]:
     if cfg.optimizer.unet_lr == 0 and not te_trains:
         problems.append("optimizer.unet_lr is 0 and no text encoder is trained: nothing would change")
     return problems
+
+
+def _free_text_encoder_problems(cfg: TrainConfig) -> list[str]:
+    """dataset.free_text_encoders deletes the encoders after encoding every caption once: that needs captions
+    that are known at the start and encoders that nothing needs again."""
+    ds = cfg.dataset
+    if not ds.free_text_encoders:
+        return []
+    why = []
+    if not ds.cache_text:
+        why.append("dataset.cache_text is off")
+    if trains_text_encoders(cfg):
+        why.append("a text encoder trains (network.text_encoders)")
+    if ds.shuffle_tags:
+        why.append("dataset.shuffle_tags makes a new caption each step")
+    return [f"dataset.free_text_encoders needs every caption encoded once at the start, but {' and '.join(why)}; "
+            f"turn free_text_encoders off or change that"] if why else []
 
 
 def parse_text_encoder_lrs(entries: list[str]) -> tuple[dict[str, float], list[str]]:

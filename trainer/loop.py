@@ -61,6 +61,9 @@ class Trainer:
     step_images: int = 0  # images the last optimizer step trained, over every process
     rank: int = 0  # this process among `world` data-parallel ones (distributed.py); rank 0 writes every file
     world: int = 1
+    # dataset.free_text_encoders: (each sample prompt's, the negative prompt's or None, the empty prompt's)
+    # encodings, set when the text encoders were deleted at setup (None while they are there)
+    sample_text: tuple | None = None
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +95,8 @@ class Trainer:
             raise C.ConfigError([f"distributed.processes x machines is {world_size(cfg)}, but {self.world} "
                                  f"process(es) were started; start the run with python -m trainer train"])
         self.validator = Validator(self, held_out) if held_out else None
+        if cfg.dataset.free_text_encoders:
+            self._free_text_encoders()
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
         self._setup_optimizer()
         self.step = 0
@@ -429,19 +434,59 @@ class Trainer:
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The text conditioning of a batch; cached per caption (all of it: both encoders' states for SDXL) when no
-        text encoder trains."""
+        text encoder trains. A cached caption is encoded alone: CPU matmuls may round differently by batch size,
+        so one encoded beside others would depend on which captions a batch happened to miss together (a resumed
+        run's empty cache, or free_text_encoders encoding every caption at the start, would differ in the last
+        bits). It is encoded once per run anyway."""
         if self.text_cache is None:
             return self._encode(captions, grad=bool(self.trained_encoders))
-        missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
-        if missing:
-            encoded = self._encode(missing, grad=False)
-            for i, c in enumerate(missing):
-                self.text_cache[c] = {k: v[i] for k, v in encoded.items()}
+        for caption in dict.fromkeys(captions):
+            if caption not in self.text_cache:
+                self.text_cache[caption] = {k: v[0] for k, v in self._encode_cached(caption).items()}
         return {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in self.text_cache[captions[0]]}
+
+    def _encode_cached(self, caption: str) -> dict[str, torch.Tensor]:
+        if self.sample_text is not None:  # the encoders are gone (free_text_encoders)
+            raise RuntimeError(f"the caption {caption!r} was not encoded before the text encoders were freed "
+                               f"(dataset.free_text_encoders); this is a bug: please report it")
+        return self._encode([caption], grad=False)
 
     def _encode(self, captions: list[str], grad: bool) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             return {k: v.float() for k, v in self.base.encode_text(captions).items()}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _free_text_encoders(self) -> None:
+        """dataset.free_text_encoders: every caption the run can train or validate with, the sample prompts and
+        the negative prompt encoded now, then the text encoders deleted, not moved to the CPU: nothing in this
+        run needs them again (a resume is a new Trainer that loads them anew), and CPU memory counts too."""
+        if self.text_cache is None:  # a text encoder trains or cache_text is off: validate() refuses both
+            return
+        self.encode_captions(self._every_caption())
+        with torch.no_grad():  # as the pipeline encodes a prompt: no autocast, one prompt at a time
+            encode = self.base.encode_text
+            negative = self.cfg.sampling.negative_prompt
+            self.sample_text = ([encode(p) for p in C.sample_prompts(self.cfg, self.scan.trigger)],
+                                encode(negative) if negative else None, encode(""))
+        # in place: the data-parallel view (dataclasses.replace of base) shares this dict but not text_encoder
+        self.base.text_encoders.clear()
+        for model in {id(m): m for m in (self.base, self.train_model)}.values():
+            model.text_encoder = None
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _every_caption(self) -> list[str]:
+        """The captions build_caption can make this run (shuffle_tags is refused with free_text_encoders, so
+        each image has one, plus the empty one of caption dropout) and the validation images' captions."""
+        from .data import build_caption
+        ds = dataclasses.replace(self.cfg.dataset, caption_dropout=0.0)
+        captions = [build_caption(item, ds, random.Random(0), self.scan.trigger) for item in self.scan.items]
+        if self.cfg.dataset.caption_dropout > 0:
+            captions.append("")
+        captions += self.validator.captions() if self.validator else []
+        return list(dict.fromkeys(captions))
 
     # ------------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -526,19 +571,35 @@ class Trainer:
         from .network import lora_off
         cfg, base = self.cfg, self.base
         exported = as_saved(base.injected_adapter(), cfg.saving.dtype)
-        pipe = base.pipeline()
+        pipe = self._sample_pipeline()
         modules = (base.denoiser, *base.text_encoders.values())
         for module in modules:
             module.eval()
         try:
             with lora_off(*modules), fused(base, exported, keep_on="cpu"):  # W0 copies off the GPU
-                return [pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
-                             num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
+                return [pipe(**text, num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
                              height=cfg.dataset.resolution, width=cfg.dataset.resolution, output_type=output_type,
                              generator=torch.Generator().manual_seed(cfg.sampling.seed + i)).images[0]
-                        for i, prompt in enumerate(C.sample_prompts(cfg, self.scan.trigger))]
+                        for i, text in enumerate(self._sample_text_kwargs())]
         finally:
             self._train_mode()
+
+    def _sample_pipeline(self):
+        """The family's pipeline; once the text encoders are freed, one built with None in their places (the
+        pipelines take prompt embeddings then and never call them)."""
+        base = self.base
+        if self.sample_text is None:
+            return base.pipeline()
+        prefixes = [spec.prefix for spec in base.family.text_encoder_specs]
+        return dataclasses.replace(base, text_encoder=None, text_encoders=dict.fromkeys(prefixes)).pipeline()
+
+    def _sample_text_kwargs(self) -> list[dict]:
+        """Each sample's text arguments: the prompt itself, or its encoding from the start of the run."""
+        if self.sample_text is None:
+            negative = self.cfg.sampling.negative_prompt or None
+            return [{"prompt": p, "negative_prompt": negative} for p in C.sample_prompts(self.cfg, self.scan.trigger)]
+        prompts, negative, empty = self.sample_text
+        return [self.base.family.pipeline_text_kwargs(text, negative, empty) for text in prompts]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -63,8 +63,16 @@ class Validator:
             pixels = load_pixels(item, size, "center", False, rng, box=box).unsqueeze(0)
             latents = t.sample_latents(t.encode_pixels(pixels),
                                        torch.Generator().manual_seed(mix(VALIDATION, cfg.run.seed, n, 2)))
-            out.append((latents, size_info(item, size, box), with_trigger(item.caption, t.scan.trigger)))
+            out.append((latents, size_info(item, size, box), self.caption(item)))
         return out
+
+    def caption(self, item) -> str:
+        """An item's caption as validation encodes it: trigger-prefixed, never dropped or shuffled."""
+        return with_trigger(item.caption, self.trainer.scan.trigger)
+
+    def captions(self) -> list[str]:
+        """Every caption validation encodes (free_text_encoders encodes them before deleting the encoders)."""
+        return [self.caption(item) for item in self.items]
 
     @torch.no_grad()
     def loss(self) -> tuple[float, dict[str, float]]:

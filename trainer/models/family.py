@@ -208,6 +208,12 @@ class Family:
     def __repr__(self) -> str:
         return f"<family {self.name}>"
 
+    def pipeline_text_kwargs(self, text: dict, negative: dict | None, empty: dict | None = None) -> dict:
+        """The pipeline() keyword arguments that stand for a prompt encoded by encode_text (one row), so samples
+        render with the text encoders gone (dataset.free_text_encoders). `negative`: the negative prompt's
+        encoding, None when there is none; `empty`: the encoding of "" (some pipelines' negative then)."""
+        raise NotImplementedError
+
 
 def size_problems(cfg, multiple: int, why: str, label: str) -> list[str]:
     """Image sides a denoiser with patches needs beyond the VAE's factor of 8 (config.validate checks that one)."""

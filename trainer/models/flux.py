@@ -211,6 +211,12 @@ class Flux(Family):
         schnell = (metadata or {}).get("modelspec.architecture", "").startswith("flux-1-schnell")
         return CONFIGS / ("flux1-schnell" if schnell else "flux1-dev")
 
+    def pipeline_text_kwargs(self, text: dict, negative: dict | None, empty: dict | None = None) -> dict:
+        """FluxPipeline's prompt_embeds (T5) and pooled_prompt_embeds (CLIP's pooler output). No negative: FLUX.1
+        is guidance-distilled, and FluxPipeline uses a negative prompt only for true CFG, true_cfg_scale > 1
+        (pipeline_flux.py:768-771), which samples never set; passing one would change nothing."""
+        return {"prompt_embeds": text["encoder_hidden_states"], "pooled_prompt_embeds": text["pooled_projections"]}
+
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """(row, column) position ids of h x w packed tokens, as FluxPipeline._prepare_latent_image_ids."""

@@ -145,6 +145,15 @@ class SD1(Family):
     def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         return DEFAULT_CONFIG_DIR
 
+    def pipeline_text_kwargs(self, text: dict, negative: dict | None, empty: dict | None = None) -> dict:
+        """StableDiffusionPipeline's prompt_embeds; without a negative prompt its CFG encodes "" itself
+        (diffusers pipeline_stable_diffusion.py:457), so the empty prompt's encoding stands in for that."""
+        out = {"prompt_embeds": text["encoder_hidden_states"]}
+        negative = negative if negative is not None else empty
+        if negative is not None:
+            out["negative_prompt_embeds"] = negative["encoder_hidden_states"]
+        return out
+
 
 def empty_clip(fit: Fit, configs: Path, sub: str, cls):
     """A CLIP text model of `cls` built on the meta device from configs/<sub>."""

@@ -236,6 +236,16 @@ class SD3(Family):
                 "medium" if not any("_attn2_" in n for n in internal) and len(blocks) == 24 else "5-medium"
         return CONFIGS / VARIANT_CONFIGS.get(model_type, "sd35-medium")
 
+    def pipeline_text_kwargs(self, text: dict, negative: dict | None, empty: dict | None = None) -> dict:
+        """StableDiffusion3Pipeline's prompt_embeds (CLIP-L and CLIP-G padded to T5's width, then T5) and
+        pooled_prompt_embeds; without a negative prompt its CFG encodes "" (pipeline_stable_diffusion_3.py:467)."""
+        out = {"prompt_embeds": text["encoder_hidden_states"], "pooled_prompt_embeds": text["pooled_projections"]}
+        negative = negative if negative is not None else empty
+        if negative is not None:
+            out.update(negative_prompt_embeds=negative["encoder_hidden_states"],
+                       negative_pooled_prompt_embeds=negative["pooled_projections"])
+        return out
+
 
 # sd-scripts' model types (library/sd3_utils.py:53-60) and their block counts
 VARIANT_LAYERS = {"5-large": 38, "5-medium": 24, "medium": 24}

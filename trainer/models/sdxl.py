@@ -160,6 +160,16 @@ class SDXL(SD1):
     def meta_config_dir(self, adapter_names: set[str] | None = None, metadata: dict | None = None) -> Path:
         return CONFIG_DIR
 
+    def pipeline_text_kwargs(self, text: dict, negative: dict | None, empty: dict | None = None) -> dict:
+        """StableDiffusionXLPipeline's prompt_embeds and pooled_prompt_embeds (encode_text's text_embeds: CLIP-G's
+        projection, as the pipeline pools, pipeline_stable_diffusion_xl.py:411). Without a negative prompt `empty`
+        is not used: pipeline() sets force_zeros_for_empty_prompt, so the pipeline's negative is zeros (:424)."""
+        out = {"prompt_embeds": text["encoder_hidden_states"], "pooled_prompt_embeds": text["text_embeds"]}
+        if negative is not None:
+            out.update(negative_prompt_embeds=negative["encoder_hidden_states"],
+                       negative_pooled_prompt_embeds=negative["text_embeds"])
+        return out
+
 
 def time_ids(sizes: list[SizeInfo]) -> torch.Tensor:
     """[original h, w, crop top, left, target h, w] per image, as SDXL's added time embedding takes them."""
