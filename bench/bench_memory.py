@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: peak memory and time of one LoRA training step at real SD 1.5, SDXL and SD 3.5 Medium size (real
+"""Benchmark: peak memory and time of one LoRA training step at real SD 1.5, SDXL, SD 3.5 and FLUX.1-dev size (real
 configs, random weights), against a frozen forward pass of the same denoiser (UNet or MMDiT transformer).
 
 Each row runs in a fresh process so its peak is its own: frozen denoiser weights in bf16, rank-8 LoRA on its
@@ -16,6 +16,11 @@ or a CPU with AVX-512 BF16 / AMX gives the times too.
     python bench/bench_memory.py                 # SD 1.5 and SDXL at 512 px, 2 timed steps each
     python bench/bench_memory.py --models sdxl --resolution 1024 --steps 1
     python bench/bench_memory.py --models sd35m --resolution 256 --steps 1   # SD 3.5 Medium on a CPU
+    python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8   # FLUX.1-dev on a GPU
+
+FLUX.1-dev's transformer is 11.9 B parameters: 23.8 GB in bf16, 11.9 GB with --fp8 (allocated in fp8 from the
+start, so the peak never holds a bf16 copy). Its cached text is T5's 512 tokens x 4096 and CLIP-L's pooled 768;
+latents are packed 2x2 into 64 channels as the family's predict does, with dev's guidance embedding at 1.0.
     python bench/bench_memory.py --write         # also put the table into docs/benchmarks.md
 """
 from __future__ import annotations
@@ -37,11 +42,15 @@ from docs_section import write_section  # noqa: E402  (bench/ is the script's fo
 # name -> (family, shipped config folder); the SD3 rows are opt-in (--models): SD 3.5 Large's bf16 transformer
 # alone is 16 GB, and gpu_check.py runs both at 1024 px
 MODELS = {"sd15": ("sd1", "sd15"), "sdxl": ("sdxl", "sdxl"), "sd35m": ("sd3", "sd35-medium"),
-          "sd35l": ("sd3", "sd35-large")}
+          "sd35l": ("sd3", "sd35-large"), "flux1": ("flux", "flux1-dev")}
 DEFAULT_MODELS = ["sd15", "sdxl"]
 # SD3's cached text: CLIP-L + CLIP-G's 77 tokens in front of T5's (model.t5_length 256, sd-scripts' default and the
 # sd35 presets'), 4096 wide (trainer/models/sd3.py encode_text); pooled: both CLIPs' projections, 768 + 1280
 SD3_T5_LENGTH = 256
+# FLUX.1-dev's cached text: T5 alone, at dev's 512 tokens (model.t5_length in the flux-dev presets; sd-scripts
+# flux_train_network.py l. 171-175), joint_attention_dim wide; pooled: CLIP-L's pooler output (pooled_projection_dim)
+FLUX_T5_LENGTH = 512
+FLOW_FAMILIES = ("sd3", "flux")  # timesteps are flow times x 1000; latents have 16 channels
 
 
 def peak_gb(device: str) -> float:
@@ -51,33 +60,58 @@ def peak_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def random_unet(config_dir: Path, device: str, family=None):
-    """The denoiser of a config (the family's: a UNet, or SD3's transformer) with random bf16 weights, allocated
-    once in bf16 (no fp32 copy on the way)."""
+def denoiser_class(family):
+    """The diffusers class of a family's denoiser (by its name: the bench knows the families it has rows for)."""
+    import diffusers
+    name = family.name if family is not None else "sd1"
+    return getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}.get(
+        name, "UNet2DConditionModel"))
+
+
+def random_unet(config_dir: Path, device: str, family=None, fp8: bool = False):
+    """The denoiser of a config (the family's: a UNet, SD3's or FLUX's transformer) with random weights, allocated
+    once in bf16 (no fp32 copy on the way); with fp8, the layers precision.fp8_base stores in float8_e4m3fn are
+    allocated in it from the start (diffusers' layerwise casting, set up on the meta device), so the peak never
+    holds the bf16 copy (FLUX.1: 23.8 GB) that casting a built model would."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
     sub = family.denoiser_component if family is not None else "unet"
-    cls = SD3Transformer2DModel if sub == "transformer" else UNet2DConditionModel
+    cls = denoiser_class(family)
     with init_empty_weights():
-        unet = cls.from_config(cls.load_config(str(config_dir), subfolder=sub))
-    # channels_last: PyTorch's CPU bf16 convolution in the default layout has no fast kernel on a CPU without native
-    # bf16 (a 320-channel 3x3 conv at 64x64: 48 s, against 0.6 s channels_last on AVX2); on CUDA it is the fast one.
-    # (SD3's transformer has one convolution, its patch embedding: its layout does not matter.)
-    layout = torch.channels_last if sub == "unet" else torch.contiguous_format
-    unet = unet.to_empty(device=device).to(torch.bfloat16, memory_format=layout)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.02, generator=g)
+        unet = cls.from_config(cls.load_config(str(config_dir), subfolder=sub)).to(torch.bfloat16)
+    if fp8:  # the loop's BaseModel.store_denoiser_in_fp8 (peft's layers, added later, are skipped by name)
+        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    unet = unet.to_empty(device=device)
+    if sub == "unet":
+        # channels_last: PyTorch's CPU bf16 convolution in the default layout has no fast kernel on a CPU without
+        # native bf16 (a 320-channel 3x3 conv at 64x64: 48 s, against 0.6 s channels_last on AVX2); on CUDA it is
+        # the fast one. (The transformers have one convolution at most, their patch embedding.)
+        unet = unet.to(memory_format=torch.channels_last)
+    fill_random(unet, device)
     return unet.requires_grad_(False)
 
 
-def conditioning(family_name: str, resolution: int, device: str) -> dict:
-    """Cached text-encoder outputs (and SDXL's size ids) of the right shapes, as the text cache holds them."""
+def fill_random(module, device: str) -> None:
+    """N(0, 0.02) weights; fp8 tensors (no normal_ kernel) through a bf16 draw one tensor at a time."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dtype == torch.float8_e4m3fn:
+                p.copy_(torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=g))
+            else:
+                p.normal_(0, 0.02, generator=g)
+
+
+def conditioning(family_name: str, resolution: int, device: str, config=None) -> dict:
+    """Cached text-encoder outputs (and SDXL's size ids) of the right shapes, as the text cache holds them
+    (FLUX's widths from its transformer `config`)."""
     import torch
     from trainer.models import get_family
     from trainer.models.family import SizeInfo
+    if family_name == "flux":
+        return {"encoder_hidden_states": torch.randn(1, FLUX_T5_LENGTH, config.joint_attention_dim, device=device),
+                "pooled_projections": torch.randn(1, config.pooled_projection_dim, device=device)}
     if family_name == "sd3":
         return {"encoder_hidden_states": torch.randn(1, 77 + SD3_T5_LENGTH, 4096, device=device),
                 "pooled_projections": torch.randn(1, 768 + 1280, device=device)}
@@ -99,17 +133,18 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     from trainer.network import inject_lora
     family_name, configs = MODELS[model]
     family = get_family(family_name)
-    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family)
-    if fp8:  # precision.fp8_base: the loop's BaseModel.store_denoiser_in_fp8 (peft's layers are skipped by name)
-        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family, fp8)
     weights = peak_gb(device)
     base = SimpleNamespace(denoiser=unet, text_encoders={}, family=family)
-    cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device).items()}
-    channels = unet.config.in_channels  # 4; SD3's VAE has 16
+    cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device, unet.config).items()}
+    # the VAE's channels: 4; SD3's 16; FLUX's 16, which its predict packs 2x2 into the transformer's 64
+    channels = unet.config.in_channels // (4 if family_name == "flux" else 1)
     latents = torch.randn(1, channels, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
     latents = latents.to(memory_format=torch.channels_last)
-    t = torch.tensor([500.0 if family_name == "sd3" else 500], device=device)  # SD3: a flow time x 1000
-    predict = lambda: family.predict(SimpleNamespace(denoiser=unet, dtype=unet.dtype), latents, t, cond)  # noqa: E731
+    t = torch.tensor([500.0 if family_name in FLOW_FAMILIES else 500], device=device)  # a flow time x 1000
+    # bf16 compute dtype even over fp8 storage; options: FLUX-dev's guidance embedding at model.train_guidance 1.0
+    model = SimpleNamespace(denoiser=unet, dtype=torch.bfloat16, options={"train_guidance": 1.0})
+    predict = lambda: family.predict(model, latents, t, cond)  # noqa: E731
     forward = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -161,7 +196,7 @@ def table(rows: list[dict]) -> str:
              f"{platform.machine()}, {device}, {rows[0]['threads']} torch thread(s), torch {torch.__version__}. "
              f"Real configs with random weights; frozen denoiser in bf16, rank-8 LoRA on its attention (fp32 "
              f"weights, bf16 autocast), gradient checkpointing, cached latents and text-encoder outputs (no VAE or "
-             f"text encoder resident; SD3: 77 + {SD3_T5_LENGTH} text tokens), batch 1, AdamW; medians of the timed "
+             f"text encoder resident; SD3: 77 + {SD3_T5_LENGTH} text tokens, FLUX.1: {FLUX_T5_LENGTH}), batch 1, AdamW; medians of the timed "
              f"passes. Peak: {peak}, in its own process.",
              "", "| model | px | LoRA parameters | weights | frozen forward | peak | training step | peak | "
                  "step / forward |", "|---|---|---|---|---|---|---|---|---|"]

@@ -7,7 +7,8 @@
   2. Peak memory of one LoRA training step at SD 1.5 and SDXL size (real configs, random bf16 weights; the rows of
      bench/bench_memory.py) at 512 and 1024 px, with and without gradient checkpointing; SD 3.5 Medium and Large
      at 1024 px (cached text: 77 + 256 tokens), the sizes the sd35-medium (12 GB) and sd35-large (16 GB) presets
-     are meant to fit.
+     are meant to fit; FLUX.1-dev at 1024 px in bf16 and over fp8 base weights (cached text: T5's 512 tokens),
+     what the flux-dev presets train (their comments say what else they hold on the card).
   3. With two or more GPUs: two processes (DDP over NCCL) against one with the same global batch.
 
 On a machine without CUDA it says so and exits 0. Put the table in docs/benchmarks.md with --write.
@@ -71,6 +72,9 @@ MEMORY_ROWS = [(model, px, ckpt, False) for model in ("sd15", "sdxl") for px in 
 # (the fourth: fp8 base weights, as the sd35-large preset trains on 16 GB)
 MEMORY_ROWS += [("sd35m", 1024, True, False), ("sd35m", 1024, False, False), ("sd35l", 1024, True, False),
                 ("sd35l", 1024, True, True)]
+# FLUX.1-dev (11.9 B parameters: 23.8 GB bf16, 11.9 GB fp8) at its native 1024 px with checkpointing, as the
+# flux-dev presets train it (the fp8 row is their setting; bf16 needs a 40 GB+ card)
+MEMORY_ROWS += [("flux1", 1024, True, False), ("flux1", 1024, True, True)]
 
 
 def memory() -> list[tuple[str, str, str]]:

@@ -42,8 +42,8 @@ def run_names(settings: AppSettings) -> list[str]:
 def _slots_column(settings: AppSettings, c: dict) -> None:
     c["model"] = gr.Textbox(settings.base_model, label="Base model", elem_id="gen-model",
                             placeholder="empty = the tiny built-in model",
-                            info="A diffusers folder or a .safetensors checkpoint (SD 1.x, 2.x, SDXL or SD 3/3.5); loaded "
-                                 "once and kept.")
+                            info="A diffusers folder or a .safetensors checkpoint (SD 1.x, 2.x, SDXL, SD 3/3.5 or "
+                                 "FLUX.1); loaded once and kept.")
     c["model_note"] = gr.Markdown(model_note(settings.base_model), elem_id="gen-model-note")
     choices = G.adapter_choices(settings)
     c["slots"] = []
@@ -64,7 +64,10 @@ def _slots_column(settings: AppSettings, c: dict) -> None:
 def _image_column(settings: AppSettings, c: dict) -> None:
     start = generation_defaults(settings.base_model)  # what the model's training samples use (the engine's rule)
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
-    c["negative"] = gr.Textbox(start["negative_prompt"], label="Negative prompt", elem_id="gen-negative")
+    # FluxPipeline uses a negative prompt only with true_cfg_scale > 1 (diffusers 0.42.1 pipeline_flux.py l. 768-771),
+    # which loradesk does not pass: FLUX.1 draws without it
+    c["negative"] = gr.Textbox(start["negative_prompt"], label="Negative prompt", elem_id="gen-negative",
+                               info="Not used by FLUX.1 (guidance-distilled: Guidance is its embedded value).")
     with gr.Row():
         c["seed"] = gr.Number(start["seed"], label="Seed", precision=0, minimum=0, elem_id="gen-seed",
                               info="A run's first sample prompt uses this seed, the next one seed + 1.")
