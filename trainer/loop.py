@@ -206,9 +206,8 @@ class Trainer:
         force_upcast and stays fp32); LoRA weights in fp32; gradient checkpointing and train modes."""
         cfg, base = self.cfg, self.base
         self.weight_dtype = _frozen_dtype(cfg, device)
-        base.place(self.device, self.weight_dtype)  # and reads the dtypes once: the loop never walks them per step
-        if cfg.precision.fp8_base:
-            base.store_denoiser_in_fp8(self.weight_dtype)
+        # and reads the dtypes once: the loop never walks them per step
+        base.place(self.device, self.weight_dtype, fp8_denoiser=cfg.precision.fp8_base)
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:

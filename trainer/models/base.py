@@ -111,12 +111,16 @@ class BaseModel:
         self.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
         self._dtypes.clear()
 
-    def place(self, device, dtype: torch.dtype) -> None:
+    def place(self, device, dtype: torch.dtype, fp8_denoiser: bool = False) -> None:
         """Every frozen component to `device`, in `dtype` (a VAE that overflows in half precision, as SDXL's does,
-        says force_upcast and stays fp32); the dtypes are read again once."""
+        says force_upcast and stays fp32; with fp8_denoiser the denoiser stored in fp8, store_denoiser_in_fp8);
+        the dtypes are read again once. Each is cast before it moves: the card never holds a full-precision copy
+        (SD 3.5 Large's transformer is 32 GB in fp32, FLUX.1's 48 GB)."""
         for module in self.components:
-            module.to(device)
             keep_fp32 = module is self.vae and self.vae.config.get("force_upcast", False)
             if dtype != torch.float32 and not keep_fp32:
                 module.to(dtype=dtype)
+            if fp8_denoiser and module is self.denoiser:
+                self.store_denoiser_in_fp8(dtype)
+            module.to(device)
         self._dtypes.clear()
