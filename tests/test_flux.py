@@ -254,3 +254,45 @@ def test_bfl_single_files_load_and_a_bake_writes_bfls_transformer_file(flux_run,
         assert max((x[k] - y[k]).abs().max().item() for k in y if k in x) < 1e-5, prefix
     plain = folder.text_encoders["lora_te1"].state_dict()
     assert any(not torch.equal(plain[k], back.text_encoders["lora_te1"].state_dict()[k]) for k in plain)
+
+
+def test_blend_resize_analyze_generate_and_compare_work_on_a_flux_run(flux_run, tiny_flux_dir, tmp_path):
+    """The toolkit on FLUX adapters through the CLI: exact and SVD blends and resize keep kohya's BFL layout
+    (linear1 fused), analyze, generate (the family's pipeline) and compare."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.__main__ import main
+    adapter, ckpt = str(flux_run / "flux.safetensors"), str(flux_run / "checkpoints" / "step-000004")
+    exact, small = tmp_path / "exact.safetensors", tmp_path / "r2.safetensors"
+    assert main(["blend", f"{adapter}:0.7", f"{ckpt}:0.3", "--out", str(exact), "--dtype", "fp32"]) == 0
+    assert main(["resize", adapter, "--rank", "2", "--out", str(small)]) == 0
+    assert modules_of(exact)[0] == modules_of(Path(adapter))[0]  # the BFL layout: linear1 and qkv fused
+    one, two, blend = load_adapter(adapter), load_adapter(ckpt), load_adapter(exact)
+    for name in ("lora_unet_single_transformer_blocks_1_proj_mlp", "lora_unet_transformer_blocks_0_attn_add_k_proj"):
+        expected = 0.7 * one.layers[name].delta() + 0.3 * two.layers[name].delta()
+        assert torch.allclose(blend.layers[name].delta(), expected, atol=1e-6), name
+    assert {layer.rank for layer in load_adapter(small).layers.values()} == {2}
+    assert main(["analyze", adapter, ckpt, "--out", str(tmp_path / "analysis")]) == 0
+    images = {}
+    for label, lora in (("with", ["--lora", f"{adapter}:1.0"]), ("without", [])):
+        png = tmp_path / f"{label}.png"
+        assert main(["generate", "--model", str(tiny_flux_dir), *lora, "--prompt", "zqx", "--steps", "2",
+                     "--width", "32", "--height", "32", "--out", str(png)]) == 0
+        images[label] = np.asarray(Image.open(png), dtype=np.int16)
+    assert images["with"].shape == (32, 32, 3) and np.abs(images["with"] - images["without"]).max() > 0
+    grid = tmp_path / "compare.png"
+    assert main(["compare", str(flux_run), "--steps", "1", "--size", "32", "--out", str(grid)]) == 0
+    assert Image.open(grid).size[1] > 2 * 32
+
+
+def test_fp8_base_weights_train_the_tiny_flux_and_its_loss_falls(tiny_flux_dir, tmp_path):
+    same = make_images(tmp_path / "same", n=4, size=48)
+    run_dir = train(tiny_flux_dir, tmp_path, f"validation.path={same}", "dataset.batch_size=4",
+                    "network.text_encoders=[]", ALL_GROUPS, "precision.fp8_base=true", steps=40)
+    fixed = runs.validation_losses(run_dir)
+    print(f"tiny FLUX over fp8 weights: loss at fixed sigmas and noise, step 0 {fixed[0]:.4f}, "
+          f"step 40 {fixed[40]:.4f}")
+    assert fixed[40] < 0.95 * fixed[0]
+    with safe_open(str(run_dir / "flux.safetensors"), "pt") as f:  # fp32 LoRA factors, as saving.dtype says
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
