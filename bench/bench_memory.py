@@ -80,7 +80,8 @@ def random_unet(config_dir: Path, device: str, family=None, fp8: bool = False):
     with init_empty_weights():
         unet = cls.from_config(cls.load_config(str(config_dir), subfolder=sub)).to(torch.bfloat16)
     if fp8:  # the loop's BaseModel.store_denoiser_in_fp8 (peft's layers, added later, are skipped by name)
-        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        from trainer.models.base import store_in_fp8
+        store_in_fp8(unet, torch.bfloat16)
     unet = unet.to_empty(device=device)
     if sub == "unet":
         # channels_last: PyTorch's CPU bf16 convolution in the default layout has no fast kernel on a CPU without

@@ -317,6 +317,9 @@ def test_fp8_base_weights_store_the_denoiser_in_fp8_and_train_the_lora_in_fp32(t
     weights = {n: p.dtype for n, p in trainer.base.denoiser.named_parameters()}
     assert weights["transformer_blocks.0.attn.to_q.base_layer.weight"] == torch.float8_e4m3fn
     assert weights["transformer_blocks.0.ff.net.2.weight"] == torch.float8_e4m3fn
+    # the adaLN modulation too, which diffusers' default skips by its name ("norm"), as sd-scripts' fp8_base
+    assert weights["transformer_blocks.0.norm1.linear.weight"] == torch.float8_e4m3fn
+    assert weights["pos_embed.proj.weight"] == torch.float32  # the patch embedding stays as it is
     assert all(p.dtype == torch.float32 for p in trainer.params.named().values())
     assert trainer.base.dtype == torch.float32  # what predict casts its inputs to: the compute dtype
     adapter, _, _ = train(cfg)

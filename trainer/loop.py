@@ -64,6 +64,7 @@ class Trainer:
     # dataset.free_text_encoders: (each sample prompt's, the negative prompt's or None, the empty prompt's)
     # encodings, set when the text encoders were deleted at setup (None while they are there)
     sample_text: tuple | None = None
+    denoiser_waits: bool = False  # free_text_encoders on a GPU: the denoiser is moved after the encoders go
 
     @property
     def is_main(self) -> bool:
@@ -97,6 +98,10 @@ class Trainer:
         self.validator = Validator(self, held_out) if held_out else None
         if cfg.dataset.free_text_encoders:
             self._free_text_encoders()
+        if self.denoiser_waits:  # the text encoders are gone: now there is room for it (see _place_modules)
+            self.base.denoiser.to(self.device)
+            self.base._dtypes.clear()
+            self.train_model = self._data_parallel()
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
         self._setup_optimizer()
         self.step = 0
@@ -191,7 +196,7 @@ class Trainer:
         self.params = inject_lora(self.base, cfg)
         self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train
         self._place_modules(device)
-        self.train_model = self._data_parallel()
+        self.train_model = None if self.denoiser_waits else self._data_parallel()
         self.noise = self.base.family.noise_process(self.base, cfg)  # draws, targets, weights: the family's
         self.prediction = self.noise.prediction
         use_cache = cfg.dataset.cache_latents != "off" and not needs_fresh_pixels(cfg.dataset)
@@ -206,8 +211,12 @@ class Trainer:
         force_upcast and stays fp32); LoRA weights in fp32; gradient checkpointing and train modes."""
         cfg, base = self.cfg, self.base
         self.weight_dtype = _frozen_dtype(cfg, device)
-        # and reads the dtypes once: the loop never walks them per step
-        base.place(self.device, self.weight_dtype, fp8_denoiser=cfg.precision.fp8_base)
+        # dataset.free_text_encoders on a GPU: the denoiser waits on the CPU until the text encoders, which encode
+        # every caption first, are gone (_free_text_encoders), so the card never holds both (T5-XXL 9.5 GB)
+        self.denoiser_waits = cfg.dataset.free_text_encoders and self.device.type != "cpu"
+        # (place reads the dtypes once: the loop never walks them per step)
+        base.place(self.device, self.weight_dtype, fp8_denoiser=cfg.precision.fp8_base,
+                   keep=(base.denoiser,) if self.denoiser_waits else ())
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:
@@ -469,12 +478,13 @@ class Trainer:
                                 encode(negative) if negative else None, encode(""))
         # in place: the data-parallel view (dataclasses.replace of base) shares this dict but not text_encoder
         self.base.text_encoders.clear()
-        for model in {id(m): m for m in (self.base, self.train_model)}.values():
+        for model in {id(m): m for m in (self.base, self.train_model) if m is not None}.values():
             model.text_encoder = None
         import gc
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
 
     def _every_caption(self) -> list[str]:
         """The captions build_caption can make this run (shuffle_tags is refused with free_text_encoders, so

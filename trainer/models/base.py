@@ -105,13 +105,11 @@ class BaseModel:
         return self._dtypes[component]
 
     def store_denoiser_in_fp8(self, compute_dtype: torch.dtype) -> None:
-        """diffusers' layerwise casting: the denoiser's frozen weights stored in float8_e4m3fn, each layer cast to
-        compute_dtype while it runs; peft's LoRA layers (trainable, fp32) and the norms are left as they are
-        (diffusers skips both by default). The model's dtype reads as compute_dtype from then on."""
-        self.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+        """The denoiser's frozen weights in fp8 (store_in_fp8); its dtype reads as compute_dtype from then on."""
+        store_in_fp8(self.denoiser, compute_dtype)
         self._dtypes.clear()
 
-    def place(self, device, dtype: torch.dtype, fp8_denoiser: bool = False) -> None:
+    def place(self, device, dtype: torch.dtype, fp8_denoiser: bool = False, keep: tuple = ()) -> None:
         """Every frozen component to `device`, in `dtype` (a VAE that overflows in half precision, as SDXL's does,
         says force_upcast and stays fp32; with fp8_denoiser the denoiser stored in fp8, store_denoiser_in_fp8);
         the dtypes are read again once. Each is cast before it moves: the card never holds a full-precision copy
@@ -122,5 +120,21 @@ class BaseModel:
                 module.to(dtype=dtype)
             if fp8_denoiser and module is self.denoiser:
                 self.store_denoiser_in_fp8(dtype)
-            module.to(device)
+            if not any(module is kept for kept in keep):  # `keep`: cast, but left where it is for now
+                module.to(device)
         self._dtypes.clear()
+
+
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """diffusers' layerwise casting: a model's Linear and conv weights stored in float8_e4m3fn, each layer cast to
+    compute_dtype while it runs; peft's LoRA layers (trainable, fp32), the position and patch embeddings, the outer
+    projections and any module the model keeps in fp32 are left as they are. diffusers' enable_layerwise_casting
+    would also skip every module whose name holds "norm", which in SD3 and FLUX are the adaLN modulation Linears:
+    3.25 B of FLUX.1's 11.9 B parameters left in bf16 (15.1 GB instead of 11.9); sd-scripts' fp8_base casts them,
+    and so does this (its hook directly: enable_layerwise_casting adds the class's "norm" pattern to any given)."""
+    from diffusers.hooks import apply_layerwise_casting
+    from peft.tuners.lora.layer import LoraLayer
+    skip = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$", *LoraLayer.adapter_layer_names,
+            *(getattr(model, "_keep_in_fp32_modules", None) or ()))
+    apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                            skip_modules_pattern=skip)

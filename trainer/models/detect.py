@@ -174,7 +174,8 @@ def text_encoder_prefixes(components: set[str] | dict[str, str]) -> dict[str, st
     alone: lora_te; with text_encoder_2: SDXL's lora_te1 and lora_te2, or FLUX's CLIP-L and T5 as lora_te1 and
     lora_te3): the family with the fewest encoders that has them all, of the kind each is (component -> "clip" or
     "t5", from its module paths, when given as a dict)."""
-    kinds = components if isinstance(components, dict) else {}
+    # a plain set: CLIP encoders (what files written before a family had T5 hold)
+    kinds = components if isinstance(components, dict) else dict.fromkeys(components, "clip")
     families = sorted(all_families(), key=lambda f: len(f.text_encoder_specs))
     for family in families:
         specs = {spec.component: spec for spec in family.text_encoder_specs}

@@ -186,16 +186,22 @@ def original_to_transformer(original: dict, shapes: dict[str, tuple], num_double
     transformer_to_original, for any width: diffusers' converter fixes FLUX.1's 3072 (single_file_utils.py:2305).
     KeyError names a weight the file lacks."""
     own = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in original.items()}
-    out = {}
+    out, used = {}, set()
     for key, shape in shapes.items():
         path, param = key.rsplit(".", 1)
         place, part = _lookup(path, num_double, num_single)
-        tensor = own[f"{place.bfl_path()}.{place.module.param or param}"]
+        name = f"{place.bfl_path()}.{place.module.param or param}"
+        tensor = own[name]
+        used.add(name)
         tensor = _swap_halves(tensor) if place.module.swap else tensor
         if len(place.module.parts) > 1:
             start = sum(shapes[f"{place.diffusers_path(j)}.{param}"][0] for j in range(part))
             tensor = tensor[start:start + shape[0]]
         out[key] = tensor
+    left = sorted(set(own) - used)
+    if left:  # ComfyUI's "scaled fp8" files carry per-weight scales (*.scale_weight) that plain weights would lose
+        raise ValueError(f"{len(left)} tensor(s) are not FLUX.1 transformer weights this loader takes, e.g. "
+                         f"{', '.join(left[:3])}; give the plain (bf16, fp16 or fp8) transformer file")
     return out
 
 
