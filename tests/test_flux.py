@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tiny import make_images
+from tiny import make_images, train_transformer_cli
 from trainer import runs
 from trainer.formats import load_adapter
 from trainer.models import load_base_model
@@ -20,16 +20,7 @@ ALL_GROUPS = "network.unet_targets=['attention', 'feed_forward', 'single_blocks'
 
 
 def train(model: Path, root: Path, *extra: str, steps: int = 8) -> Path:
-    from trainer.__main__ import main
-    data = make_images(root / "data", n=4, size=48)
-    sets = [f"model.path={model}", f"dataset.path={data}", "dataset.resolution=32", "dataset.batch_size=2",
-            f"schedule.max_steps={steps}", "schedule.lr_scheduler=constant", "optimizer.unet_lr=3e-3",
-            "optimizer.text_encoder_lr=2e-3", "model.t5_length=16", "network.rank=4", "network.alpha=2",
-            f"saving.runs_dir={root / 'runs'}", "run.name=flux", "saving.dtype=fp32", "saving.every_n_steps=4",
-            "sampling.every_n_steps=0", *extra]
-    assert main(["train", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
-    run_dir, = (root / "runs").iterdir()
-    return run_dir
+    return train_transformer_cli(model, root, "flux", *extra, steps=steps, save_every=4)
 
 
 @pytest.fixture(scope="module")

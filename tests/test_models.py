@@ -452,7 +452,7 @@ def test_family_must_agree_with_the_model(tiny_model_dir):
     assert load_base_model(str(tiny_model_dir), family="sd1").family.name == "sd1"
     with pytest.raises(ModelLoadError, match=r"Stable Diffusion 1.x model \(sd1\), but model.family is 'sdxl' \(SDXL\)"):
         load_base_model(str(tiny_model_dir), family="sdxl")
-    with pytest.raises(ModelLoadError, match="choose one of flux, sd1, sd2, sd3, sdxl"):
+    with pytest.raises(ModelLoadError, match="choose one of flux, flux2, sd1, sd2, sd3, sdxl"):
         load_base_model(str(tiny_model_dir), family="sd4")
     with pytest.raises(ModelLoadError, match=r"model \(sd1\), but model.family is 'sd3' \(Stable Diffusion 3 / 3.5\)"):
         load_base_model(str(tiny_model_dir), family="sd3")

@@ -199,3 +199,18 @@ def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_transformer_cli(model, root: Path, name: str, *extra: str, steps: int, save_every: int) -> Path:
+    """A CLI run on a tiny transformer model (SD 3.5, FLUX): 4 images at 32 px, batch 2, rank 4 / alpha 2, T5 at
+    16 tokens, fp32 files, a checkpoint every `save_every` steps, no samples; `extra` overrides. Its run folder."""
+    from trainer.__main__ import main
+    data = make_images(Path(root) / "data", n=4, size=48)
+    sets = [f"model.path={model}", f"dataset.path={data}", "dataset.resolution=32", "dataset.batch_size=2",
+            f"schedule.max_steps={steps}", "schedule.lr_scheduler=constant", "optimizer.unet_lr=3e-3",
+            "optimizer.text_encoder_lr=2e-3", "model.t5_length=16", "network.rank=4", "network.alpha=2",
+            f"saving.runs_dir={Path(root) / 'runs'}", f"run.name={name}", "saving.dtype=fp32",
+            f"saving.every_n_steps={save_every}", "sampling.every_n_steps=0", *extra]
+    assert main(["train", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
+    run_dir, = (Path(root) / "runs").iterdir()
+    return run_dir

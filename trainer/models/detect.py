@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 # name -> (module, instance); the order is the order of detection (the most specific first)
-FAMILIES = {"flux": ("flux", "FLUX_FAMILY"), "sd3": ("sd3", "SD3_FAMILY"), "sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"),
+FAMILIES = {"flux2": ("flux2", "FLUX2_FAMILY"), "flux": ("flux", "FLUX_FAMILY"), "sd3": ("sd3", "SD3_FAMILY"), "sdxl": ("sdxl", "SDXL_FAMILY"), "sd2": ("sd2", "SD2_FAMILY"),
             "sd1": ("sd1", "SD1_FAMILY")}
 
 
@@ -179,6 +179,8 @@ def text_encoder_prefixes(components: set[str] | dict[str, str]) -> dict[str, st
     families = sorted(all_families(), key=lambda f: len(f.text_encoder_specs))
     for family in families:
         specs = {spec.component: spec for spec in family.text_encoder_specs}
+        if any(s.kind not in ("clip", "t5") for s in specs.values()):
+            continue  # (FLUX.2 klein's Qwen3: its files are told by their denoiser names and metadata first)
         if set(components) <= set(specs) and all(specs[c].kind == k for c, k in kinds.items()):
             return {c: spec.prefix for c, spec in specs.items()}
     return {spec.component: spec.prefix for spec in families[-1].text_encoder_specs}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
 from .loading import load_component
+from .single_files import FromSingleFiles
 from .sd3 import (CLIP_LENGTH, T5_GROUPS, flow_scheduler, inference_scheduler, t5_length, t5_tokenizer,
                   with_t5_length)
 
@@ -31,7 +32,7 @@ BFL_TRANSFORMER_KEYS = ("double_blocks.", "model.diffusion_model.double_blocks."
 TRAIN_GUIDANCE = 1.0  # sd-scripts trains dev LoRAs at guidance 1.0 (--guidance_scale, field notes)
 
 
-class Flux(Family):
+class Flux(FromSingleFiles, Family):
     name = "flux"
     label = "FLUX.1"
     text_encoder_specs = (TextEncoderSpec("lora_te1", "text_encoder", "CLIP-L"),
@@ -98,17 +99,10 @@ class Flux(Family):
                   "text_encoder_2": load_component(folder, "text_encoder_2", T5EncoderModel, **load)}
         return self.components(models, folder)
 
-    def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
-                         prediction: str | None = None, options: dict | None = None) -> dict:
-        """BFL's transformer file with ae / clip_l / t5xxl beside it, or a checkpoint holding them (flux_files)."""
-        from .flux_files import load_models
-        models, configs = load_models(state_dict, source=source, config_dir=config_dir, dtype=dtype,
-                                      options=options or {}, label=self.label)
-        return self.components(models, configs)
-
-    def shipped_configs(self, state_dict: dict, prediction: str | None) -> Path:
-        from .flux_files import shipped_configs
-        return shipped_configs(state_dict)
+    def _files(self):
+        """The module that reads this family's single files (FromSingleFiles)."""
+        from . import flux_files
+        return flux_files
 
     def components(self, models: dict, config_dir: Path) -> dict:
         from .loading import tokenizer

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
 from .loading import guarded, load_component
 from .sd3_files import DEFAULT_T5_LENGTH, uses_t5
+from .single_files import FromSingleFiles
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ CLIP_LENGTH = 77
 SAI_TRANSFORMER_KEY = "model.diffusion_model."
 
 
-class SD3(Family):
+class SD3(FromSingleFiles, Family):
     name = "sd3"
     label = "Stable Diffusion 3 / 3.5"
     text_encoder_specs = (TextEncoderSpec("lora_te1", "text_encoder", "CLIP-L"),
@@ -108,17 +109,10 @@ class SD3(Family):
             models["text_encoder_3"] = load_component(folder, "text_encoder_3", T5EncoderModel, **load)
         return self.components(models, folder)
 
-    def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype: torch.dtype,
-                         prediction: str | None = None, options: dict | None = None) -> dict:
-        """SAI's single file (sd3_files), with separate text-encoder and VAE files where options name them."""
-        from .sd3_files import load_models
-        models, configs = load_models(state_dict, source=source, config_dir=config_dir, dtype=dtype,
-                                      options=options or {}, label=self.label)
-        return self.components(models, configs)
-
-    def shipped_configs(self, state_dict: dict, prediction: str | None) -> Path:
-        from .sd3_files import shipped_configs
-        return shipped_configs(state_dict)
+    def _files(self):
+        """The module that reads this family's single files (FromSingleFiles)."""
+        from . import sd3_files
+        return sd3_files
 
     def components(self, models: dict, config_dir: Path) -> dict:
         """The BaseModel fields, with tokenizers and the flow scheduler read from `config_dir`."""

@@ -17,6 +17,23 @@ PROBES = {"vae": "decoder.conv_in.weight", "clip": "encoder.layers.0.self_attn.q
           "t5": "encoder.block.0.layer.0.SelfAttention.q.weight"}
 
 
+class FromSingleFiles:
+    """load_single_file and shipped_configs for a transformer family (SD3, FLUX) whose single files a module of
+    its own reads (its load_models and shipped_configs, which _files returns); the family gives components()."""
+
+    def _files(self):
+        raise NotImplementedError
+
+    def load_single_file(self, state_dict: dict, *, source: Path, config_dir: Path | None, dtype,
+                         prediction: str | None = None, options: dict | None = None) -> dict:
+        models, configs = self._files().load_models(state_dict, source=source, config_dir=config_dir, dtype=dtype,
+                                                    options=options or {}, label=self.label)
+        return self.components(models, configs)
+
+    def shipped_configs(self, state_dict: dict, prediction: str | None) -> Path:
+        return self._files().shipped_configs(state_dict)
+
+
 @dataclass(frozen=True)
 class Part:
     sub: str                 # the diffusers component: vae, text_encoder, text_encoder_2, ...
