@@ -236,6 +236,8 @@ def test_bfl_single_files_load_and_a_bake_writes_bfls_transformer_file(flux_run,
     expected = load_base_model(str(tiny_flux_dir), options={"t5_length": 16})
     blender = FusedBlender.of(expected)
     blender.add("run", load_adapter(flux_run / "flux.safetensors"), 1.0)
+    state = load_file(str(baked))  # as Comfy-Org's flux1-dev-fp8.safetensors: CLIP's logit_scale beside it
+    save_file({**state, "text_encoders.clip_l.logit_scale": torch.tensor(4.6)}, str(baked))
     back = load_base_model(str(baked), config_dir=tiny_flux_dir, options={"t5_length": 16})  # all inside
     for name in ("denoiser", "vae"):
         x, y = getattr(back, name).state_dict(), getattr(expected, name).state_dict()
@@ -287,3 +289,17 @@ def test_fp8_base_weights_train_the_tiny_flux_and_its_loss_falls(tiny_flux_dir, 
     assert fixed[40] < 0.95 * fixed[0]
     with safe_open(str(run_dir / "flux.safetensors"), "pt") as f:  # fp32 LoRA factors, as saving.dtype says
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_a_transformer_file_with_tensors_the_loader_does_not_take_is_refused_naming_them(tiny_flux_dir, tmp_path):
+    """ComfyUI's "scaled fp8" transformers carry a scale per weight; read as plain weights they would draw noise."""
+    from safetensors.torch import save_file
+
+    from trainer.models import ModelLoadError
+    from trainer.models.flux_layout import transformer_to_original
+    folder = load_base_model(str(tiny_flux_dir))
+    state = transformer_to_original(folder.denoiser.state_dict(), folder.denoiser.config)
+    state["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(1)
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(tmp_path / "scaled.safetensors"))
+    with pytest.raises(ModelLoadError, match="double_blocks.0.img_attn.qkv.scale_weight"):
+        load_base_model(str(tmp_path / "scaled.safetensors"), config_dir=tiny_flux_dir)

@@ -386,6 +386,8 @@ class Trainer:
     def sample_latents(self, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents drawn from VAE posteriors [B, 2C, h, w] (mean and std) with `generator`, scaled for the UNet."""
         mean, std = posterior.chunk(2, dim=1)
+        if not self.base.family.samples_posterior:  # the posterior's mode, as the family's own trainers take it
+            return self.base.latents(mean)
         noise = torch.randn(mean.shape, generator=generator)
         return self.base.latents(mean + std * noise.to(mean.device))
 
@@ -448,10 +450,15 @@ class Trainer:
         bits). It is encoded once per run anyway."""
         if self.text_cache is None:
             return self._encode(captions, grad=bool(self.trained_encoders))
+        # with free_text_encoders the cache lives in CPU memory: every caption is encoded before the denoiser comes
+        # to the card, and a few hundred T5 encodings (8 MB each for FLUX.1) must not take its place there
+        keep = torch.device("cpu") if self.cfg.dataset.free_text_encoders else None
         for caption in dict.fromkeys(captions):
             if caption not in self.text_cache:
-                self.text_cache[caption] = {k: v[0] for k, v in self._encode_cached(caption).items()}
-        return {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in self.text_cache[captions[0]]}
+                self.text_cache[caption] = {k: v[0].to(keep or v.device)
+                                            for k, v in self._encode_cached(caption).items()}
+        return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.device)
+                for k in self.text_cache[captions[0]]}
 
     def _encode_cached(self, caption: str) -> dict[str, torch.Tensor]:
         if self.sample_text is not None:  # the encoders are gone (free_text_encoders)

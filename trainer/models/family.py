@@ -72,6 +72,9 @@ class Family:
     unet_groups = UNET_GROUPS
     text_encoder_groups = TEXT_ENCODER_GROUPS
     original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
+    # training latents drawn from the VAE's posterior (mean + std x noise, as kohya's and diffusers' SD scripts do);
+    # False: its mode (FLUX.2 klein, as diffusers' klein trainer and pipeline encode)
+    samples_posterior = True
     excluded_targets: tuple[str, ...] = ()  # denoiser module paths no target group takes (FLUX's final proj_out)
     sd_scripts_versions: tuple[str, ...] = ()  # ss_base_model_version values sd-scripts writes (prefixes)
     denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer

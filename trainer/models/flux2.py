@@ -59,6 +59,9 @@ class _DoubleBlockToOut(tuple):
 class Flux2(Family):
     name = "flux2"
     label = "FLUX.2 klein"
+    # the posterior's mode, as diffusers' train_dreambooth_lora_flux2_klein.py (latent_dist.mode()) and the
+    # pipeline (sample_mode="argmax", pipeline_flux2_klein.py:468) encode
+    samples_posterior = False
     # "lora_te1": sd-scripts has no klein trainer to follow; klein has one text encoder, and kohya gives a family's
     # first encoder lora_te1 when it has several kinds (SDXL, SD3, FLUX.1); kind "qwen3" keeps text_encoder_prefixes
     # from taking klein's lone text_encoder for SD 1.x's. Not trained by default: Flux2LoraLoaderMixin loads only

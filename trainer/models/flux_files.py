@@ -17,6 +17,7 @@ PARTS = (Part("vae", "vae_path", "VAE", ("first_stage_model.", "vae."), "vae", "
               "clip_l.safetensors"),
          Part("text_encoder_2", "t5_path", "T5-XXL", ("text_encoders.t5xxl.transformer.",), "t5",
               "t5xxl_fp16.safetensors"))
+NOT_TRANSFORMER = ("text_encoders.", "vae.", "first_stage_model.")
 GUIDANCE_KEY = "guidance_in.in_layer.weight"  # dev's guidance embedding; schnell has none
 
 
@@ -30,8 +31,9 @@ def load_models(state_dict: dict, *, source: Path, config_dir: Path | None, dtyp
     """transformer, vae, text_encoder (CLIP-L) and text_encoder_2 (T5), with weights."""
     configs = config_dir or shipped_configs(state_dict)
     fit = Fit(source, configs, default_configs=config_dir is None, family_label=label)
-    parts = {k for k in state_dict if any(k.startswith(p) for part in PARTS for p in part.prefixes)}
-    own = {k: v for k, v in state_dict.items() if k not in parts}
+    # everything under the parts' roots is theirs, whether a part reads it or not (ComfyUI's checkpoints keep a
+    # CLIP logit_scale at text_encoders.clip_l.logit_scale, beside the .transformer. the CLIP-L part reads)
+    own = {k: v for k, v in state_dict.items() if not k.startswith(NOT_TRANSFORMER)}
     models = {"transformer": _transformer(own, fit, configs, dtype)}
     models.update(load_parts(PARTS, state_dict, source=source, fit=fit, dtype=dtype, options=options))
     return models, configs
