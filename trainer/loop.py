@@ -492,7 +492,6 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-
     def _every_caption(self) -> list[str]:
         """The captions build_caption can make this run (shuffle_tags is refused with free_text_encoders, so
         each image has one, plus the empty one of caption dropout) and the validation images' captions."""
