@@ -143,11 +143,8 @@ class Flux(FromSingleFiles, Family):
     def noise_process(self, base, cfg):
         """Rectified flow; loss.resolution_shift shifts each image's noise levels by its token count as
         FluxPipeline's scheduler does (mu linear in the token count, shift = e^mu)."""
-        from .noise import FlowNoise
-        sched = base.noise_scheduler.config
-        dynamic = (sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
-                   sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
-        return FlowNoise(cfg.loss, resolution_shift=dynamic if cfg.loss.resolution_shift else None, patch=2)
+        from .noise import token_shift
+        return token_shift(cfg.loss, base.noise_scheduler.config, patch=2)
 
     def prediction_type(self, base) -> str:
         return "flow"

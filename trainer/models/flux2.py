@@ -180,11 +180,8 @@ class Flux2(Family):
     def noise_process(self, base, cfg):
         """Rectified flow as FLUX.1's: loss.flow_shift, or with loss.resolution_shift the scheduler config's shift
         by token count (klein's pipeline samples with its own empirical mu, compute_empirical_mu l. 63-78)."""
-        from .noise import FlowNoise
-        sched = base.noise_scheduler.config
-        dynamic = (sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
-                   sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
-        return FlowNoise(cfg.loss, resolution_shift=dynamic if cfg.loss.resolution_shift else None, patch=2)
+        from .noise import token_shift
+        return token_shift(cfg.loss, base.noise_scheduler.config, patch=2)
 
     def prediction_type(self, base) -> str:
         return "flow"

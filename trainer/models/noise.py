@@ -160,6 +160,16 @@ def flow_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     return torch.ones_like(sigmas)
 
 
+def token_shift(loss_cfg, scheduler_config, patch: int) -> FlowNoise:
+    """FlowNoise for FLUX's families: loss.flow_shift, or with loss.resolution_shift the shift of each image's token
+    count (latent pixels / patch^2) from the scheduler config's base/max sequence lengths and shifts, as
+    FluxPipeline's calculate_shift takes them (FLUX's defaults where the config has none)."""
+    c = scheduler_config
+    dynamic = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+               c.get("max_shift", 1.15))
+    return FlowNoise(loss_cfg, resolution_shift=dynamic if loss_cfg.resolution_shift else None, patch=patch)
+
+
 class FlowNoise(NoiseProcess):
     """Rectified flow: x_t = (1 - s) x_0 + s e, the target is the velocity e - x_0, and the denoiser's timestep is
     s x 1000. Per generator the draws are, in order: the noise, then the sigma."""
