@@ -261,7 +261,9 @@ class SamplingSection:
     negative_prompt: str = opt("", "Negative prompt for samples.")
     seed: int = opt(1234, "Seed of the first sample prompt; each next prompt uses seed + 1.", min=0, max=MAX_SEED)
     steps: int = opt(20, "Denoising steps per sample.", min=1, max=200)
-    guidance: float = opt(7.5, "Classifier-free guidance scale for samples.", min=0.0)
+    guidance: float = opt(7.5, "Guidance scale for samples: classifier-free guidance (SD 1.x to 3.5, FLUX.2 klein's "
+                               "base model), or FLUX.1 dev's embedded guidance value (3.5 typical; schnell: 0).",
+                          min=0.0)
 
 
 @dataclass
