@@ -139,7 +139,7 @@ def test_target_groups_expand_through_the_family():
     family = get_family("sdxl")
     assert C.expand_targets(["attention", "feed_forward", "projections"], family.unet_groups) == [
         "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-    assert len(C.expand_targets(["attention", "mlp"], family.text_encoder_groups)) == 6
+    assert len(C.expand_targets(["attention", "mlp"], family.text_encoder_specs[0].groups)) == 6
     assert C.expand_targets(["attention", "to_q", "my.module"], family.unet_groups)[-1] == "my.module"
 
 

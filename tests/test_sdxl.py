@@ -28,7 +28,7 @@ def count(index: dict, prefix: str, targets: list[str]) -> int:
 
 
 ATTN, FF, PROJ = get_family("sdxl").unet_groups.values()
-TE_ATTN, TE_MLP = get_family("sdxl").text_encoder_groups.values()
+TE_ATTN, TE_MLP = get_family("sdxl").text_encoder_specs[0].groups.values()
 
 
 # ---- the real configs, on the meta device ------------------------------------------------------------------------

@@ -52,22 +52,30 @@ def _lora_config(cfg: C.TrainConfig, targets: list[str]):
                       lora_dropout=cfg.network.dropout, init_lora_weights=init, bias="none")
 
 
+def _takes(name: str, target: str) -> bool:
+    """peft's rule for a target in a list: the module path itself, or its last dotted parts."""
+    return name == target or name.endswith("." + target)
+
+
 def _check_targets(model: nn.Module, targets: list[str], what: str, key: str) -> None:
     names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not any(_takes(n, t) for n in names)]
     if missing:
         raise TargetError(f"{what} has no module named {', '.join(missing)}; check network.{key}")
 
 
 def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str, key: str,
             excluded: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
-    """`excluded`: module paths a suffix target must not take (FLUX's final proj_out beside its single blocks'):
-    then peft is given the matching paths themselves."""
+    """`excluded`: patterns (regular expressions, matched against the whole module path) of modules a suffix
+    target must not take (FLUX's final proj_out beside its single blocks'): then peft is given the matching paths
+    themselves."""
+    import re
     from peft import inject_adapter_in_model
     _check_targets(model, targets, what, key)
     if excluded:
-        targets = [n for n, _ in model.named_modules() if n not in excluded
-                   and any(n == t or n.endswith("." + t) for t in targets)]
+        skip = re.compile("|".join(f"(?:{p})" for p in excluded))
+        targets = [n for n, _ in model.named_modules()
+                   if not skip.fullmatch(n) and any(_takes(n, t) for t in targets)]
     model.requires_grad_(False)
     inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
     params = {}

@@ -70,12 +70,13 @@ class Family:
     label = ""               # "Stable Diffusion 1.x"
     text_encoder_specs: tuple[TextEncoderSpec, ...] = ()
     unet_groups = UNET_GROUPS
-    text_encoder_groups = TEXT_ENCODER_GROUPS
     original_unet_names = False  # kohya names its UNet modules in the original (SGM) layout, not diffusers'
     # training latents drawn from the VAE's posterior (mean + std x noise, as kohya's and diffusers' SD scripts do);
     # False: its mode (FLUX.2 klein, as diffusers' klein trainer and pipeline encode)
     samples_posterior = True
-    excluded_targets: tuple[str, ...] = ()  # denoiser module paths no target group takes (FLUX's final proj_out)
+    # denoiser module paths no target group takes, as regular expressions matched against the whole path (FLUX's
+    # final proj_out, klein's double-block to_out ModuleLists)
+    excluded_targets: tuple[str, ...] = ()
     sd_scripts_versions: tuple[str, ...] = ()  # ss_base_model_version values sd-scripts writes (prefixes)
     denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer
     denoiser_label = "UNet"      # for people, in messages and the form
@@ -170,8 +171,9 @@ class Family:
         return []
 
     def prediction_type(self, base) -> str:
-        """What the denoiser predicts: "epsilon" or "v_prediction" as the model's scheduler config says."""
-        return base.noise_scheduler.config.prediction_type
+        """What the denoiser predicts: "epsilon" or "v_prediction" as the model's scheduler config says; "flow"
+        (rectified flow's velocity) for a FlowMatchEulerDiscreteScheduler, whose config has no prediction_type."""
+        return base.noise_scheduler.config.get("prediction_type", "flow")
 
     def latents(self, base, sampled: torch.Tensor) -> torch.Tensor:
         """VAE latents as the denoiser takes them: (z - shift) * scale, from the VAE's config (SD3's VAE has a

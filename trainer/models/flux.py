@@ -146,8 +146,6 @@ class Flux(FromSingleFiles, Family):
         from .noise import token_shift
         return token_shift(cfg.loss, base.noise_scheduler.config, patch=2)
 
-    def prediction_type(self, base) -> str:
-        return "flow"
 
     # ---- names, metadata, sampling -------------------------------------------------------------------------------
     def kohya_file_layout(self, index: dict) -> list[FusedName]:

@@ -14,8 +14,8 @@ the patches back, `predict` packs and unpacks around the transformer (a permutat
 """
 from __future__ import annotations
 
+import functools
 import json
-import re
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -34,7 +34,7 @@ TEXT_LAYERS = (9, 18, 27)    # its text_encoder_out_layers default (l. 215, 636)
 # diffusers' Flux2Transformer2DModel names (transformer_flux2.py:497-548, 723-790, 876-909). The single blocks fuse
 # q, k, v and the MLP input in one Linear (attn.to_qkv_mlp_proj) and read both back through attn.to_out: both are
 # "attention" as FLUX.1's single-block q/k/v are. The double blocks' attn.to_out is a ModuleList (to_out.0 is the
-# Linear), which the suffix "to_out" must not take (EXCLUDED).
+# Linear), which the suffix "to_out" must not take (Flux2.excluded_targets).
 TRANSFORMER_GROUPS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                   "to_qkv_mlp_proj", "to_out"],
@@ -45,15 +45,6 @@ TRANSFORMER_GROUPS = {
 # Qwen3 decoder layers (transformers models/qwen3/modeling_qwen3.py): self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
 QWEN3_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 ONLY_KLEIN = ("_attn_to_qkv_mlp_proj", "_ff_linear_in", "_ff_context_linear_in")  # module names FLUX.1 lacks
-
-
-class _DoubleBlockToOut(tuple):
-    """Family.excluded_targets for klein: the double blocks' attn.to_out ModuleLists, whatever their number
-    (network._inject asks `path in excluded`)."""
-    _PATH = re.compile(r"transformer_blocks\.\d+\.attn\.to_out")
-
-    def __contains__(self, path) -> bool:
-        return bool(self._PATH.fullmatch(str(path)))
 
 
 class Flux2(Family):
@@ -68,9 +59,8 @@ class Flux2(Family):
     # the transformer (lora_pipeline.py:5860-5893), so no diffusers user could apply a text-encoder LoRA.
     text_encoder_specs = (TextEncoderSpec("lora_te1", "text_encoder", "Qwen3", groups=QWEN3_GROUPS,
                                           trains_by_default=False, kind="qwen3"),)
-    text_encoder_groups = QWEN3_GROUPS
     unet_groups = TRANSFORMER_GROUPS
-    excluded_targets = _DoubleBlockToOut(("transformer_blocks.*.attn.to_out",))
+    excluded_targets = (r"transformer_blocks\.\d+\.attn\.to_out",)  # ModuleLists (see TRANSFORMER_GROUPS)
     denoiser_component = "transformer"
     denoiser_label = "transformer"
     diffusers_alpha_folded = True
@@ -183,8 +173,6 @@ class Flux2(Family):
         from .noise import token_shift
         return token_shift(cfg.loss, base.noise_scheduler.config, patch=2)
 
-    def prediction_type(self, base) -> str:
-        return "flow"
 
     # ---- names, metadata, sampling -------------------------------------------------------------------------------
     def kohya_file_layout(self, index: dict) -> list[FusedName]:
@@ -277,6 +265,7 @@ def text_ids(length: int, device) -> torch.Tensor:
     return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
 
 
+@functools.cache
 def klein_pipeline():
     """Flux2KleinPipeline taking a negative_prompt as the other pipelines do (loradesk's samples and Generate tab
     pass one): encoded like the prompt and given as negative_prompt_embeds, which the pipeline's CFG uses instead

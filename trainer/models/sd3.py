@@ -169,8 +169,6 @@ class SD3(FromSingleFiles, Family):
         from .noise import FlowNoise
         return FlowNoise(cfg.loss)
 
-    def prediction_type(self, base) -> str:
-        return "flow"
 
     # ---- names, metadata, sampling, baking -------------------------------------------------------------------------
     def kohya_file_layout(self, index: dict) -> list[FusedName]:
