@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tiny import make_images, train_transformer_cli
+from tiny import hand_merged, make_images, train_transformer_cli
 from trainer import runs
 from trainer.formats import load_adapter
 from trainer.models import load_base_model
@@ -76,18 +76,6 @@ def transformer_output(transformer) -> torch.Tensor:
         return transformer(hidden_states=packed, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
                            pooled_projections=pooled, encoder_hidden_states=text, txt_ids=torch.zeros(8, 3),
                            img_ids=image_ids(4, 4, "cpu", torch.float32), return_dict=False)[0]
-
-
-def hand_merged(model_dir: Path, adapter) -> torch.nn.Module:
-    """The base transformer with W + (alpha/r) B A written into each adapted weight by hand."""
-    base = load_base_model(str(model_dir))
-    modules = dict(base.denoiser.named_modules())
-    for name, layer in adapter.layers.items():
-        if name.startswith("lora_unet_"):
-            path = next(p for p in modules if "lora_unet_" + p.replace(".", "_") == name)
-            with torch.no_grad():
-                modules[path].weight += (layer.alpha / layer.rank) * (layer.up @ layer.down)
-    return base.denoiser
 
 
 @pytest.fixture
@@ -155,20 +143,12 @@ def test_the_loss_falls_on_the_tiny_flux(tiny_flux_dir, tmp_path):
 
 
 def test_stop_then_resume_equals_an_uninterrupted_flux_run(tiny_flux_dir, tmp_path):
-    from test_training import assert_same_tensors, make_cfg, tensors
-    from test_training import train as train_cfg
+    from test_training import assert_same_tensors, make_cfg, stopped_and_resumed, tensors
     from trainer.events import Progress
     cfg = make_cfg(tiny_flux_dir, make_images(tmp_path / "data", n=4, size=48), tmp_path,
                    **{"model.t5_length": 16, "dataset.resolution": 32, "network.text_encoders": ["te1"],
                       "schedule.max_steps": 6, "dataset.flip": True, "loss.resolution_shift": True})
-    full, _, _ = train_cfg(cfg)
-
-    def stop_at_3(trainer, event):
-        if isinstance(event, Progress) and event.step == 3:
-            trainer.inbox.request("stop")
-
-    _, _, run_dir = train_cfg(cfg, on_event=stop_at_3)
-    resumed, events, _ = train_cfg(cfg, run_dir=run_dir, resume=True)
+    full, resumed, events, _, _ = stopped_and_resumed(cfg)
     assert [e.step for e in events if isinstance(e, Progress)] == [4, 5, 6]
     assert_same_tensors(tensors(full), tensors(resumed))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tiny import make_images
+from tiny import hand_merged, make_images
 from trainer.formats import load_adapter
 from trainer.models import load_base_model
 
@@ -137,13 +137,7 @@ def test_diffusers_loads_the_file_with_every_key_and_the_hand_merged_output(klei
     adapter = load_adapter(klein_run / "klein.safetensors")
     loaded = sum(1 for m in pipe.transformer.modules() if hasattr(m, "lora_A") and m.lora_A)
     assert loaded == len(adapter.layers) == 2 * 12 + 2 * 2  # 8 attention + 4 feed-forward per double block
-    base = load_base_model(str(klein_dir))
-    modules = dict(base.denoiser.named_modules())
-    for name, layer in adapter.layers.items():  # W + (alpha/r) B A by hand
-        path = next(p for p in modules if "lora_unet_" + p.replace(".", "_") == name)
-        with torch.no_grad():
-            modules[path].weight += (layer.alpha / layer.rank) * (layer.up @ layer.down)
-    theirs, ours = transformer_output(pipe.transformer), transformer_output(base.denoiser)
+    theirs, ours = transformer_output(pipe.transformer), transformer_output(hand_merged(klein_dir, adapter))
     assert (ours - theirs).abs().max() < 1e-4
     assert (ours - plain).abs().max() > 1e-3, "the LoRA changes the output"
 
@@ -170,20 +164,12 @@ def test_the_loss_falls_on_the_tiny_klein(klein_dir, tmp_path):
 
 
 def test_stop_then_resume_equals_an_uninterrupted_klein_run(klein_dir, tmp_path):
-    from test_training import assert_same_tensors, make_cfg, tensors
-    from test_training import train as train_cfg
+    from test_training import assert_same_tensors, make_cfg, stopped_and_resumed, tensors
     from trainer.events import Progress
     cfg = make_cfg(klein_dir, make_images(tmp_path / "data", n=4, size=48), tmp_path,
                    **{"dataset.resolution": 32, "network.text_encoders": ["te1"], "schedule.max_steps": 6,
                       "dataset.flip": True, "loss.resolution_shift": True})
-    full, _, _ = train_cfg(cfg)
-
-    def stop_at_3(trainer, event):
-        if isinstance(event, Progress) and event.step == 3:
-            trainer.inbox.request("stop")
-
-    _, _, run_dir = train_cfg(cfg, on_event=stop_at_3)
-    resumed, events, _ = train_cfg(cfg, run_dir=run_dir, resume=True)
+    full, resumed, events, _, _ = stopped_and_resumed(cfg)
     assert [e.step for e in events if isinstance(e, Progress)] == [4, 5, 6]
     assert_same_tensors(tensors(full), tensors(resumed))
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tiny import make_images, train_transformer_cli
+from tiny import hand_merged, make_images, train_transformer_cli
 from trainer import runs
 from trainer.formats import load_adapter
 from trainer.models import load_base_model
@@ -81,18 +81,6 @@ def transformer_output(transformer) -> torch.Tensor:
     with torch.no_grad():
         return transformer(hidden_states=noisy, timestep=torch.tensor([500.0]), encoder_hidden_states=hidden,
                            pooled_projections=pooled, return_dict=False)[0]
-
-
-def hand_merged(model_dir: Path, adapter) -> torch.nn.Module:
-    """The base transformer with W + (alpha/r) B A written into each adapted weight by hand."""
-    base = load_base_model(str(model_dir))
-    modules = dict(base.denoiser.named_modules())
-    for name, layer in adapter.layers.items():
-        if name.startswith("lora_unet_"):
-            path = next(p for p in modules if "lora_unet_" + p.replace(".", "_") == name)
-            with torch.no_grad():
-                modules[path].weight += (layer.alpha / layer.rank) * (layer.up @ layer.down)
-    return base.denoiser
 
 
 def test_diffusers_loads_the_default_file_with_every_key_and_the_hand_merged_output(sd3_run, tiny_sd3_dir, caplog):
@@ -190,20 +178,13 @@ def sd3_cfg(model: Path, data: Path, tmp_path: Path, **overrides):
 
 
 def test_stop_then_resume_equals_an_uninterrupted_sd3_run(tiny_sd3_dir, tmp_path):
-    from test_training import assert_same_tensors, tensors, train
+    from test_training import assert_same_tensors, stopped_and_resumed, tensors
     from trainer.events import Progress
     cfg = sd3_cfg(tiny_sd3_dir, make_images(tmp_path / "data", n=4, size=48), tmp_path,
                   **{"schedule.max_steps": 6, "dataset.flip": True, "network.dropout": 0.1,
                      "loss.timestep_sampling": "mode"})
-    full, _, _ = train(cfg)
-
-    def stop_at_3(trainer, event):
-        if isinstance(event, Progress) and event.step == 3:
-            trainer.inbox.request("stop")
-
-    _, _, run_dir = train(cfg, on_event=stop_at_3)
-    assert runs.last_checkpoint(run_dir).name == "step-000003"
-    resumed, events, _ = train(cfg, run_dir=run_dir, resume=True)
+    full, resumed, events, _, stopped_at = stopped_and_resumed(cfg)
+    assert stopped_at == "step-000003"
     assert [e.step for e in events if isinstance(e, Progress)] == [4, 5, 6]
     assert_same_tensors(tensors(full), tensors(resumed))
 

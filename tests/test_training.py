@@ -37,6 +37,21 @@ def train(cfg, run_dir=None, resume=False, on_event=None):
     return path, events, run_dir
 
 
+def stopped_and_resumed(cfg, at: int = 3):
+    """An uninterrupted run of cfg, and one stopped after step `at` then resumed: (the uninterrupted adapter, the
+    resumed adapter, the resumed attempt's events, the stopped run's folder)."""
+    full, _, _ = train(cfg)
+
+    def stop(trainer, event):
+        if isinstance(event, Progress) and event.step == at:
+            trainer.inbox.request("stop")
+
+    _, _, run_dir = train(cfg, on_event=stop)
+    stopped_at = runs.last_checkpoint(run_dir).name
+    resumed, events, _ = train(cfg, run_dir=run_dir, resume=True)
+    return full, resumed, events, run_dir, stopped_at
+
+
 def tensors(path):
     return load_file(str(path))
 

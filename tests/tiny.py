@@ -214,3 +214,17 @@ def train_transformer_cli(model, root: Path, name: str, *extra: str, steps: int,
     assert main(["train", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
     run_dir, = (Path(root) / "runs").iterdir()
     return run_dir
+
+
+def hand_merged(model_dir, adapter) -> torch.nn.Module:
+    """The base model's denoiser with W + (alpha/r) B A written into each adapted weight by hand (its lora_unet_
+    layers, named by their diffusers paths)."""
+    from trainer.models import load_base_model
+    base = load_base_model(str(model_dir))
+    modules = dict(base.denoiser.named_modules())
+    for name, layer in adapter.layers.items():
+        if name.startswith("lora_unet_"):
+            path = next(p for p in modules if "lora_unet_" + p.replace(".", "_") == name)
+            with torch.no_grad():
+                modules[path].weight += (layer.alpha / layer.rank) * (layer.up @ layer.down)
+    return base.denoiser
