@@ -17,6 +17,7 @@ or a CPU with AVX-512 BF16 / AMX gives the times too.
     python bench/bench_memory.py --models sdxl --resolution 1024 --steps 1
     python bench/bench_memory.py --models sd35m --resolution 256 --steps 1   # SD 3.5 Medium on a CPU
     python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8   # FLUX.1-dev on a GPU
+    python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8 --offload 16   # + block offload
 
 FLUX.1-dev's transformer is 11.9 B parameters: 23.8 GB in bf16, 11.9 GB with --fp8 (allocated in fp8 from the
 start, so the peak never holds a bf16 copy). Its cached text is T5's 512 tokens x 4096 and CLIP-L's pooled 768;
@@ -42,7 +43,7 @@ from docs_section import write_section  # noqa: E402  (bench/ is the script's fo
 # name -> (family, shipped config folder); the SD3 rows are opt-in (--models): SD 3.5 Large's bf16 transformer
 # alone is 16 GB, and gpu_check.py runs both at 1024 px
 MODELS = {"sd15": ("sd1", "sd15"), "sdxl": ("sdxl", "sdxl"), "sd35m": ("sd3", "sd35-medium"),
-          "sd35l": ("sd3", "sd35-large"), "flux1": ("flux", "flux1-dev")}
+          "sd35l": ("sd3", "sd35-large"), "flux1": ("flux", "flux1-dev"), "klein4b": ("flux2", "flux2-klein-4b")}
 DEFAULT_MODELS = ["sd15", "sdxl"]
 # SD3's cached text: CLIP-L + CLIP-G's 77 tokens in front of T5's (model.t5_length 256, sd-scripts' default and the
 # sd35 presets'), 4096 wide (trainer/models/sd3.py encode_text); pooled: both CLIPs' projections, 768 + 1280
@@ -50,7 +51,10 @@ SD3_T5_LENGTH = 256
 # FLUX.1-dev's cached text: T5 alone, at dev's 512 tokens (model.t5_length in the flux-dev presets; sd-scripts
 # flux_train_network.py l. 171-175), joint_attention_dim wide; pooled: CLIP-L's pooler output (pooled_projection_dim)
 FLUX_T5_LENGTH = 512
-FLOW_FAMILIES = ("sd3", "flux")  # timesteps are flow times x 1000; latents have 16 channels
+# FLUX.2 klein's cached text: Qwen3's hidden states at the pipeline's 512 tokens (max_sequence_length), the
+# transformer's joint_attention_dim wide (three layers' states stacked: 7680 for 4B); no pooled vector
+KLEIN_TEXT_LENGTH = 512
+FLOW_FAMILIES = ("sd3", "flux", "flux2")  # timesteps are flow times x 1000
 
 
 def peak_gb(device: str) -> float:
@@ -64,15 +68,18 @@ def denoiser_class(family):
     """The diffusers class of a family's denoiser (by its name: the bench knows the families it has rows for)."""
     import diffusers
     name = family.name if family is not None else "sd1"
-    return getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}.get(
+    return getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+                               "flux2": "Flux2Transformer2DModel"}.get(
         name, "UNet2DConditionModel"))
 
 
-def random_unet(config_dir: Path, device: str, family=None, fp8: bool = False):
+def random_unet(config_dir: Path, device: str, family=None, fp8: bool = False, offload: int = 0):
     """The denoiser of a config (the family's: a UNet, SD3's or FLUX's transformer) with random weights, allocated
     once in bf16 (no fp32 copy on the way); with fp8, the layers precision.fp8_base stores in float8_e4m3fn are
     allocated in it from the start (diffusers' layerwise casting, set up on the meta device), so the peak never
-    holds the bf16 copy (FLUX.1: 23.8 GB) that casting a built model would."""
+    holds the bf16 copy (FLUX.1: 23.8 GB) that casting a built model would. With `offload`, the last N blocks'
+    weights are made in CPU memory and stay there (precision.offload_blocks, trainer/models/offload.py); the model's
+    `offload` attribute holds the BlockOffload."""
     import torch
     from accelerate import init_empty_weights
     sub = family.denoiser_component if family is not None else "unet"
@@ -82,7 +89,13 @@ def random_unet(config_dir: Path, device: str, family=None, fp8: bool = False):
     if fp8:  # the loop's BaseModel.store_denoiser_in_fp8 (peft's layers, added later, are skipped by name)
         from trainer.models.base import store_in_fp8
         store_in_fp8(unet, torch.bfloat16)
-    unet = unet.to_empty(device=device)
+    unet = unet.to_empty(device="cpu" if offload else device)
+    if offload:
+        from trainer.models.offload import BlockOffload, move_except, offloaded_blocks
+        fill_random(unet, "cpu")
+        unet.offload = BlockOffload(offloaded_blocks(family.blocks(unet), offload), torch.device(device))
+        move_except(unet, device, unet.offload)
+        return unet.requires_grad_(False)
     if sub == "unet":
         # channels_last: PyTorch's CPU bf16 convolution in the default layout has no fast kernel on a CPU without
         # native bf16 (a 320-channel 3x3 conv at 64x64: 48 s, against 0.6 s channels_last on AVX2); on CUDA it is
@@ -113,6 +126,8 @@ def conditioning(family_name: str, resolution: int, device: str, config=None) ->
     if family_name == "flux":
         return {"encoder_hidden_states": torch.randn(1, FLUX_T5_LENGTH, config.joint_attention_dim, device=device),
                 "pooled_projections": torch.randn(1, config.pooled_projection_dim, device=device)}
+    if family_name == "flux2":
+        return {"encoder_hidden_states": torch.randn(1, KLEIN_TEXT_LENGTH, config.joint_attention_dim, device=device)}
     if family_name == "sd3":
         return {"encoder_hidden_states": torch.randn(1, 77 + SD3_T5_LENGTH, 4096, device=device),
                 "pooled_projections": torch.randn(1, 768 + 1280, device=device)}
@@ -125,7 +140,7 @@ def conditioning(family_name: str, resolution: int, device: str, config=None) ->
 
 
 def measure(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True,
-            fp8: bool = False) -> dict:
+            fp8: bool = False, offload: int = 0) -> dict:
     """One process's row: weights, forward and training-step times (medians), peaks after each phase."""
     import torch
     from types import SimpleNamespace
@@ -134,18 +149,19 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     from trainer.network import inject_lora
     family_name, configs = MODELS[model]
     family = get_family(family_name)
-    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family, fp8)
+    unet = random_unet(ROOT / "trainer" / "models" / "configs" / configs, device, family, fp8, offload)
     weights = peak_gb(device)
     base = SimpleNamespace(denoiser=unet, text_encoders={}, family=family)
     cond = {k: v.to(torch.bfloat16) for k, v in conditioning(family_name, resolution, device, unet.config).items()}
-    # the VAE's channels: 4; SD3's 16; FLUX's 16, which its predict packs 2x2 into the transformer's 64
-    channels = unet.config.in_channels // (4 if family_name == "flux" else 1)
+    # the VAE's channels: 4; SD3's 16; FLUX.1's 16 and klein's 32, which their predict packs 2x2 into the
+    # transformer's 64 and 128
+    channels = unet.config.in_channels // (4 if family_name in ("flux", "flux2") else 1)
     latents = torch.randn(1, channels, resolution // 8, resolution // 8, device=device, dtype=torch.bfloat16)
     latents = latents.to(memory_format=torch.channels_last)
     t = torch.tensor([500.0 if family_name in FLOW_FAMILIES else 500], device=device)  # a flow time x 1000
     # bf16 compute dtype even over fp8 storage; options: FLUX-dev's guidance embedding at model.train_guidance 1.0
-    model = SimpleNamespace(denoiser=unet, dtype=torch.bfloat16, options={"train_guidance": 1.0})
-    predict = lambda: family.predict(model, latents, t, cond)  # noqa: E731
+    stand_in = SimpleNamespace(denoiser=unet, dtype=torch.bfloat16, options={"train_guidance": 1.0})
+    predict = lambda: family.predict(stand_in, latents, t, cond)  # noqa: E731
     forward = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -157,7 +173,7 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
     C.apply_overrides(cfg, ["network.rank=8", "network.alpha=8", "network.text_encoders=[]"])
     params = inject_lora(base, cfg)
     for p in params.named().values():
-        p.data = p.data.float()
+        p.data = p.data.float().to(device)  # peft makes an offloaded block's LoRA where its weights are (the CPU)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -171,18 +187,19 @@ def measure(model: str, resolution: int, steps: int, device: str, checkpointing:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train.append(time.perf_counter() - start)
-    return {"model": model, "resolution": resolution, "device": device, "fp8": fp8,
+    return {"model": model, "resolution": resolution, "device": device, "fp8": fp8, "offload": offload,
             "lora_params": sum(p.numel() for p in params.named().values()), "weights_gb": weights,
             "forward_s": statistics.median(forward), "forward_peak_gb": peak_forward,
             "step_s": statistics.median(train), "step_peak_gb": peak_gb(device), "threads": torch.get_num_threads()}
 
 
 def run_row(model: str, resolution: int, steps: int, device: str, checkpointing: bool = True,
-            fp8: bool = False) -> dict:
+            fp8: bool = False, offload: int = 0) -> dict:
     """One row, measured in a fresh process (bench/gpu_check.py runs it too)."""
     done = subprocess.run([sys.executable, __file__, "--child", model, "--resolution", str(resolution),
                            "--steps", str(steps), "--device", device]
-                          + ([] if checkpointing else ["--no-checkpointing"]) + (["--fp8"] if fp8 else []),
+                          + ([] if checkpointing else ["--no-checkpointing"]) + (["--fp8"] if fp8 else [])
+                          + ["--offload", str(offload)],
                           capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -202,7 +219,8 @@ def table(rows: list[dict]) -> str:
              "", "| model | px | LoRA parameters | weights | frozen forward | peak | training step | peak | "
                  "step / forward |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']}{' (fp8 base)' if r.get('fp8') else ''} | {r['resolution']} | {r['lora_params']:,} | {r['weights_gb']:.2f} GB | "
+        offloaded = f", {r['offload']} blocks offloaded" if r.get("offload") else ""
+        lines.append(f"| {r['model']}{' (fp8 base)' if r.get('fp8') else ''}{offloaded} | {r['resolution']} | {r['lora_params']:,} | {r['weights_gb']:.2f} GB | "
                      f"{r['forward_s']:.1f} s | {r['forward_peak_gb']:.2f} GB | {r['step_s']:.1f} s | "
                      f"{r['step_peak_gb']:.2f} GB | {r['step_s'] / r['forward_s']:.2f}x |")
     return "\n".join(lines)
@@ -217,15 +235,17 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
     ap.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     ap.add_argument("--fp8", action="store_true", help="the denoiser's frozen weights in fp8 (precision.fp8_base)")
+    ap.add_argument("--offload", type=int, default=0, help="the transformer's last N blocks in CPU memory "
+                    "(precision.offload_blocks; needs checkpointing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
         print(json.dumps(measure(args.child, args.resolution, args.steps, device, not args.no_checkpointing,
-                                 args.fp8)))
+                                 args.fp8, args.offload)))
         return 0
-    rows = [run_row(m, args.resolution, args.steps, device, not args.no_checkpointing, args.fp8)
+    rows = [run_row(m, args.resolution, args.steps, device, not args.no_checkpointing, args.fp8, args.offload)
             for m in args.models]
     text = table(rows)
     print(text)

@@ -246,6 +246,12 @@ class PrecisionSection:
                                 "bf16 weights (SD 3.5 Large's transformer: 16 GB -> 8 GB), a little slower, with a "
                                 "small loss of precision in the frozen weights. LoRA weights stay fp32.",
                          label="fp8 base weights")
+    offload_blocks: int = opt(0, "SD 3.5 and FLUX: keep the frozen weights of the transformer's last N blocks in CPU "
+                                 "memory and bring each block's to the card just before it runs, the next one's "
+                                 "while this one computes (sd-scripts calls it blocks_to_swap). The last are FLUX.1's "
+                                 "38 single-stream blocks, 0.28 GB each in bf16 (0.14 in fp8). Saves that much card memory; costs the copies over "
+                                 "PCIe each step (slower the more blocks, and much slower on a slow bus) and pinned "
+                                 "CPU memory as large. Needs gradient_checkpointing. 0 = off.", min=0, max=1000)
     cpu_threads: int = opt(0, "Threads of a one-process CPU run (0 = the cores other programs leave free when the "
                               "run starts, or OMP_NUM_THREADS). Recorded and kept on resume: the count changes the "
                               "last bits of sums, and a busy machine with a thread per core runs 10-50x slower.",
@@ -609,6 +615,12 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> list[str]:
 
 def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
     problems = _distributed_problems(cfg.distributed)
+    if cfg.precision.offload_blocks and not cfg.precision.gradient_checkpointing:  # see models/offload.py
+        problems.append("precision.offload_blocks needs precision.gradient_checkpointing = true (without it every "
+                        "block's weights stay on the card for the backward pass)")
+    if cfg.precision.offload_blocks and world_size(cfg) > 1:
+        problems.append("precision.offload_blocks trains in one process only; set distributed.processes=1 and "
+                        "distributed.machines=1, or set offload_blocks to 0")
     if cfg.precision.fp8_base and world_size(cfg) > 1:  # DDP's start-up broadcast of fp8 weights is untested
         problems.append("precision.fp8_base trains in one process only; set distributed.processes=1 and "
                         "distributed.machines=1, or turn fp8_base off")

@@ -99,7 +99,7 @@ class Trainer:
         if cfg.dataset.free_text_encoders:
             self._free_text_encoders()
         if self.denoiser_waits:  # the text encoders are gone: now there is room for it (see _place_modules)
-            self.base.denoiser.to(self.device)
+            self.base.move(self.base.denoiser, self.device)
             self.base._dtypes.clear()
             self.train_model = self._data_parallel()
         self.total_steps = total_steps(cfg, self.plan.steps_per_epoch)
@@ -215,8 +215,11 @@ class Trainer:
         # every caption first, are gone (_free_text_encoders), so the card never holds both (T5-XXL 9.5 GB)
         self.denoiser_waits = cfg.dataset.free_text_encoders and self.device.type != "cpu"
         # (place reads the dtypes once: the loop never walks them per step)
+        if cfg.precision.offload_blocks and not base.family.blocks(base.denoiser):
+            raise C.ConfigError([f"precision.offload_blocks: {base.family.label}'s {base.family.denoiser_label} has no "
+                                 f"transformer blocks to offload (SD 3.5 and FLUX have); set it to 0"])
         base.place(self.device, self.weight_dtype, fp8_denoiser=cfg.precision.fp8_base,
-                   keep=(base.denoiser,) if self.denoiser_waits else ())
+                   keep=(base.denoiser,) if self.denoiser_waits else (), offload_blocks=cfg.precision.offload_blocks)
         for p in self.params.named().values():  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
         if cfg.precision.gradient_checkpointing:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .family import Family, SizeInfo
+from .offload import BlockOffload, move_except, offloaded_blocks
 
 
 @dataclass
@@ -24,6 +25,7 @@ class BaseModel:
     # the frozen weights' dtypes, read once (frozen_dtype): not a constructor argument, so dataclasses.replace
     # (the loop's data-parallel view) reads them again from its own modules
     _dtypes: dict[str, torch.dtype] = field(default_factory=dict, init=False, repr=False, compare=False)
+    offload: BlockOffload | None = field(default=None, init=False, repr=False, compare=False)  # place() sets it
 
     # ---- conditioning --------------------------------------------------------------------------------------------
     def encode_text(self, captions: list[str] | str) -> dict[str, torch.Tensor]:
@@ -109,20 +111,28 @@ class BaseModel:
         store_in_fp8(self.denoiser, compute_dtype)
         self._dtypes.clear()
 
-    def place(self, device, dtype: torch.dtype, fp8_denoiser: bool = False, keep: tuple = ()) -> None:
+    def place(self, device, dtype: torch.dtype, fp8_denoiser: bool = False, keep: tuple = (),
+              offload_blocks: int = 0) -> None:
         """Every frozen component to `device`, in `dtype` (a VAE that overflows in half precision, as SDXL's does,
         says force_upcast and stays fp32; with fp8_denoiser the denoiser stored in fp8, store_denoiser_in_fp8);
         the dtypes are read again once. Each is cast before it moves: the card never holds a full-precision copy
-        (SD 3.5 Large's transformer is 32 GB in fp32, FLUX.1's 48 GB)."""
+        (SD 3.5 Large's transformer is 32 GB in fp32, FLUX.1's 48 GB). `offload_blocks`: the frozen weights of the
+        denoiser's last N blocks stay in CPU memory, each block's brought in as it runs (offload.BlockOffload)."""
         for module in self.components:
             keep_fp32 = module is self.vae and self.vae.config.get("force_upcast", False)
             if dtype != torch.float32 and not keep_fp32:
                 module.to(dtype=dtype)
             if fp8_denoiser and module is self.denoiser:
                 self.store_denoiser_in_fp8(dtype)
+            if offload_blocks and module is self.denoiser:
+                self.offload = BlockOffload(offloaded_blocks(self.family.blocks(module), offload_blocks), device)
             if not any(module is kept for kept in keep):  # `keep`: cast, but left where it is for now
-                module.to(device)
+                self.move(module, device)
         self._dtypes.clear()
+
+    def move(self, module: torch.nn.Module, device) -> None:
+        """module.to(device), but the denoiser's offloaded blocks stay in CPU memory until they run."""
+        move_except(module, device, self.offload if module is self.denoiser else None)
 
 
 def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:

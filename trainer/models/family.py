@@ -78,6 +78,8 @@ class Family:
     # final proj_out, klein's double-block to_out ModuleLists)
     excluded_targets: tuple[str, ...] = ()
     sd_scripts_versions: tuple[str, ...] = ()  # ss_base_model_version values sd-scripts writes (prefixes)
+    # the denoiser's ModuleLists of blocks, in the order it runs them (precision.offload_blocks): the transformers'
+    block_lists: tuple[str, ...] = ()
     denoiser_component = "unet"  # the diffusers component (and config folder) of the denoiser: unet, transformer
     denoiser_label = "UNet"      # for people, in messages and the form
     diffusers_alpha_folded = False  # the diffusers layout writes alpha/rank into up (no config needed to read it)
@@ -88,6 +90,10 @@ class Family:
     # config values that follow the family (samples and the Generate tab start from them): SD 1.x/2.x/SDXL keep
     # the config's defaults
     sample_defaults: dict = {}
+
+    def blocks(self, denoiser) -> list:
+        """The denoiser's blocks in the order it runs them, what block offload moves ([]: none to offload)."""
+        return [block for name in self.block_lists for block in getattr(denoiser, name)]
 
     # ---- telling it apart ----------------------------------------------------------------------------------------
     def claims_folder(self, index: dict, unet_config: dict) -> bool:

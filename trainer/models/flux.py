@@ -40,6 +40,7 @@ class Flux(FromSingleFiles, Family):
                                           trains_by_default=False, kind="t5"))
     unet_groups = TRANSFORMER_GROUPS
     excluded_targets = ("proj_out",)  # the final layer's, which single_blocks' proj_out would also take
+    block_lists = ("transformer_blocks", "single_transformer_blocks")  # double-stream, then single
     denoiser_component = "transformer"
     denoiser_label = "transformer"
     diffusers_alpha_folded = True

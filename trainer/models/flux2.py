@@ -61,6 +61,7 @@ class Flux2(Family):
                                           trains_by_default=False, kind="qwen3"),)
     unet_groups = TRANSFORMER_GROUPS
     excluded_targets = (r"transformer_blocks\.\d+\.attn\.to_out",)  # ModuleLists (see TRANSFORMER_GROUPS)
+    block_lists = ("transformer_blocks", "single_transformer_blocks")  # double-stream, then single
     denoiser_component = "transformer"
     denoiser_label = "transformer"
     diffusers_alpha_folded = True

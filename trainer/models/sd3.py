@@ -44,6 +44,7 @@ class SD3(FromSingleFiles, Family):
                           TextEncoderSpec("lora_te3", "text_encoder_3", "T5-XXL", groups=T5_GROUPS,
                                           trains_by_default=False, kind="t5"))
     unet_groups = TRANSFORMER_GROUPS
+    block_lists = ("transformer_blocks",)
     denoiser_component = "transformer"
     denoiser_label = "transformer"
     diffusers_alpha_folded = True  # ComfyUI and A1111 read this layout without diffusers' config: scale 1
