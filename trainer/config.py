@@ -249,9 +249,10 @@ class PrecisionSection:
     offload_blocks: int = opt(0, "SD 3.5 and FLUX: keep the frozen weights of the transformer's last N blocks in CPU "
                                  "memory and bring each block's to the card just before it runs, the next one's "
                                  "while this one computes (sd-scripts calls it blocks_to_swap). The last are FLUX.1's "
-                                 "38 single-stream blocks, 0.28 GB each in bf16 (0.14 in fp8). Saves that much card memory; costs the copies over "
-                                 "PCIe each step (slower the more blocks, and much slower on a slow bus) and pinned "
-                                 "CPU memory as large. Needs gradient_checkpointing. 0 = off.", min=0, max=1000)
+                                 "38 single-stream blocks, 0.28 GB each in bf16 (0.14 in fp8). Saves that much card "
+                                 "memory; costs the copies over PCIe each step (slower the more blocks, and much "
+                                 "slower on a slow bus) and pinned CPU memory as large. Needs "
+                                 "gradient_checkpointing. 0 = off.", min=0, max=1000)
     cpu_threads: int = opt(0, "Threads of a one-process CPU run (0 = the cores other programs leave free when the "
                               "run starts, or OMP_NUM_THREADS). Recorded and kept on resume: the count changes the "
                               "last bits of sums, and a busy machine with a thread per core runs 10-50x slower.",
