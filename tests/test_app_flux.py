@@ -156,3 +156,20 @@ def test_a_flux_preset_on_a_flux_model_keeps_the_users_model_and_devs_sample_def
     cfg, _ = apply_preset(flux_config(tiny_flux_dir), "flux-dev-16gb")
     assert cfg.model.path == str(tiny_flux_dir)
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.network.rank) == (28, 3.5, 16)
+
+
+def test_a_cli_config_without_sampling_values_samples_flux_as_its_family_does(tiny_flux_dir, tiny_model_dir, tmp_path):
+    """`train --set model.path=FLUX` (no preset) and a sparse TOML: FLUX.1 dev's 28 steps at guidance 3.5, not the
+    config's SD defaults; what the user says wins; SD 1.x keeps the config's defaults."""
+    from trainer.__main__ import resolve_config
+    default = C.TrainConfig().sampling
+    cfg = resolve_config(None, [f"model.path={tiny_flux_dir}"])
+    assert (cfg.sampling.steps, cfg.sampling.guidance) == (28, 3.5)
+    cfg = resolve_config(None, [f"model.path={tiny_flux_dir}", "sampling.steps=9"])
+    assert (cfg.sampling.steps, cfg.sampling.guidance) == (9, 3.5)
+    toml = tmp_path / "mine.toml"
+    toml.write_text(f'[model]\npath = "{tiny_flux_dir}"\n[sampling]\nguidance = 2.0\n', encoding="utf-8")
+    cfg = resolve_config(str(toml), [])
+    assert (cfg.sampling.steps, cfg.sampling.guidance) == (28, 2.0)
+    cfg = resolve_config(None, [f"model.path={tiny_model_dir}"])
+    assert (cfg.sampling.steps, cfg.sampling.guidance) == (default.steps, default.guidance)

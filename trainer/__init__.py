@@ -11,7 +11,8 @@ Config (stdlib only)
   config_problems(cfg), check_config(cfg)  the complete check: the config and what this machine can do for it
   default_config(model_path, runs_dir)     defaults that follow the base model (its native size)
   generation_defaults(model_path)          steps, guidance, seed, negative prompt, size: what its samples use
-  list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name, filled) -> (cfg, notes)
+  list_presets(), preset_note(), load_preset(name, overrides), apply_preset(current, name, filled) -> (cfg, notes),
+  resolve_config(name, overrides) (what the CLI trains: load_preset plus the family's sampling values)
 Base models
   load_base_model(path) -> BaseModel, ModelLoadError, resolve_model_path(), native_resolution(path),
   training_defaults(path), model_summary(path) (family, native size, text encoders: from config files only),
@@ -61,7 +62,7 @@ _EXPORTS = {
     "load_config": "config:load",
     **dict.fromkeys(["config_problems", "check_config"], "job"),
     **dict.fromkeys(["default_config", "generation_defaults", "list_presets", "preset_note", "load_preset",
-                     "apply_preset"], "presets"),
+                     "apply_preset", "resolve_config"], "presets"),
     # base models
     **dict.fromkeys(["load_base_model", "BaseModel", "ModelLoadError", "resolve_model_path", "native_resolution",
                      "training_defaults", "model_summary"], "models"),

@@ -50,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 from trainer import (INTERRUPTED, UserError, as_launched, check_config, check_resumable,  # noqa: E402
                      checkpoint_dirs, config_problems, create_run_dir, fields, in_worker, is_main_process,
-                     launch_marker, list_presets, load_preset, os_error_message, preset_note, run_here, run_info,
+                     launch_marker, list_presets, os_error_message, preset_note, run_here, run_info,
                      shared_run_dir)
 
 
@@ -133,11 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 
 def resolve_config(config_path: str | None, overrides: list[str]):
-    """A preset or config file (or the defaults), a preset name from presets/, then --set overrides."""
-    from trainer import TrainConfig, apply_overrides
-    if config_path is None:
-        return apply_overrides(TrainConfig(), overrides)
-    return load_preset(config_path, overrides)
+    """A preset or config file (or the defaults), a preset name from presets/, then --set overrides; the sampling
+    values that follow the model's family where neither says (trainer.resolve_config)."""
+    from trainer import resolve_config as resolved
+    return resolved(config_path, overrides)
 
 
 def cmd_train(args) -> int:

@@ -45,6 +45,19 @@ def load_preset(name: str, overrides: list[str] | None = None, folder: str | Pat
     return C.apply_overrides(cfg, overrides or [])
 
 
+def resolve_config(name: str | None, overrides: list[str]) -> C.TrainConfig:
+    """What `train --config NAME --set ...` trains: the preset or config file (or the defaults), the overrides, and
+    the sampling values that follow the model's family wherever neither of them said otherwise, as picking the
+    model in the app brings them (so a FLUX.1 dev run samples at 28 steps and guidance 3.5, not SD's 20 and 7.5)."""
+    from .models.info import family_sample_defaults
+    cfg = load_preset(name, overrides) if name is not None else C.apply_overrides(C.TrainConfig(), overrides)
+    given = {o.split("=", 1)[0].strip() for o in overrides} | (_keys_in(find_preset(name)) if name else set())
+    for key, value in family_sample_defaults(cfg.model.path).items():
+        if key not in given:
+            C.set_value(cfg, key, value)
+    return cfg
+
+
 def default_config(model_path: str = "", runs_dir: str = "runs") -> C.TrainConfig:
     """The defaults, with the settings that follow the base model (its native size; a short run on the tiny one)."""
     from .models.info import training_defaults
