@@ -47,6 +47,9 @@ Adapters (a source is an adapter file, a checkpoint folder or a run folder, alwa
   the one rule for adapter weights, guidance and seeds (NaN, infinity, seeds torch cannot take refused by name)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
+Captions by a local model
+  caption_dataset(), preview_captions() (nothing written), load_captioner(), CaptionOptions, CaptionResult,
+  CaptionReport, CaptionError, CAPTIONER_MEMORY (what each captioner kind needs in memory)
 """
 from __future__ import annotations
 
@@ -97,6 +100,8 @@ _EXPORTS = {
     "Generator": "adapters.generate",
     "resize_adapter": "adapters.resize:resize",
     "image_grid": "adapters.grid",
+    **dict.fromkeys(["caption_dataset", "preview_captions", "load_captioner", "CaptionOptions", "CaptionResult",
+                     "CaptionReport", "CaptionError"], "caption"), "CAPTIONER_MEMORY": "caption:MEMORY_HELP",
     # files
     **dict.fromkeys(["atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"], "atomic"),
 }
