@@ -45,6 +45,12 @@ Adapters (a source is an adapter file, a checkpoint folder or a run folder, alwa
   Generator, image_grid(), compare_checkpoints(run_dir) (checkpoints x prompts and seeds, validation losses)
   adapter_weight(value, label), guidance_scale(value, name), seed_value(value), finite_number(), NotFiniteError:
   the one rule for adapter weights, guidance and seeds (NaN, infinity, seeds torch cannot take refused by name)
+The job queue (RUNS_DIR/queue/, one JSON file per job; `python -m trainer queue ...`)
+  queue_train(cfg) (checked as train checks it), queue_command(argv, runs_dir) (export, blend, caption) -> QueueJob,
+  list_queue(runs_dir) -> (jobs in order, damaged-file lines), move_job(runs_dir, id, to), remove_job(),
+  resume_job() (a stopped, failed or killed job again, from its checkpoint), stop_job(), QueueError,
+  run_queue(runs_dir, gpus) (the runner, in this process), runner_argv(runs_dir, gpus) (the command that starts it
+  as its own process), runner_active(runs_dir)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
 Captions by a local model
@@ -102,6 +108,9 @@ _EXPORTS = {
     "image_grid": "adapters.grid",
     **dict.fromkeys(["caption_dataset", "preview_captions", "load_captioner", "CaptionOptions", "CaptionResult",
                      "CaptionReport", "CaptionError"], "caption"), "CAPTIONER_MEMORY": "caption:MEMORY_HELP",
+    # the job queue
+    **dict.fromkeys(["QueueJob", "QueueError", "queue_train", "queue_command", "list_queue", "move_job", "remove_job",
+                     "resume_job", "stop_job", "run_queue", "runner_active", "runner_argv"], "queue"),
     # files
     **dict.fromkeys(["atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"], "atomic"),
 }

@@ -1,4 +1,4 @@
-"""The CLI: `python -m trainer train|export|presets|validate|blend|resize|bake|analyze|generate|caption`.
+"""The CLI: `python -m trainer train|export|presets|validate|blend|resize|bake|analyze|generate|queue`.
 
 It uses only trainer's public API (`trainer/__init__.py`), as the app does.
 Exit codes: 0 success, 1 a training failure (NaN, out of memory), 2 a config or data error (message on stderr).
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from trainer.adapters.cli import register  # blend, resize, bake, analyze, generate
     register(sub)
+    from trainer.queue.cli import register as register_queue  # queue add|list|move|remove|resume|stop|run
+    register_queue(sub)
     from trainer.caption.cli import register as register_caption  # caption
     register_caption(sub)
     return p

@@ -323,6 +323,15 @@ class DistributedSection:
 
 
 @dataclass
+class NotifySection:
+    webhook_url: str = opt("", "When a queued job ends (python -m trainer queue run), POST a small JSON {run, state, "
+                               "adapter, best_val_loss} to this http:// or https:// URL (a chat or home-automation "
+                               "webhook); empty = none. A post that fails is a warning line; the queue goes on.")
+    desktop: bool = opt(False, "When a queued job ends, show a desktop notification (notify-send on Linux, osascript "
+                               "on macOS, PowerShell on Windows); skipped where the system has none.")
+
+
+@dataclass
 class TrainConfig:
     schema_version: int = SCHEMA_VERSION
     run: RunSection = field(default_factory=RunSection)
@@ -338,6 +347,7 @@ class TrainConfig:
     saving: SavingSection = field(default_factory=SavingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    notify: NotifySection = field(default_factory=NotifySection)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "schema_version"]
@@ -634,6 +644,9 @@ def _cross_field_problems(cfg: TrainConfig, check_paths: bool) -> list[str]:
                         f"than 16x, which usually diverges; lower network.alpha")
     problems += _network_problems(cfg)
     problems += _free_text_encoder_problems(cfg)
+    if cfg.notify.webhook_url and not re.match(r"https?://[^/\s]+", cfg.notify.webhook_url):
+        problems.append(f"notify.webhook_url {cfg.notify.webhook_url!r} is no http:// or https:// URL; give the "
+                        f"webhook's full address, or leave it empty")
     if cfg.optimizer.name == "prodigy" and cfg.optimizer.unet_lr < 0.1:
         problems.append(f"optimizer.unet_lr is {cfg.optimizer.unet_lr:g} with prodigy, which sets its own step "
                         f"size; use 1.0")
