@@ -215,3 +215,35 @@ def test_a_flux2_dev_folder_is_refused_by_name(tmp_path):
                                                            "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
     with pytest.raises(ModelLoadError, match="Flux2Pipeline .*FLUX.2 klein"):
         check_folder(tmp_path)
+
+
+def test_at_real_size_the_files_modules_are_bfls_checkpoint_layout_as_diffusers_and_comfyui_read_it():
+    """klein 4B from the shipped config on the meta device. A BFL checkpoint holding the file's modules (the table's
+    BFL paths), each as wide as the modules it fuses, converts through diffusers' own reader of BFL's klein files
+    (convert_flux2_transformer_checkpoint_to_diffusers, single_file_utils.py:3852-4012) to exactly the transformer's
+    attention and feed-forward weights at their shapes: the names and shapes are BFL's. ComfyUI loads BFL's file as
+    it is (its keys under diffusion_model.) and takes a LoRA module named lora_unet_ + the key without .weight, "."
+    as "_" (comfy/lora.py model_lora_keys_unet, its rule for every diffusion_model key; the ComfyUI stored here
+    predates klein, so its klein code is not read): those names are the file's."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from trainer.models import get_family, meta_index
+    from trainer.models.flux2_layout import KINDS
+    family, index = get_family("flux2"), meta_index("flux2")
+    layers = {path: layer for prefix, path, layer in index.values() if prefix == "lora_unet"}
+    checkpoint = {}
+    for bfl_block, block, modules in KINDS:
+        count = 1 + max(int(p.split(".")[1]) for p in layers if p.startswith(block + "."))
+        for i in range(count):
+            for bfl, parts in modules.items():
+                fused = [layers[f"{block}.{i}.{part}"] for part in parts]
+                rows = sum(layer.out_features for layer in fused)
+                checkpoint[f"{bfl_block}.{i}.{bfl}.weight"] = torch.empty(rows, fused[0].in_features, device="meta")
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    targets = tuple("." + m for g in ("attention", "feed_forward") for m in family.unet_groups[g])
+    trained = {path: layer for path, layer in layers.items() if path.endswith(targets)}
+    assert {k[:-len(".weight")]: tuple(v.shape) for k, v in converted.items()} == \
+        {path: tuple(layer.weight.shape) for path, layer in trained.items()}
+    comfyui = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in checkpoint}
+    names = {n for n, (prefix, path, _) in index.items() if prefix == "lora_unet" and path in trained}
+    assert {f.name for f in family.kohya_file_layout(names)} == comfyui
+    assert len(comfyui) == 5 * 8 + 20 * 2  # klein 4B: 5 double blocks x 8 modules, 20 single blocks x 2

@@ -65,8 +65,9 @@ class Flux2(Family):
     denoiser_component = "transformer"
     denoiser_label = "transformer"
     diffusers_alpha_folded = True
-    layouts = {"kohya": "diffusers (its kohya FLUX.2 converter); ComfyUI not checked",
-               "diffusers": "diffusers; ComfyUI not checked"}
+    # kohya: BFL's checkpoint names, which diffusers' kohya FLUX.2 converter reads and ComfyUI's rule for any model
+    # key takes (test_flux2's real-size check); diffusers' own layout: ComfyUI's klein code was not read
+    layouts = {"kohya": "ComfyUI and diffusers", "diffusers": "diffusers"}
     sample_defaults = {"sampling.steps": 50, "sampling.guidance": 4.0}  # Flux2KleinPipeline's (l. 622-624)
     distilled_sample_defaults = {"sampling.steps": 4, "sampling.guidance": 1.0}  # step-distilled: no CFG
 
