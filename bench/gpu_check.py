@@ -9,7 +9,9 @@
      at 1024 px (cached text: 77 + 256 tokens), the sizes the sd35-medium (12 GB) and sd35-large (16 GB) presets
      are meant to fit; FLUX.1-dev at 1024 px in bf16 and over fp8 base weights (cached text: T5's 512 tokens),
      what the flux-dev presets train (their comments say what else they hold on the card).
-  3. With two or more GPUs: two processes (DDP over NCCL) against one with the same global batch.
+     With 16 of FLUX.1's 57 blocks offloaded over fp8 weights (the flux-dev-12gb preset), and FLUX.2 klein 4B.
+  3. Block offload on CUDA (side-stream prefetch): the tiny FLUX trained with and without, the same adapter.
+  4. With two or more GPUs: two processes (DDP over NCCL) against one with the same global batch.
 
 On a machine without CUDA it says so and exits 0. Put the table in docs/benchmarks.md with --write.
 
@@ -98,6 +100,26 @@ def memory() -> list[tuple[str, str, str]]:
     return rows
 
 
+def block_offload(root: Path) -> list[tuple[str, str, str]]:
+    """precision.offload_blocks on CUDA (side-stream prefetch, pinned copies): the tiny FLUX.1 of the tests trained
+    with 3 of its 4 blocks offloaded against the same run without, in bf16 with checkpointing."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_flux import make_tiny_flux
+    from trainer.formats import load_adapter
+    model = make_tiny_flux(root / "tiny-flux")
+    common = [f"model.path={model}", "dataset.resolution=32", "model.t5_length=16", "precision.mixed=bf16",
+              "precision.gradient_checkpointing=true", "network.unet_targets=['attention', 'feed_forward']"]
+    results = [train(name, common + extra, root) for name, extra in
+               (("flux-plain", []), ("flux-offload", ["precision.offload_blocks=3"]))]
+    if any(result != "ok" for result, _ in results):
+        return [("tiny FLUX, 3 of 4 blocks offloaded", "FAILED", " / ".join(d for _, d in results))]
+    a, b = (load_adapter(str(next(root.glob(f"{n}-*/{n}.safetensors")))) for n in ("flux-plain", "flux-offload"))
+    worst = max(float((a.layers[k].up @ a.layers[k].down - b.layers[k].up @ b.layers[k].down).abs().max()
+                      / (a.layers[k].up @ a.layers[k].down).abs().max()) for k in a.layers)
+    return [("tiny FLUX, 3 of 4 blocks offloaded vs none (bf16)", "ok" if worst < 1e-2 else "FAILED",
+             f"largest delta difference {worst:.1e} of the delta; {results[1][1]}")]
+
+
 def data_parallel(root: Path) -> list[tuple[str, str, str]]:
     import torch
     if torch.cuda.device_count() < 2:
@@ -127,7 +149,8 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
         return 0
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        rows = trainings(Path(tmp)) + ([] if args.skip_memory else memory()) + data_parallel(Path(tmp))
+        rows = trainings(Path(tmp)) + block_offload(Path(tmp)) + ([] if args.skip_memory else memory()) \
+            + data_parallel(Path(tmp))
     text = table(rows)
     print(text)
     if args.write:
