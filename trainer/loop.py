@@ -190,8 +190,11 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if device == "cpu" and self.world == 1:  # the count the run recorded (several processes: the launcher's)
             use_cpu_threads(torch, cfg.precision.cpu_threads)
+        # read in the training precision (FLUX.1's transformer is 48 GB in fp32, 24 in bf16); the VAE in fp32, as
+        # place() has always decided its dtype (force_upcast) from a full-precision copy
         self.base = load_base_model(cfg.model.path, family=cfg.model.family, trust_pickle=cfg.model.trust_pickle,
-                                    options=C.model_options(cfg))
+                                    options=C.model_options(cfg), dtype=_frozen_dtype(cfg, device),
+                                    vae_dtype=torch.float32)
         torch.manual_seed(cfg.run.seed)  # the LoRA A init
         self.params = inject_lora(self.base, cfg)
         self.trained_encoders = trained_text_encoders(self.base, cfg)  # kohya prefix -> lr, of those that train

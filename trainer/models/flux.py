@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
-from .loading import load_component
+from .loading import load_component, vae_dtype
 from .single_files import FromSingleFiles
 from .sd3 import (CLIP_LENGTH, T5_GROUPS, flow_scheduler, inference_scheduler, t5_length, t5_tokenizer,
                   with_t5_length)
@@ -95,7 +95,7 @@ class Flux(FromSingleFiles, Family):
         from transformers import CLIPTextModel, T5EncoderModel
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
         models = {"transformer": load_component(folder, "transformer", FluxTransformer2DModel, **load),
-                  "vae": load_component(folder, "vae", AutoencoderKL, **load),
+                  "vae": load_component(folder, "vae", AutoencoderKL, **dict(load, dtype=vae_dtype(options, dtype))),
                   "text_encoder": load_component(folder, "text_encoder", CLIPTextModel, **load),
                   "text_encoder_2": load_component(folder, "text_encoder_2", T5EncoderModel, **load)}
         return self.components(models, folder)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
-from .loading import load_component
+from .loading import load_component, vae_dtype
 from .sd3 import flow_scheduler, inference_scheduler
 
 if TYPE_CHECKING:
@@ -117,7 +117,8 @@ class Flux2(Family):
         from transformers import Qwen3ForCausalLM
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
         models = {"transformer": load_component(folder, "transformer", Flux2Transformer2DModel, **load),
-                  "vae": load_component(folder, "vae", AutoencoderKLFlux2, **load),
+                  "vae": load_component(folder, "vae", AutoencoderKLFlux2,
+                                        **dict(load, dtype=vae_dtype(options, dtype))),
                   "text_encoder": load_component(folder, "text_encoder", Qwen3ForCausalLM, **load)}
         return self.components(models, folder)
 

@@ -27,7 +27,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool = False,
                     dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-                    config_dir: str | Path | None = None, options: dict | None = None) -> BaseModel:
+                    config_dir: str | Path | None = None, options: dict | None = None,
+                    vae_dtype: torch.dtype | str | None = None) -> BaseModel:
     """Load a frozen base model.
 
     path: a diffusers folder (model_index.json), a single-file checkpoint in the original layout (.safetensors;
@@ -35,17 +36,21 @@ def load_base_model(path: str = "", *, family: str = "auto", trust_pickle: bool 
     config_dir: diffusers configs for a single file that is not standard-size (else a '<stem>' or '<stem>.config'
     folder beside the file is used, else the family's shipped configs).
     options: the family's model options (config.model_options: SD3's T5 length and separate component files).
+    dtype: the denoiser's and the text encoders' weights, read in that precision (a bf16 FLUX.1 transformer never
+    exists in fp32: 24 GB less CPU memory); vae_dtype: the VAE's (default: dtype).
     """
     options = dict(options or {})
     dtype, device = _check_dtype(dtype), _check_device(device)
+    # the loaders' options: the family's, and the VAE's dtype (loading.vae_dtype reads it)
+    loader = {**options, "vae_dtype": _check_dtype(vae_dtype) if vae_dtype is not None else None}
     source = resolve_model_path(path)
     local = Path(source)
     if local.is_dir():
-        detected, parts = _load_folder(local, family, dtype, trust_pickle, options)
+        detected, parts = _load_folder(local, family, dtype, trust_pickle, loader)
     elif local.is_file():
-        detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir, options)
+        detected, parts = _load_single_file(local, family, dtype, trust_pickle, config_dir, loader)
     elif looks_like_hub_id(source):
-        detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, options, shown=source)
+        detected, parts = _load_folder(fetch_hub_model(source), family, dtype, trust_pickle, loader, shown=source)
     else:
         raise ModelLoadError(_missing_message(source, path))
     base = BaseModel(family=detected, source=source, options=options, **parts)

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 CLIP_BPE = CONFIGS / "sd15" / "tokenizer"  # OpenAI CLIP's BPE (vocab.json, merges.txt): every family's tokenizers
 
 
+def vae_dtype(options: dict | None, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype at load: the loader options' "vae_dtype" where the caller gave one (the training loop: fp32,
+    so that BaseModel.place keeps a VAE that says force_upcast in full precision, as it was), else `dtype`."""
+    return (options or {}).get("vae_dtype") or dtype
+
+
 def load_component(folder: Path, sub: str, cls, *, dtype, trust_pickle: bool, family_label: str):
     """One weighted component of a diffusers folder (unet, vae, text_encoder, text_encoder_2)."""
     check_weights_present(folder / sub, trust_pickle, family_label)

@@ -21,7 +21,7 @@ import torch
 
 
 class BlockOffload:
-    """Hooks on `blocks` (in the order the model runs them) that keep their frozen tensors in CPU memory between runs."""
+    """Hooks on `blocks` (in the order the model runs them) keeping their frozen tensors in CPU memory between runs."""
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
         self.blocks, self.device = blocks, torch.device(device)

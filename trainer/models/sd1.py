@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from .family import Family, TextEncoderSpec, text_encoder_modules
 from .info import SD15_CONFIG_DIR
-from .loading import Fit, clip_keys, empty_models, load_component, noise_scheduler, refuse_inpainting, tokenizer
+from .loading import (Fit, clip_keys, empty_models, load_component, noise_scheduler, refuse_inpainting, tokenizer,
+                      vae_dtype)
 from .schedulers import inference_scheduler
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class SD1(Family):
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
         unet = load_component(folder, "unet", UNet2DConditionModel, **load)
         refuse_inpainting(unet.config.in_channels, folder / "unet", self.label)
-        vae = load_component(folder, "vae", AutoencoderKL, **load)
+        vae = load_component(folder, "vae", AutoencoderKL, **dict(load, dtype=vae_dtype(options, dtype)))
         text_encoder = load_component(folder, "text_encoder", CLIPTextModel, **load)
         return self.components({"unet": unet, "vae": vae, "text_encoder": text_encoder}, folder)
 
@@ -51,7 +52,7 @@ class SD1(Family):
         configs = config_dir or self.shipped_configs(state_dict, prediction)
         fit = Fit(source, configs, default_configs=config_dir is None, family_label=self.label)
         refuse_inpainting(unet_in_channels(state_dict), source, self.label)
-        models = self.empty_unet_vae(state_dict, fit, configs, dtype)
+        models = self.empty_unet_vae(state_dict, fit, configs, dtype, vae_dtype(options, dtype))
         models.update(self.load_text_encoders(state_dict, fit, configs, dtype))
         overrides = self.scheduler_overrides(state_dict)
         if prediction:
@@ -64,8 +65,8 @@ class SD1(Family):
     def scheduler_overrides(self, state_dict: dict) -> dict:
         return {}
 
-    def empty_unet_vae(self, state_dict: dict, fit: Fit, configs: Path, dtype) -> dict:
-        """The UNet and the VAE built from configs, holding the file's converted weights."""
+    def empty_unet_vae(self, state_dict: dict, fit: Fit, configs: Path, dtype, vae_dtype) -> dict:
+        """The UNet (in dtype) and the VAE (in vae_dtype) built from configs, holding the file's converted weights."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
         unet_config = fit.config(lambda: UNet2DConditionModel.load_config(configs, subfolder="unet"), "unet")
@@ -75,7 +76,7 @@ class SD1(Family):
         fit.load(models["unet"], "UNet", fit.convert(lambda: convert_ldm_unet_checkpoint(state_dict, unet_config)),
                  dtype)
         fit.load(models["vae"], "VAE", fit.convert(lambda: convert_ldm_vae_checkpoint(state_dict, vae_config)),
-                 dtype)
+                 vae_dtype)
         return models
 
     def load_text_encoders(self, state_dict: dict, fit: Fit, configs: Path, dtype) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .family import CONFIGS, Family, FusedName, TextEncoderSpec, size_problems, text_encoder_modules
-from .loading import guarded, load_component
+from .loading import guarded, load_component, vae_dtype
 from .sd3_files import DEFAULT_T5_LENGTH, uses_t5
 from .single_files import FromSingleFiles
 
@@ -103,7 +103,7 @@ class SD3(FromSingleFiles, Family):
         from transformers import CLIPTextModelWithProjection, T5EncoderModel
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
         models = {"transformer": load_component(folder, "transformer", SD3Transformer2DModel, **load),
-                  "vae": load_component(folder, "vae", AutoencoderKL, **load),
+                  "vae": load_component(folder, "vae", AutoencoderKL, **dict(load, dtype=vae_dtype(options, dtype))),
                   "text_encoder": load_component(folder, "text_encoder", CLIPTextModelWithProjection, **load),
                   "text_encoder_2": load_component(folder, "text_encoder_2", CLIPTextModelWithProjection, **load)}
         if (folder / "text_encoder_3").is_dir() and uses_t5(options):  # optional: SD3 runs with its part zeroed

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError
 from .family import CONFIGS, SizeInfo, TextEncoderSpec
-from .loading import Fit, clip_keys, load_component, refuse_inpainting
+from .loading import Fit, clip_keys, load_component, refuse_inpainting, vae_dtype
 from .schedulers import inference_scheduler
 from .sd1 import SD1, empty_clip, unet_in_channels
 
@@ -58,7 +58,8 @@ class SDXL(SD1):
         load = dict(dtype=dtype, trust_pickle=trust_pickle, family_label=self.label)
         unet = load_component(folder, "unet", UNet2DConditionModel, **load)
         refuse_inpainting(unet.config.in_channels, folder / "unet", self.label)
-        models = {"unet": unet, "vae": load_component(folder, "vae", AutoencoderKL, **load),
+        vae = load_component(folder, "vae", AutoencoderKL, **dict(load, dtype=vae_dtype(options, dtype)))
+        models = {"unet": unet, "vae": vae,
                   "text_encoder": load_component(folder, "text_encoder", CLIPTextModel, **load),
                   "text_encoder_2": load_component(folder, "text_encoder_2", CLIPTextModelWithProjection, **load)}
         return self.components(models, folder)
@@ -70,7 +71,7 @@ class SDXL(SD1):
                                  f"are trained on the SDXL base model or its derivatives: give one of those")
         refuse_inpainting(unet_in_channels(state_dict), source, self.label)
         return super().load_single_file(state_dict, source=source, config_dir=config_dir, dtype=dtype,
-                                        prediction=prediction)
+                                        prediction=prediction, options=options)
 
     def shipped_configs(self, state_dict: dict, prediction: str | None) -> Path:
         return CONFIG_DIR

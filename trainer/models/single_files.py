@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .loading import Fit, clip_keys, empty_models
+from .loading import Fit, clip_keys, empty_models, vae_dtype
 
 # one weight each kind has, named as its own file holds it (a CLIP also with transformers' `text_model.`)
 PROBES = {"vae": "decoder.conv_in.weight", "clip": "encoder.layers.0.self_attn.q_proj.weight",
@@ -103,7 +103,7 @@ def load_parts(parts: tuple[Part, ...], state_dict: dict, *, source: Path, fit: 
                                      f"model.{part.option} {where}"))
             part_fit = Fit(where, fit.config_dir, fit.default_configs, fit.family_label)
         build = _vae if part.kind == "vae" else _t5 if part.kind == "t5" else _clip
-        models[part.sub] = build(part, weights, part_fit, dtype)
+        models[part.sub] = build(part, weights, part_fit, vae_dtype(options, dtype) if part.kind == "vae" else dtype)
     return models
 
 
