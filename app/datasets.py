@@ -12,9 +12,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer import (CAPTION_EXTENSIONS, DATASET_FILE, IMAGE_EXTENSIONS, BatchPlan, DatasetError, ImageLoadError,
-                     TrainConfig, bucket_stats, dataset_trigger, decode_caption, is_ignored, leaves_folder,
-                     probe_image, read_caption, scan_dataset, set_dataset_trigger, with_trigger, write_caption, write_text_atomic)
+from trainer import (CAPTION_EXTENSIONS, DATASET_FILE, IMAGE_EXTENSIONS, BatchPlan, CaptionOptions, DatasetError,
+                     ImageLoadError, TrainConfig, bucket_stats, dataset_trigger, decode_caption, is_ignored,
+                     leaves_folder, probe_image, read_caption, scan_dataset, set_dataset_trigger, with_trigger,
+                     write_caption, write_text_atomic)
 
 from .files import (Budget, UploadError, copy_atomic, extract_zip, human_size, safe_dirname, safe_filename,
                     unique_path)
@@ -418,3 +419,77 @@ def _summary_text(scan) -> str:
     lines += [f"Note: {w}" for w in scan.warnings]
     return "  \n".join(lines)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# captions by a local model: the app's rules around trainer's caption_dataset / preview_captions
+
+CAPTION_MODES = {"auto": None, "sentence": "sentence", "tags": "tags"}  # the tab's choice -> CaptionOptions.mode
+
+
+def caption_model(text: str, roots: tuple[Path, ...]) -> str:
+    """The caption model the box names, as the engine takes it: a folder inside one this app may read (the rule of
+    'Import a folder', so the page cannot load or probe any server folder), or a hub name, which the engine fetches
+    only where the machine reaches the hub. An existing path outside every allowed folder is refused."""
+    text = (text or "").strip()
+    if not text:
+        raise UploadError("give the caption model's folder (Florence-2, BLIP, Qwen-VL or a WD tagger) or, where "
+                          "this machine reaches the model hub, its name such as florence-community/Florence-2-base")
+    path = Path(text).expanduser()
+    if path.exists() and all(leaves_folder(path, root) for root in roots):
+        raise UploadError(f"{text} is not in a folder this app may read; whoever runs it can allow the model's "
+                          f"folder with --allow-import DIR (or LORADESK_IMPORT_DIRS)")
+    return os.path.realpath(path) if path.is_dir() else text
+
+
+def caption_options(mode: str | None, prefix: str, suffix: str, overwrite: bool, device: str | None = None):
+    """The tab's fields as trainer's CaptionOptions; a prefix and suffix that could not fit a caption are refused
+    before a model loads."""
+    if (mode or "auto") not in CAPTION_MODES:
+        raise UploadError(f"caption mode {mode!r} is not one of {', '.join(CAPTION_MODES)}")
+    prefix, suffix = (prefix or "").strip(), (suffix or "").strip()
+    if len((prefix + suffix).encode("utf-8")) > MAX_CAPTION_BYTES // 2:
+        raise UploadError(f"the prefix and suffix are over {MAX_CAPTION_BYTES // 2048} KB together, which is not "
+                          f"a caption; shorten them")
+    return CaptionOptions(mode=CAPTION_MODES[mode or "auto"], prefix=prefix, suffix=suffix, overwrite=bool(overwrite),
+                          device=device)
+
+
+def preview_rows(folder: Path, results) -> list[list[str]]:
+    """[image, proposed caption, as trained (the trigger rule applied), existing caption] per preview result."""
+    return [[_rel_or_name(r.image, folder), r.caption, r.trained, r.previous] for r in results]
+
+
+def caption_report_text(folder: Path, report, where: str = "") -> str:
+    """One status line for a caption run: written, kept, each unreadable image named (the first few)."""
+    if not (report.written or report.kept or report.skipped):
+        return "No image to caption: drop some on the left."
+    parts = [f"Wrote {len(report.written)} caption(s){where}"]
+    if report.kept:
+        parts.append(f"kept {len(report.kept)} existing (tick 'Replace existing captions' to caption them too)")
+    if report.skipped:
+        parts.append(skipped_text(folder, [(s.path, s.reason) for s in report.skipped]))
+    text = ", ".join(parts) + "."
+    if report.trigger and report.written:
+        text += f" Training puts the trigger **{report.trigger}** in front of each."
+    return text
+
+
+def skipped_text(folder: Path, skipped: list[tuple[Path, str]], shown: int = 5) -> str:
+    """'skipped 2: broken.png (reason); ...', dataset-relative names (no server paths)."""
+    named = "; ".join(f"{_rel_or_name(path, folder)} ({reason})" for path, reason in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more (listed under Skipped files)" if len(skipped) > shown else ""
+    return f"skipped {len(skipped)}: {named}{more}"
+
+
+def short_message(folder: Path, text: str) -> str:
+    """An engine message with the dataset folder's server path taken out ('skipped sub/a.png: ...')."""
+    for root in sorted({str(folder), os.path.realpath(folder)}, key=len, reverse=True):
+        text = text.replace(root + os.sep, "")
+    return text
+
+
+def _rel_or_name(path: Path, folder: Path) -> str:
+    try:
+        return _rel(path, folder)
+    except ValueError:
+        return Path(path).name

@@ -1,5 +1,6 @@
-"""One device, one job: the lock that a generation or the start of a training holds, and the base models the
-Generate tab keeps loaded (dropped when a training starts, so it gets the device memory)."""
+"""One device, one job: the lock that a generation or the start of a training holds, and the models the app keeps
+loaded: the Generate tab's base model or the Dataset tab's caption model, one at a time (dropped when a training
+starts, so it gets the device memory)."""
 from __future__ import annotations
 
 import collections
@@ -63,6 +64,15 @@ def get_generator(model_path: str):
     if key not in _generators:
         _generators.clear()
         _generators[key] = Generator(model_path=key)
+    return _generators[key]
+
+
+def get_captioner(key: tuple, load):
+    """The caption model `key` names, loaded by `load()` once and kept like a base model: a preview and the write
+    after it load it once; a generation, another captioner or a training start drops it."""
+    if key not in _generators:
+        _generators.clear()
+        _generators[key] = load()
     return _generators[key]
 
 

@@ -1,13 +1,19 @@
 """Dataset tab: drop images (or a zip, or a folder path), caption them, see what the trainer will see."""
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+
 import gradio as gr
 
-from trainer import UserError, dataset_trigger, native_resolution
+from trainer import (CAPTIONER_MEMORY, UserError, active_run, caption_dataset, dataset_trigger, load_captioner,
+                     native_resolution, preview_captions)
 
 from .. import datasets as D
-from ..errors import guarded, user_message
+from ..device import free_device, get_captioner, release_models
+from ..errors import AppError, guarded, user_message
 from ..files import UploadError, safe_dirname
+from ..generation import take_device
 from ..settings import AppSettings
 
 HELP = ("Each dataset is a folder under **{data_dir}/** with your images and a same-name `.txt` caption for each. "
@@ -114,6 +120,91 @@ def trigger_value(settings: AppSettings, name: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# captions by a local model: a preview that writes nothing, then the write (trainer.preview_captions and
+# caption_dataset); the model stays loaded between the two while its folder and device are unchanged
+
+PREVIEW_IMAGES = 4
+PREVIEW_HEADERS = ["image", "proposed caption", "as trained (trigger rule)", "existing caption"]
+CAPTION_MODE_CHOICES = [("what the model writes", "auto"), ("sentences (Florence-2, BLIP, Qwen-VL)", "sentence"),
+                        ("tags (a WD tagger)", "tags")]
+
+
+def caption_help() -> str:
+    """What each captioner kind needs in memory (the engine's figures), one small line each."""
+    return "<small>Memory for the weights:\n\n" + "\n".join(f"- {v}" for v in CAPTIONER_MEMORY.values()) + \
+        "</small>"
+
+
+def preview_caption_rows(settings: AppSettings, name: str | None, model: str, mode: str = "auto", prefix: str = "",
+                         suffix: str = "", overwrite: bool = False, progress=None) -> tuple[list[list[str]], str]:
+    """The captions the first few images to caption would get, and a status line; nothing is written."""
+    folder = D.dataset_dir(settings.data_dir, name)
+    messages: list[str] = []
+    with _captioning(settings, model, mode, prefix, suffix, overwrite, progress) as (captioner, options, where):
+        results = preview_captions(folder, captioner, PREVIEW_IMAGES, options, message=messages.append)
+    if not results:
+        readable = [i for i in D.load_items(folder) if not i.skipped]
+        text = ("Every image has a caption: tick 'Replace existing captions' to caption them again."
+                if readable and not overwrite else "No image to caption: drop some on the left.")
+    else:
+        text = (f"Preview of {len(results)} image(s){where}: nothing was written. Press 'Write captions' to "
+                f"caption every image " + ("(existing captions replaced)." if overwrite else "without a caption."))
+    if messages:
+        text += " " + "; ".join(D.short_message(folder, m) for m in messages[:5])
+    return D.preview_rows(folder, results), text
+
+
+def write_captions(settings: AppSettings, name: str | None, model: str, mode: str = "auto", prefix: str = "",
+                   suffix: str = "", overwrite: bool = False, progress=None) -> str:
+    """Caption the dataset (each file written atomically; existing captions kept unless `overwrite`); returns the
+    status line, naming each image that could not be read."""
+    folder = D.dataset_dir(settings.data_dir, name)
+
+    def done(n: int, total: int) -> None:
+        if progress is not None:
+            progress(n / total, f"captions: {n} of {total} images")
+    with _captioning(settings, model, mode, prefix, suffix, overwrite, progress) as (captioner, options, where):
+        report = caption_dataset(folder, captioner, options, progress=done)
+    return D.caption_report_text(folder, report, where)
+
+
+def reselect(settings: AppSettings, name: str | None, item: str | None) -> tuple[str | None, str | None, str]:
+    """The editor's image again with its caption re-read from disk (a caption just written shows at once)."""
+    names = [i.name for i in D.load_items(D.dataset_dir(settings.data_dir, name))] if name else []
+    return select(settings, name, names.index(item)) if item in names else (None, None, "")
+
+
+@contextmanager
+def _captioning(settings: AppSettings, model: str, mode, prefix, suffix, overwrite, progress):
+    """(captioner, options, where) under the device lock: a generation waits and a training start is refused
+    meanwhile, and while a run trains the captioner runs on the CPU so the training keeps the device memory."""
+    source = D.caption_model(model, settings.readable_dirs())
+    training = active_run(settings.runs_dir)
+    options = D.caption_options(mode, prefix, suffix, overwrite, "cpu" if training else None)
+    where = f" on the CPU (run {training.name} is training on the device)" if training else ""
+    take_device(progress)
+    try:
+        def load():
+            if progress is not None:
+                progress(0.0, "loading the caption model")
+            return load_captioner(source, options)
+        yield get_captioner(("caption", source, options.device), load), options, where
+    except Exception as e:
+        if _out_of_memory(e):
+            release_models()  # what the failed batch held goes back to the device
+            raise AppError("The device ran out of memory while captioning: choose a smaller captioner (see the "
+                           "memory line) or stop what else uses the GPU.") from None
+        raise
+    finally:
+        free_device()
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # loaded by then when a transformers captioner ran; a tagger needs none
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # layout
 
 def _left_column(settings: AppSettings, c: dict) -> None:
@@ -164,6 +255,35 @@ def _gallery_column(c: dict) -> None:
     c["selected"] = gr.State(None)
 
 
+def _caption_model_section(settings: AppSettings, c: dict) -> None:
+    with gr.Accordion("Caption with a model", open=False, elem_id="caption-model-section"):
+        gr.Markdown("A local caption model writes a caption for each image. **Preview** shows what the first "
+                    f"{PREVIEW_IMAGES} would get without writing; **Write captions** writes them (each file at once, "
+                    "so a stop leaves whole captions). Captions are written without the trigger, as typed ones are: "
+                    "training puts it in front.")
+        c["cap_model"] = gr.Textbox(label="Caption model folder", elem_id="caption-model",
+                                    placeholder="/home/me/models/Florence-2-base",
+                                    info="Florence-2 (florence-community), BLIP, Qwen2.5/3-VL or a WD v3 tagger "
+                                         "folder, in a folder this app may read (whoever runs it allows one with "
+                                         "--allow-import DIR); or, where this machine reaches the model hub, a hub "
+                                         "name.")
+        with gr.Row():
+            c["cap_mode"] = gr.Radio(CAPTION_MODE_CHOICES, value="auto", label="Mode", scale=2)
+            c["cap_overwrite"] = gr.Checkbox(False, label="Replace existing captions", scale=1,
+                                             info="Off: images with a caption keep it.")
+        with gr.Row():
+            c["cap_prefix"] = gr.Textbox(label="Prefix", placeholder="photo", info="put in front, joined with ', '")
+            c["cap_suffix"] = gr.Textbox(label="Suffix", info="put after, joined with ', '")
+        gr.Markdown(caption_help(), elem_classes=["caption-memory"])
+        with gr.Row():
+            c["cap_preview_btn"] = gr.Button("Preview", elem_id="caption-preview-btn")
+            c["cap_write_btn"] = gr.Button("Write captions", variant="primary", elem_id="caption-write-btn")
+        c["cap_status"] = gr.Markdown(elem_id="caption-status")
+        c["cap_table"] = gr.Dataframe(headers=PREVIEW_HEADERS, label="Preview (nothing written)", interactive=False,
+                                      wrap=True, column_widths=["18%", "30%", "32%", "20%"],
+                                      elem_id="caption-preview-table")
+
+
 def build(settings: AppSettings, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Number]:
     """Lay out the tab inside the current Blocks; returns the dataset picker and the bucket resolution (the Train
     tab follows the one and sets the other)."""
@@ -174,8 +294,10 @@ def build(settings: AppSettings, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Numbe
             _left_column(settings, c)
         with gr.Column(scale=2):
             _gallery_column(c)
+            _caption_model_section(settings, c)
     _wire_datasets(settings, c)
     _wire_captions(settings, c)
+    _wire_caption_model(settings, c)
     views = [c["picker"], c["gallery"], c["summary"], c["buckets"], c["skipped"], c["trigger"]]
     demo.load(guarded(lambda name, res: on_page_load(settings, name, res), views, c["summary"]),
               [c["picker"], c["resolution"]], views)
@@ -260,3 +382,28 @@ def _wire_captions(settings: AppSettings, c: dict) -> None:
     c["remove_btn"].click(guarded(lambda name, item: remove(s, name, item), [c["status"]], c["status"]),
                           [c["picker"], c["selected"]], [c["status"]]).then(
         lambda: (None, None, ""), None, editor).then(on_refresh, [c["picker"], c["resolution"]], views)
+
+
+def _wire_caption_model(settings: AppSettings, c: dict) -> None:
+    """Preview and write; after a write the gallery, summary and editor show the new captions. Both share the
+    Generate tab's concurrency group: one job on the device at a time."""
+    s, views, on_refresh = settings, _views(c), _refresher(settings, c)
+    fields = [c["picker"], c["cap_model"], c["cap_mode"], c["cap_prefix"], c["cap_suffix"], c["cap_overwrite"]]
+    editor = [c["selected"], c["preview"], c["caption"]]
+
+    # gr.Progress comes first: Gradio finds it only among the positional parameters
+    def on_preview(progress=gr.Progress(), *values):
+        rows, text = preview_caption_rows(s, *values, progress=progress)
+        return rows, text
+
+    def on_write(progress=gr.Progress(), *values):
+        return write_captions(s, *values, progress=progress)
+
+    preview_out = [c["cap_table"], c["cap_status"]]
+    c["cap_preview_btn"].click(guarded(on_preview, preview_out, c["cap_status"]), fields, preview_out,
+                               concurrency_limit=1, concurrency_id="device")
+    c["cap_write_btn"].click(guarded(on_write, [c["cap_status"]], c["cap_status"]), fields, [c["cap_status"]],
+                             concurrency_limit=1, concurrency_id="device").then(
+        on_refresh, [c["picker"], c["resolution"]], views).then(
+        guarded(lambda name, item: reselect(s, name, item), editor, c["status"]), [c["picker"], c["selected"]],
+        editor)
