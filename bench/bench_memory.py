@@ -17,7 +17,7 @@ or a CPU with AVX-512 BF16 / AMX gives the times too.
     python bench/bench_memory.py --models sdxl --resolution 1024 --steps 1
     python bench/bench_memory.py --models sd35m --resolution 256 --steps 1   # SD 3.5 Medium on a CPU
     python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8   # FLUX.1-dev on a GPU
-    python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8 --offload 16   # + block offload
+    python bench/bench_memory.py --models flux1 --resolution 1024 --steps 1 --fp8 --offload 35   # + block offload
 
 FLUX.1-dev's transformer is 11.9 B parameters: 23.8 GB in bf16, 11.9 GB with --fp8 (allocated in fp8 from the
 start, so the peak never holds a bf16 copy). Its cached text is T5's 512 tokens x 4096 and CLIP-L's pooled 768;

@@ -77,9 +77,9 @@ MEMORY_ROWS += [("sd35m", 1024, True, False), ("sd35m", 1024, False, False), ("s
 # FLUX.1-dev (11.9 B parameters: 23.8 GB bf16, 11.9 GB fp8) at its native 1024 px with checkpointing, as the
 # flux-dev presets train it (the fp8 row is their setting; bf16 needs a 40 GB+ card)
 MEMORY_ROWS += [("flux1", 1024, True, False), ("flux1", 1024, True, True)]
-# (model, px, checkpointing, fp8, offloaded blocks): FLUX.1-dev over fp8 weights with 16 of its 57 blocks in CPU
-# memory, as the flux-dev-12gb preset trains it (sd-scripts' --blocks_to_swap 16 for 12 GB)
-OFFLOAD_ROWS = [("flux1", 1024, True, True, 16)]
+# (model, px, checkpointing, fp8, offloaded blocks): FLUX.1-dev over fp8 weights with 35 of its 57 blocks in CPU
+# memory, as the flux-dev-12gb preset trains it (what sd-scripts' --blocks_to_swap 16 moves for 12 GB)
+OFFLOAD_ROWS = [("flux1", 1024, True, True, 35)]
 # FLUX.2 klein 4B (3.9 B parameters, 7.8 GB in bf16) at 1024 px, as the klein-4b-12gb preset trains it
 MEMORY_ROWS += [("klein4b", 1024, True, False)]
 

@@ -44,6 +44,7 @@ class Watched(BlockOffload):
     def __init__(self, *args):
         self.copies: dict[int, list[StorageWeakRef]] = {}
         self.alive_before: list[int] = []
+        self.resident: list[list[int]] = []  # the blocks on the device once each block is about to run
         super().__init__(*args)
 
     def onload(self, i):
@@ -53,6 +54,7 @@ class Watched(BlockOffload):
     def before(self, i):
         self.alive_before.append(self.alive())
         super().before(i)
+        self.resident.append(sorted(self.onloaded))
 
     def alive(self) -> int:
         return sum(any(not ref.expired() for ref in refs) for refs in self.copies.values())
@@ -82,6 +84,8 @@ def test_with_gradient_checkpointing_at_most_two_blocks_are_on_the_device_at_onc
     print(f"blocks' device copies alive before each of {len(offload.alive_before)} block runs (4 blocks, forward "
           f"then recomputed backward): {offload.alive_before}")
     assert len(offload.alive_before) == 8 and max(offload.alive_before) <= 2
+    # each block with the next one fetched ahead, forward then in reverse (the last block has none ahead of it)
+    assert offload.resident == [[0, 1], [1, 2], [2, 3], [3], [3], [1, 2], [0, 1], [0]]
     # the first block the backward pass recomputed stays until the next block runs (the next step's first)
     assert after_forward == 0 and offload.alive() == 1
     offload.release()
@@ -128,3 +132,53 @@ def test_the_last_n_blocks_are_offloaded(count, expected):
     blocks = [torch.nn.Linear(1, 1) for _ in range(4)]
     chosen = offloaded_blocks(blocks, count)
     assert len(chosen) == expected and all(b is blocks[4 - expected + i] for i, b in enumerate(chosen))
+
+
+class Poisoned(BlockOffload):
+    """After a block runs, its frozen tensors point at NaNs instead of their CPU copies: any computation that reads
+    a weight outside its block's run (a backward pass reading a saved weight, as it would read the CPU copy on a
+    card) gives NaN."""
+
+    def after(self, i):
+        super().after(i)
+        for t in self.stored[i]:
+            t.data = torch.full_like(t.data, float("nan"))
+
+    def onload(self, i):
+        if i not in self.onloaded:
+            for t, host in self.stored[i].items():
+                t.data = host
+        super().onload(i)
+
+
+def _gradients(offload_class=None):
+    model = tiny_flux_components()["transformer"]
+    model.requires_grad_(False)
+    model.x_embedder.requires_grad_(True)
+    model.enable_gradient_checkpointing()  # diffusers' default: non-reentrant torch.utils.checkpoint
+    model.train()
+    if offload_class:
+        offload_class([*model.transformer_blocks, *model.single_transformer_blocks], torch.device("cpu"))
+    torch.manual_seed(0)
+    out = model(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 4, 40),
+                pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3)).sample
+    out.square().mean().backward()
+    return model.x_embedder.weight.grad
+
+
+def test_the_backward_pass_reads_only_weights_brought_in_for_it():
+    plain, poisoned = _gradients(), _gradients(Poisoned)
+    assert torch.isfinite(poisoned).all() and torch.equal(plain, poisoned)
+
+
+def test_move_except_leaves_the_offloaded_tensors_in_cpu_memory():
+    from trainer.models.offload import move_except
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[2].requires_grad_(False)
+    offload = BlockOffload([model[1], model[2]], torch.device("cpu"))
+    move_except(model, "meta", offload)
+    assert {p.device.type for p in model[0].parameters()} == {"meta"}
+    assert {p.device.type for p in model[1].parameters()} == {"meta"}  # trains: not offloaded
+    assert {p.device.type for p in model[2].parameters()} == {"cpu"}

@@ -248,11 +248,12 @@ class PrecisionSection:
                          label="fp8 base weights")
     offload_blocks: int = opt(0, "SD 3.5 and FLUX: keep the frozen weights of the transformer's last N blocks in CPU "
                                  "memory and bring each block's to the card just before it runs, the next one's "
-                                 "while this one computes (sd-scripts calls it blocks_to_swap). The last are FLUX.1's "
-                                 "38 single-stream blocks, 0.28 GB each in bf16 (0.14 in fp8). Saves that much card "
-                                 "memory; costs the copies over PCIe each step (slower the more blocks, and much "
-                                 "slower on a slow bus) and pinned CPU memory as large. Needs "
-                                 "gradient_checkpointing. 0 = off.", min=0, max=1000)
+                                 "while this one computes. The last are FLUX.1's 38 single-stream blocks, 0.28 GB each "
+                                 "in bf16 (0.14 in fp8), then its 19 double-stream ones, 0.68 GB. Saves that much "
+                                 "card memory; costs the copies over PCIe each step (slower the more blocks, and "
+                                 "much slower on a slow bus) and pinned CPU memory as large. Needs "
+                                 "gradient_checkpointing. 0 = off. (sd-scripts' --blocks_to_swap N counts a "
+                                 "double-stream block as two: its 16 is about 35 here.)", min=0, max=1000)
     cpu_threads: int = opt(0, "Threads of a one-process CPU run (0 = the cores other programs leave free when the "
                               "run starts, or OMP_NUM_THREADS). Recorded and kept on resume: the count changes the "
                               "last bits of sums, and a busy machine with a thread per core runs 10-50x slower.",

@@ -79,7 +79,8 @@ class BlockOffload:
             self.onloaded[i] = self.stream.record_event() if self.stream is not None else None
 
     def release(self) -> None:
-        """Every block back to CPU memory (after a failed step left some on the device)."""
+        """Every block's tensors back at their CPU copies (the first block a backward pass recomputed stays on the
+        device until the next block runs; remove() and the tests call this)."""
         for i in list(self.onloaded):
             self.after(i)
 
@@ -101,7 +102,8 @@ def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 def offloaded_blocks(blocks: list[torch.nn.Module], count: int) -> list[torch.nn.Module]:
-    """The last `count` blocks in running order (all of them when count is larger), as sd-scripts swaps."""
+    """The last `count` blocks in running order (all of them when count is larger). (sd-scripts' FLUX swap counts a
+    double-stream block as two single ones, library/flux_models.py enable_block_swap; this counts blocks.)"""
     return blocks[max(len(blocks) - count, 0):] if count > 0 else []
 
 
@@ -110,6 +112,6 @@ def move_except(module: torch.nn.Module, device, offload: BlockOffload | None) -
     if offload is None:
         module.to(device)
         return
-    for t in [*module.parameters(), *module.buffers()]:
-        if not offload.owns(t):
-            t.data = t.data.to(device)
+    # Module.to's own path (_apply: parameters keep their identity where torch allows, buffers are replaced), with
+    # the offloaded tensors passed through as they are
+    module._apply(lambda t: t if offload.owns(t) else t.to(device))
