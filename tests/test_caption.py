@@ -172,6 +172,50 @@ def test_fixed_batch_tagger_and_large_images(tmp_path):
     assert [r.caption for r in report.written] == ["red background, simple background, ^_^"] * 3
 
 
+class TypingCaptioner:
+    """A fake captioner: while it captions its first batch, the user types a caption for `typed` (the Dataset tab
+    beside a queued caption job)."""
+    kind, mode = "fake", "sentence"
+
+    def __init__(self, typed: Path):
+        self.typed, self.calls = typed, 0
+
+    def configure(self, prompt, thresholds) -> None:
+        pass
+
+    def caption(self, images) -> list[str]:
+        self.calls += 1
+        if self.calls == 1:
+            self.typed.write_text("typed by hand\n", encoding="utf-8")
+        return ["model text"] * len(images)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # the typed image in a later batch / in the batch being captioned
+def test_a_caption_typed_while_captioning_is_kept(tmp_path, batch_size):
+    data = make_dataset(tmp_path / "data")  # to caption, in scan order: 10_sub/deep, blue, red (broken skipped)
+    messages = []
+    report = caption_dataset(data, TypingCaptioner(data / "red.txt"), CaptionOptions(batch_size=batch_size),
+                             message=messages.append)
+    assert (data / "red.txt").read_text(encoding="utf-8") == "typed by hand\n"
+    assert {p.name for p in report.kept} == {"old.png", "red.png"}
+    assert {r.image.name for r in report.written} == {"deep.png", "blue.png"}
+    assert any("red.png" in m for m in messages)
+    # with overwrite the model's caption replaces it, as asked
+    report = caption_dataset(data, TypingCaptioner(data / "red.txt"), CaptionOptions(overwrite=True))
+    assert (data / "red.txt").read_text(encoding="utf-8") == "model text\n"
+
+
+def test_missing_dataset_names_the_cli_argument(tmp_path, tagger, capsys):
+    code, _, err = run_cli(capsys, tmp_path / "nope", "--model", tagger)
+    assert code == 2 and "DATASET" in err and "nope" in err and "dataset.path" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "a.png").write_bytes(b"x")
+    code, _, err = run_cli(capsys, tmp_path / "a.png", "--model", tagger)
+    assert code == 2 and "DATASET" in err and "a.png" in err and "dataset.path" not in err
+    code, _, err = run_cli(capsys, " ", "--model", tagger)
+    assert code == 2 and "DATASET" in err and "dataset.path" not in err
+
+
 @pytest.mark.parametrize("args, words", [
     (["--mode", "sentence"], "--mode sentence needs"),
     (["--threshold", "general=1.5"], "outside 0..1"),

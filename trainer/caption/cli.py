@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainer import CAPTIONER_MEMORY, CaptionError, CaptionOptions, caption_dataset
+from trainer import CAPTIONER_MEMORY, CaptionError, CaptionOptions, DatasetError, caption_dataset
 
 
 def register(sub) -> None:
@@ -57,6 +57,12 @@ def parse_thresholds(values: list[str]) -> dict[str, float]:
     return out
 
 
+def named_as_argument(text: str) -> str:
+    """A dataset message for this command: the dataset rules (trainer.data's scan) name the folder by its config
+    key, dataset.path; here the user gave it as the DATASET argument."""
+    return text.replace("dataset.path", "DATASET")
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     options = CaptionOptions(mode=args.mode, prefix=args.prefix, suffix=args.suffix, overwrite=args.overwrite,
                              batch_size=args.batch_size, thresholds=parse_thresholds(args.threshold) or None,
@@ -64,6 +70,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     bar = _Bar(args.quiet)
     try:
         report = caption_dataset(args.dataset, args.model, options, progress=bar.update, message=bar.write)
+    except DatasetError as e:
+        raise DatasetError(named_as_argument(str(e))) from None
     finally:
         bar.close()
     print(f"wrote {len(report.written)} captions, kept {len(report.kept)} existing"

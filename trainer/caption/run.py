@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer.data import ImageLoadError, Skipped, load_image, scan_dataset, with_trigger, write_caption
+from trainer.data import (ImageLoadError, Skipped, load_image, read_caption, scan_dataset, with_trigger,
+                          write_caption)
 
 from .detect import find_caption_model
 from .errors import CaptionError
@@ -93,7 +94,10 @@ def _run(dataset, model, options, progress, message, limit, write) -> CaptionRep
     for start in range(0, len(todo), options.batch_size):
         batch = todo[start:start + options.batch_size]
         for result in _caption_batch(captioner, batch, options, report, message):
-            report.written.append(_write(result) if write else result)
+            if write and not options.overwrite and _typed_since_scan(result.image):
+                _keep(report, message, result.image)
+            else:
+                report.written.append(_write(result) if write else result)
         done += len(batch)
         if progress is not None:
             progress(done, len(todo))
@@ -149,6 +153,21 @@ def _caption_batch(captioner, items, options, report, message) -> list[CaptionRe
 
 def _join(*parts: str) -> str:
     return ", ".join(p.strip().strip(",").strip() for p in parts if p.strip().strip(","))
+
+
+def _typed_since_scan(image: Path) -> bool:
+    """Whether the image has a caption now. The scan chose the images to caption once, but a queued job runs for
+    hours while the user may type captions in the Dataset tab: without --overwrite a typed one is kept, so the file
+    is read again just before writing (a gone file is no caption)."""
+    try:
+        return bool(read_caption(image).text.strip())
+    except FileNotFoundError:  # removed between finding and reading it
+        return False
+
+
+def _keep(report: CaptionReport, message, image: Path) -> None:
+    report.kept.append(image)
+    _say(message, f"kept {image}: its caption was written while captioning ran (--overwrite replaces it)")
 
 
 def _write(result: CaptionResult) -> CaptionResult:
