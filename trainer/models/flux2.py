@@ -66,8 +66,9 @@ class Flux2(Family):
     denoiser_label = "transformer"
     diffusers_alpha_folded = True
     # kohya: BFL's checkpoint names, which diffusers' kohya FLUX.2 converter reads and ComfyUI's rule for any model
-    # key takes (test_flux2's real-size check); diffusers' own layout: ComfyUI's klein code was not read
-    layouts = {"kohya": "ComfyUI and diffusers", "diffusers": "diffusers"}
+    # key takes (test_flux2's real-size check); that ComfyUI's klein model keeps BFL's names is assumed (the ComfyUI
+    # read here predates klein), and no file was loaded in ComfyUI. diffusers' own layout: diffusers only
+    layouts = {"kohya": "diffusers, and ComfyUI by its rule for any key", "diffusers": "diffusers"}
     sample_defaults = {"sampling.steps": 50, "sampling.guidance": 4.0}  # Flux2KleinPipeline's (l. 622-624)
     distilled_sample_defaults = {"sampling.steps": 4, "sampling.guidance": 1.0}  # step-distilled: no CFG
 
