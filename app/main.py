@@ -1,4 +1,5 @@
-"""The whole app: three tabs over trainer's public API. Nothing heavy is imported here (torch loads on first use)."""
+"""The whole app: three tabs and the job queue over trainer's public API. Nothing heavy is imported here (torch
+loads on first use)."""
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ def build_app(settings: AppSettings | None = None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from .tabs import dataset, generate, train
+    from .tabs import dataset, generate, queue, train
 
     settings = settings or AppSettings.from_env()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
@@ -38,6 +39,8 @@ def build_app(settings: AppSettings | None = None):
                 train.build(settings, demo, picker, bucket_resolution)
             with gr.Tab("3. Generate", id="generate") as generate_tab:
                 generate.build(settings, demo, generate_tab)
+            with gr.Tab("Queue", id="queue"):  # not a step: trainings (and exports) waiting to run one by one
+                queue.build(settings, demo)
     demo.loradesk_settings = settings
     return demo
 

@@ -3,6 +3,7 @@
 Upload images (one broken), caption one, set the trigger, train a few steps with samples on a tiny base model,
 watch the progress and the sample history, upload a bad adapter and then a good one (every widget still usable),
 generate at adapter weights 0 and 1, export a blend with the fields as the page shows them, download the adapter.
+And the job queue: add a training to it from the Train tab, start it from the Queue tab, see the job done.
 """
 import os
 import re
@@ -250,3 +251,51 @@ def test_upload_caption_train_generate_download(app_server, image_dir):
     log = (workdir / "server.log").read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "loradesk: junk.safetensors could not be used" in log, "a user error is one line in the terminal"
+
+
+def test_add_to_queue_start_the_queue_and_see_the_job_done(app_server, image_dir):
+    sync_playwright = browser_or_skip()
+    url, workdir, _ = app_server
+    import shutil
+    shutil.copytree(image_dir, workdir / "datasets" / "queued")  # a dataset the Train tab offers
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.get_by_role("tab", name="2. Train").click()
+        pick(page, "train-dataset", "queued")
+        page.wait_for_function("document.querySelector('#field-dataset-path textarea, #field-dataset-path input')"
+                               ".value.endsWith('queued')")
+        for elem_id, value in [("field-dataset-resolution", 32), ("field-schedule-max_steps", 3),
+                               ("field-network-rank", 2), ("field-network-alpha", 2)]:
+            set_number(page, elem_id, value)
+        page.locator("#field-run-name textarea, #field-run-name input").first.fill("from-the-queue")
+        page.locator("#field-run-name textarea, #field-run-name input").first.press("Tab")
+        page.get_by_text("Ready to start.").wait_for()
+        page.locator("#queue-add-btn").click()
+        page.locator("#form-status").get_by_text(re.compile(r"Queued from-the-queue as job \w+")).wait_for()
+        no_errors_shown(page)
+
+        page.get_by_role("tab", name="Queue").click()
+        cell = "document.querySelector('#queue-table [data-testid=\"cell-0-%d\"]')"  # first row; columns: HEADERS
+        page.wait_for_function(f"{cell % 4}?.innerText.trim() === 'from-the-queue'", timeout=10_000)  # its timer
+        assert page.evaluate(f"{cell % 2}.innerText.trim()") == "queued"
+        page.locator("#queue-start-btn").click()
+        page.locator("#queue-reply").get_by_text("Started the queue").wait_for(timeout=60_000)
+        page.wait_for_function(f"{cell % 2}?.innerText.trim() === 'done'", timeout=180_000)
+        assert page.evaluate(f"{cell % 5}.innerText.trim()") == "3/3"
+        page.locator("#queue-status").get_by_text("no job waits").wait_for(timeout=30_000)
+        no_errors_shown(page)
+        page.get_by_role("tab", name="2. Train").click()  # the live view shows the run the queue trained
+        from trainer import list_queue
+        run_name = Path(list_queue(workdir / "runs")[0][0].run_dir).name
+        page.wait_for_function(f"document.querySelector('#train-status').innerText.includes('{run_name}')",
+                               timeout=30_000)
+        browser.close()
+
+    jobs, _ = list_queue(workdir / "runs")
+    assert [(j.name, j.state) for j in jobs] == [("from-the-queue", "done")]
+    assert (Path(jobs[0].run_dir) / "from-the-queue.safetensors").is_file()
+    log = (workdir / "server.log").read_text()
+    assert "Traceback" not in log, log[-3000:]

@@ -12,8 +12,8 @@ import gradio as gr
 
 from trainer import (SECTIONS, TEXT_ENCODER_NAMES, FieldInfo, active_run, apply_preset, checkpoint_dirs,
                      chosen_gpus, dataset_trigger, default_config, fields, get_value, gpu_settings, list_presets,
-                     list_runs, load_run_config, resume_run, send_command, start_run, training_defaults,
-                     visible_gpus)
+                     list_queue, list_runs, load_run_config, queue_train, resume_run, run_info, runner_active,
+                     send_command, start_run, training_defaults, visible_gpus)
 
 from .. import datasets as D
 from .. import forms as F
@@ -108,6 +108,20 @@ def start(settings: AppSettings, values: list) -> tuple[Path, str]:
     return job.run_dir, f"Started **{job.run_dir.name}**."
 
 
+def add_to_queue(settings: AppSettings, values: list) -> str:
+    """Queue the form's config as Start would train it: the same config (to_config) and the same complete check
+    (queue_train checks it as start_run does), so a typo fails now, not when its turn comes."""
+    cfg, errors = to_config(settings, values)
+    if errors:
+        raise AppError("Not queued: " + "; ".join(errors.values()))
+    job = queue_train(cfg, runs_dir=settings.runs_dir)
+    jobs, _ = list_queue(settings.runs_dir)
+    waiting = [j.id for j in jobs if j.state == "queued"]
+    place = f"number {waiting.index(job.id) + 1} of {len(waiting)} waiting" if job.id in waiting else "queued"
+    then = "the queue is running" if runner_active(settings.runs_dir) else "start the queue in the **Queue** tab"
+    return f"Queued **{job.name}** as job {job.id} ({place}); {then}."
+
+
 def resume(settings: AppSettings, name: str | None) -> Path:
     if not name:
         raise AppError("Pick a run to resume first.")
@@ -133,20 +147,25 @@ def command(settings: AppSettings, followed: str | None, name: str) -> str:
     return f"**{run_dir.name}**: {COMMAND_REPLIES[name]}"
 
 
-def followed_dir(settings: AppSettings, followed: str | None) -> Path | None:
-    """The run the live view shows: the one the user follows, else the active one, else the newest."""
-    if followed and (Path(settings.runs_dir) / followed).is_dir():
-        return Path(settings.runs_dir) / followed
+def followed_dir(settings: AppSettings, followed: str | None, pinned: bool = False) -> Path | None:
+    """The run the live view shows: the one the user follows, else the active one, else the newest. A followed
+    run that no longer trains gives way to one that does (the queue's next job, a run started elsewhere), unless
+    the user picked it with Follow (`pinned`)."""
     busy = active_run(settings.runs_dir)
+    if followed and (Path(settings.runs_dir) / followed).is_dir():
+        chosen = Path(settings.runs_dir) / followed
+        if pinned or busy is None or busy.run_dir.resolve() == chosen.resolve() or \
+                run_info(chosen).state == "running":  # several lanes of the queue: more than one trains
+            return chosen
     if busy is not None:
         return busy.run_dir
     found = list_runs(settings.runs_dir)
     return found[0].run_dir if found else None
 
 
-def live(settings: AppSettings, followed: str | None) -> dict:
+def live(settings: AppSettings, followed: str | None, pinned: bool = False) -> dict:
     """Everything the live view shows, keyed as VIEW_KEYS."""
-    run_dir = followed_dir(settings, followed)
+    run_dir = followed_dir(settings, followed, pinned)
     if run_dir is None:
         return {"run": "", "progress": V.progress_html(None), "status": "No runs yet: press Start.",
                 "losses": [], "validations": [], "samples": [], "columns": "", "failure": "", "state": ""}
@@ -365,6 +384,7 @@ def _live_column(c: dict) -> None:
     with gr.Row():
         c["start_btn"] = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=2)
         c["stop_btn"] = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+        c["queue_btn"] = gr.Button("Add to queue", elem_id="queue-add-btn", scale=1)
     c["form_status"] = gr.Markdown(elem_id="form-status")
     c["progress"] = gr.HTML(V.progress_html(None), elem_id="train-progress")
     c["status"] = gr.Markdown(elem_id="train-status")
@@ -504,13 +524,13 @@ def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     def render(followed, sent):
         """The live view; its timer stops once the shown run is not training (the slow timer starts it
         again when a run begins), so an idle page pays only for the 5-second runs refresh."""
-        view = live(s, followed)
+        view = live(s, followed, _pinned(followed, sent))
         values, stamps = changed(view, sent or {})
         ticking = view["state"] == "running"
         # stopping is always sent (a tick may come from a timer another handler woke); starting only once
         timer = gr.Timer(active=False) if not ticking else gr.skip() if (sent or {}).get("ticking") else \
             gr.Timer(active=True)
-        return (*values, {**stamps, "ticking": ticking}, timer)
+        return (*values, {**stamps, "ticking": ticking, "pinned": (sent or {}).get("pinned")}, timer)
 
     def on_start(*vals):
         run_dir, text = start(s, list(vals))
@@ -519,17 +539,24 @@ def _wire_live(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
     start_outputs = [c["followed"], c["form_status"], c["runs"], c["picked"]]
     c["start_btn"].click(guarded(on_start, start_outputs, c["form_status"]), c["inputs"], start_outputs,
                          concurrency_limit=1).then(render, [c["followed"], c["sent"]], view_outputs)
+    c["queue_btn"].click(guarded(lambda *vals: add_to_queue(s, list(vals)), c["form_status"], c["form_status"]),
+                         c["inputs"], c["form_status"], concurrency_limit=1)
     for btn, name in ((c["stop_btn"], "stop"), (c["save_btn"], "save"), (c["sample_btn"], "sample")):
         btn.click(guarded(_command_handler(s, name), [c["form_status"]], c["form_status"]), [c["followed"]],
                   [c["form_status"]])
     c["timer"].tick(render, [c["followed"], c["sent"]], view_outputs, show_progress="hidden")
-    c["follow_btn"].click(lambda name: (name, {}), [c["picked"]], [c["followed"], c["sent"]]).then(
+    # a run picked with Follow stays in view; one followed because it trained gives way to the next that trains
+    c["follow_btn"].click(lambda name: (name, {"pinned": name}), [c["picked"]], [c["followed"], c["sent"]]).then(
         render, [c["followed"], c["sent"]], view_outputs)
     demo.load(lambda: (_active_name(s), {}), None, [c["followed"], c["sent"]]).then(
         render, [c["followed"], c["sent"]], view_outputs)
-    log_source = [c["followed"]]
-    c["log_btn"].click(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
-    c["log_box"].expand(lambda f: V.read_log(followed_dir(s, f)), log_source, [c["log"]])
+    log_source = [c["followed"], c["sent"]]
+    c["log_btn"].click(lambda f, sent: V.read_log(followed_dir(s, f, _pinned(f, sent))), log_source, [c["log"]])
+    c["log_box"].expand(lambda f, sent: V.read_log(followed_dir(s, f, _pinned(f, sent))), log_source, [c["log"]])
+
+
+def _pinned(followed: str | None, sent: dict | None) -> bool:
+    return bool(followed) and (sent or {}).get("pinned") == followed
 
 
 def _command_handler(settings: AppSettings, name: str):
