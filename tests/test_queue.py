@@ -284,3 +284,150 @@ def test_notifications_never_fail_the_queue(tmp_path, monkeypatch, webhook):
     assert desktop_command("t", "x", "Linux")[0] == ["notify-send", "--app-name=loradesk", "t", "x"]
     train = QueueJob(id="a", kind="train", name="a", order=1, config={"notify": {"webhook_url": url}})
     assert _job_webhooks(train) == [url]  # a job's own notify.webhook_url, beside the runner's --webhook
+
+
+# ---- review findings: nothing runs twice, edits never race the runner, stops land ----------------------------------
+
+# A stand-in for a child that outlived its killed runner: `python -c SCRIPT -m trainer ...` has the command line the
+# runner checks (its arguments after -m), and does what the real one would, slower
+WRITES_OUT = "import pathlib, sys, time; time.sleep(1.5); pathlib.Path(sys.argv[-1]).write_bytes(b'adapter')"
+TRAINS_LATE = """import sys, time
+from trainer.events import EventLog, Finished, Started
+from trainer.runlock import holding
+time.sleep(1.5)  # Python still starting: the run's lock not taken yet
+run_dir = sys.argv[-1]
+with holding(run_dir):
+    log = EventLog(run_dir + '/events.jsonl')
+    log(Started(run_dir=run_dir, total_steps=2))
+    log(Finished(step=2, adapter_path=run_dir + '/window.safetensors'))
+"""
+
+
+def outlived(script, *argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_a_command_whose_runner_was_killed_is_waited_for_not_started_again(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out.safetensors"
+    argv = ["export", str(tmp_path / "run"), "--out", str(out)]
+    job = new_job(runs, "export", out.name, argv=argv, cwd=str(tmp_path))
+    child = outlived(WRITES_OUT, "-m", "trainer", *argv)
+    try:
+        update_job(runs, job.id, state="running", started_at=time.time(), child_pid=child.pid)
+        said = []
+        assert run_queue(runs, say=said.append) == 0, said
+        assert child.poll() is not None  # waited for: it ended before the runner recorded the job
+    finally:
+        child.kill()
+        child.wait()
+    done = jobs_by_id(runs)[job.id]
+    assert done.state == "done" and str(out) in done.message, done
+    assert any("waiting for it" in line for line in said), said
+    assert not (runs / "queue" / f"{job.id}.log").exists()  # no second child was started
+
+
+def test_a_recorded_child_counts_only_while_it_is_ours(tmp_path):
+    from trainer.queue.runner import child_alive, orphan_command_outcome
+    runs = tmp_path / "runs"
+    out = tmp_path / "o.safetensors"
+    job = new_job(runs, "export", "o", argv=["export", "r", "--out", str(out)], cwd=str(tmp_path))
+    child = outlived("import time; time.sleep(30)", "-m", "trainer", *job.argv)
+    try:
+        assert child_alive(update_job(runs, job.id, child_pid=child.pid))
+        if Path("/proc/self/cmdline").exists():  # the pid given to another program (here: pytest) is not ours
+            assert not child_alive(update_job(runs, job.id, child_pid=os.getpid()))
+    finally:
+        child.kill()
+        child.wait()
+    assert not child_alive(update_job(runs, job.id, child_pid=child.pid))
+    job = update_job(runs, job.id, started_at=time.time() - 5)
+    assert orphan_command_outcome(runs, job) is None  # no output: it ran again (each command writes atomically)
+    out.write_bytes(b"x")
+    assert orphan_command_outcome(runs, job)[0] == "done"
+    caption = new_job(runs, "caption", "caption", argv=["caption", "d", "--model", "m"], cwd=str(tmp_path))
+    assert orphan_command_outcome(runs, caption) is None  # it writes only the captions still missing
+    caption = new_job(runs, "caption", "caption", argv=["caption", "d", "--model", "m", "--overwrite"])
+    state, message = orphan_command_outcome(runs, caption)
+    assert state == "failed" and f"queue resume {caption.id}" in message and f"{caption.id}.log" in message
+
+
+def test_a_training_child_killed_runner_left_before_it_took_the_run_lock_is_waited_for(tiny_model_dir, image_dir,
+                                                                                      tmp_path, capsys):
+    from trainer import config as C
+    from trainer.runs import create_run_dir
+    runs = tmp_path / "runs"
+    job_id = add(capsys, *add_args(tiny_model_dir, image_dir, runs, "schedule.max_steps=2", "run.name=window"))
+    run_dir = create_run_dir(C.from_dict(jobs_by_id(runs)[job_id].config))
+    child = outlived(TRAINS_LATE, "-m", "trainer.job", str(run_dir))  # started; no lock, no event yet
+    try:
+        update_job(runs, job_id, state="running", run_dir=str(run_dir), started_at=time.time(), child_pid=child.pid)
+        said = []
+        assert run_queue(runs, say=said.append) == 0, said
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0  # it trained undisturbed (a second child would have taken its lock)
+    job = jobs_by_id(runs)[job_id]
+    assert job.state == "done" and "window.safetensors" in job.message, job
+    assert not (run_dir / "train.log").exists()  # the runner started no child of its own
+
+
+def test_a_move_while_the_runner_picks_its_next_job_is_seen_whole(tmp_path, monkeypatch):
+    from trainer.queue import runner
+    from trainer.queue.store import editing, write_job
+    runs = tmp_path / "runs"
+    a, b, c = (new_job(runs, "export", n, argv=["export", n, "--out", "o"]) for n in "abc")
+    ran = []
+    monkeypatch.setattr(runner, "_run_command",
+                        lambda runs_dir, job, orphan, control: (ran.append(job.id) or "done", "", {"run": job.name}))
+    thread = threading.Thread(target=lambda: run_queue(runs, say=lambda line: None))
+    with editing(runs):  # a move of c to the front, caught between its writes: c and a both first
+        c.order = 1
+        write_job(runs, c)
+        thread.start()
+        time.sleep(0.5)  # the runner reads the queue now, unless it waits for the edit lock
+        for order, job in ((2, a), (3, b)):
+            job.order = order
+            write_job(runs, job)
+    thread.join(30)
+    assert ran == [c.id, a.id, b.id]
+
+
+def test_a_sigterm_between_starting_a_child_and_waiting_for_it_stops_the_child(tmp_path, monkeypatch):
+    assert threading.current_thread() is threading.main_thread()  # else run_queue leaves SIGTERM alone: fatal here
+    runs = tmp_path / "runs"
+    first, second = (new_job(runs, "export", n, argv=["export", n, "--out", str(tmp_path / n)]) for n in "ab")
+    real_popen, children = subprocess.Popen, []
+
+    def popen(cmd, **kwargs):  # a child that stops on SIGINT (as a command does), then SIGTERM at the worst moment
+        children.append(real_popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGINT, "
+                                    "lambda *a: sys.exit(130)); time.sleep(60)"], **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return children[-1]
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    try:
+        code = run_queue(runs, say=lambda line: None)
+    except KeyboardInterrupt:
+        pytest.fail("the SIGTERM escaped the runner; its child was left running")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    assert code == 130 and children[0].returncode != 0  # told to stop (maybe while Python started), it ended
+    jobs = jobs_by_id(runs)
+    assert jobs[first.id].state == "stopped" and jobs[second.id].state == "queued"
+
+
+def test_queue_add_names_the_folder_and_how_to_run_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    export = ["export", str(tmp_path / "r"), "--out", str(tmp_path / "o.safetensors")]
+    add(capsys, "queue", "add", *export)
+    assert main(["queue", "add", *export]) == 0
+    out = capsys.readouterr().out
+    assert f"in {tmp_path / 'runs' / 'queue'}" in out and "--runs-dir" not in out  # the default: `queue run` finds it
+    other = tmp_path / "other runs"
+    assert main(["queue", "add", "--runs-dir", str(other), *export]) == 0
+    out = capsys.readouterr().out
+    assert f"in {other / 'queue'}" in out and f"python -m trainer queue run --runs-dir '{other}'" in out, out

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shlex
 import sys
 import time
+from pathlib import Path
 
 from trainer import (TrainConfig, UserError, list_queue, move_job, queue_command, queue_train, remove_job,
-                     resolve_config, resume_job, run_queue, stop_job)
+                     resolve_config, resume_job, run_queue, runner_argv, stop_job)
 
 DEFAULT_RUNS_DIR = TrainConfig().saving.runs_dir
 
@@ -72,15 +74,31 @@ def cmd_add(args, sub) -> int:
         if args.config or args.set or args.name:
             raise UserError("queue add takes either --config/--set/--name (a training) or a command, not both")
         check_command(sub, args.command)
-        job = queue_command(args.command, _runs_dir(args))
+        runs_dir = _runs_dir(args)
+        job = queue_command(args.command, runs_dir)
     else:
         overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])
         cfg = resolve_config(args.config, overrides)  # what `train` trains, so the same config is checked
-        job = queue_train(cfg, source=args.config, runs_dir=args.runs_dir,
+        runs_dir = args.runs_dir or cfg.saving.runs_dir
+        job = queue_train(cfg, source=args.config, runs_dir=runs_dir,
                           argv=[*(["--config", args.config] if args.config else []),
                                 *[x for o in overrides for x in ("--set", o)]])
-    print(f"queued {job.id}: {job.kind} {job.name}")
+    print(f"queued {job.id} ({job.kind} {job.name}) in {_where(runs_dir)}")
     return 0
+
+
+def _where(runs_dir) -> str:
+    """The queue's folder, and the command that runs it when plain `queue run` (./runs) would look elsewhere: a
+    training is queued in its config's saving.runs_dir, which need not be the folder `queue run` reads."""
+    folder = _resolved(runs_dir)
+    run = "python -m trainer queue run" + ("" if folder == _resolved(DEFAULT_RUNS_DIR) else
+                                           f" --runs-dir {shlex.quote(folder)}")
+    return f"{Path(folder) / 'queue'}; run it: {run}"
+
+
+def _resolved(runs_dir) -> str:
+    argv = runner_argv(runs_dir)  # the public API's absolute form of the folder (expanded ~, resolved)
+    return argv[argv.index("--runs-dir") + 1]
 
 
 def check_command(sub, argv: list[str]) -> None:

@@ -4,10 +4,18 @@ A child process per job, as ai-toolkit's and SimpleTuner's queues do: a crash, a
 that child's exit, recorded with its message, and the next job starts in a clean process. The queue is read again
 before every job, so a move or a remove made while a job runs decides what runs next.
 
-Nothing runs twice, whatever is killed when: a training job records its run folder before its child starts; a
-runner that starts finds any job still marked running (its runner was killed) and either records how that run
-ended, waits for a child that outlived its runner (the run's lock, trainer/runlock.py), or resumes it from its last
-checkpoint (`python -m trainer train --resume RUN_DIR`). Only then does it take the next queued job.
+Nothing runs twice, whatever is killed when: a training job records its run folder before its child starts, and
+every job records its child's pid right after. A runner that starts finds any job still marked running (its runner
+was killed) and first waits while that job's child lives (its recorded pid, checked to be still ours, and for a
+training the run's lock, trainer/runlock.py); then it records how the job ended (a training: from its run's events;
+an export or blend: from its output file) or runs it again (a training resumes from its last checkpoint, `python -m
+trainer train --resume RUN_DIR`). Only then does it take the next queued job. The one moment left uncovered is the
+few milliseconds between starting a child and recording its pid.
+
+Why the pid and not the run's lock taken before the child starts and handed to it (pass_fds, as
+trainer/distributed.py does for torchrun): exports, blends and captionings have no run lock at all, and a training's
+child (trainer.job, or `train --resume` through the CLI) takes its own lock, so a hand-over would change both entry
+points; the pid covers every kind of job with code in this file alone.
 
 Lanes (one per GPU set, as ai-toolkit's queue has one worker per gpu_ids): a job's lane is its
 distributed.gpus; `queue run --gpus 0,1` runs that lane's jobs, several lanes at once; `queue run` without --gpus runs
@@ -16,7 +24,7 @@ runner dies, kill -9 included); where the OS has none (Windows) nothing stops a 
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -30,9 +38,12 @@ from .. import runs
 from ..errors import UserError
 from ..events import INTERRUPTED, Failed, Finished, Started, send_command, tail_events
 from ..job import child_env
-from ..runlock import is_held
+from ..runlock import is_held, pid_alive
 from .notify import notify_end
-from .store import QueueError, QueueJob, editing, find_job, queue_dir, read_queue, update_job, write_job
+from .store import QueueError, QueueJob, claim_next, next_job, queue_dir, update_job
+
+__all__ = ["child_alive", "lane_of", "next_job", "orphan_command_outcome", "run_queue", "runner_active",
+           "runner_lock"]
 
 try:
     import fcntl
@@ -58,7 +69,8 @@ class Control:
     warn: object = None
     webhooks: list = field(default_factory=list)
     desktop: bool = False
-    stopping: bool = False
+    stopping: bool = False  # the stop was passed on to the running job: the queue ends after it
+    stop_asked: bool = False  # SIGTERM came (set by its handler; acted on where the runner waits)
     failed: int = 0
 
     def warning(self, line: str) -> None:
@@ -120,33 +132,27 @@ def run_queue(runs_dir: str | Path, gpus: str | None = None, webhooks: list[str]
     """Run the queue (or one lane of it) until no job is left: 0, 1 if a job failed, INTERRUPTED after a stop."""
     lane = None if gpus is None else lane_of(gpus)
     control = Control(say=say, warn=warn, webhooks=list(webhooks or []), desktop=desktop)
-    with runner_lock(runs_dir, lane), _sigterm_as_interrupt():
+    with runner_lock(runs_dir, lane), _sigterm_as_flag(control):
         named: set[str] = set()
-        while not control.stopping:
-            jobs, damaged = read_queue(runs_dir)  # again before every job: moves and removes count
+        while not (control.stopping or control.stop_asked):
+            job, orphan, damaged = claim_next(runs_dir, lane)  # again before every job: moves and removes count
             for line in damaged:
                 if line not in named:
                     named.add(line)
                     control.warning(f"warning: {line}")
-            job = next_job(jobs, lane)
             if job is None:
                 return 1 if control.failed else 0
-            _run_one(runs_dir, job, control)
+            _run_one(runs_dir, job, orphan, control)
     return INTERRUPTED
 
 
-def next_job(jobs: list[QueueJob], lane: str | None) -> QueueJob | None:
-    """A job left running by a killed runner first (it resumes), then the first queued job of the lane."""
-    mine = [j for j in jobs if lane is None or j.lane == lane]
-    return next((j for j in mine if j.state == "running"), None) or next((j for j in mine if j.state == "queued"),
-                                                                        None)
-
-
 @contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (the app stopping the queue) is a Ctrl+C: the running job stops after its step, then the queue."""
+def _sigterm_as_flag(control: Control):
+    """SIGTERM (the app stopping the queue) stops the running job after its step, then the queue. The handler
+    only sets a flag: raised as an exception it could land anywhere, between starting a child and waiting for it
+    say, and leave that child running unstopped; the loops that wait act on the flag."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        control.stop_asked = True
     try:
         old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (a test, an embedding program): leave signals alone
@@ -158,18 +164,15 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _run_one(runs_dir, job: QueueJob, control: Control) -> None:
-    claimed = _claim(runs_dir, job)
-    if claimed is None:
-        return
-    job, orphan = claimed
+def _run_one(runs_dir, job: QueueJob, orphan: bool, control: Control) -> None:
     control.say(f"job {job.id} ({job.kind} {job.name}): " + ("taken over from a runner that ended" if orphan
                                                               else "started"))
     try:
+        _wait_for_child(job, control)  # a child that outlived a killed runner: let it end, never start a second
         if job.kind == "train":
             state, message, payload = _run_train(runs_dir, job, orphan, control)
         else:
-            state, message, payload = _run_command(runs_dir, job, control)
+            state, message, payload = _run_command(runs_dir, job, orphan, control)
     except (UserError, OSError) as e:  # its config no longer loads, a full disk while creating its run folder
         state, message, payload = "failed", str(e).splitlines()[0], {"run": job.name}
     control.failed += state == "failed"
@@ -181,23 +184,6 @@ def _run_one(runs_dir, job: QueueJob, control: Control) -> None:
     for line in notify_end({**payload, "state": state}, control.webhooks + _job_webhooks(job),
                            control.desktop or _job_desktop(job)):
         control.warning(line)
-
-
-def _claim(runs_dir, job: QueueJob) -> tuple[QueueJob, bool] | None:
-    """Mark the job running, unless it was removed or changed since the queue was read: (the job, whether it
-    was marked running already, i.e. left so by a runner that was killed)."""
-    with editing(runs_dir):
-        try:
-            fresh = find_job(runs_dir, job.id)
-        except QueueError:
-            return None
-        if fresh.state not in ("queued", "running"):
-            return None
-        orphan = fresh.state == "running"
-        claimed = dataclasses.replace(fresh, state="running", message="", attempts=fresh.attempts + 1,
-                                      started_at=fresh.started_at if orphan else time.time())
-        write_job(runs_dir, claimed)
-        return claimed, orphan
 
 
 def _job_webhooks(job: QueueJob) -> list[str]:
@@ -215,7 +201,6 @@ def _run_train(runs_dir, job: QueueJob, orphan: bool, control: Control) -> tuple
     run_dir = Path(job.run_dir) if job.run_dir and runs.is_run_dir(job.run_dir) else None
     cmd = None
     if run_dir is not None:
-        _wait_while_training(run_dir, control)  # a child that outlived a killed runner: let it end
         if orphan and _last_attempt(run_dir)[1]:
             return _train_outcome(job, run_dir, None)  # it ended while no runner watched
         if runs.resumable_checkpoint(run_dir)[0] is not None:
@@ -232,13 +217,6 @@ def _run_train(runs_dir, job: QueueJob, orphan: bool, control: Control) -> tuple
         cmd = [sys.executable, "-m", "trainer.job", str(run_dir)]
     rc = _spawn_and_wait(runs_dir, job, cmd, run_dir / "train.log", None, run_dir, control)
     return _train_outcome(job, run_dir, rc)
-
-
-def _wait_while_training(run_dir: Path, control: Control) -> None:
-    if is_held(run_dir):
-        control.say(f"run {run_dir.name} is still training from before this runner started; waiting for it")
-    while is_held(run_dir):
-        time.sleep(POLL_S)
 
 
 def _last_attempt(run_dir: Path) -> tuple[list, bool]:
@@ -267,21 +245,96 @@ def _train_outcome(job: QueueJob, run_dir: Path, rc: int | None) -> tuple[str, s
 
 # ---- export / blend / caption jobs ---------------------------------------------------------------------------------
 
-def _run_command(runs_dir, job: QueueJob, control: Control) -> tuple[str, str, dict]:
+def _run_command(runs_dir, job: QueueJob, orphan: bool, control: Control) -> tuple[str, str, dict]:
     """`python -m trainer <argv>` in the folder it was added from; its output in queue/<id>.log. Each of these
     commands writes its file atomically, so one killed midway is simply run again."""
     log = queue_dir(runs_dir) / f"{job.id}.log"
-    rc = _spawn_and_wait(runs_dir, job, [sys.executable, "-m", "trainer", *job.argv], log, job.cwd or None, None,
-                         control)
     out = job.argv[job.argv.index("--out") + 1] if "--out" in job.argv[:-1] else None
     payload = {"run": job.name, "adapter": out, "best_val_loss": None}
+    ended = orphan_command_outcome(runs_dir, job) if orphan else None
+    if ended is not None:
+        return (*ended, payload)
+    rc = _spawn_and_wait(runs_dir, job, [sys.executable, "-m", "trainer", *job.argv], log, job.cwd or None, None,
+                         control)
     if rc == 0:
         return "done", last_line(log), payload
     state = "stopped" if rc == INTERRUPTED or control.stopping else "failed"
     return state, last_line(log) or f"exit code {rc}", payload
 
 
+def orphan_command_outcome(runs_dir, job: QueueJob) -> tuple[str, str] | None:
+    """How a command that ran while its runner was killed ended, where its files tell: (state, message), or None
+    to run it again. Its exit code is lost with the runner. An export or blend writes its --out file atomically, so
+    a file written since the job started means it finished, and no such file means it did not (a run again writes
+    it once). A captioning without --overwrite writes only the captions still missing, so running it again does
+    the rest; with --overwrite, whether it wrote them all is unknown and the user decides."""
+    if job.kind == "caption":
+        if "--overwrite" not in job.argv:
+            return None
+        log = queue_dir(runs_dir) / f"{job.id}.log"
+        return "failed", (f"its runner was killed while it ran, so whether it captioned every image is unknown (its "
+                          f"output: {log}); `python -m trainer queue resume {job.id}` runs it again")
+    if "--out" not in job.argv[:-1]:
+        return None
+    out = Path(job.cwd or ".") / job.argv[job.argv.index("--out") + 1]  # an absolute --out stays itself
+    try:
+        written = out.stat().st_mtime >= job.started_at - 1.0  # a second for coarse file-system clocks
+    except OSError:
+        return None
+    return ("done", f"wrote {out} (it ended while no runner watched)") if written else None
+
+
 # ---- the child ------------------------------------------------------------------------------------------------------
+
+def child_alive(job: QueueJob) -> bool:
+    """Whether the job's recorded child still runs. A pid alone is not enough: once that process ended, the OS may
+    give its number to any other program, so where /proc exists the process must also be running this job (its
+    command line after -m). Without /proc (macOS, Windows) the pid is all there is to go on."""
+    if job.child_pid <= 0 or not pid_alive(job.child_pid):  # pid_alive: a zombie counts as ended
+        return False
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        cmd = Path(f"/proc/{job.child_pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:  # it ended meanwhile
+        return False
+    if "-m" not in cmd[:-1]:
+        return False
+    module, args = cmd[cmd.index("-m") + 1], [a for a in cmd[cmd.index("-m") + 2:] if a]
+    if job.kind == "train":  # trainer.job RUN_DIR, or train --resume RUN_DIR
+        return module in ("trainer", "trainer.job") and bool(job.run_dir) and job.run_dir in args
+    return module == "trainer" and args == job.argv
+
+
+def _wait_for_child(job: QueueJob, control: Control) -> None:
+    """Wait while a child of an earlier runner still runs this job: its recorded pid, and for a training the run's
+    lock (held from the child's first second, so the pid covers only the moment before it), passing a SIGTERM's
+    stop on to it."""
+    run_dir = job.run_dir if job.kind == "train" and job.run_dir else None
+
+    def busy() -> bool:
+        return child_alive(job) or bool(run_dir and is_held(run_dir))
+    if not busy():
+        return
+    control.say(f"job {job.id}: its process from before this runner started still runs; waiting for it")
+    while busy():
+        if control.stop_asked and not control.stopping:
+            _pass_stop(job, run_dir, lambda: child_alive(job) and os.kill(job.child_pid, signal.SIGINT), control)
+        time.sleep(POLL_S)
+
+
+def _pass_stop(job: QueueJob, run_dir, interrupt, control: Control) -> None:
+    """Stop the running job after its step (a training: its stop command; a command: a Ctrl+C), then the queue."""
+    control.stopping = True
+    control.say(f"stopping: job {job.id} stops after its current step, then the queue stops")
+    if run_dir is not None:
+        send_command(run_dir, "stop")
+        return
+    try:
+        interrupt()
+    except (OSError, ValueError):  # it ended meanwhile; ValueError: a signal this OS cannot send
+        pass
+
 
 def _spawn_and_wait(runs_dir, job: QueueJob, cmd: list[str], log: Path, cwd, run_dir, control: Control) -> int:
     """Run the child in the runner's process group (a Ctrl+C in the terminal reaches both; killing the group kills
@@ -296,16 +349,14 @@ def _spawn_and_wait(runs_dir, job: QueueJob, cmd: list[str], log: Path, cwd, run
     except QueueError:
         pass  # its file deleted by hand meanwhile: the child still runs, and is waited for
     while True:
+        if control.stop_asked and not control.stopping:  # a SIGTERM, perhaps before this child even existed
+            _pass_stop(job, run_dir, lambda: process.send_signal(signal.SIGINT), control)
         try:
-            return process.wait()
-        except KeyboardInterrupt:  # Ctrl+C (the child got it too) or SIGTERM (it did not): stop after its step
-            if not control.stopping:
-                control.stopping = True
-                control.say(f"stopping: job {job.id} stops after its current step, then the queue stops")
-                if run_dir is not None:
-                    send_command(run_dir, "stop")
-                else:
-                    process.send_signal(signal.SIGINT)
+            return process.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # Ctrl+C in the terminal (the child got it too): stop after its step
+            control.stop_asked = True
 
 
 def last_line(path: Path) -> str:

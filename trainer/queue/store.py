@@ -47,7 +47,7 @@ class QueueJob:
     lane: str = ""  # the GPU set (distributed.gpus, normalised: "0,1"); "" = the default device
     message: str = ""  # why it failed or stopped, or what it wrote
     run_dir: str = ""  # train: its run folder, once created (a resume continues it)
-    child_pid: int = 0  # the process running it (for the app; liveness is read from the run's lock)
+    child_pid: int = 0  # the process running it: a runner that takes the job over waits while it lives
     added_at: float = 0.0
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -183,6 +183,30 @@ def move_job(runs_dir: str | Path, job_id: str, to: int) -> list[QueueJob]:
                 j.order = order
                 write_job(runs_dir, j)
         return others + waiting
+
+
+def next_job(jobs: list[QueueJob], lane: str | None) -> QueueJob | None:
+    """A job left running by a killed runner first (it resumes), then the first queued job of the lane."""
+    mine = [j for j in jobs if lane is None or j.lane == lane]
+    return next((j for j in mine if j.state == "running"), None) or next((j for j in mine if j.state == "queued"),
+                                                                        None)
+
+
+def claim_next(runs_dir: str | Path, lane: str | None) -> tuple[QueueJob | None, bool, list[str]]:
+    """Read the queue, pick the lane's next job and mark it running, all under the edit lock: a move rewrites
+    several files one at a time, and a read between two of them would see two jobs with the same order and could
+    pick the wrong one. (the claimed job or None, whether it was marked running already, i.e. left so by a killed
+    runner, the damaged-file lines)."""
+    with editing(runs_dir):
+        jobs, damaged = read_queue(runs_dir)
+        job = next_job(jobs, lane)
+        if job is None:
+            return None, False, damaged
+        orphan = job.state == "running"
+        job = dataclasses.replace(job, state="running", message="", attempts=job.attempts + 1,
+                                  started_at=job.started_at if orphan else time.time())
+        write_job(runs_dir, job)
+        return job, orphan, damaged
 
 
 def remove_job(runs_dir: str | Path, job_id: str) -> QueueJob:
