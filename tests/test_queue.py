@@ -16,7 +16,7 @@ import pytest
 
 from trainer import list_queue, move_job, remove_job, resume_job, run_queue, runner_argv, stop_job
 from trainer.__main__ import main
-from trainer.events import Started, read_events
+from trainer.events import Finished, Started, read_events
 from trainer.queue import QueueError
 from trainer.queue.notify import desktop_command, notify_end
 from trainer.queue.runner import _job_webhooks, next_job, runner_lock
@@ -431,3 +431,29 @@ def test_queue_add_names_the_folder_and_how_to_run_it(tmp_path, capsys, monkeypa
     assert main(["queue", "add", "--runs-dir", str(other), *export]) == 0
     out = capsys.readouterr().out
     assert f"in {other / 'queue'}" in out and f"python -m trainer queue run --runs-dir '{other}'" in out, out
+
+
+def test_the_queue_waits_for_a_run_started_outside_it_and_starts_from_any_folder(tiny_model_dir, image_dir,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """Start (the app) or `train` began a training between two queued jobs: one device, one job, so the queue's
+    next job waits for it. start_runner launches the runner as its own process from any working folder."""
+    from trainer import TrainConfig, apply_overrides, runner_active, start_run, start_runner
+    runs = tmp_path / "runs"
+    sets = [f"model.path={tiny_model_dir}", f"dataset.path={image_dir}", f"saving.runs_dir={runs}", *BASE]
+    outside = start_run(apply_overrides(TrainConfig(), [*sets, "schedule.max_steps=40", "run.name=outside"]))
+    job = add(capsys, *add_args(tiny_model_dir, image_dir, runs, "schedule.max_steps=2", "run.name=queued"))
+    monkeypatch.chdir(tmp_path)  # not the repository: the runner must still find this trainer package
+    runner = start_runner(runs)
+    try:
+        assert wait_for(lambda: runner_active(runs), timeout=60)
+        assert outside.process.wait(timeout=600) == 0
+        assert runner.wait(timeout=600) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    queued = jobs_by_id(runs)[job]
+    ended = {e.time for e in read_events(outside.run_dir / "events.jsonl") if isinstance(e, Finished)}
+    began = {e.time for e in read_events(Path(queued.run_dir) / "events.jsonl") if isinstance(e, Started)}
+    assert queued.state == "done" and min(began) >= max(ended)  # it waited for the outside run to end
+    log = (runs / "queue-runner.log").read_text(encoding="utf-8")
+    assert "outside" in log and "training" in log, log

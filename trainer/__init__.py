@@ -49,7 +49,8 @@ The job queue (RUNS_DIR/queue/, one JSON file per job; `python -m trainer queue 
   queue_train(cfg) (checked as train checks it), queue_command(argv, runs_dir) (export, blend, caption) -> QueueJob,
   list_queue(runs_dir) -> (jobs in order, damaged-file lines), move_job(runs_dir, id, to), remove_job(),
   resume_job() (a stopped, failed or killed job again, from its checkpoint), stop_job(), QueueError,
-  run_queue(runs_dir, gpus) (the runner, in this process), runner_argv(runs_dir, gpus) (the command that starts it
+  run_queue(runs_dir, gpus) (the runner, in this process), start_runner(runs_dir, gpus) (it, as its own process,
+  its output in RUNNER_LOG), runner_argv(runs_dir, gpus) (the command that starts it
   as its own process), runner_active(runs_dir)
 Files
   atomic_path(), write_text_atomic(), write_json_atomic(), save_image_atomic()
@@ -110,7 +111,8 @@ _EXPORTS = {
                      "CaptionReport", "CaptionError"], "caption"), "CAPTIONER_MEMORY": "caption:MEMORY_HELP",
     # the job queue
     **dict.fromkeys(["QueueJob", "QueueError", "queue_train", "queue_command", "list_queue", "move_job", "remove_job",
-                     "resume_job", "stop_job", "run_queue", "runner_active", "runner_argv"], "queue"),
+                     "resume_job", "stop_job", "run_queue", "runner_active", "runner_argv", "start_runner",
+                     "RUNNER_LOG"], "queue"),
     # files
     **dict.fromkeys(["atomic_path", "write_text_atomic", "write_json_atomic", "save_image_atomic"], "atomic"),
 }

@@ -2,7 +2,7 @@
 job's progress; start the queue, move a job, remove, resume or stop one.
 
 The queue is the engine's (trainer.list_queue and friends); this tab only shows it and passes buttons on. The runner
-(`python -m trainer queue run`, trainer.runner_argv) is its own process in its own session, like a training the
+(`python -m trainer queue run`, trainer.start_runner) is its own process in its own session, like a training the
 Train tab starts: the app may close and reopen and the queue goes on; runner_active tells a fresh page it runs.
 Jobs are added from the Train tab ("Add to queue"); the Train tab's live view follows the job that trains.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import (UserError, active_run, list_queue, move_job, remove_job, resume_job, run_info, runner_active,
-                     runner_argv, stop_job)
+from trainer import (RUNNER_LOG, UserError, active_run, list_queue, move_job, remove_job, resume_job, run_info,
+                     runner_active, start_runner, stop_job)
 
 from ..errors import AppError, guarded
-from ..settings import REPO_ROOT, AppSettings
+from ..settings import AppSettings
 
 HELP = ("### Queue\nJobs wait here in order and run one after another, each in its own process, even after the app "
         "or the computer restarts (the queue lives in the runs folder). Add a training with **Add to queue** in the "
@@ -26,7 +26,6 @@ HELP = ("### Queue\nJobs wait here in order and run one after another, each in i
         "A stopped or failed job can be resumed from its last checkpoint.")
 HEADERS = ["#", "job", "state", "kind", "name", "progress", "message"]
 REFRESH_S = 3.0
-RUNNER_LOG = "queue-runner.log"  # beside the run folders: what the runner printed (its jobs' ids and ends)
 # the CLI's exit code for a user error (another runner holds the queue, a bad folder); 1 is a job that failed,
 # after the runner ran
 CANNOT_START = 2
@@ -103,14 +102,7 @@ def start_queue(settings: AppSettings, wait_s: float = RUNNER_START_S) -> str:
 
 
 def _spawn_runner(runs_dir: Path) -> subprocess.Popen:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir / RUNNER_LOG, "ab") as log:
-        # its own session: a Ctrl+C in the app's terminal, or the app closing, leaves it running (as trainer's
-        # start_run does for a training, trainer/job.py _spawn). From the repository folder `python -m trainer`
-        # finds this trainer package, as tests/test_queue.py runs it; every path the runner uses is absolute
-        # (runner_argv's runs folder, each job's resolved config, a command job's own folder).
-        process = subprocess.Popen(runner_argv(runs_dir), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
+    process = start_runner(runs_dir)  # its own session: a closed app or a Ctrl+C in its terminal leaves it running
     _runners.append(process)
     return process
 

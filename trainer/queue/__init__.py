@@ -73,6 +73,21 @@ def stop_job(runs_dir: str | Path, job_id: str) -> QueueJob:
     return job
 
 
+RUNNER_LOG = "queue-runner.log"  # beside the run folders: what a runner started by start_runner printed
+
+
+def start_runner(runs_dir: str | Path, gpus: str | None = None):
+    """Start `queue run` as its own process in its own session (it outlives the app and a Ctrl+C in its terminal,
+    as a training started by start_run does), from any working folder, its output appended to RUNNER_LOG."""
+    import subprocess
+    from ..job import child_env
+    folder = queue_dir(runs_dir).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / RUNNER_LOG, "ab") as log:
+        return subprocess.Popen(runner_argv(folder, gpus), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True)
+
+
 def runner_argv(runs_dir: str | Path, gpus: str | None = None) -> list[str]:
     """The command that works through the queue in its own process (the app starts it, like a training)."""
     return [sys.executable, "-m", "trainer", "queue", "run", "--runs-dir", str(queue_dir(runs_dir).parent),

@@ -40,7 +40,7 @@ from ..events import INTERRUPTED, Failed, Finished, Started, send_command, tail_
 from ..job import child_env
 from ..runlock import is_held, pid_alive
 from .notify import notify_end
-from .store import QueueError, QueueJob, claim_next, next_job, queue_dir, update_job
+from .store import QueueError, QueueJob, claim_next, next_job, queue_dir, read_queue, update_job
 
 __all__ = ["child_alive", "lane_of", "next_job", "orphan_command_outcome", "run_queue", "runner_active",
            "runner_lock"]
@@ -135,6 +135,7 @@ def run_queue(runs_dir: str | Path, gpus: str | None = None, webhooks: list[str]
     with runner_lock(runs_dir, lane), _sigterm_as_flag(control):
         named: set[str] = set()
         while not (control.stopping or control.stop_asked):
+            _wait_while_a_run_trains_outside(runs_dir, lane, control)
             job, orphan, damaged = claim_next(runs_dir, lane)  # again before every job: moves and removes count
             for line in damaged:
                 if line not in named:
@@ -144,6 +145,24 @@ def run_queue(runs_dir: str | Path, gpus: str | None = None, webhooks: list[str]
                 return 1 if control.failed else 0
             _run_one(runs_dir, job, orphan, control)
     return INTERRUPTED
+
+
+def _wait_while_a_run_trains_outside(runs_dir, lane: str | None, control: Control) -> None:
+    """A training started outside the queue (the app's Start, `train`) between two jobs has the device: one device,
+    one job, so the next job waits for it. (Lanes run on their own GPU sets: only the whole-queue runner waits.)"""
+    from ..job import active_run  # (torch-free, but job.py is large: queue list and add need none of it)
+    said = False
+    while lane is None and not (control.stopping or control.stop_asked):
+        busy = active_run(runs_dir)
+        jobs, _ = read_queue(runs_dir)
+        ours = {str(Path(j.run_dir).resolve()) for j in jobs if j.run_dir}
+        if busy is None or str(busy.run_dir.resolve()) in ours or next_job(jobs, lane) is None:
+            return
+        if not said:
+            control.say(f"waiting: run {busy.run_dir.name} is training, started outside the queue (one device, "
+                        f"one job)")
+            said = True
+        time.sleep(1.0)
 
 
 @contextmanager
