@@ -239,15 +239,16 @@ def test_missing_and_damaged_files_are_named(tmp_path):
 
 
 def test_unknown_keys_are_listed(tmp_path):
-    tensors = {f"lora_unet_block_{i}.hada_w1_a": torch.zeros(2, 2) for i in range(12)}
-    tensors.update({f"lora_unet_block_{i}.hada_w1_b": torch.zeros(2, 2) for i in range(12)})
+    # LyCORIS's OFT keys: a LyCORIS algorithm loradesk does not read (LoHa/LoKr it reads: test_lycoris_files.py)
+    tensors = {f"lora_unet_block_{i}.oft_blocks": torch.zeros(2, 2) for i in range(12)}
+    tensors.update({f"lora_unet_block_{i}.oft_diag": torch.zeros(2, 2) for i in range(12)})
     tensors[f"{Q}.lora_down.weight"], tensors[f"{Q}.lora_up.weight"] = torch.zeros(4, 64), torch.zeros(64, 4)
     path = write(tmp_path / "loha.safetensors", tensors)
     with pytest.raises(AdapterFormatError) as info:
         load_adapter(path)
     message = str(info.value)
     assert str(path) in message and "24 key(s)" in message and "and 14 more" in message
-    assert message.count("hada_w1") == 10 and "LoHa" in message
+    assert message.count(".oft_") == 10 and "OFT" in message
 
 
 def test_malformed_layers_are_named(tmp_path):

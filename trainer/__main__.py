@@ -108,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a run's adapter in another format or precision")
     e.add_argument("source", metavar="RUN_DIR", help="run folder, checkpoint folder or adapter .safetensors")
-    e.add_argument("--format", choices=["auto", "kohya", "diffusers"], default="auto",
+    e.add_argument("--format", choices=["auto", "kohya", "diffusers", "lora"], default="auto",
                    help="auto: the layout the most programs load for the adapter's family (kohya for SD 1.x/2.x/SDXL, "
-                        "diffusers for SD3)")
+                        "diffusers for SD3); lora: any adapter (LoCon, LoHa, LoKr, DoRA) as a plain kohya LoRA of "
+                        "--rank R by SVD of each update, which diffusers loads too")
+    e.add_argument("--rank", type=int, metavar="R", help="with --format lora: the rank of each exported layer")
+    e.add_argument("--model", metavar="M", help="with --format lora: the base model (DoRA's update depends on its "
+                                                 "weights); default: the run's own")
     e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     e.add_argument("--out", required=True, help="output .safetensors")
     e.add_argument("--step", help="with a run folder: the checkpoint at this step, or 'best' (the lowest "
@@ -253,13 +257,27 @@ class ProgressBar:
 
 
 def cmd_export(args) -> int:
-    from trainer import adapter_file, export_adapter, run_checkpoint
+    from trainer import adapter_file, export_adapter, load_adapter, run_checkpoint
+    from trainer.formats.check import consumer_warnings
+    from trainer.formats.export import export_plain_lora
     src = adapter_file(run_checkpoint(args.source, args.step) if args.step else args.source)
+    if (args.format == "lora") != (args.rank is not None):
+        raise UserError("--rank R goes with --format lora (and --format lora needs --rank R)")
     try:
-        out = export_adapter(src, args.out, format=args.format, dtype=args.dtype)
+        if args.format == "lora":
+            # DoRA's base model defaults to the run's (found from the adapter file's folders)
+            out, report = export_plain_lora(src, args.out, args.rank, model=args.model, dtype=args.dtype)
+        else:
+            out, report = export_adapter(src, args.out, format=args.format, dtype=args.dtype), None
     except (ValueError, OSError) as e:
         raise UserError(f"cannot write {args.out}: {e}") from None
     print(f"wrote {out} ({args.dtype}) from {src}")
+    if report is not None:
+        print(f"rank {args.rank} keeps {report.kept:.2%} of the updates' norm over {report.layers} layers (the least: "
+              f"{report.worst:.2%}, {report.worst_layer})")
+    else:
+        for line in consumer_warnings(load_adapter(out)):
+            print(line)
     return 0
 
 

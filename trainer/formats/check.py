@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.lora_state import Adapter
+from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import delta_shape as layer_delta_shape
 
 from .errors import AdapterFormatError
 from .names import diffusers_aliases
@@ -12,7 +13,13 @@ Index = dict[str, tuple[str, str, nn.Module]]
 
 
 def delta_shape(layer) -> tuple[int, ...]:
-    return (layer.up.shape[0], *layer.down.shape[1:])
+    """The shape of the layer's update: a LoRA's from its factors (a Tucker core gives the kernel), LoHa's and
+    LoKr's their `shape` (else the product's own)."""
+    if isinstance(layer, LoraLayer):
+        kernel = layer.mid.shape[2:] if layer.mid is not None else layer.down.shape[2:]
+        return (layer.up.shape[0], layer.down.shape[1], *kernel)
+    return layer_delta_shape(layer)
+
 
 
 def check_against_model(adapter: Adapter, index: Index) -> None:
@@ -94,7 +101,8 @@ def made_for(adapter: Adapter, label: str = "the adapter"):
     widths), or None when nothing tells. A file whose metadata names one family and whose layers are another's
     (a blend of two families, a converter's stale metadata) is refused: no model takes both."""
     from trainer.models import family_of_adapter
-    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in adapter.layers.items()}
+    from .read import family_shapes
+    shapes = family_shapes(adapter.layers)
     by_layers = family_of_adapter(adapter.layers, shapes)
     by_metadata = family_of_adapter((), {}, adapter.metadata)
     if by_layers is not None and by_metadata is not None and by_layers is not by_metadata:  # one object a family
@@ -138,3 +146,29 @@ def check_adapter(source, model_path: str = "") -> Adapter:
         return adapter
     align_to_model(adapter, index, family_of_folder(config_folder(resolve_model_path(model_path))))
     return adapter
+
+
+def consumer_warnings(adapter: Adapter) -> list[str]:
+    """Lines saying which programs will not apply a LyCORIS adapter's file as it was trained, and the fix.
+
+    DoRA per output row (LyCORIS's and peft's default): A1111's built-in Lora normalises per input column only
+    (extensions-builtin/Lora/network.py, NetworkModule.apply_weight_decompose: merged.transpose(0, 1) norm), so an
+    [out, 1] magnitude broadcasts against [1, in] norms; ComfyUI and Forge take the axis from the shape but
+    normalise an output-row magnitude by the base weight's norm, not the merged weight's (comfy/weight_adapter/
+    base.py weight_decompose, the wd_on_output_axis branch). Per input column all three and LyCORIS agree.
+    diffusers reads neither LoHa/LoKr nor dora_scale (its kohya converter drops it)."""
+    from trainer.lora_state import dora_axis
+    dora = [layer for layer in adapter.layers.values() if layer.dora_scale is not None]
+    out_axis = sum(dora_axis(layer.dora_scale) == "out" for layer in dora)
+    lines = []
+    if out_axis:
+        lines.append(f"warning: {out_axis} DoRA layer(s) are scaled per output row: A1111 applies a DoRA magnitude "
+                     f"per input column only, and ComfyUI/Forge divide an output-row magnitude by the base weight's "
+                     f"norm, so neither draws it as trained (LyCORIS does). Fix: train with network.dora_axis=in, "
+                     f"or export --format lora --rank R (a plain LoRA by SVD, with the base model)")
+    plain_only = sorted({layer.kind for layer in adapter.layers.values() if layer.kind != "lora"})
+    if plain_only or dora:
+        what = ", ".join(plain_only + (["DoRA"] if dora else []))
+        lines.append(f"note: diffusers' load_lora_weights does not apply {what} layers; for diffusers export "
+                     f"--format lora --rank R")
+    return lines

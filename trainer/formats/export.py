@@ -1,8 +1,16 @@
-"""export_adapter: any readable LoRA re-written in our kohya or diffusers layout."""
+"""export_adapter: any readable LoRA re-written in our kohya or diffusers layout; export_plain_lora: any adapter
+(LoCon, LoHa, LoKr, DoRA) as a plain LoRA by SVD of each layer's update, for readers that take plain LoRA only
+(diffusers' load_lora_weights reads neither LoHa/LoKr nor dora_scale)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from trainer.lora_state import Adapter, LoraLayer
+
+from .errors import AdapterFormatError
 from .read import load_adapter
 from .write import family_of, has_file_layout, save_adapter
 
@@ -18,3 +26,112 @@ def export_adapter(source, out_path, format: str = "auto", dtype: str = "fp16", 
     if index is None and (format == "diffusers" or has_file_layout(family)):
         index = run_model_index(source)
     return save_adapter(adapter, out_path, format=format, dtype=dtype, index=index, family=family)
+
+
+@dataclass
+class LowRankReport:
+    """How much of the updates a rank-R export keeps: sqrt(sum of kept s^2 / sum of s^2), over all layers and the
+    worst layer."""
+    kept: float
+    worst: float
+    worst_layer: str
+    layers: int
+
+
+def export_plain_lora(source, out_path, rank: int, model: str | None = None, dtype: str = "fp16",
+                      format: str = "kohya") -> tuple[Path, LowRankReport]:
+    """Write `source`'s adapter as a plain LoRA of rank <= `rank` per layer (alpha = rank: scale 1), the best
+    rank-R approximation of each update (Eckart-Young). DoRA layers' update depends on the base weight
+    (W' - W): taken from `model`, else from the run's own base model."""
+    adapter = load_adapter(source)
+    weights = _base_weights(adapter, source, model)
+    plain, report = plain_lora(adapter, rank, weights)
+    plain.metadata = _plain_metadata(adapter.metadata, rank)
+    path = save_adapter(plain, out_path, format=format, dtype=dtype, family=family_of(adapter))
+    return path, report
+
+
+def plain_lora(adapter: Adapter, rank: int, weights: dict[str, torch.Tensor] | None = None
+               ) -> tuple[Adapter, LowRankReport]:
+    """Each layer's update (applied(W) - W for DoRA) truncated to `rank` by SVD, fp64 inside."""
+    if rank < 1:
+        raise ValueError(f"--rank must be at least 1 (got {rank})")
+    layers, total, kept, worst = {}, 0.0, 0.0, (2.0, "")
+    for name, layer in adapter.layers.items():
+        delta = _update(name, layer, weights)
+        layers[name], s, k = _truncated(delta, rank)
+        total, kept = total + float((s ** 2).sum()), kept + float((s[:k] ** 2).sum())
+        share = 1.0 if float((s ** 2).sum()) == 0 else float((s[:k] ** 2).sum() / (s ** 2).sum()) ** 0.5
+        worst = min(worst, (share, name))
+    report = LowRankReport(kept=1.0 if total == 0 else (kept / total) ** 0.5, worst=worst[0], worst_layer=worst[1],
+                           layers=len(layers))
+    return Adapter(layers=layers, metadata=dict(adapter.metadata)), report
+
+
+def _update(name: str, layer, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    if layer.dora_scale is None:
+        return layer.delta(torch.float64)
+    if not weights or name not in weights:
+        raise AdapterFormatError(f"{name} is a DoRA layer: its update depends on the base model's weight; give the "
+                                 f"base model (--model) to export it as a plain LoRA")
+    w = weights[name].double()
+    return layer.applied(w).double() - w
+
+
+def _truncated(delta: torch.Tensor, rank: int) -> tuple[LoraLayer, torch.Tensor, int]:
+    """The rank-k LoRA closest to delta (k = min(rank, its sizes)); sqrt(s) on each side keeps fp16 in range."""
+    flat = delta.reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    k = max(1, min(rank, len(s)))
+    root = s[:k].sqrt()
+    up = (u[:, :k] * root).float()
+    down = (root[:, None] * vh[:k]).float()
+    if delta.dim() == 4:  # a conv: down carries the kernel, up is 1x1 (kohya's LoCon layout)
+        down, up = down.reshape(k, *delta.shape[1:]), up.reshape(delta.shape[0], k, 1, 1)
+    return LoraLayer(down=down.contiguous(), up=up.contiguous(), alpha=float(k)), s, k
+
+
+def _base_weights(adapter: Adapter, source, model: str | None) -> dict[str, torch.Tensor] | None:
+    """kohya name -> base weight for the DoRA layers (None when there are none)."""
+    dora = [name for name, layer in adapter.layers.items() if layer.dora_scale is not None]
+    if not dora:
+        return None
+    model = model if model is not None else _run_model(source)
+    if model is None:
+        raise AdapterFormatError(f"{len(dora)} layer(s) are DoRA (e.g. {dora[0]}): their update needs the base "
+                                 f"model's weights; give it with --model")
+    from trainer.models import load_base_model
+    from .check import aligned_names
+    base = load_base_model(model)
+    index = base.module_index()
+    aligned = aligned_names(Adapter(layers={n: adapter.layers[n] for n in dora}), index)
+    missing = [n for n in aligned.layers if n not in index]
+    if missing:
+        raise AdapterFormatError(f"{len(missing)} DoRA layer(s) are not modules of {model} (e.g. {missing[0]}); "
+                                 f"give the base model the adapter was trained on")
+    by_object = {id(layer): name for name, layer in adapter.layers.items()}
+    return {by_object[id(layer)]: index[name][2].weight.detach() for name, layer in aligned.layers.items()}
+
+
+def _run_model(source) -> str | None:
+    from trainer.runs import is_run_dir, load_run_config
+    path = Path(source).resolve()
+    run_dir = next((p for p in (path, *path.parents) if is_run_dir(p)), None)
+    return None if run_dir is None else load_run_config(run_dir).model.path
+
+
+def _plain_metadata(metadata: dict[str, str], rank: int) -> dict[str, str]:
+    """The source's metadata, saying what the file now is: sd-scripts' networks.lora of rank R, alpha R."""
+    import json
+    meta = dict(metadata)
+    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                 "ss_network_alpha": str(float(rank))})
+    try:
+        args = json.loads(meta["ss_network_args"]) if "ss_network_args" in meta else None
+    except ValueError:
+        args = None
+    if isinstance(args, dict):
+        lycoris = ("algo", "conv_dim", "conv_alpha", "factor", "dora_wd", "wd_on_output", "decompose_both",
+                   "full_matrix")
+        meta["ss_network_args"] = json.dumps({k: v for k, v in args.items() if k not in lycoris})
+    return meta

@@ -24,8 +24,13 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
     network_args = {"unet_targets": net.unet_targets, "text_encoders": net.text_encoders,
                     "text_encoder_targets": net.text_encoder_targets,
                     "dropout": net.dropout, "init": net.init}
+    module = "networks.lora"
+    lycoris = lycoris_network_args(net)
+    if lycoris:
+        module = "lycoris.kohya"
+        network_args.update(lycoris)
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": module,
         "ss_network_dim": str(net.rank),
         "ss_network_alpha": str(float(net.alpha)),
         "ss_network_args": json.dumps(network_args),
@@ -64,3 +69,31 @@ def build_metadata(*, cfg, num_train_images: int, tag_frequency: dict, started_a
     }
     meta.update(family)
     return check_metadata(meta, "build_metadata")
+
+
+# network.type -> LyCORIS's algo (lycoris/kohya.py create_network: kwargs "algo", "conv_dim", "conv_alpha", "factor",
+# "dora_wd", "wd_on_output", lines 50-68)
+_ALGOS = {"locon": "locon", "loha": "loha", "lokr": "lokr", "lora": "lora"}
+
+
+def lycoris_network_args(net) -> dict[str, str]:
+    """The --network_args a LyCORIS training of this network would be given, as sd-scripts records them in
+    ss_network_args (train_network.py: json.dumps(net_kwargs), each value the string after '='); {} for plain LoRA,
+    whose metadata stays sd-scripts' networks.lora."""
+    kind, dora = getattr(net, "type", "lora"), bool(getattr(net, "dora", False))
+    if kind == "lora" and not dora:
+        return {}
+    args = {"algo": _ALGOS[kind]}
+    if kind != "lora" and getattr(net, "conv_rank", None):
+        args["conv_dim"] = str(net.conv_rank)
+        args["conv_alpha"] = str(getattr(net, "conv_alpha", net.alpha))
+    if kind == "lokr":
+        args["factor"] = str(getattr(net, "factor", -1))
+        for field in ("decompose_both", "full_matrix"):  # LyCORIS's LoKr switches, where the config has them
+            if getattr(net, field, None) is not None:
+                args[field] = str(bool(getattr(net, field)))
+    if dora:
+        args["dora_wd"] = "True"
+        # LyCORIS normalises per output row unless wd_on_output=False (kohya.py:68, modules/locon.py:116-135)
+        args["wd_on_output"] = str(getattr(net, "dora_axis", "out") != "in")
+    return args

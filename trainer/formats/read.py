@@ -13,26 +13,32 @@ from typing import Iterable
 import safetensors
 import torch
 
-from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, delta_shape
 
 from .errors import AdapterFormatError
 from .fused import split_layers
 from .layout import COMPONENTS, DENOISER_COMPONENTS, DIFFUSERS_CONFIG_KEY, shape_problem
 from .names import UNET_PREFIX, diffusers_aliases, kohya_name, normalise_kohya_name
+from .write import LAYER_TYPES, LYCORIS_KEYS, is_plain
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # OneTrainer names a denoiser that is no UNet by its component (lora_transformer_): read as kohya's lora_unet_
 _FOREIGN_PREFIXES = {f"lora_{c}_": UNET_PREFIX + "_" for c in DENOISER_COMPONENTS if f"lora_{c}" != UNET_PREFIX}
 _PREFIX_NAMES = sorted({p.removeprefix("lora_") for p in COMPONENTS} | {p[5:-1] for p in _FOREIGN_PREFIXES},
                        key=len, reverse=True)  # the longest first: te1 before te
+# LyCORIS's keys beside the plain ones (its modules' weight_list: lycoris modules/locon.py, loha.py, lokr.py)
 _KOHYA_KEY = re.compile(rf"^lora_({'|'.join(_PREFIX_NAMES)})_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|"
-                        r"alpha)$")
+                        r"alpha|lora_mid\.weight|dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2)$")
 # OneTrainer's default LoRA output (output_model_format SAFETENSORS, migrated to LEGACY_LORA: OneTrainer
 # modules/util/config/TrainConfig.py:859-864, 1044) is its "mixture" layout for SD3 (modelSaver/stableDiffusion3/
 # StableDiffusion3LoRASaver.py:14-15 -> util/convert_lora_util.py:85-103): kohya-style keys of the diffusers module
 # paths, split q/k/v, the transformer under `lora_transformer_` (the text encoders under lora_te1/2/3_ as ours).
 _DIFFUSERS_COMPONENTS = tuple(sorted({*DENOISER_COMPONENTS, *COMPONENTS.values()}, key=len, reverse=True))
-_KOHYA_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_KOHYA_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid",
+               "dora_scale": "dora_scale"}
+# LyCORIS tensor name -> (layer kind, field): the inverse of write.LYCORIS_KEYS
+_LYCORIS_FIELDS = {key: (kind, field) for kind, keys in LYCORIS_KEYS.items() if kind != "lora"
+                   for field, key in keys.items()}
 # module path + which tensor, for the layouts diffusers and peft have written over the years
 _MODULE_KEYS = [
     (re.compile(r"^(.+?)\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$"), "down"),  # peft (optionally with adapter name)
@@ -45,8 +51,8 @@ _MODULE_KEYS = [
 _OLD_PROCESSOR_KEY = re.compile(r"^(.+?)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _OLD_UNET_TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _OLD_TE_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_UNKNOWN_HINT = ("LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale), CP-decomposed conv (lora_mid) and "
-                 "full-weight diffs are not LoRA layers loradesk can read")
+_UNKNOWN_HINT = ("LyCORIS's full-weight diffs, IA3, GLoRA, OFT/BOFT and DyLoRA are not layers loradesk can read "
+                 "(it reads LoRA, LoCon, LoHa, LoKr and DoRA)")
 
 
 def load_adapter(source) -> Adapter:
@@ -74,14 +80,41 @@ def load_adapter(source) -> Adapter:
     _refuse_non_finite(layers, path)
     _refuse_zero_alphas(layers, path)
     family = _family(layers, file_meta)
+    layers = _model_shapes(layers, family)
     layers = _split_fused(layers, family, file_meta, path)
     return Adapter(layers=_original_unet_names(layers, family, file_meta), metadata=dict(file_meta))
 
 
 def _family(layers: dict[str, LoraLayer], file_meta: dict):
     from trainer.models import family_of_adapter
-    shapes = {name: tuple(layer.down.shape[:2]) for name, layer in layers.items()}
-    return family_of_adapter(layers, shapes, file_meta)
+    return family_of_adapter(layers, family_shapes(layers), file_meta)
+
+
+def family_shapes(layers: dict) -> dict[str, tuple]:
+    """name -> (rank, input width), what family_of_adapter tells families by: a LoRA's down [r, in], a LyCORIS
+    layer's rank and its update's width (as models.detect.adapter_family reads them)."""
+    return {name: tuple(layer.down.shape[:2]) if layer.kind == "lora" else (layer.rank, delta_shape(layer)[1])
+            for name, layer in layers.items()}
+
+
+def _model_shapes(layers: dict, family) -> dict:
+    """LoHa/LoKr layers of a convolution store its factors flattened ([r, in * kh * kw]), so the keys alone give a
+    2-d shape [out, in * kh * kw]: the family's standard model (its module index, from configs) says which modules
+    are convolutions and their kernel, which is the same at every model width (the tiny test models' too)."""
+    flat = [name for name, layer in layers.items()
+            if isinstance(layer, (LohaLayer, LokrLayer)) and len(layer.shape) == 2]
+    if not flat:
+        return layers
+    from trainer.models import meta_index
+    from trainer.models.detect import default_family
+    index = meta_index((family or default_family()).name)
+    for name in flat:
+        module = index.get(name, (None, None, None))[2]
+        kernel = tuple(module.weight.shape[2:]) if module is not None and module.weight.dim() == 4 else ()
+        out, flat_in = layers[name].shape
+        if kernel and flat_in % math.prod(kernel) == 0:
+            layers[name].shape = (out, flat_in // math.prod(kernel), *kernel)
+    return layers
 
 
 def _split_fused(layers: dict[str, LoraLayer], family, file_meta: dict, path: Path) -> dict[str, LoraLayer]:
@@ -91,6 +124,11 @@ def _split_fused(layers: dict[str, LoraLayer], family, file_meta: dict, path: Pa
     parts = hook(list(layers), file_meta) if hook is not None else []
     if not parts:
         return layers
+    typed = [name for name, layer in layers.items() if not is_plain(layer)]
+    if typed:
+        raise AdapterFormatError(f"{path.name} holds LyCORIS layers ({_listing(typed, 3)}) in a {family.label} file "
+                                 f"whose modules fuse several of the model's; loradesk splits only plain LoRA "
+                                 f"modules: convert it to a plain LoRA with the tool that made it")
     taken = {part for fused in parts if fused.name in layers for part in fused.parts if part != fused.name}
     clash = sorted(taken & set(layers))
     if clash:
@@ -103,7 +141,7 @@ def _refuse_integers(parts: dict[str, dict], path: Path) -> None:
     """A LoRA's factors are floating-point numbers; integer (or bool) ones are no trained adapter (a damaged or
     hand-made file) and would be read as whole-number weights that draw noise or nothing."""
     bad = {name: str(t.dtype).removeprefix("torch.") for name, p in parts.items()
-           for t in (p.get("down"), p.get("up")) if t is not None and not t.is_floating_point()}
+           for part, t in p.items() if part != "alpha" and not t.is_floating_point()}
     if bad:
         kinds = ", ".join(sorted(set(bad.values())))
         raise AdapterFormatError(f"{path.name} holds integer tensors ({kinds}) in {len(bad)} of its {len(parts)} "
@@ -124,7 +162,7 @@ def _refuse_non_finite(layers: dict[str, LoraLayer], path: Path) -> None:
     """An adapter with NaN or infinite values draws a black image wherever it is used: refused at load, naming it
     (a run whose loss became NaN, or a damaged file)."""
     bad = [name for name, layer in layers.items()
-           if not (torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all()
+           if not (all(torch.isfinite(t).all() for t in layer.tensors().values())
                    and (layer.alpha is None or math.isfinite(float(layer.alpha))))]
     if bad:
         raise AdapterFormatError(f"{path.name} holds NaN or infinite values in {len(bad)} of its {len(layers)} "
@@ -203,7 +241,7 @@ def _parse_kohya(state: dict) -> tuple[dict, list[str]]:
             unknown.append(key)
             continue
         name = normalise_kohya_name(_foreign_prefix(key.split(".", 1)[0]))
-        parts.setdefault(name, {})[_KOHYA_PART[m.group(3)]] = tensor
+        parts.setdefault(name, {})[_KOHYA_PART.get(m.group(3), m.group(3))] = tensor
     return parts, unknown
 
 
@@ -334,6 +372,13 @@ def _assemble(parts: dict[str, dict], path: Path) -> dict[str, LoraLayer]:
     layers, problems = {}, []
     for name in sorted(parts):
         p = parts[name]
+        if any(key in _LYCORIS_FIELDS for key in p) or "mid" in p or "dora_scale" in p:
+            layer = lycoris_layer(name, p)
+            if isinstance(layer, str):
+                problems.append(layer)
+            else:
+                layers[name] = layer
+            continue
         problem = shape_problem(name, p.get("down"), p.get("up"))
         if problem:
             problems.append(problem)
@@ -343,6 +388,56 @@ def _assemble(parts: dict[str, dict], path: Path) -> dict[str, LoraLayer]:
     if problems:
         raise AdapterFormatError(f"{path}: {len(problems)} layer(s) are malformed: {_listing(problems, 10, '; ')}")
     return layers
+
+
+def lycoris_layer(name: str, p: dict):
+    """A LoCon (Tucker mid, DoRA), LoHa or LoKr layer from one module's tensors (keys as in the file, plain LoRA's
+    down/up/mid/alpha/dora_scale as _KOHYA_PART names them), fp32; or a line saying why it cannot be one."""
+    kinds = {_LYCORIS_FIELDS[key][0] for key in p if key in _LYCORIS_FIELDS}
+    if len(kinds) > 1 or (kinds and ("down" in p or "up" in p)):
+        return f"{name}: mixes the tensors of several LyCORIS algorithms ({', '.join(sorted(p))})"
+    kind = kinds.pop() if kinds else "lora"
+    fields = {"down": "down", "up": "up", "mid": "mid"} if kind == "lora" else \
+        {key: field for key, (k, field) in _LYCORIS_FIELDS.items() if k == kind}
+    values = {field: p[key].float() for key, field in fields.items() if key in p}
+    alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+    dora = p["dora_scale"].float() if "dora_scale" in p else None
+    missing = _missing_factors(kind, values)
+    if missing:
+        return f"{name}: a {kind} layer without {missing}"
+    if kind == "lora":
+        problem = shape_problem(name, values["down"], values["up"]) if "mid" not in values else None
+        return problem or LoraLayer(**values, alpha=alpha, dora_scale=dora)
+    layer = LAYER_TYPES[kind](**values, alpha=alpha, dora_scale=dora)
+    layer.shape = _keys_shape(layer)
+    return layer
+
+
+def _missing_factors(kind: str, values: dict) -> str | None:
+    need = {"lora": [("down",), ("up",)], "loha": [("w1a",), ("w1b",), ("w2a",), ("w2b",)],
+            "lokr": [("w1", "w1a"), ("w2", "w2a")]}[kind]
+    need += [("w1b",)] * (kind == "lokr" and "w1" not in values) + [("w2b",)] * (kind == "lokr" and "w2" not in values)
+    if kind == "loha" and ("t1" in values) != ("t2" in values):
+        return "both Tucker cores (hada_t1 and hada_t2)"
+    lacking = [alts[0] for alts in need if not any(a in values for a in alts)]
+    return ", ".join(LYCORIS_KEYS[kind][f] for f in lacking) or None
+
+
+def _keys_shape(layer) -> tuple[int, ...]:
+    """The adapted weight's shape as far as the tensors tell (a convolution's flattened w*b read as 2-d; the
+    model's index refines it: _model_shapes)."""
+    if isinstance(layer, LohaLayer):
+        if layer.t1 is not None:  # Tucker: w1a [r, out], w1b [r, in], t1 [r, r, kh, kw] (lycoris modules/loha.py)
+            return (layer.w1a.shape[1], layer.w1b.shape[1], *layer.t1.shape[2:])
+        return (layer.w1a.shape[0], *layer.w1b.shape[1:])
+    w1 = layer.w1.shape if layer.w1 is not None else (layer.w1a.shape[0], layer.w1b.shape[1])
+    if layer.w2 is not None:
+        w2 = tuple(layer.w2.shape)
+    elif layer.t2 is not None:  # w2a [r, out2], w2b [r, in2] (lycoris modules/lokr.py:124-131)
+        w2 = (layer.w2a.shape[1], layer.w2b.shape[1], *layer.t2.shape[2:])
+    else:
+        w2 = (layer.w2a.shape[0], *layer.w2b.shape[1:])
+    return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
 
 def _listing(items: Iterable[str], limit: int, sep: str = ", ") -> str:

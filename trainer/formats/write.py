@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from trainer.atomic import atomic_path
-from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, dora_axis
 
 from .errors import AdapterFormatError
 from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
@@ -32,7 +32,8 @@ def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp
     if format not in FORMATS:
         raise ValueError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
     dt = torch_dtype(dtype)
-    problems = [p for n, layer in adapter.layers.items() if (p := shape_problem(n, layer.down, layer.up))]
+    problems = [p for n, layer in adapter.layers.items()
+                if is_plain(layer) and (p := shape_problem(n, layer.down, layer.up))]
     if problems:
         raise AdapterFormatError(f"cannot write {path}: " + "; ".join(problems[:10]))
     meta = {"format": "pt", **adapter.metadata, **(metadata or {})}
@@ -40,7 +41,9 @@ def save_adapter(adapter: Adapter, path, format: str = "kohya", dtype: str = "fp
     # take both network alphas and a config), and the diffusers writer makes a fresh one
     meta.pop(DIFFUSERS_CONFIG_KEY, None)
     family = family or family_of(adapter)
-    if format == "kohya":
+    if is_lycoris(adapter):
+        tensors = _lycoris_file(adapter, dt, format, family, path)
+    elif format == "kohya":
         tensors = kohya_tensors(adapter, dt, file_layout(adapter, family, index))
     else:
         tensors, configs = diffusers_tensors(adapter, dt, index, family)
@@ -74,6 +77,74 @@ def kohya_tensors(adapter: Adapter, dt: torch.dtype, layout=()) -> dict[str, tor
         out[f"{name}.lora_up.weight"] = _copy(up, dt)
         out[f"{name}.alpha"] = torch.tensor(common, dtype=dt)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LyCORIS: each layer's tensors under LyCORIS's own names (what its modules' custom_state_dict writes: lycoris
+# modules/locon.py:244-252, loha.py:249-258, lokr.py:400-417), under the kohya module names of plain files
+
+LYCORIS_KEYS = {
+    "lora": {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight"},
+    "loha": {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1",
+             "t2": "hada_t2"},
+    "lokr": {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
+             "w2b": "lokr_w2_b", "t2": "lokr_t2"},
+}
+LAYER_TYPES = {"lora": LoraLayer, "loha": LohaLayer, "lokr": LokrLayer}
+
+
+def is_plain(layer) -> bool:
+    """A layer every kohya-LoRA reader (diffusers included) takes: up @ down, no Tucker core, no DoRA magnitude."""
+    return isinstance(layer, LoraLayer) and layer.mid is None and layer.dora_scale is None
+
+
+def is_lycoris(adapter: Adapter) -> bool:
+    return any(not is_plain(layer) for layer in adapter.layers.values())
+
+
+def _lycoris_file(adapter: Adapter, dt: torch.dtype, format: str, family, path: Path) -> dict[str, torch.Tensor]:
+    kinds = sorted({layer.kind for layer in adapter.layers.values()})
+    if format != "kohya":
+        # diffusers reads neither LoHa/LoKr nor dora_scale (its kohya converter drops it); no layout of its own fits
+        raise AdapterFormatError(f"cannot write {path.name} in the {format} layout: its layers are LyCORIS "
+                                 f"({', '.join(kinds)}, Tucker cores or DoRA); write the kohya layout, or export "
+                                 f"--format lora --rank R for a plain LoRA (SVD of each update)")
+    if has_file_layout(family):
+        raise AdapterFormatError(f"cannot write {path.name}: {family.label} files fuse modules, which LyCORIS "
+                                 f"layers cannot be; export --format lora --rank R for a plain LoRA")
+    return lycoris_tensors(adapter, dt)
+
+
+def lycoris_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor]:
+    """`<name>.<LyCORIS key>` for every factor, `<name>.alpha` per module (LyCORIS writes each module's own) and
+    `<name>.dora_scale` in the shape that names its axis ([out, 1, ...] or [1, in, ...])."""
+    out = {}
+    for name in sorted(adapter.layers):
+        layer = adapter.layers[name]
+        for field, key in LYCORIS_KEYS[layer.kind].items():
+            tensor = getattr(layer, field)
+            if tensor is not None:
+                out[f"{name}.{key}"] = _copy(tensor, dt)
+        out[f"{name}.alpha"] = torch.tensor(_alpha(layer), dtype=dt)
+        if layer.dora_scale is not None:
+            out[f"{name}.dora_scale"] = _copy(dora_shaped(layer.dora_scale, _delta_dims(layer)), dt)
+    return out
+
+
+def dora_shaped(magnitude: torch.Tensor, dims: int) -> torch.Tensor:
+    """The magnitude as LyCORIS stores it (modules/locon.py:116-135): [out, 1, ...] per output row, [1, in, ...]
+    per input column, with as many dimensions as the weight. That shape is the axis for ComfyUI and Forge
+    (comfy/weight_adapter/base.py weight_decompose: dora_scale.shape[0] == weight.shape[0]); A1111 reads [1, in]
+    only (extensions-builtin/Lora/network.py apply_weight_decompose)."""
+    if dora_axis(magnitude) == "in":
+        return magnitude.reshape(1, -1, *[1] * (dims - 2))
+    return magnitude.reshape(-1, *[1] * (dims - 1))
+
+
+def _delta_dims(layer) -> int:
+    if isinstance(layer, LoraLayer):
+        return layer.down.dim()
+    return len(layer.shape) if layer.shape else layer.delta().dim()
 
 
 def _fused_kohya_tensors(adapter: Adapter, dt: torch.dtype, layout) -> dict[str, torch.Tensor]:
@@ -112,15 +183,30 @@ def has_file_layout(family) -> bool:
 def as_saved(adapter: Adapter, dtype: str = "fp16") -> Adapter:
     """`adapter` exactly as a kohya file in `dtype` holds it, without writing one: factors rounded to the save dtype,
     one shared alpha (kohya_tensors' rule). What A1111 and ComfyUI read back, so samples can be rendered from it."""
+    if is_lycoris(adapter):
+        return Adapter(layers={name: _rounded(layer, torch_dtype(dtype)) for name, layer in adapter.layers.items()},
+                       metadata=dict(adapter.metadata))
     tensors = kohya_tensors(adapter, torch_dtype(dtype))
     layers = {name: LoraLayer(down=tensors[f"{name}.lora_down.weight"], up=tensors[f"{name}.lora_up.weight"],
                               alpha=float(tensors[f"{name}.alpha"])) for name in adapter.layers}
     return Adapter(layers=layers, metadata=dict(adapter.metadata))
 
 
+def _rounded(layer, dt: torch.dtype):
+    """A LyCORIS layer with its tensors as a file in `dt` holds them (alpha too, as lycoris_tensors writes it)."""
+    fields = {f: getattr(layer, f) for f in (*LYCORIS_KEYS[layer.kind], "dora_scale")}
+    fields = {f: None if t is None else t.to(dt).float() for f, t in fields.items()}
+    extra = {} if isinstance(layer, LoraLayer) else {"shape": layer.shape}
+    alpha = float(torch.tensor(_alpha(layer), dtype=dt))
+    return LAYER_TYPES[layer.kind](**fields, alpha=alpha, **extra)
+
+
 def _alpha(layer) -> float:
-    # a layer read without alpha means scale 1; alpha = rank says the same to every reader
-    return float(layer.alpha) if layer.alpha is not None else float(layer.rank)
+    # a layer read without alpha means scale 1; alpha = rank says the same to every reader (a LoKr of two full
+    # matrices has no rank and scale 1 whatever its alpha: LyCORIS modules/lokr.py:210-212, ComfyUI alike)
+    if layer.alpha is not None:
+        return float(layer.alpha)
+    return float(layer.rank) if layer.rank else 1.0
 
 
 def diffusers_tensors(adapter: Adapter, dt: torch.dtype, index: dict | None = None, family=None
