@@ -6,7 +6,7 @@ that name is the one identifier A1111, ComfyUI and kohya agree on, and it is mod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -151,6 +151,12 @@ def _product(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None, dtype) 
     if t is not None:
         return torch.einsum("i j ..., j r, i p -> p r ...", t.to(dtype), wb, wa)
     return (wa @ wb.flatten(1)).reshape(wa.shape[0], *wb.shape[1:])
+
+
+def delta_shape(layer) -> tuple[int, ...]:
+    """The shape delta() returns, without computing it: the same code on the factors moved to the meta device
+    (shapes only), so it cannot disagree with delta() for any layer type."""
+    return tuple(replace(layer, **{k: v.to("meta") for k, v in layer.tensors().items()}).delta().shape)
 
 
 def dora_axis(dora_scale: torch.Tensor) -> str:

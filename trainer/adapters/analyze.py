@@ -10,6 +10,10 @@ For two adapters on the same layers: the normalised subspace similarity of the p
 phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j), where U1_i holds the top-i right-singular vectors of adapter 1's down
 matrix A (its row space; a conv's A is flattened to [r, in*kh*kw]). phi is 1 when one subspace contains the other
 and, for independent random subspaces of R^d, has expectation max(i, j) / d.
+
+LoHa, LoKr and LoCon's Tucker form have no A: their spectrum is that of the formed delta, and their subspace the
+delta's top right-singular vectors (at most MAX_BASIS, of its numerical rank: a Hadamard or Kronecker product may be
+full rank). A DoRA magnitude is left out of both: they describe the update's direction, delta.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import torch
 
 from trainer.atomic import write_json_atomic
 from trainer.formats import AdapterFormatError
-from trainer.lora_state import Adapter
+from trainer.lora_state import Adapter, delta_shape
 
 from .lowrank import layer_svd
 
 MAX_HEATMAPS = 4
+MAX_BASIS = 64  # right-singular vectors kept of a formed delta: a LoRA's A has rank rows, usually 4 to 64
 
 
 def energy_rank(s: torch.Tensor, share: float) -> int:
@@ -63,9 +68,30 @@ def right_singular_vectors(down: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svd(down.flatten(1).double(), full_matrices=False)[2].T
 
 
+def input_basis(layer) -> torch.Tensor:
+    """[in*kh*kw, k]: the input directions the layer's update reads, most important first: a LoRA's A's
+    right-singular vectors (the paper's choice), else the delta's (its numerical rank, at most MAX_BASIS)."""
+    if layer.kind == "lora" and layer.mid is None:
+        return right_singular_vectors(layer.down)
+    s, vh = torch.linalg.svd(layer.delta(torch.float64).flatten(1), full_matrices=False)[1:]
+    k = int((s > s[0] * 1e-10).sum()) if len(s) and s[0] > 0 else 1
+    return vh[:max(1, min(k, MAX_BASIS))].T
+
+
+def input_size(layer) -> int:
+    """in * kh * kw of the adapted weight."""
+    if layer.kind == "lora" and layer.mid is None:
+        return layer.down[0].numel()
+    return torch.Size(delta_shape(layer)[1:]).numel()
+
+
 def subspace_similarity(down_1: torch.Tensor, down_2: torch.Tensor) -> torch.Tensor:
     """phi[i-1, j-1] = ||U1_i^T U2_j||_F^2 / min(i, j) for i <= r1, j <= r2 (the paper's Figure 3)."""
-    u1, u2 = right_singular_vectors(down_1), right_singular_vectors(down_2)
+    return basis_similarity(right_singular_vectors(down_1), right_singular_vectors(down_2))
+
+
+def basis_similarity(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """phi of two orthonormal bases (columns, most important first)."""
     if u1.shape[0] != u2.shape[0]:
         raise ValueError(f"subspace similarity: input sizes differ ({u1.shape[0]} vs {u2.shape[0]})")
     overlap = (u1.T @ u2).square().cumsum(0).cumsum(1)  # [i, j] = ||U1_i^T U2_j||_F^2
@@ -114,9 +140,9 @@ def _similarities(a: Adapter, b: Adapter, out_dir: Path, layers: list[str] | Non
     chosen = layers or default_layers(common)
     out = {"per_layer": {}, "heatmaps": {}}
     for name in common:
-        phi = subspace_similarity(a.layers[name].down, b.layers[name].down)
+        phi = basis_similarity(input_basis(a.layers[name]), input_basis(b.layers[name]))
         out["per_layer"][name] = {"phi_1_1": float(phi[0, 0]), "mean": float(phi.mean()),
-                                  "input_size": a.layers[name].down[0].numel()}
+                                  "input_size": input_size(a.layers[name])}
         if name in chosen:
             png = out_dir / f"similarity_{_safe(name)}.png"
             from .heatmap import save_heatmap
@@ -127,7 +153,7 @@ def _similarities(a: Adapter, b: Adapter, out_dir: Path, layers: list[str] | Non
 
 def _check_input_sizes(a: Adapter, b: Adapter, common: list[str], sources) -> None:
     for name in common:
-        size_a, size_b = a.layers[name].down[0].numel(), b.layers[name].down[0].numel()
+        size_a, size_b = input_size(a.layers[name]), input_size(b.layers[name])
         if size_a != size_b:
             raise AdapterFormatError(f"layer {name}: {sources[0]} has input size {size_a} but {sources[1]} has "
                                      f"{size_b}; they were trained for different base models, so their subspaces "

@@ -1,6 +1,7 @@
-"""Exact, fused blending of several LoRA adapters into a base model's weights.
+"""Exact, fused blending of several adapters (any mix of LoRA, LoCon, LoHa, LoKr, DoRA) into a base model's weights.
 
-For every layer some enabled adapter touches: W = W0 + sum_i w_i * (alpha_i / r_i) * B_i @ A_i, computed in fp32 and
+For every layer some enabled adapter touches: W = W0 + sum_i w_i * delta_i (for LoRA delta_i = (alpha_i / r_i) B_i A_i;
+a DoRA layer adds applied_i(W0, w_i) - W0 instead, the rule of trainer.adapters.delta), computed in fp32 and
 written into the module's own weight, so a denoising step costs exactly what the base model's does (no extra
 modules, no hooks, no per-step work).
 
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 
 from trainer.finite import adapter_weight
-from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import Adapter, LoraLayer, delta_shape
 
 from trainer.formats import AdapterFormatError, module_index
 from trainer.formats.check import aligned_names, family_mismatch
+
+from .delta import change, fits as fits_weight, is_plain, on_device, type_name
 
 
 @dataclass
@@ -105,14 +108,25 @@ class FusedBlender:
         return self._entry(name).enabled
 
     def blended_delta(self, kohya_name: str) -> torch.Tensor:
-        """sum_i w_i * delta_i for one layer, fp32, in the weight's shape (zeros when no enabled adapter has it)."""
+        """sum_i w_i * delta_i for one layer (a DoRA layer's term: applied_i(W0, w_i) - W0), fp32, in the weight's
+        shape (zeros when no enabled adapter has it)."""
         weight = self._weight(kohya_name)
         total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for entry in self._entries.values():
             layer = entry.adapter.layers.get(kohya_name)
-            if entry.enabled and layer is not None:
+            if entry.enabled and layer is not None and is_plain(layer):
                 total += entry.weight * _layer_delta(layer, weight)
+            elif entry.enabled and layer is not None:
+                total += _change(layer, entry.weight, self.base_weight(kohya_name).to(weight.device))
         return total
+
+    def base_weight(self, kohya_name: str) -> torch.Tensor:
+        """W0 of a layer: its pristine copy while blended, else the model's weight itself."""
+        return self._pristine.get(kohya_name, self._weight(kohya_name))
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """kohya name -> W0 of every layer of the model (what DoRA layers need to be blended to a file)."""
+        return {name: self.base_weight(name) for name in self._index}
 
     def touched_layers(self) -> list[str]:
         """Layers whose weights currently differ from (or may differ from) W0."""
@@ -141,12 +155,22 @@ class FusedBlender:
                                      f"base model ({shown}); was it trained for another model family (SD1 vs SDXL)?")
         for key, layer in adapter.layers.items():
             weight = self._weight(key)
+            if not is_plain(layer):
+                self._check_typed(name, key, layer, tuple(weight.shape))
+                continue
             numel = layer.up.shape[0] * layer.down[0].numel()
             fits = numel == weight.numel() and layer.up.shape[0] == weight.shape[0]
             if not fits or layer.up.shape[1] != layer.rank:
                 raise AdapterFormatError(f"adapter {name!r}: layer {key} has shape up {tuple(layer.up.shape)} x "
                                          f"down {tuple(layer.down.shape)}, which does not fit the model's weight "
                                          f"{tuple(weight.shape)}; it was trained for another base model")
+
+    @staticmethod
+    def _check_typed(name: str, key: str, layer, weight_shape: tuple[int, ...]) -> None:
+        if not fits_weight(layer, weight_shape):
+            raise AdapterFormatError(f"adapter {name!r}: {type_name(layer)} layer {key} has an update of shape "
+                                     f"{delta_shape(layer)}, which does not fit the model's weight {weight_shape}; "
+                                     f"it was trained for another base model")
 
     @torch.no_grad()
     def _refresh(self, kohya_names: set[str]) -> None:
@@ -182,11 +206,24 @@ def fused(base, adapter: Adapter, keep_on: str | torch.device | None = None):
 
 def _fused(w0: torch.Tensor, parts: list[tuple[LoraLayer, float]]) -> torch.Tensor:
     """W0 + sum_i w_i s_i B_i A_i in fp32 as one addmm over the stacked factors (one GEMM of the summed rank
-    instead of one per adapter)."""
+    instead of one per adapter); other layer types' changes (trainer.adapters.delta) are added after, in the
+    blend's order, each computed on W0."""
+    typed = [(layer, w) for layer, w in parts if not is_plain(layer)]
+    if typed:
+        plain = [(layer, w) for layer, w in parts if is_plain(layer)]
+        total = _fused(w0, plain) if plain else w0.to(torch.float32).flatten(1).clone()
+        for layer, w in typed:
+            total += _change(layer, w, w0).flatten(1)
+        return total
     device = w0.device
     ups = torch.cat([(w * layer.scale) * layer.up.to(device, torch.float32).flatten(1) for layer, w in parts], 1)
     downs = torch.cat([layer.down.to(device, torch.float32).flatten(1) for layer, _ in parts], 0)
     return torch.addmm(w0.to(torch.float32).flatten(1), ups, downs)
+
+
+def _change(layer, weight: float, w0: torch.Tensor) -> torch.Tensor:
+    """Any layer's fp32 change at `weight` on w0's device, in w0's shape."""
+    return change(on_device(layer, w0.device), weight, w0).reshape(w0.shape)
 
 
 def _layer_delta(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:

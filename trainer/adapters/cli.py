@@ -43,6 +43,10 @@ def register(subparsers) -> None:
 
 # ---- parsers -----------------------------------------------------------------------------------------------------
 
+_MODEL_HELP = ("the base model, needed only for DoRA layers (their change rescales the base weights); the result "
+               "is a plain LoRA either way")
+
+
 def _blend_parser(sub) -> None:
     p = sub.add_parser("blend", help="Merge weighted adapters into one adapter file.",
                        description="Merge adapters: exact (rank = sum of ranks) or SVD-compressed with --rank.")
@@ -50,7 +54,9 @@ def _blend_parser(sub) -> None:
                    help="adapter files, checkpoint or run folders, with weights (default 1)")
     p.add_argument("--out", required=True, help="output .safetensors in the family's layout (kohya; SD3: diffusers, "
                                                 "with <name>-kohya.safetensors beside it)")
-    p.add_argument("--rank", type=int, help="compress every layer to this rank by SVD (default: exact)")
+    p.add_argument("--rank", type=int, help="compress every layer to this rank by SVD (default: exact; adapters "
+                                            "with LyCORIS layers, LoHa/LoKr/DoRA/Tucker LoCon, need a rank)")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
     p.add_argument("--report", help="also write the per-layer kept-norm report as JSON here")
     p.set_defaults(func=cmd_blend)
@@ -64,6 +70,7 @@ def _resize_parser(sub) -> None:
     size.add_argument("--rank", type=int, help="the new rank of every layer")
     size.add_argument("--keep", type=float, help="share of each layer's Frobenius norm to keep, e.g. 0.95")
     p.add_argument("--out", required=True, help="output .safetensors (as blend's --out)")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="precision of the file")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
     p.set_defaults(func=cmd_resize)
@@ -160,19 +167,32 @@ def _load(path: str):
     return load_adapter(_check_file(path))
 
 
+def _with_base(model: str | None, adapters: list) -> tuple[list, dict | None]:
+    """The adapters under the model's names and the model's weights by kohya name (what DoRA layers need), when
+    --model is given; else the adapters as they are and None."""
+    if not model:
+        return adapters, None
+    from trainer.adapters.delta import base_weights
+    from trainer.formats.check import aligned_names
+    from trainer.models import load_base_model
+    index = load_base_model(model).module_index()
+    return [aligned_names(adapter, index) for adapter in adapters], base_weights(index)
+
+
 @_user_errors
 def cmd_blend(args) -> int:
     from trainer import merge_exact, merge_svd, save_merged
     _check_out(args.out, ".safetensors")
     _check_rank(args.rank)
     specs = [parse_weighted(text) for text in args.adapters]
-    pairs = [(_load(path), weight) for path, weight in specs]
+    adapters, base = _with_base(args.model, [_load(path) for path, _ in specs])
+    pairs = [(adapter, weight) for adapter, (_, weight) in zip(adapters, specs)]
     titles = [Path(path).stem for path, _ in specs]
     labels = [Path(path).name for path, _ in specs]
     if args.rank is None:
         merged, report = merge_exact(pairs, titles, labels), None
     else:
-        merged, report = merge_svd(pairs, args.rank, titles, labels)
+        merged, report = merge_svd(pairs, args.rank, titles, labels, base=base)
     written = save_merged(merged, args.out, dtype=args.dtype, source=_check_file(specs[0][0]))
     ranks = sorted({layer.rank for layer in merged.layers.values()})
     print(f"wrote {args.out}: {len(merged)} layers, rank {_span(ranks)}")
@@ -188,8 +208,8 @@ def cmd_resize(args) -> int:
     _check_rank(args.rank)
     if args.keep is not None and not 0 < args.keep <= 1:
         raise UsageError(f"--keep must be in (0, 1], for example 0.95; got {args.keep}")
-    adapter = _load(args.adapter)
-    resized, report = resize(adapter, rank=args.rank, keep=args.keep, label=Path(args.adapter).name)
+    (adapter,), base = _with_base(args.model, [_load(args.adapter)])
+    resized, report = resize(adapter, rank=args.rank, keep=args.keep, label=Path(args.adapter).name, base=base)
     written = save_merged(resized, args.out, dtype=args.dtype, source=_check_file(args.adapter))
     ranks = sorted({layer.rank for layer in resized.layers.values()})
     print(f"wrote {args.out}: {len(resized)} layers, rank {_span(ranks)}, "
@@ -309,6 +329,9 @@ def _print_report(report: dict | None, path: str | None) -> None:
         return
     worst = min(report["layers"].items(), key=lambda kv: kv[1]["kept"])
     print(f"kept {report['kept_overall']:.2%} of the norm overall; lowest layer {worst[1]['kept']:.2%} ({worst[0]})")
+    if report.get("converted"):
+        kinds = ", ".join(f"{n} {kind}" for kind, n in report["converted"].items())
+        print(f"LyCORIS layers became plain LoRA (SVD of their deltas): {kinds}")
     if path:
         write_json_atomic(path, report)
 

@@ -162,8 +162,9 @@ class Generator:
         return _WeightRow(self.blender, target, row) if by_weight else _CheckpointRow(self, target, row)
 
     def export_blend(self, path: str | Path, rank: int | None = None, dtype: str = "fp16") -> dict | None:
-        """Write the enabled adapters at their weights as one adapter: exact (rank = sum of ranks), or compressed to
-        `rank` by SVD (returns the report with the kept norm share)."""
+        """Write the enabled adapters at their weights as one adapter: exact (rank = sum of ranks; plain LoRA
+        only), or compressed to `rank` by SVD of each layer's summed change, any layer types (returns the report
+        with the kept norm share)."""
         with self._lock:
             blender = self.blender
             pairs = [(blender.adapter(name), weight) for name, weight in blender.active().items()]
@@ -171,7 +172,10 @@ class Generator:
                 raise ValueError("the blend is empty; add at least one enabled adapter before exporting")
             titles = [Path(name).stem if not name.startswith("adapter@") else None for name in blender.active()]
             titles = titles if all(titles) else None
-            merged, report = (merge_exact(pairs, titles), None) if rank is None else merge_svd(pairs, rank, titles)
+            if rank is None:
+                merged, report = merge_exact(pairs, titles), None
+            else:  # the model's W0 for DoRA layers, whose change depends on it
+                merged, report = merge_svd(pairs, rank, titles, base=blender.base_weights())
             # the loaded model's index: its true widths and block count for the family's layouts (SD3 writes two)
             save_merged(merged, path, dtype=dtype, index=self.base.module_index())
             return report

@@ -2,21 +2,25 @@
 
 Never average A and B separately: (sum w_i B_i)(sum w_i A_i) has cross terms B_i A_j that none of the adapters
 learnt. `merge_exact` stacks the ranks instead (the product of the stacked factors is exactly sum_i w_i s_i B_i A_i);
-`merge_svd` compresses that exact sum per layer by truncated SVD.
+`merge_svd` compresses that exact sum per layer by truncated SVD. LyCORIS layers (LoHa, LoKr, LoCon's Tucker form,
+DoRA) have no ranks to stack: an adapter with them blends to file only through `merge_svd`, as a plain LoRA by SVD of
+each layer's summed change (trainer.adapters.delta's rule, the Generate tab's).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 
 from trainer.finite import adapter_weight
 from trainer.formats import AdapterFormatError
 from trainer.formats.check import one_family
-from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import Adapter
 
-from .resize import compress, rank_metadata
+from .delta import is_plain, type_name
+from .lowrank import stack_layers
+from .resize import compress, compress_groups, rank_metadata
 
 # metadata every source must agree on to be carried over (which base model the adapter is for)
 _SHARED_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "ss_sd_model_name")
@@ -29,29 +33,33 @@ def merge_exact(pairs: list[tuple[Adapter, float]], titles: list[str] | None = N
     down = concat of the downs, up = concat of w_i * scale_i * up_i, alpha = total rank (scale 1); rank = sum of the
     ranks of the adapters that have the layer; layers = the union. Zero weights are left out. `titles` (for
     example the file names) go into the `loradesk.merged_from` metadata; `labels` name the adapters in errors
-    (default: the titles). Weights must be finite and the adapters made for one model family.
+    (default: the titles). Weights must be finite and the adapters made for one model family, of plain LoRA layers
+    (others: merge_svd).
     """
-    titles = list(titles) if titles else [_title(a, i) for i, (a, _) in enumerate(pairs)]
-    labels = list(labels) if labels else titles
-    pairs = [(adapter, adapter_weight(w, label)) for (adapter, w), label in zip(pairs, labels)]
-    one_family([(label, adapter) for (adapter, _), label in zip(pairs, labels)])
-    kept = [i for i, (_, w) in enumerate(pairs) if float(w) != 0.0]
-    sources = [{"title": titles[i], "weight": float(pairs[i][1])} for i in kept]
-    pairs = [(pairs[i][0], float(pairs[i][1])) for i in kept]
+    pairs, sources, labels = _prepared(pairs, titles, labels)
+    _refuse_typed(pairs, labels)
     names = list(dict.fromkeys(name for adapter, _ in pairs for name in adapter.layers))
-    layers = {name: _stack(name, [(a.layers[name], w) for a, w in pairs if name in a.layers]) for name in names}
+    layers = {name: stack_layers(name, [(a.layers[name], w) for a, w in pairs if name in a.layers]) for name in names}
     merged = Adapter(layers, _merged_metadata(pairs, sources))
     merged.metadata.update(rank_metadata(merged))
     return merged
 
 
 def merge_svd(pairs: list[tuple[Adapter, float]], rank: int, titles: list[str] | None = None,
-              labels: list[str] | None = None) -> tuple[Adapter, dict]:
+              labels: list[str] | None = None, base: Mapping | None = None) -> tuple[Adapter, dict]:
     """The exact merge compressed to `rank` per layer; the report gives each layer's kept share of the Frobenius
-    norm (`layers[name]["kept"]`) and the overall share (`kept_overall`)."""
+    norm (`layers[name]["kept"]`) and the overall share (`kept_overall`). With LyCORIS layers among the inputs:
+    the SVD of each layer's summed change (`converted` in the report counts them by type); DoRA layers need
+    `base` (kohya name -> W0, e.g. FusedBlender.base_weights())."""
     if rank < 1:
         raise ValueError(f"merge: rank must be at least 1, got {rank}")
-    return compress(merge_exact(pairs, titles, labels), rank=rank)
+    if all(is_plain(layer) for adapter, _ in pairs for layer in adapter.layers.values()):
+        return compress(merge_exact(pairs, titles, labels), rank=rank)
+    pairs, sources, _ = _prepared(pairs, titles, labels)
+    names = list(dict.fromkeys(name for adapter, _ in pairs for name in adapter.layers))
+    groups = ((name, [(a.layers[name], w) for a, w in pairs if name in a.layers]) for name in names)
+    before = sum(adapter.num_parameters() for adapter, _ in pairs)
+    return compress_groups(groups, _merged_metadata(pairs, sources), before, rank=rank, base=base)
 
 
 def save_merged(adapter: Adapter, path: str | Path, dtype: str = "fp16", index: dict | None = None,
@@ -79,19 +87,27 @@ def save_merged(adapter: Adapter, path: str | Path, dtype: str = "fp16", index: 
     return [save_adapter(adapter, path, format=chosen, dtype=dtype, index=index, family=family), *written]
 
 
-def _stack(name: str, parts: list[tuple[LoraLayer, float]]) -> LoraLayer:
-    tail = parts[0][0].down.shape[1:]  # [in] or [in, kh, kw]: every part is reshaped to the first one's layout
-    try:
-        downs = [layer.down.to(torch.float32).reshape(layer.rank, *tail) for layer, _ in parts]
-        ups = [(w * layer.scale * layer.up.to(torch.float32)).reshape(layer.up.shape[0], layer.rank,
-                                                                      *[1] * (len(tail) - 1))
-               for layer, w in parts]
-        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
-    except RuntimeError as e:
-        shapes = ", ".join(f"{tuple(layer.up.shape)}x{tuple(layer.down.shape)}" for layer, _ in parts)
-        raise AdapterFormatError(f"layer {name}: the adapters' shapes ({shapes}) do not agree; they were trained "
-                                 f"for different base models") from e
-    return LoraLayer(down.contiguous(), up.contiguous(), float(down.shape[0]))
+def _prepared(pairs: list[tuple[Adapter, float]], titles: list[str] | None, labels: list[str] | None):
+    """(pairs with finite float weights, zero weights left out; their `merged_from` sources; labels) after the
+    family check."""
+    titles = list(titles) if titles else [_title(a, i) for i, (a, _) in enumerate(pairs)]
+    labels = list(labels) if labels else titles
+    pairs = [(adapter, adapter_weight(w, label)) for (adapter, w), label in zip(pairs, labels)]
+    one_family([(label, adapter) for (adapter, _), label in zip(pairs, labels)])
+    kept = [i for i, (_, w) in enumerate(pairs) if float(w) != 0.0]
+    sources = [{"title": titles[i], "weight": float(pairs[i][1])} for i in kept]
+    return [(pairs[i][0], float(pairs[i][1])) for i in kept], sources, [labels[i] for i in kept]
+
+
+def _refuse_typed(pairs: list[tuple[Adapter, float]], labels: list[str]) -> None:
+    """An exact merge stacks LoRA ranks; a LyCORIS layer has none to stack (a sum of Kronecker or Hadamard
+    products is no LoKr or LoHa), so it is named with the way out."""
+    for (adapter, _), label in zip(pairs, labels):
+        typed = next((layer for layer in adapter.layers.values() if not is_plain(layer)), None)
+        if typed is not None:
+            raise AdapterFormatError(f"{label} has {type_name(typed)} layers, which an exact blend (stacked LoRA "
+                                     f"ranks) cannot hold: give a rank (--rank) to blend to a plain LoRA by SVD of "
+                                     f"the summed deltas")
 
 
 def _merged_metadata(pairs: list[tuple[Adapter, float]], sources: list[dict]) -> dict[str, str]:
