@@ -159,6 +159,12 @@ def delta_shape(layer) -> tuple[int, ...]:
     return tuple(replace(layer, **{k: v.to("meta") for k, v in layer.tensors().items()}).delta().shape)
 
 
+def rank_and_width(layer) -> tuple[int, int]:
+    """(rank, input width), what families are told apart by: a LoRA's down [r, in], a LyCORIS layer's rank and
+    its update's width."""
+    return tuple(layer.down.shape[:2]) if layer.kind == "lora" else (layer.rank, delta_shape(layer)[1])
+
+
 def dora_axis(dora_scale: torch.Tensor) -> str:
     """"out" for a magnitude per output row ([out, 1, ...]: LyCORIS's default, peft's), "in" per input column
     ([1, in, ...]: what A1111's built-in Lora applies). ComfyUI and Forge read it from the shape, as here."""

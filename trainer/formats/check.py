@@ -3,23 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.lora_state import Adapter, LoraLayer
-from trainer.lora_state import delta_shape as layer_delta_shape
+from trainer.lora_state import Adapter, delta_shape
 
 from .errors import AdapterFormatError
 from .names import diffusers_aliases
 
 Index = dict[str, tuple[str, str, nn.Module]]
-
-
-def delta_shape(layer) -> tuple[int, ...]:
-    """The shape of the layer's update: a LoRA's from its factors (a Tucker core gives the kernel), LoHa's and
-    LoKr's their `shape` (else the product's own)."""
-    if isinstance(layer, LoraLayer):
-        kernel = layer.mid.shape[2:] if layer.mid is not None else layer.down.shape[2:]
-        return (layer.up.shape[0], layer.down.shape[1], *kernel)
-    return layer_delta_shape(layer)
-
 
 
 def check_against_model(adapter: Adapter, index: Index) -> None:

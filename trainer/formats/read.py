@@ -13,7 +13,7 @@ from typing import Iterable
 import safetensors
 import torch
 
-from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, delta_shape
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, rank_and_width
 
 from .errors import AdapterFormatError
 from .fused import split_layers
@@ -93,8 +93,7 @@ def _family(layers: dict[str, LoraLayer], file_meta: dict):
 def family_shapes(layers: dict) -> dict[str, tuple]:
     """name -> (rank, input width), what family_of_adapter tells families by: a LoRA's down [r, in], a LyCORIS
     layer's rank and its update's width (as models.detect.adapter_family reads them)."""
-    return {name: tuple(layer.down.shape[:2]) if layer.kind == "lora" else (layer.rank, delta_shape(layer)[1])
-            for name, layer in layers.items()}
+    return {name: rank_and_width(layer) for name, layer in layers.items()}
 
 
 def _model_shapes(layers: dict, family) -> dict:

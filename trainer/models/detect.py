@@ -32,10 +32,8 @@ def default_family():
 
 def adapter_family(adapter):
     """The family an Adapter was made for (family_of_adapter), the default family when nothing tells."""
-    from trainer.lora_state import delta_shape
-    # (rank, input width): a LyCORIS layer has no `down`, so its width is its update's (shapes only, no maths)
-    shapes = {name: tuple(layer.down.shape[:2]) if layer.kind == "lora" else (layer.rank, delta_shape(layer)[1])
-              for name, layer in adapter.layers.items()}
+    from trainer.lora_state import rank_and_width
+    shapes = {name: rank_and_width(layer) for name, layer in adapter.layers.items()}
     return family_of_adapter(adapter.layers, shapes, adapter.metadata) or default_family()
 
 
