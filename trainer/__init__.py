@@ -38,7 +38,9 @@ Runs
   (the GPU picker)
 Adapters (a source is an adapter file, a checkpoint folder or a run folder, always at its trained strength)
   adapter_file(source), checkpoint_step(file), load_adapter(source) -> Adapter (NaN/inf, integer tensors and all
-  alphas 0 refused), LoraLayer,
+  alphas 0 refused), LoraLayer, LohaLayer, LokrLayer (LyCORIS), consumer_warnings(adapter) (what a consumer would
+  apply otherwise: DoRA's axis), export_plain_lora(src, out, rank, model) (any adapter as a plain LoRA, by SVD),
+  aligned_names(adapter, index), base_weights(index) (the model's weights DoRA layers need),
   check_adapter(source, model_path) (read + fits that model, from its configs), save_adapter(), export_adapter(),
   AdapterFormatError, merge_exact(), merge_svd(), save_merged() (a merged adapter in its family's layouts),
   resize_adapter(), bake(), is_foreign_folder(), analyze(),
@@ -98,7 +100,10 @@ _EXPORTS = {
     # adapters
     **dict.fromkeys(["load_adapter", "check_adapter", "save_adapter", "export_adapter", "AdapterFormatError"],
                     "formats"),
-    **dict.fromkeys(["Adapter", "LoraLayer"], "lora_state"),
+    **dict.fromkeys(["Adapter", "LoraLayer", "LohaLayer", "LokrLayer"], "lora_state"),
+    **dict.fromkeys(["consumer_warnings", "aligned_names"], "formats.check"),
+    "export_plain_lora": "formats.export",
+    "base_weights": "adapters.delta",
     # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
     **dict.fromkeys(["merge_exact", "merge_svd", "save_merged"], "adapters.merge"),
     **dict.fromkeys(["bake", "is_foreign_folder"], "adapters.bake"),

@@ -257,9 +257,8 @@ class ProgressBar:
 
 
 def cmd_export(args) -> int:
-    from trainer import adapter_file, export_adapter, load_adapter, run_checkpoint
-    from trainer.formats.check import consumer_warnings
-    from trainer.formats.export import export_plain_lora
+    from trainer import (adapter_file, consumer_warnings, export_adapter, export_plain_lora, load_adapter,
+                         run_checkpoint)
     src = adapter_file(run_checkpoint(args.source, args.step) if args.step else args.source)
     if (args.format == "lora") != (args.rank is not None):
         raise UserError("--rank R goes with --format lora (and --format lora needs --rank R)")

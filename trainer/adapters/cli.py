@@ -172,9 +172,7 @@ def _with_base(model: str | None, adapters: list) -> tuple[list, dict | None]:
     --model is given; else the adapters as they are and None."""
     if not model:
         return adapters, None
-    from trainer.adapters.delta import base_weights
-    from trainer.formats.check import aligned_names
-    from trainer.models import load_base_model
+    from trainer import aligned_names, base_weights, load_base_model
     index = load_base_model(model).module_index()
     return [aligned_names(adapter, index) for adapter in adapters], base_weights(index)
 
