@@ -270,12 +270,17 @@ def test_full_rank_export_is_exact(written, tiny_model_dir):
 
 
 def test_lycoris_metadata_as_lycoris_writes_it():
-    from types import SimpleNamespace
+    import dataclasses
+    from trainer.config import NetworkSection
     from trainer.formats.metadata import lycoris_network_args
-    net = SimpleNamespace(type="lokr", dora=True, dora_axis="in", conv_rank=8, conv_alpha=4.0, factor=8, alpha=8.0)
+    net = dataclasses.replace(NetworkSection(), type="lokr", dora=True, dora_axis="in", conv_rank=8, conv_alpha=4.0,
+                              factor=8, alpha=8.0)
     assert lycoris_network_args(net) == {"algo": "lokr", "conv_dim": "8", "conv_alpha": "4.0", "factor": "8",
-                                         "dora_wd": "True", "wd_on_output": "False"}
-    assert lycoris_network_args(SimpleNamespace(type="lora", dora=False)) == {}
+                                         "decompose_both": "False", "dora_wd": "True", "wd_on_output": "False"}
+    # a locon's convolutions at the linear layers' rank and alpha when conv_rank/conv_alpha are 0
+    locon = dataclasses.replace(NetworkSection(), type="locon", rank=16, alpha=8.0)
+    assert lycoris_network_args(locon) == {"algo": "locon", "conv_dim": "16", "conv_alpha": "8.0"}
+    assert lycoris_network_args(NetworkSection()) == {}
 
 
 def test_files_lycoris_writes_are_read(model, tmp_path):

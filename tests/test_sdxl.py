@@ -27,7 +27,7 @@ def count(index: dict, prefix: str, targets: list[str]) -> int:
                if p == prefix and any(path == t or path.endswith("." + t) for t in targets))
 
 
-ATTN, FF, PROJ = get_family("sdxl").unet_groups.values()
+ATTN, FF, PROJ = (get_family("sdxl").unet_groups[g] for g in ("attention", "feed_forward", "projections"))
 TE_ATTN, TE_MLP = get_family("sdxl").text_encoder_specs[0].groups.values()
 
 

@@ -38,7 +38,7 @@ def opt(default, help: str, *, choices=None, min=None, max=None, basic=False, la
 
 # the LoRA target groups every family's diffusers models share (trainer.models.family owns the module lists; these
 # are the names the config accepts, for validate() and the help text)
-UNET_GROUP_NAMES = ("attention", "feed_forward", "projections", "adaln")
+UNET_GROUP_NAMES = ("attention", "feed_forward", "projections", "adaln", "conv")
 TEXT_ENCODER_GROUP_NAMES = ("attention", "mlp")
 
 
@@ -151,7 +151,8 @@ class NetworkSection:
                                             "attn2 where present), 'feed_forward' (ff.net.0.proj, ff.net.2; SD3 "
                                             "also ff_context), 'projections' (UNet: proj_in, proj_out), 'adaln' "
                                             "(SD3: the adaLN modulation; diffusers notes training it can hurt "
-                                            "anatomy), or module names.")
+                                            "anatomy), 'conv' (UNet: the convolutions, LoCon's; network.type "
+                                            "locon adds it), or module names.")
     text_encoders: list = opt(["all"], "Text encoders that also get a LoRA: 'all' (every one the base model has), "
                                        "or by kohya prefix: te (SD 1.x and 2.x), te1 (SDXL's CLIP ViT-L, SD3's "
                                        "CLIP-L), te2 (SDXL's OpenCLIP bigG, SD3's CLIP-G), te3 (SD3's T5, never in "
@@ -162,6 +163,39 @@ class NetworkSection:
                                                     "or module names.")
     init: str = opt("gaussian", "Initialisation of A (B starts at zero, so step 0 is the base model).",
                     choices=["gaussian", "kaiming"])
+    # LyCORIS (issue 26): peft trains each type; the defaults below are what users of kohya/LyCORIS report
+    type: str = opt("lora", "Network type. lora: B A (Hu et al. 2021). locon: LoRA plus the UNet's convolutions "
+                            "(the 'conv' target group, added for you) at conv_rank/conv_alpha; about 1.5-2x the "
+                            "parameters of the same-rank LoRA. loha: (B1 A1) o (B2 A2), rank up to r^2 for twice "
+                            "LoRA's parameters; rank <= 32 (16/8 typical), each step computes the full delta (slower "
+                            "and more memory than LoRA). lokr: W1 kron W2 with network.factor; very few parameters "
+                            "(factor -1) and a small file; users often raise the learning rate. Every type loads in "
+                            "A1111 1.5+, ComfyUI and Forge; diffusers loads lora/locon only.",
+                    choices=["lora", "locon", "loha", "lokr"], basic=True, label="Network type")
+    dora: bool = opt(False, "DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW||, a trained magnitude m per "
+                            "output row (or input column, dora_axis) over the update of any type (users ask for "
+                            "it on LoRA and LoKr); often better at the same rank, slower per step (each adapted "
+                            "weight's norm is rebuilt every forward pass).",
+                     label="DoRA")
+    dora_axis: str = opt("out", "The axis of DoRA's magnitude: out (per output row: peft's and LyCORIS's default) "
+                                "or in (per input column, OneTrainer's: the only axis A1111's built-in Lora applies, "
+                                "and ComfyUI/Forge apply it as trained too). Pick 'in' for files shared with A1111 "
+                                "users; same cost either way.",
+                         choices=["out", "in"], label="DoRA axis")
+    conv_rank: int = opt(0, "Rank of the k x k convolutions (the 'conv' group: resnets' conv1/conv2, down- and "
+                            "upsamplers, conv_in/conv_out; LoCon, and LoHa/LoKr when 'conv' is a target); 1x1 "
+                            "convolutions use network.rank as kohya does. 0 = network.rank. LoCon: <= 64; a 3x3 "
+                            "conv's down factor holds 9x the parameters of a linear one's per unit of rank.",
+                         min=0, max=1024)
+    conv_alpha: float = opt(0.0, "Alpha of the k x k convolutions (scale conv_alpha/conv_rank); 0 = network.alpha. "
+                                 "1 to conv_rank/2 is what LoCon users pick.", min=0.0)
+    factor: int = opt(-1, "LoKr: split each dimension n into f x n/f with f as close to factor as divides n; -1 = as "
+                          "square as possible (fewest parameters), ~8 keeps more of W2's detail (more parameters).",
+                      min=-1, max=1024)
+    decompose_both: bool = opt(False, "LoKr: make W1 low-rank too (rank network.rank) where that is smaller; fewer "
+                                      "parameters, less capacity.")
+    tucker: bool = opt(False, "LoHa/LoKr: Tucker form (a rank x rank x k x k core) for k x k convolutions, "
+                              "LyCORIS's use_tucker; fewer parameters for 3x3 convs. Not for lora/locon.")
 
 
 @dataclass
@@ -765,6 +799,21 @@ def _network_problems(cfg: TrainConfig) -> list[str]:
         problems.append("network.unet_targets is empty and no text encoder is trained: nothing would be trained")
     if cfg.optimizer.unet_lr == 0 and not te_trains:
         problems.append("optimizer.unet_lr is 0 and no text encoder is trained: nothing would change")
+    return problems + _lycoris_problems(net)
+
+
+def _lycoris_problems(net: NetworkSection) -> list[str]:
+    """What cannot be trained among network.type / dora / factor / tucker, one line each (trainer.network)."""
+    lycoris = net.type in ("loha", "lokr")
+    problems = []
+    if lycoris and net.dropout > 0:  # peft's LoHa/LoKr have rank/module dropout only, drawn per process
+        problems.append(f"network.dropout is {net.dropout:g}, but {net.type} has no input dropout; set it to 0")
+    if net.factor == 0:
+        problems.append("network.factor 0 is no factor; use -1 (as square as possible) or a number >= 1")
+    if net.tucker and not lycoris:  # peft's LoRA has no Tucker core (LyCORIS's lora_mid)
+        problems.append(f"network.tucker is for loha and lokr; network.type {net.type} trains without it")
+    if net.decompose_both and net.type != "lokr":
+        problems.append(f"network.decompose_both is for lokr; network.type is {net.type}")
     return problems
 
 

@@ -3,9 +3,15 @@
 h = W0 x + (alpha / r) B A x with W0 frozen, A random and B zero, so step 0 is exactly the base model (Hu et al.
 2021, section 4.1). peft owns the layers; this module only decides where they go: the base model's family names
 its text encoders (kohya prefix -> module) and its target groups.
+
+network.type picks the peft tuner (issue 26): LoraConfig for lora and locon (with use_dora for DoRA), LoHaConfig
+for loha, LoKrConfig for lokr; each starts as the base model too (B, hada_w2_b, lokr_w2 zero). k x k convolutions
+get network.conv_rank / conv_alpha through peft's per-module rank_pattern / alpha_pattern. DoRA is peft's on LoRA
+per output row, and _own_dora's (a magnitude and a hook per layer) on LoHa/LoKr and on the input axis.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -45,11 +51,119 @@ class TargetError(UserError, ValueError):
     """A target module name that matches nothing in the model."""
 
 
-def _lora_config(cfg: C.TrainConfig, targets: list[str]):
+# every peft parameter of an adapter, by its name in named_parameters ('<module>.<kind>.<adapter>[.weight]'): LoRA's
+# A and B and DoRA's magnitude (peft/tuners/lora/layer.py adapter_layer_names), LoHa's and LoKr's factors
+# (peft/tuners/loha/layer.py and lokr/layer.py adapter_layer_names)
+_TRAINABLE = re.compile(r"\.(?:lora_A|lora_B|lora_magnitude_vector|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?"
+                        rf"|lokr_t2|dora_magnitude)\.{ADAPTER_NAME}(?:\.|$)")
+DORA_MAGNITUDE = "dora_magnitude"  # the DoRA magnitude _own_dora adds beside peft's parameters
+
+
+def _peft_config(cfg: C.TrainConfig, targets: list[str], model: nn.Module):
+    """The peft config of network.type for `targets` of `model`."""
+    net = cfg.network
+    ranks, alphas = _conv_patterns(model, targets, net)
+    common = {"r": net.rank, "target_modules": targets, "rank_pattern": ranks, "alpha_pattern": alphas}
+    if net.type == "loha":  # use_effective_conv2d is LyCORIS's use_tucker (peft/tuners/loha/layer.py update_layer)
+        from peft import LoHaConfig
+        return LoHaConfig(alpha=net.alpha, use_effective_conv2d=net.tucker, **common)
+    if net.type == "lokr":
+        from peft import LoKrConfig
+        # "lycoris": w2 (or w2_b) starts at zero and w1 random, as LyCORIS's own LoKr (peft's True zeroes w1)
+        return LoKrConfig(alpha=net.alpha, use_effective_conv2d=net.tucker, decompose_both=net.decompose_both,
+                          decompose_factor=net.factor, init_weights="lycoris", **common)
     from peft import LoraConfig
-    init = "gaussian" if cfg.network.init == "gaussian" else True  # peft's True: kaiming-uniform A, zero B
-    return LoraConfig(r=cfg.network.rank, lora_alpha=cfg.network.alpha, target_modules=targets,
-                      lora_dropout=cfg.network.dropout, init_lora_weights=init, bias="none")
+    init = "gaussian" if net.init == "gaussian" else True  # peft's True: kaiming-uniform A, zero B
+    return LoraConfig(lora_alpha=net.alpha, lora_dropout=net.dropout, init_lora_weights=init, bias="none",
+                      use_dora=_peft_dora(net), **common)
+
+
+def _peft_dora(net) -> bool:
+    """DoRA by peft's own LoRA layers: per output row only (peft/tuners/lora/dora.py get_weight_norm); other DoRA
+    is _own_dora's."""
+    return net.dora and net.type in ("lora", "locon") and net.dora_axis == "out"
+
+
+def _conv_patterns(model: nn.Module, targets: list[str], net) -> tuple[dict[str, int], dict[str, float]]:
+    """peft rank_pattern / alpha_pattern giving each targeted k x k convolution conv_rank / conv_alpha (1x1 ones
+    keep the linear rank, as LyCORIS kohya.py lines 428-436 and kohya's networks/lora.py do). peft matches a key as
+    a regular expression against the module path's end (peft/utils/other.py get_pattern_key), so paths are escaped."""
+    rank, alpha = net.conv_rank or net.rank, net.conv_alpha or net.alpha
+    if (rank, alpha) == (net.rank, net.alpha):
+        return {}, {}
+    convs = [re.escape(name) for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and any(_takes(name, t) for t in targets)]
+    return {k: rank for k in convs}, {k: alpha for k in convs}
+
+
+def _own_dora(model: nn.Module, axis: str) -> None:
+    """DoRA where peft has none: over LoHa and LoKr (peft 0.21), and on the input axis for every type (peft's LoRA
+    DoRA normalises per output row only). Each adapted layer gets a magnitude m, kept in the shape of LyCORIS's
+    dora_scale ([out, 1, ...] or [1, in, ...], lycoris/modules/locon.py lines 117-135) and starting at ||W0|| along
+    that axis, so step 0 is the base model; the norm ||W0 + dW|| is detached, as peft's DoRA does (DoRA paper,
+    section 4.3). W' = (W0 + dW) m / ||W0 + dW|| scales rows (axis out) or columns (axis in); both commute with the
+    layer, so a hook rescales the output less its bias, or the input, instead of the weight."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+    hook = _rescale_output if axis == "out" else _rescale_input
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, LycorisLayer)) and ADAPTER_NAME in module.r:
+            magnitude = nn.Parameter(_norms(module.get_base_layer().weight.detach().float(), axis))
+            setattr(module, DORA_MAGNITUDE, nn.ParameterDict({ADAPTER_NAME: magnitude}))
+            if axis == "out":
+                module.register_forward_hook(hook)
+            else:
+                module.register_forward_pre_hook(hook)
+
+
+def _norms(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """The L2 norm of each output row ([out, 1, ...]) or input column ([1, in, ...]) of a weight."""
+    if axis == "out":
+        return weight.flatten(1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    return weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+def _dora_scale(module: nn.Module, axis: str) -> torch.Tensor | None:
+    """m / ||W0 + dW|| as a vector over the axis, or None while the adapter is off (lora_off, merged)."""
+    if module.disable_adapters or module.merged or ADAPTER_NAME not in module.active_adapters:
+        return None
+    with torch.no_grad():
+        merged = module.get_base_layer().weight.float() + module.get_delta_weight(ADAPTER_NAME).float()
+        norm = _norms(merged, axis)
+    return (getattr(module, DORA_MAGNITUDE)[ADAPTER_NAME] / norm).flatten()
+
+
+def _per_channel(scale: torch.Tensor, x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """scale shaped to multiply x's channels: [C, 1, 1] for a convolution's [N, C, H, W], [C] for a Linear's."""
+    return (scale.reshape(-1, *[1] * (x.dim() - 2)) if conv else scale).to(x.dtype)
+
+
+def _rescale_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    scale = _dora_scale(module, "out")
+    if scale is None:
+        return output
+    base = module.get_base_layer()
+    scale = _per_channel(scale, output, isinstance(base, nn.Conv2d))
+    if base.bias is None:
+        return output * scale
+    bias = base.bias.reshape(scale.shape).to(output.dtype)
+    return (output - bias) * scale + bias
+
+
+def _rescale_input(module: nn.Module, args):
+    scale = _dora_scale(module, "in")
+    if scale is None:
+        return None
+    x, *rest = args
+    return (x * _per_channel(scale, x, isinstance(module.get_base_layer(), nn.Conv2d)), *rest)
+
+
+def unet_target_names(cfg: C.TrainConfig, family) -> list[str]:
+    """network.unet_targets, plus the 'conv' group for LoCon where the family's denoiser has one (UNets)."""
+    names = list(cfg.network.unet_targets)
+    if cfg.network.type == "locon" and "conv" in family.unet_groups and "conv" not in names:
+        names.append("conv")
+    return names
 
 
 def _takes(name: str, target: str) -> bool:
@@ -69,7 +183,6 @@ def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str,
     """`excluded`: patterns (regular expressions, matched against the whole module path) of modules a suffix
     target must not take (FLUX's final proj_out beside its single blocks'): then peft is given the matching paths
     themselves."""
-    import re
     from peft import inject_adapter_in_model
     _check_targets(model, targets, what, key)
     if excluded:
@@ -77,10 +190,12 @@ def _inject(model: nn.Module, cfg: C.TrainConfig, targets: list[str], what: str,
         targets = [n for n, _ in model.named_modules()
                    if not skip.fullmatch(n) and any(_takes(n, t) for t in targets)]
     model.requires_grad_(False)
-    inject_adapter_in_model(_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(_peft_config(cfg, targets, model), model, adapter_name=ADAPTER_NAME)
+    if cfg.network.dora and not _peft_dora(cfg.network):
+        _own_dora(model, cfg.network.dora_axis)
     params = {}
     for name, p in model.named_parameters():
-        trainable = ".lora_A." in name or ".lora_B." in name
+        trainable = bool(_TRAINABLE.search(name))
         p.requires_grad_(trainable)
         if trainable:
             params[name] = p
@@ -117,7 +232,7 @@ def text_encoder_problems(family, cfg: C.TrainConfig) -> list[str]:
 def inject_lora(base, cfg: C.TrainConfig) -> LoraParams:
     """Add a LoRA adapter named 'default' to base.denoiser and to each text encoder that trains."""
     family = base.family
-    unet_targets = C.expand_targets(cfg.network.unet_targets, family.unet_groups)
+    unet_targets = C.expand_targets(unet_target_names(cfg, family), family.unet_groups)
     unet = _inject(base.denoiser, cfg, unet_targets, family.denoiser_label, "unet_targets",
                    family.excluded_targets) if unet_targets else {}
     per_image_dropout(base.denoiser, ADAPTER_NAME, "unet")  # each image's mask from its own seed, whichever process

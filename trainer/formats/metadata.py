@@ -80,20 +80,20 @@ def lycoris_network_args(net) -> dict[str, str]:
     """The --network_args a LyCORIS training of this network would be given, as sd-scripts records them in
     ss_network_args (train_network.py: json.dumps(net_kwargs), each value the string after '='); {} for plain LoRA,
     whose metadata stays sd-scripts' networks.lora."""
-    kind, dora = getattr(net, "type", "lora"), bool(getattr(net, "dora", False))
+    kind, dora = net.type, net.dora
     if kind == "lora" and not dora:
         return {}
     args = {"algo": _ALGOS[kind]}
-    if kind != "lora" and getattr(net, "conv_rank", None):
-        args["conv_dim"] = str(net.conv_rank)
-        args["conv_alpha"] = str(getattr(net, "conv_alpha", net.alpha))
+    if kind != "lora":  # the k x k convolutions' rank and alpha (0: the linear layers')
+        args["conv_dim"] = str(net.conv_rank or net.rank)
+        args["conv_alpha"] = str(net.conv_alpha or net.alpha)
+    if kind in ("loha", "lokr") and net.tucker:
+        args["use_tucker"] = "True"  # LyCORIS's name (kohya.py network args)
     if kind == "lokr":
-        args["factor"] = str(getattr(net, "factor", -1))
-        for field in ("decompose_both", "full_matrix"):  # LyCORIS's LoKr switches, where the config has them
-            if getattr(net, field, None) is not None:
-                args[field] = str(bool(getattr(net, field)))
+        args["factor"] = str(net.factor)
+        args["decompose_both"] = str(net.decompose_both)
     if dora:
         args["dora_wd"] = "True"
         # LyCORIS normalises per output row unless wd_on_output=False (kohya.py:68, modules/locon.py:116-135)
-        args["wd_on_output"] = str(getattr(net, "dora_axis", "out") != "in")
+        args["wd_on_output"] = str(net.dora_axis != "in")
     return args

@@ -25,6 +25,11 @@ UNET_GROUPS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "feed_forward": ["ff.net.0.proj", "ff.net.2"],
     "projections": ["proj_in", "proj_out"],
+    # LoCon: the convolutions of ResnetBlock2D, Downsample2D, Upsample2D and conv_in / conv_out, as LyCORIS's
+    # kohya.py (4.1.3) lines 255-288 target them (it also takes the resnets' time_emb_proj and the time embedding's
+    # linears: list those by name to match it). conv_shortcut is the 1x1 conv of a resnet that changes width, which
+    # kohya's and LyCORIS's LoCon adapt too, at the linear rank (kohya.py lines 428-436: 1x1 -> lora_dim).
+    "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "conv_out"],
 }
 TEXT_ENCODER_GROUPS = {
     "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
