@@ -168,6 +168,25 @@ def test_cli_validation_loss_falls(tiny_model_dir, tmp_path, overrides):
     assert len(losses) == 5
     assert losses[-1] < 0.8 * losses[0]
     assert code == 0, [e for e in events if e["type"] == "failed"]
+    assert_lycoris_reads_the_file_as_trained(run_dir / "t.safetensors", tiny_model_dir)
+
+
+def assert_lycoris_reads_the_file_as_trained(path, model_dir):
+    """The run's file, read by LyCORIS itself (its modules made from the file's tensors, as lycoris/kohya.py
+    create_network_from_weights makes them) and by loradesk, gives the same weight for every module (fp32): what
+    LyCORIS's forward uses against applied(W0)."""
+    import safetensors.torch
+    from test_lycoris_files import lycoris_module, lycoris_weight, rel
+    from trainer.formats import load_adapter
+    from trainer.models import load_base_model
+    state = safetensors.torch.load_file(str(path))
+    adapter = load_adapter(str(path))
+    index = load_base_model(str(model_dir)).module_index()
+    worst = max(rel(layer.applied(index[name][2].weight.detach()),
+                    lycoris_weight(lycoris_module(state, name, index[name][2]), index[name][2]))
+                for name, layer in adapter.layers.items())
+    print(f"{path.name}: {len(adapter.layers)} modules, LyCORIS vs loradesk relative difference {worst:.1e}")
+    assert worst < 1e-5
 
 
 def test_lokr_dora_resume_is_bit_exact(tiny_model_dir, image_dir, tmp_path):
