@@ -245,3 +245,11 @@ def test_two_processes_train_the_lokr_dora_one_process_trains(tiny_model_dir, tm
     one = train_processes(tiny_model_dir, data, tmp_path / "runs", "one", 1, "dataset.batch_size=4", *extra)
     two = train_processes(tiny_model_dir, data, tmp_path / "runs", "two", 2, "dataset.batch_size=2", *extra)
     assert_close(two / "two.safetensors", one / "one.safetensors")
+
+
+def test_locon_on_a_transformer_without_convolutions_is_refused_by_name():
+    from trainer.models import get_family
+    from trainer.network import TargetError, unet_target_names
+    with pytest.raises(TargetError, match="locon adapts the UNet's convolutions.*FLUX.1's transformer has none"):
+        unet_target_names(_cfg("network.type=locon"), get_family("flux"))
+    assert "conv" in unet_target_names(_cfg("network.type=locon"), get_family("sd1"))

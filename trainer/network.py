@@ -161,7 +161,10 @@ def _rescale_input(module: nn.Module, args):
 def unet_target_names(cfg: C.TrainConfig, family) -> list[str]:
     """network.unet_targets, plus the 'conv' group for LoCon where the family's denoiser has one (UNets)."""
     names = list(cfg.network.unet_targets)
-    if cfg.network.type == "locon" and "conv" in family.unet_groups and "conv" not in names:
+    if cfg.network.type == "locon" and "conv" not in family.unet_groups:
+        raise TargetError(f"network.type = locon adapts the UNet's convolutions, and {family.label}'s "
+                          f"{family.denoiser_label} has none to adapt; use network.type = lora")
+    if cfg.network.type == "locon" and "conv" not in names:
         names.append("conv")
     return names
 
