@@ -18,6 +18,9 @@ from .errors import AppError
 from .files import UploadError, copy_atomic, safe_filename, unique_path
 
 NUM_SLOTS = 4
+# the rank a blend holding LyCORIS layers is written at (a plain LoRA, by SVD) unless the user gives one (issue 26;
+# the status line says how much of the blend's norm it kept)
+LYCORIS_BLEND_RANK = 32
 
 
 @dataclass
@@ -250,8 +253,18 @@ def export_run_adapter(run_dir: Path, out_dir: Path, format: str = "kohya", dtyp
     return Path(export_adapter(src, out_dir / f"{name}-{format}-{dtype}.safetensors", format, dtype))
 
 
-def export_blend(settings, model_path: str, slots: list[Slot], rank: int | None = None) -> Path:
-    """The Generate tab's current blend as one adapter file in adapters/ (exact when rank is None)."""
+def export_blend(settings, model_path: str, slots: list[Slot], rank: int | None = None,
+                 lycoris_rank: int | None = LYCORIS_BLEND_RANK) -> Path:
+    """The Generate tab's current blend as one adapter file in adapters/ (exact when rank is None and the blend
+    holds plain LoRA only; see export_blend_report)."""
+    return export_blend_report(settings, model_path, slots, rank, lycoris_rank)[0]
+
+
+def export_blend_report(settings, model_path: str, slots: list[Slot], rank: int | None = None,
+                        lycoris_rank: int | None = LYCORIS_BLEND_RANK) -> tuple[Path, str]:
+    """The blend's file and the status line's report of it: how much of the blend's norm a rank kept ("" for an
+    exact blend). Without `rank`, a blend that cannot be written exactly (LyCORIS layers: LoHa, LoKr, LoCon's
+    Tucker core, DoRA) becomes a plain LoRA at `lycoris_rank`."""
     check_numbers(slots)
     if not any(s.path and s.enabled and s.weight for s in slots):
         raise AppError("Enable at least one adapter with a non-zero weight to export a blend.")
@@ -259,8 +272,38 @@ def export_blend(settings, model_path: str, slots: list[Slot], rank: int | None 
         folder = Path(settings.adapters_dir)
         folder.mkdir(parents=True, exist_ok=True)
         out = unique_path(folder, f"blend-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
-        gen.export_blend(out, rank=rank)
-        return out
+        report, used = _write_blend(gen, out, rank, lycoris_rank)
+        return out, kept_text(report, used)
+
+
+def _write_blend(gen, out: Path, rank: int | None, lycoris_rank: int | None) -> tuple[dict | None, int | None]:
+    """(the engine's report, the rank used). Which blends are exact is the engine's rule: merge_exact refuses
+    LyCORIS layers (AdapterFormatError naming --rank, trainer/adapters/merge.py _refuse_typed), and only then is
+    the blend written again at lycoris_rank. A plain blend refused for another reason is refused at a rank too
+    (merge_svd stacks a plain blend exactly first), so no plain blend is ever compressed behind the user's back."""
+    from trainer import AdapterFormatError
+    if rank is not None:
+        return gen.export_blend(out, rank=rank), rank
+    try:
+        return gen.export_blend(out), None
+    except AdapterFormatError:
+        if lycoris_rank is None:
+            raise
+        return gen.export_blend(out, rank=lycoris_rank), lycoris_rank
+
+
+def kept_text(report: dict | None, rank: int | None) -> str:
+    """One line from merge_svd's report: the norm kept overall and by the worst layer, and which LyCORIS layers
+    became plain LoRA (as the CLI's blend prints it, trainer/adapters/cli.py _print_report)."""
+    if report is None:
+        return ""
+    worst, layer = min(report["layers"].items(), key=lambda kv: kv[1]["kept"])
+    line = (f"Rank {rank}: kept {report['kept_overall']:.2%} of the blend's norm (lowest layer {layer['kept']:.2%}, "
+            f"{worst}).")
+    if report.get("converted"):
+        kinds = ", ".join(f"{n} {kind}" for kind, n in report["converted"].items())
+        line += f" LyCORIS layers became plain LoRA by SVD of their deltas: {kinds}."
+    return line
 
 
 def analyze_slots(settings, slots: list[Slot], progress=None) -> tuple[list[tuple[str, str]], str]:

@@ -32,6 +32,18 @@ def blend_rank(value) -> int | None:
     return rank or None
 
 
+def lycoris_rank(value) -> int:
+    """The LyCORIS rank box: the rank a blend that cannot be written exactly becomes a plain LoRA at."""
+    if value in (None, "") or int(value) < 1:
+        raise AppError("The rank for LyCORIS layers must be at least 1 (32, say): a blend holding LoHa, LoKr or DoRA "
+                       "layers is written as a plain LoRA of that rank.")
+    return int(value)
+
+
+def blend_status(path: Path, kept: str) -> str:
+    return " ".join(filter(None, [f"Wrote **{path.name}**; it is in the adapter lists now.", kept]))
+
+
 def run_names(settings: AppSettings) -> list[str]:
     return [info.run_dir.name for info in list_runs(settings.runs_dir)]
 
@@ -109,10 +121,16 @@ def _analysis_box(c: dict) -> None:
 def _blend_box(c: dict) -> None:
     with gr.Accordion("Export the blend", open=False):
         gr.Markdown("Write the enabled adapters at their weights as one adapter file (exact: the ranks add up; give "
-                    "a rank to compress it by SVD). The file appears in the adapter lists above.")
+                    "a rank to compress it by SVD; LyCORIS layers always go through SVD). The file appears in the "
+                    "adapter lists above.")
         with gr.Row():
             c["rank"] = gr.Number(0, label="Rank (0 = exact)", precision=0, elem_id="blend-rank",
                                   info="0 adds the ranks up exactly; 16, for example, compresses by SVD.")
+            c["lycoris_rank"] = gr.Number(G.LYCORIS_BLEND_RANK, label="Rank for LyCORIS blends", precision=0,
+                                          elem_id="blend-lycoris-rank",
+                                          info="Used at rank 0 when an adapter has LoHa, LoKr, Tucker LoCon or DoRA "
+                                               "layers: no exact sum of those is one file, so the blend becomes a "
+                                               "plain LoRA of this rank by SVD (the status says the norm it kept).")
             c["blend_btn"] = gr.Button("Export blend", elem_id="blend-btn")
         c["blend_file"] = gr.File(label="Blend file", interactive=False, visible=False, elem_id="blend-file")
 
@@ -195,13 +213,13 @@ def _wire_tools(settings: AppSettings, c: dict) -> None:
     paths = c["slots"][0::3]
 
     def on_blend(model_path, *rest):
-        slot_values, r = rest[:-1], rest[-1]
-        path = G.export_blend(s, model_path, slots_from(list(slot_values)), blend_rank(r))
-        return (gr.update(value=str(path), visible=True), f"Wrote **{path.name}**; it is in the adapter lists now.",
-                *_choices(s))
+        slot_values, (r, lr) = rest[:-2], rest[-2:]
+        path, kept = G.export_blend_report(s, model_path, slots_from(list(slot_values)), blend_rank(r),
+                                           lycoris_rank(lr))
+        return gr.update(value=str(path), visible=True), blend_status(path, kept), *_choices(s)
 
     blend_outputs = [c["blend_file"], c["status"], *paths, c["run"]]
-    c["blend_btn"].click(guarded(on_blend, blend_outputs, c["status"]), inputs + [c["rank"]], blend_outputs,
+    c["blend_btn"].click(guarded(on_blend, blend_outputs, c["status"]), inputs + [c["rank"], c["lycoris_rank"]], blend_outputs,
                          concurrency_limit=1, concurrency_id="device")
 
     def on_analyze(progress=gr.Progress(), *slot_values):

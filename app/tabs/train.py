@@ -201,6 +201,14 @@ def changed(view: dict, sent: dict, now: float | None = None) -> tuple[list, dic
     return out, stamps
 
 
+def network_visibility(settings: AppSettings, values: list) -> list[bool]:
+    """Whether each of forms.switched_fields() shows for the network the form describes (its type, DoRA, targets):
+    the fields that apply to it, and any with a problem (forms.network_fields_shown)."""
+    cfg, errors = to_config(settings, values)
+    shown = F.network_fields_shown(cfg, errors)
+    return [shown[key] for key in F.switched_fields()]
+
+
 def compared_text(name: str, seconds: float) -> str:
     return f"Compared the checkpoints of **{name}** in {seconds:.0f} s (rows: checkpoints, oldest first)."
 
@@ -481,6 +489,7 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
                         [path_box, c["trigger"]])
     path_box.blur(trigger_note, [path_box], [c["trigger"]], show_progress="hidden")
     _wire_model_defaults(c)
+    _wire_network(s, demo, c)
     by_key["dataset.resolution"].change(lambda r: r if r else gr.skip(), [by_key["dataset.resolution"]],
                                         [c["bucket_resolution"]], show_progress="hidden")
     c["dataset_picker"].change(lambda name: gr.update(choices=D.list_datasets(s.data_dir)), [c["dataset_picker"]],
@@ -494,6 +503,18 @@ def _wire_form(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
         return gr.update(value=ticked_gpus(processes, gpus)) if len(visible_gpus()) > 1 else gr.skip()
     gr.on([f.change for f in fields], follow, fields, [c["gpus"]], show_progress="hidden")
     demo.load(lambda: gr.update(choices=D.list_datasets(s.data_dir)), None, [c["dataset"]])
+
+
+def _wire_network(settings: AppSettings, demo: gr.Blocks, c: dict) -> None:
+    """The fields that apply to the form's network show: when the page loads (not while it is built: the
+    complete check loads torch) and when its type, DoRA or targets change (by hand, a preset, a loaded run)."""
+    switched = [c["by_key"][key] for key in F.switched_fields()]
+
+    def on_network(*vals):
+        return [gr.update(visible=shown) for shown in network_visibility(settings, list(vals))]
+
+    gr.on([demo.load] + [c["by_key"][key].change for key in F.NETWORK_SWITCHES], guarded(on_network, switched),
+          c["inputs"], switched, show_progress="hidden", trigger_mode="always_last")
 
 
 def _wire_model_defaults(c: dict) -> None:
