@@ -258,3 +258,20 @@ def test_cli_resize_says_lycoris_layers_became_lora(model, tmp_path, capsys, mon
     lyco.layers[Q] = lokr(index[Q][2].weight, g, dora="out")
     assert cli.main(["resize", str(source), "--rank", "2", "--out", str(tmp_path / "out.safetensors")]) == 2
     assert "base model (--model)" in capsys.readouterr().err
+
+
+def test_plain_lora_export_is_resize(model):
+    """export --format lora is the toolkit's resize (one rule): the same layers, bit for bit, and its report's kept
+    shares are resize's."""
+    from trainer.formats.export import plain_lora
+    index = model["index"]
+    lyco, base = lycoris_adapter(index, seed=18), base_weights(index)
+    plain, report = plain_lora(lyco, 3, base)
+    resized, expected = resize(lyco, rank=3, base=base)
+    for name, layer in resized.layers.items():
+        assert torch.equal(plain.layers[name].down, layer.down) and torch.equal(plain.layers[name].up, layer.up)
+    worst = min(expected["layers"].items(), key=lambda item: item[1]["kept"])
+    assert (report.kept, report.worst, report.worst_layer) == (expected["kept_overall"], worst[1]["kept"], worst[0])
+    assert 0 < report.worst < report.kept < 1 and report.layers == len(lyco)
+    with pytest.raises(AdapterFormatError, match="base model"):
+        plain_lora(lyco, 3)

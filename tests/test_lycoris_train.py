@@ -16,7 +16,7 @@ from trainer.formats.from_model import adapter_from_model
 from trainer.formats.names import module_index
 from trainer.lora_state import dora_axis
 from trainer.models import get_family
-from trainer.network import inject_lora, load_lora_state_dict, lora_state_dict
+from trainer.network import inject_lora, load_lora_state_dict, lora_off, lora_state_dict
 
 CONV = "network.unet_targets=['attention', 'conv']"
 CASES = {  # id -> config overrides; each trains attention (and the convolutions where named)
@@ -148,10 +148,16 @@ def test_checkpoint_state_round_trips_by_name():
         assert torch.equal(fresh.eval()(*x).sample, unet(*x).sample)
 
 
-@pytest.mark.parametrize("overrides", [["network.type=locon", "network.dora=true"], ["network.type=loha", CONV],
-                                       ["network.type=lokr", CONV],
-                                       ["network.type=lokr", "network.dora=true", "network.dora_axis=in", CONV]],
-                         ids=["locon+dora", "loha", "lokr", "lokr+dora_in"])
+CLI_CASES = ("lora+dora", "lora+dora_in", "locon+dora", "loha", "lokr", "lokr+dora", "lokr+dora_in")
+
+
+# the tiny UNet learns mostly through its convolutions: the lora cases train attention, feed-forward and projection
+# layers (not 'conv', which would make them locon+dora's run) and are held to a smaller, steady fall
+WIDER = "network.unet_targets=['attention', 'feed_forward', 'projections']"
+
+
+@pytest.mark.parametrize("overrides", [CASES[case] + ([WIDER] if case.startswith("lora") else []) for case in CLI_CASES],
+                         ids=CLI_CASES)
 def test_cli_validation_loss_falls(tiny_model_dir, tmp_path, overrides):
     from trainer.__main__ import main
     data = make_images(tmp_path / "data", n=8, size=32)
@@ -166,7 +172,10 @@ def test_cli_validation_loss_falls(tiny_model_dir, tmp_path, overrides):
     losses = [e["loss"] for e in events if e["type"] == "validation"]
     print(overrides, "validation losses", [round(v, 4) for v in losses], "exit", code)
     assert len(losses) == 5
-    assert losses[-1] < 0.8 * losses[0]
+    if WIDER in overrides:  # the tiny UNet's attention and MLPs move it slowly: falling all the way, by 3% or more
+        assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.97 * losses[0]
+    else:
+        assert losses[-1] < 0.8 * losses[0]
     assert code == 0, [e for e in events if e["type"] == "failed"]
     assert_lycoris_reads_the_file_as_trained(run_dir / "t.safetensors", tiny_model_dir)
 
@@ -205,7 +214,6 @@ def test_lokr_dora_resume_is_bit_exact(tiny_model_dir, image_dir, tmp_path):
 def test_dora_on_lokr_starts_as_the_base_model_and_switches_off():
     """The magnitude starts at ||W0|| per row, so step 0 is the base model; lora_off (validation's base model
     pass) turns the rescaling off with the adapter."""
-    from trainer.network import lora_off
     unet = tiny_components(0)["unet"]
     base = copy.deepcopy(unet)
     params = _inject(unet, _cfg("network.type=lokr", "network.dora=true", CONV))
@@ -227,6 +235,9 @@ def test_dora_on_lokr_starts_as_the_base_model_and_switches_off():
     (["network.type=lokr", "network.factor=0"], "network.factor 0"),
     (["network.tucker=true"], "network.tucker is for loha and lokr"),
     (["network.type=loha", "network.decompose_both=true"], "decompose_both is for lokr"),
+    (["network.type=lokr", "saving.format=diffusers"], "saving.format = diffusers cannot hold network.type = lokr"),
+    (["network.type=loha", "saving.format=diffusers"], "saving.format = diffusers cannot hold network.type = loha"),
+    (["network.dora=true", "saving.format=diffusers"], "saving.format = diffusers cannot hold network.dora"),
 ])
 def test_config_problems(overrides, expected):
     cfg = C.TrainConfig()
@@ -253,3 +264,83 @@ def test_locon_on_a_transformer_without_convolutions_is_refused_by_name():
     with pytest.raises(TargetError, match="locon adapts the UNet's convolutions.*FLUX.1's transformer has none"):
         unet_target_names(_cfg("network.type=locon"), get_family("flux"))
     assert "conv" in unet_target_names(_cfg("network.type=locon"), get_family("sd1"))
+
+
+@pytest.mark.parametrize("overrides", [[], ["network.type=locon"], ["saving.format=kohya", "network.type=lokr"]])
+def test_diffusers_layout_takes_plain_lora_files(overrides):
+    """lora and locon write plain LoRA layers, which the diffusers layout holds; only LyCORIS layers are refused."""
+    cfg = C.TrainConfig()
+    C.apply_overrides(cfg, ["saving.format=diffusers", *overrides])
+    assert not any("saving.format" in p for p in C.validate(cfg, check_paths=False))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
+@pytest.mark.parametrize("overrides", [["network.type=loha"], ["network.type=lokr"], ["network.dora=true"]],
+                         ids=["loha", "lokr", "dora"])
+def test_lycoris_layers_on_a_family_whose_files_fuse_modules_are_refused_at_setup(family, overrides):
+    """SD3, FLUX.1 and FLUX.2 files fuse modules (q/k/v into one), which LoHa, LoKr and DoRA layers cannot be
+    (formats/write.py _lycoris_file): refused when the adapter is injected, before the first step, not at the
+    first checkpoint. One line that names the field and the fix."""
+    from trainer.network import TargetError
+    with pytest.raises(TargetError) as refused:
+        _inject(tiny_components(0)["unet"], _cfg(*overrides), family)
+    message = str(refused.value)
+    assert "\n" not in message and get_family(family).label in message, message
+    assert ("network.dora" if "dora" in overrides[0] else "network.type") in message, message
+    assert "network.type = lora" in message or "network.dora = false" in message, message
+
+
+def test_lycoris_layers_on_sd1_are_not_refused():
+    from trainer.network import unet_target_names
+    for overrides in (["network.type=lokr"], ["network.type=loha"], ["network.dora=true"]):
+        assert unet_target_names(_cfg(*overrides), get_family("sd1")) == ["attention"]
+        assert unet_target_names(_cfg(*overrides), get_family("sdxl")) == ["attention"]
+
+
+@pytest.mark.parametrize("case", ["lokr+dora", "loha+dora", "lora+dora_in", "lokr+dora_in"])
+def test_own_dora_hook_in_bf16_is_within_bf16_rounding_of_the_fp32_merge(case):
+    """Mixed precision as on a GPU (frozen weights bf16, bf16 autocast), factors and magnitudes moved (these by up
+    to 0.5%, below bf16's spacing near 1): the hook's output is as close to the fp32 hand merge (applied(W0)) as
+    the merged weight computed in bf16 is, within 1.35x (mean relative error). Measured: 1.00-1.30x; with the
+    scale cast to bf16 before multiplying (the hook before review 26's 5d) 1.14-1.46x, the input axis worst."""
+    unet = tiny_components(0)["unet"].to(torch.bfloat16)
+    params = _inject(unet, _cfg(*CASES[case]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in params.unet.items():
+            if "magnitude" in name:  # peft's own (lora_magnitude_vector) or trainer.network's (dora_magnitude)
+                p.mul_(1 + 0.01 * torch.rand_like(p) - 0.005)
+            else:
+                p.add_(1e-2 * torch.randn_like(p))
+    adapter, index, modules = adapter_from_model(unet), module_index(unet), dict(unet.named_modules())
+    torch.manual_seed(4)
+    ratios = {}
+    for name in list(adapter.layers)[:6]:
+        module, layer = modules[index[name][1]], adapter.layers[name]  # the peft layer, its hooks on
+        b = module.get_base_layer()
+        w0 = b.weight.detach().float()
+        conv = w0.dim() == 4
+        inp = (torch.randn(8, w0.shape[1], 8, 8) if conv else torch.randn(512, w0.shape[1])).bfloat16()
+        op = (lambda t, w: torch.nn.functional.conv2d(t, w, None, b.stride, b.padding)) if conv \
+            else torch.nn.functional.linear
+        bias = 0 if b.bias is None else b.bias.float().reshape(-1, *[1] * (w0.dim() - 2))
+        with torch.no_grad():
+            exact = op(inp.float(), layer.applied(w0))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = module(inp).float() - bias
+                merged = op(inp, layer.applied(w0).bfloat16()).float()
+        ratios[name] = ((ours - exact).abs().mean() / (merged - exact).abs().mean()).item()
+    print(f"{case}: the hook's bf16 error / the bf16 merged weight's", {k[10:]: round(v, 2) for k, v in ratios.items()})
+    assert max(ratios.values()) < 1.35, ratios
+
+
+@pytest.mark.parametrize("overrides,conv", [(["network.type=loha"], False), (["network.type=lokr"], False),
+                                            (["network.type=loha", CONV], True),
+                                            (["network.type=lokr", "network.unet_targets=['conv1']"], True),
+                                            (["network.type=locon"], True), (["network.dora=true"], False)])
+def test_conv_dim_is_written_only_when_convolutions_train(overrides, conv):
+    """LyCORIS reads conv_dim as the rank of the k x k convolutions it trains (lycoris/kohya.py:50 and 433-436):
+    ss_network_args carry it only when the expanded UNet targets take the 'conv' group's modules."""
+    from trainer.formats.metadata import lycoris_network_args
+    args = lycoris_network_args(_cfg("network.conv_rank=2", *overrides).network)
+    assert ("conv_alpha" in args, args["conv_dim"]) == (conv, "2" if conv else "0"), args  # 0: none, said

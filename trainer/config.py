@@ -169,18 +169,23 @@ class NetworkSection:
                             "parameters of the same-rank LoRA. loha: (B1 A1) o (B2 A2), rank up to r^2 for twice "
                             "LoRA's parameters; rank <= 32 (16/8 typical), each step computes the full delta (slower "
                             "and more memory than LoRA). lokr: W1 kron W2 with network.factor; very few parameters "
-                            "(factor -1) and a small file; users often raise the learning rate. Every type loads in "
-                            "A1111 1.5+, ComfyUI and Forge; diffusers loads lora/locon only.",
+                            "(factor -1) and a small file; users often raise the learning rate. SD 1.x/2.x/SDXL in "
+                            "the kohya layout: every type loads in A1111 1.5+, ComfyUI and Forge; diffusers loads "
+                            "lora/locon only (saving.format = diffusers refuses loha/lokr). SD 3.5 and FLUX files "
+                            "fuse modules: lora only there.",
                     choices=["lora", "locon", "loha", "lokr"], basic=True, label="Network type")
     dora: bool = opt(False, "DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW||, a trained magnitude m per "
                             "output row (or input column, dora_axis) over the update of any type (users ask for "
                             "it on LoRA and LoKr); often better at the same rank, slower per step (each adapted "
-                            "weight's norm is rebuilt every forward pass).",
+                            "weight's norm is rebuilt every forward pass). SD 1.x/2.x/SDXL in the kohya layout only: "
+                            "neither saving.format = diffusers nor SD 3.5's or FLUX's fused files hold it.",
                      label="DoRA")
-    dora_axis: str = opt("out", "The axis of DoRA's magnitude: out (per output row: peft's and LyCORIS's default) "
-                                "or in (per input column, OneTrainer's: the only axis A1111's built-in Lora applies, "
-                                "and ComfyUI/Forge apply it as trained too). Pick 'in' for files shared with A1111 "
-                                "users; same cost either way.",
+    dora_axis: str = opt("out", "The axis of DoRA's magnitude: out (per output row: peft's and LyCORIS's default; "
+                                "ComfyUI/Forge since mid-2025 apply it with the base weight's norm, A1111 not as "
+                                "trained) or in (per input column, OneTrainer's: the only axis A1111's built-in Lora "
+                                "applies, and ComfyUI/Forge apply it as trained too, but LyCORIS 4.1.3's own loader "
+                                "cannot read it). Pick 'in' for files shared with A1111/ComfyUI/Forge users; same "
+                                "cost either way.",
                          choices=["out", "in"], label="DoRA axis")
     conv_rank: int = opt(0, "Rank of the k x k convolutions (the 'conv' group: resnets' conv1/conv2, down- and "
                             "upsamplers, conv_in/conv_out; LoCon, and LoHa/LoKr when 'conv' is a target); 1x1 "
@@ -799,13 +804,25 @@ def _network_problems(cfg: TrainConfig) -> list[str]:
         problems.append("network.unet_targets is empty and no text encoder is trained: nothing would be trained")
     if cfg.optimizer.unet_lr == 0 and not te_trains:
         problems.append("optimizer.unet_lr is 0 and no text encoder is trained: nothing would change")
-    return problems + _lycoris_problems(net)
+    return problems + _lycoris_problems(net, cfg.saving.format)
 
 
-def _lycoris_problems(net: NetworkSection) -> list[str]:
-    """What cannot be trained among network.type / dora / factor / tucker, one line each (trainer.network)."""
+def makes_lycoris_layers(net: NetworkSection) -> bool:
+    """Whether the adapter holds layers only LyCORIS-aware readers take (LoHa, LoKr, a DoRA magnitude): not plain
+    up @ down, so neither the diffusers layout nor a family whose files fuse modules can hold them (formats/write.py
+    _lycoris_file). lora and locon without DoRA are plain LoRA layers."""
+    return net.type in ("loha", "lokr") or net.dora
+
+
+def _lycoris_problems(net: NetworkSection, saving_format: str = "auto") -> list[str]:
+    """What cannot be trained among network.type / dora / factor / tucker, one line each (trainer.network); the
+    family's own refusals (its files fuse modules) are network.unet_target_names', at setup."""
     lycoris = net.type in ("loha", "lokr")
     problems = []
+    if saving_format == "diffusers" and makes_lycoris_layers(net):  # refused before training, not at export
+        what = "network.dora" if net.type in ("lora", "locon") else f"network.type = {net.type}"
+        problems.append(f"saving.format = diffusers cannot hold {what} (diffusers reads neither LoHa/LoKr nor "
+                        f"DoRA's dora_scale); set saving.format = kohya (or auto)")
     if lycoris and net.dropout > 0:  # peft's LoHa/LoKr have rank/module dropout only, drawn per process
         problems.append(f"network.dropout is {net.dropout:g}, but {net.type} has no input dropout; set it to 0")
     if net.factor == 0:

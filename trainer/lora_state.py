@@ -167,8 +167,32 @@ def rank_and_width(layer) -> tuple[int, int]:
 
 def dora_axis(dora_scale: torch.Tensor) -> str:
     """"out" for a magnitude per output row ([out, 1, ...]: LyCORIS's default, peft's), "in" per input column
-    ([1, in, ...]: what A1111's built-in Lora applies). ComfyUI and Forge read it from the shape, as here."""
+    ([1, in, ...]: the only axis A1111's built-in Lora applies, extensions-builtin/Lora/network.py
+    apply_weight_decompose). Newer ComfyUI and Forge read the axis from the shape as here (ComfyUI
+    comfy/weight_adapter/base.py:62-89 weight_decompose at 9c0cf36, as in v0.3.77: wd_on_output_axis =
+    dora_scale.shape[0] == weight.shape[0]; Forge backend/patcher/lora.py:52-81 since 0ced1d0, May 2025); older
+    ComfyUI (comfy/lora.py before the weight_adapter split, base.py at 14c2085) and Forge normalise per input column
+    whatever the shape. LyCORIS 4.1.3's own reader cannot load an input-column magnitude at all
+    (tests/test_lycoris_files.py pins it)."""
     return "in" if dora_scale.shape[0] == 1 and dora_scale.dim() > 1 and dora_scale.shape[1] != 1 else "out"
+
+
+def axis_shape(size: int, dims: int, axis: str) -> tuple[int, ...]:
+    """dora_scale's shape for a weight of `dims` dimensions: [size, 1, ...] per output row, [1, size, 1, ...] per
+    input column (LyCORIS modules/locon.py:116-135 stores it so; the shape is how readers tell the axis)."""
+    return (size, *[1] * (dims - 1)) if axis == "out" else (1, size, *[1] * (dims - 2))
+
+
+def axis_norms(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """The L2 norm of each output row or input column of a weight, in axis_shape: DoRA's ||W|| (Liu et al. 2024)."""
+    flat = weight.flatten(1) if axis == "out" else weight.transpose(0, 1).flatten(1)
+    return flat.norm(dim=1).reshape(axis_shape(flat.shape[0], weight.dim(), axis))
+
+
+def is_plain(layer) -> bool:
+    """Plain LoRA: scale * up @ down is its whole change, which every kohya-LoRA reader (diffusers included) takes
+    and whose ranks stack exactly into one LoRA; a Tucker core, a DoRA magnitude, LoHa or LoKr are not."""
+    return layer.kind == "lora" and layer.mid is None and layer.dora_scale is None
 
 
 def applied(layer, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -181,8 +205,7 @@ def applied(layer, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     if layer.dora_scale is None:
         return w + strength * (merged - w)
     m = layer.dora_scale.float()
-    flat = merged.flatten(1) if dora_axis(m) == "out" else merged.transpose(0, 1).flatten(1)
-    norm = flat.norm(dim=1).reshape(m.shape)
+    norm = axis_norms(merged, dora_axis(m)).reshape(m.shape)
     return w + strength * (merged * (m / norm) - w)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from . import config as C
 from .dropout import per_image_dropout
 from .errors import UserError
+from .lora_state import axis_norms
 
 ADAPTER_NAME = "default"
 
@@ -117,10 +118,9 @@ def _own_dora(model: nn.Module, axis: str) -> None:
 
 
 def _norms(weight: torch.Tensor, axis: str) -> torch.Tensor:
-    """The L2 norm of each output row ([out, 1, ...]) or input column ([1, in, ...]) of a weight."""
-    if axis == "out":
-        return weight.flatten(1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
-    return weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+    """The L2 norm of each output row ([out, 1, ...]) or input column ([1, in, ...]) of a weight: the rule the
+    layers' applied() uses too (lora_state.axis_norms), so training and every reader normalise alike."""
+    return axis_norms(weight, axis)
 
 
 def _dora_scale(module: nn.Module, axis: str) -> torch.Tensor | None:
@@ -134,39 +134,66 @@ def _dora_scale(module: nn.Module, axis: str) -> torch.Tensor | None:
 
 
 def _per_channel(scale: torch.Tensor, x: torch.Tensor, conv: bool) -> torch.Tensor:
-    """scale shaped to multiply x's channels: [C, 1, 1] for a convolution's [N, C, H, W], [C] for a Linear's."""
-    return (scale.reshape(-1, *[1] * (x.dim() - 2)) if conv else scale).to(x.dtype)
+    """scale - 1 shaped to multiply x's channels ([C, 1, 1] for a convolution's [N, C, H, W], [C] for a Linear's),
+    in x's dtype. The 1 comes off in fp32: a magnitude's change is often below half precision's spacing near 1
+    (bf16: 2^-8 below, 2^-7 above), and scale itself cast to bf16 lost a 0.1% change entirely (frozen weights
+    bf16, test_own_dora_hook_in_bf16_keeps_a_small_magnitude_change); peft's DoRA adds (m/||W|| - 1) * base for
+    the same reason (peft/tuners/lora/dora.py:165)."""
+    change = scale - 1
+    return (change.reshape(-1, *[1] * (x.dim() - 2)) if conv else change).to(x.dtype)
 
 
 def _rescale_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """(output - bias) * scale + bias, written as output + (output - bias) * (scale - 1) (_per_channel)."""
     scale = _dora_scale(module, "out")
     if scale is None:
         return output
     base = module.get_base_layer()
-    scale = _per_channel(scale, output, isinstance(base, nn.Conv2d))
+    change = _per_channel(scale, output, isinstance(base, nn.Conv2d))
     if base.bias is None:
-        return output * scale
-    bias = base.bias.reshape(scale.shape).to(output.dtype)
-    return (output - bias) * scale + bias
+        return output + output * change
+    return output + (output - base.bias.reshape(change.shape).to(output.dtype)) * change
 
 
 def _rescale_input(module: nn.Module, args):
+    """x * scale, written as x + x * (scale - 1) (_per_channel)."""
     scale = _dora_scale(module, "in")
     if scale is None:
         return None
     x, *rest = args
-    return (x * _per_channel(scale, x, isinstance(module.get_base_layer(), nn.Conv2d)), *rest)
+    return (x + x * _per_channel(scale, x, isinstance(module.get_base_layer(), nn.Conv2d)), *rest)
 
 
 def unet_target_names(cfg: C.TrainConfig, family) -> list[str]:
-    """network.unet_targets, plus the 'conv' group for LoCon where the family's denoiser has one (UNets)."""
-    names = list(cfg.network.unet_targets)
+    """network.unet_targets, plus the 'conv' group for LoCon where the family's denoiser has one (UNets). Refuses,
+    at setup before the first step, what the family's files cannot hold."""
     if cfg.network.type == "locon" and "conv" not in family.unet_groups:
         raise TargetError(f"network.type = locon adapts the UNet's convolutions, and {family.label}'s "
                           f"{family.denoiser_label} has none to adapt; use network.type = lora")
-    if cfg.network.type == "locon" and "conv" not in names:
+    _refuse_lycoris_layers(cfg.network, family)
+    return requested_unet_targets(cfg.network)
+
+
+def requested_unet_targets(net) -> list[str]:
+    """network.unet_targets, plus the 'conv' group that network.type = locon adds (family-free: the metadata's
+    view; unet_target_names checks the family has the group)."""
+    names = list(net.unet_targets)
+    if net.type == "locon" and "conv" not in names:
         names.append("conv")
     return names
+
+
+def _refuse_lycoris_layers(net, family) -> None:
+    """LoHa, LoKr and DoRA layers on a family whose files fuse modules (SD3's q/k/v, FLUX's; has_file_layout) or
+    whose checkpoints are written in the diffusers layout (SD3: family.layout('auto')): no file could hold them
+    (formats/write.py _lycoris_file), and the first checkpoint would fail after its steps were trained."""
+    from .formats.write import has_file_layout
+    if not C.makes_lycoris_layers(net) or not (has_file_layout(family) or family.layout("auto") != "kohya"):
+        return
+    field, fix = ("network.dora", "network.dora = false") if net.type in ("lora", "locon") else \
+        (f"network.type = {net.type}", "network.type = lora")
+    raise TargetError(f"{field} makes LyCORIS layers, and {family.label}'s adapter files fuse modules, which "
+                      f"they cannot be; use {fix}")
 
 
 def _takes(name: str, target: str) -> bool:

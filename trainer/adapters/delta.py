@@ -20,15 +20,9 @@ from dataclasses import replace
 import torch
 
 from trainer.formats import AdapterFormatError
-from trainer.lora_state import delta_shape
+from trainer.lora_state import delta_shape, is_plain  # noqa: F401 (is_plain: the rule, re-exported for blend, merge)
 
 _NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-
-
-def is_plain(layer) -> bool:
-    """Plain LoRA: scale * up @ down is its whole change, so ranks stack exactly into one LoRA (a Tucker core or a
-    DoRA magnitude does not)."""
-    return layer.kind == "lora" and layer.mid is None and layer.dora_scale is None
 
 
 def type_name(layer) -> str:

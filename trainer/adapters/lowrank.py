@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 
 from trainer.formats import AdapterFormatError
-from trainer.lora_state import LoraLayer
+from trainer.lora_state import LoraLayer, is_plain
 
-from .delta import is_plain, summed_change
+from .delta import summed_change
 
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -6,9 +6,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from trainer.formats.check import one_family
-from trainer.lora_state import Adapter
+from trainer.lora_state import Adapter, is_plain
 
-from .delta import is_plain, type_name
+from .delta import type_name
 from .lowrank import change_svd, kept_share, layer_from_svd, rank_for_share
 
 

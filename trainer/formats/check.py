@@ -142,9 +142,12 @@ def consumer_warnings(adapter: Adapter) -> list[str]:
 
     DoRA per output row (LyCORIS's and peft's default): A1111's built-in Lora normalises per input column only
     (extensions-builtin/Lora/network.py, NetworkModule.apply_weight_decompose: merged.transpose(0, 1) norm), so an
-    [out, 1] magnitude broadcasts against [1, in] norms; ComfyUI and Forge take the axis from the shape but
-    normalise an output-row magnitude by the base weight's norm, not the merged weight's (comfy/weight_adapter/
-    base.py weight_decompose, the wd_on_output_axis branch). Per input column all three and LyCORIS agree.
+    [out, 1] magnitude broadcasts against [1, in] norms; ComfyUI and Forge with the output-axis branch normalise it
+    by the base weight's norm, not the merged weight's (comfy/weight_adapter/base.py:62-89 weight_decompose at
+    9c0cf36, v0.3.77; Forge backend/patcher/lora.py:52-81 since 0ced1d0), and older ones per input column.
+    DoRA per input column: A1111, ComfyUI and Forge (every version) apply it as trained, but LyCORIS 4.1.3's own
+    reader (kohya.py:159-245 create_network_from_weights -> make_module_from_state_dict) cannot load it: it builds
+    every module with an output-row magnitude (modules/locon.py:171-189) and copy_ of [1, in] into [out, 1] fails.
     diffusers reads neither LoHa/LoKr nor dora_scale (its kohya converter drops it)."""
     from trainer.lora_state import dora_axis
     dora = [layer for layer in adapter.layers.values() if layer.dora_scale is not None]
@@ -153,8 +156,13 @@ def consumer_warnings(adapter: Adapter) -> list[str]:
     if out_axis:
         lines.append(f"warning: {out_axis} DoRA layer(s) are scaled per output row: A1111 applies a DoRA magnitude "
                      f"per input column only, and ComfyUI/Forge divide an output-row magnitude by the base weight's "
-                     f"norm, so neither draws it as trained (LyCORIS does). Fix: train with network.dora_axis=in, "
-                     f"or export --format lora --rank R (a plain LoRA by SVD, with the base model)")
+                     f"norm (older versions: per input column), so neither draws it as trained (LyCORIS does). Fix: "
+                     f"train with network.dora_axis=in, or export --format lora --rank R (a plain LoRA by SVD, with "
+                     f"the base model)")
+    if len(dora) > out_axis:
+        lines.append(f"note: {len(dora) - out_axis} DoRA layer(s) are scaled per input column: A1111, ComfyUI and "
+                     f"Forge apply them as trained, but LyCORIS's own loader (lycoris-lora 4.1.3, "
+                     f"create_network_from_weights) cannot read that dora_scale; for it export --format lora --rank R")
     plain_only = sorted({layer.kind for layer in adapter.layers.values() if layer.kind != "lora"})
     if plain_only or dora:
         what = ", ".join(plain_only + (["DoRA"] if dora else []))

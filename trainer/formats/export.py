@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.lora_state import Adapter, LoraLayer
+from trainer.lora_state import Adapter
 
 from .errors import AdapterFormatError
 from .read import load_adapter
@@ -53,42 +53,15 @@ def export_plain_lora(source, out_path, rank: int, model: str | None = None, dty
 
 def plain_lora(adapter: Adapter, rank: int, weights: dict[str, torch.Tensor] | None = None
                ) -> tuple[Adapter, LowRankReport]:
-    """Each layer's update (applied(W) - W for DoRA) truncated to `rank` by SVD, fp64 inside."""
+    """Each layer's update (applied(W) - W for DoRA, `weights`: W by kohya name) truncated to `rank` by SVD: the
+    toolkit's resize (trainer.adapters.resize.compress), so export and resize are one rule."""
+    from trainer.adapters.resize import compress
     if rank < 1:
         raise ValueError(f"--rank must be at least 1 (got {rank})")
-    layers, total, kept, worst = {}, 0.0, 0.0, (2.0, "")
-    for name, layer in adapter.layers.items():
-        delta = _update(name, layer, weights)
-        layers[name], s, k = _truncated(delta, rank)
-        total, kept = total + float((s ** 2).sum()), kept + float((s[:k] ** 2).sum())
-        share = 1.0 if float((s ** 2).sum()) == 0 else float((s[:k] ** 2).sum() / (s ** 2).sum()) ** 0.5
-        worst = min(worst, (share, name))
-    report = LowRankReport(kept=1.0 if total == 0 else (kept / total) ** 0.5, worst=worst[0], worst_layer=worst[1],
-                           layers=len(layers))
-    return Adapter(layers=layers, metadata=dict(adapter.metadata)), report
-
-
-def _update(name: str, layer, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    if layer.dora_scale is None:
-        return layer.delta(torch.float64)
-    if not weights or name not in weights:
-        raise AdapterFormatError(f"{name} is a DoRA layer: its update depends on the base model's weight; give the "
-                                 f"base model (--model) to export it as a plain LoRA")
-    w = weights[name].double()
-    return layer.applied(w).double() - w
-
-
-def _truncated(delta: torch.Tensor, rank: int) -> tuple[LoraLayer, torch.Tensor, int]:
-    """The rank-k LoRA closest to delta (k = min(rank, its sizes)); sqrt(s) on each side keeps fp16 in range."""
-    flat = delta.reshape(delta.shape[0], -1)
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    k = max(1, min(rank, len(s)))
-    root = s[:k].sqrt()
-    up = (u[:, :k] * root).float()
-    down = (root[:, None] * vh[:k]).float()
-    if delta.dim() == 4:  # a conv: down carries the kernel, up is 1x1 (kohya's LoCon layout)
-        down, up = down.reshape(k, *delta.shape[1:]), up.reshape(delta.shape[0], k, 1, 1)
-    return LoraLayer(down=down.contiguous(), up=up.contiguous(), alpha=float(k)), s, k
+    plain, report = compress(adapter, rank=rank, base=weights)
+    kept = report["layers"]
+    worst, worst_layer = min(((v["kept"], name) for name, v in kept.items()), default=(1.0, ""))
+    return plain, LowRankReport(kept=report["kept_overall"], worst=worst, worst_layer=worst_layer, layers=len(kept))
 
 
 def _base_weights(adapter: Adapter, source, model: str | None) -> dict[str, torch.Tensor] | None:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, axis_shape
 
 from trainer.network import DORA_MAGNITUDE
 
@@ -120,7 +120,7 @@ def _per_row(module: nn.Module, magnitude: torch.Tensor) -> torch.Tensor:
     """A magnitude per output row as LyCORIS's dora_scale: [out, 1, ...] (LyCORIS modules/locon.py lines 119-126,
     wd_on_out), which lora_state.applied reads as the output axis."""
     weight = _base_weight(module)
-    return _cpu(magnitude).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    return _cpu(magnitude).reshape(axis_shape(weight.shape[0], weight.dim(), "out"))
 
 
 _READERS = {"lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr}

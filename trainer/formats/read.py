@@ -13,13 +13,13 @@ from typing import Iterable
 import safetensors
 import torch
 
-from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, rank_and_width
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, is_plain, rank_and_width
 
 from .errors import AdapterFormatError
 from .fused import split_layers
 from .layout import COMPONENTS, DENOISER_COMPONENTS, DIFFUSERS_CONFIG_KEY, shape_problem
 from .names import UNET_PREFIX, diffusers_aliases, kohya_name, normalise_kohya_name
-from .write import LAYER_TYPES, LYCORIS_KEYS, is_plain
+from .write import LAYER_TYPES, LYCORIS_KEYS
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # OneTrainer names a denoiser that is no UNet by its component (lora_transformer_): read as kohya's lora_unet_

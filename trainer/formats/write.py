@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from trainer.atomic import atomic_path
-from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, dora_axis
+from trainer.lora_state import Adapter, LohaLayer, LokrLayer, LoraLayer, axis_shape, dora_axis, is_plain
 
 from .errors import AdapterFormatError
 from .layout import COMPONENTS, DIFFUSERS_CONFIG_KEY, FORMATS, check_metadata, shape_problem, torch_dtype
@@ -93,11 +93,6 @@ LYCORIS_KEYS = {
 LAYER_TYPES = {"lora": LoraLayer, "loha": LohaLayer, "lokr": LokrLayer}
 
 
-def is_plain(layer) -> bool:
-    """A layer every kohya-LoRA reader (diffusers included) takes: up @ down, no Tucker core, no DoRA magnitude."""
-    return isinstance(layer, LoraLayer) and layer.mid is None and layer.dora_scale is None
-
-
 def is_lycoris(adapter: Adapter) -> bool:
     return any(not is_plain(layer) for layer in adapter.layers.values())
 
@@ -133,12 +128,13 @@ def lycoris_tensors(adapter: Adapter, dt: torch.dtype) -> dict[str, torch.Tensor
 
 def dora_shaped(magnitude: torch.Tensor, dims: int) -> torch.Tensor:
     """The magnitude as LyCORIS stores it (modules/locon.py:116-135): [out, 1, ...] per output row, [1, in, ...]
-    per input column, with as many dimensions as the weight. That shape is the axis for ComfyUI and Forge
-    (comfy/weight_adapter/base.py weight_decompose: dora_scale.shape[0] == weight.shape[0]); A1111 reads [1, in]
-    only (extensions-builtin/Lora/network.py apply_weight_decompose)."""
-    if dora_axis(magnitude) == "in":
-        return magnitude.reshape(1, -1, *[1] * (dims - 2))
-    return magnitude.reshape(-1, *[1] * (dims - 1))
+    per input column, with as many dimensions as the weight. That shape is the axis for ComfyUI since the
+    wd_on_output_axis branch (comfy/weight_adapter/base.py:62-89 at 9c0cf36, v0.3.77) and Forge since 0ced1d0
+    (backend/patcher/lora.py:52-81); older ComfyUI/Forge and A1111 (extensions-builtin/Lora/network.py
+    apply_weight_decompose) apply [1, in] only, and LyCORIS 4.1.3's reader loads [out, 1] only
+    (lora_state.dora_axis)."""
+    axis = dora_axis(magnitude)
+    return magnitude.reshape(axis_shape(magnitude.numel(), dims, axis))
 
 
 def _delta_dims(layer) -> int:
