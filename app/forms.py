@@ -9,10 +9,11 @@ covers is the engine's rule (trainer.named_text_encoders: SD3's T5 only when nam
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, field_info, fields, get_value,
-                     layout_choices, leaves_folder, model_summary, named_text_encoders, set_value, text_encoder_lr)
+                     layout_choices, leaves_folder, model_summary, named_text_encoders, network_fields_in_use,
+                     set_value, text_encoder_lr)
 
 ELSEWHERE = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir")
 READ_KEYS = ("dataset.path", "dataset.regularization_path", "validation.path")  # folders it reads images from
@@ -136,41 +137,25 @@ def problem_key(problem: str) -> str:
 # which network fields the form shows for the network it describes (issue 26: type, DoRA)
 
 NETWORK_SWITCHES = ("network.type", "network.dora", "network.unet_targets")  # what changes which fields apply
-# Fields the engine ignores (it does not refuse them) where they have no use, so its check cannot say where they
-# apply: factor is read by LoKr only (trainer/network.py _peft_config), conv_rank/conv_alpha by the k x k convs a
-# network adapts (network._conv_patterns; locon adds the 'conv' group, network.unet_target_names), dora_axis by
-# DoRA. INTERIM: this is the engine's knowledge; issue 26's report asks for trainer to export it (a function of the
-# config naming the network fields in use), which replaces this table.
-_IN_USE = {"network.factor": lambda net: net.type == "lokr",
-           "network.conv_rank": lambda net: net.type == "locon" or "conv" in net.unet_targets,
-           "network.conv_alpha": lambda net: net.type == "locon" or "conv" in net.unet_targets,
-           "network.dora_axis": lambda net: net.dora}
 
 
 def switched_fields() -> list[str]:
-    """The network fields whose place in the form depends on the network: those in _IN_USE, and every number or
-    switch the engine's check may refuse for a type (dropout for LoHa/LoKr, tucker, decompose_both)."""
+    """The network fields whose place in the form depends on the network: those some network does not read."""
     return [i.key for i in form_fields() if i.section == "network" and i.key not in NETWORK_SWITCHES
-            and (i.key in _IN_USE or i.type in (bool, int, float))]
+            and i.key not in _always_read()]
 
 
 def network_fields_shown(cfg: TrainConfig, errors: dict[str, str] | None = None) -> dict[str, bool]:
-    """switched_fields() -> shown. A field is shown where it applies, and always while it has a problem (a refused
-    value stays in view, to be fixed). Where the engine refuses a set value of a field for this network (the
-    complete check: tucker outside loha/lokr, decompose_both outside lokr, dropout on loha/lokr), it does not
-    apply: the rule stays the engine's, asked with a probe value, never restated here."""
-    return {key: key in (errors or {}) or (_IN_USE[key](cfg.network) if key in _IN_USE else not _refused(cfg, key))
-            for key in switched_fields()}
+    """switched_fields() -> shown: a field is shown where the network the form describes reads it (the engine's
+    rule, trainer.network_fields_in_use), and always while it has a problem (a refused value stays in view)."""
+    used = network_fields_in_use(cfg.network)
+    return {key: key in (errors or {}) or key in used for key in switched_fields()}
 
 
-def _refused(cfg: TrainConfig, key: str) -> bool:
-    """Whether the engine's check refuses a set value of the field (a switch on, a number at its maximum, else one
-    above its default) that it takes at the default, with the rest of cfg as it is."""
-    info = field_info(key)
-    value = (not info.default) if info.type is bool else info.max if info.max is not None else info.default + 1
-    found = []
-    for setting in (info.default, value):
-        probe = copy.deepcopy(cfg)
-        set_value(probe, key, setting)
-        found.append({p for p in config_problems(probe, check_paths=False) if p.startswith(key)})
-    return bool(found[1] - found[0])
+def _always_read() -> set[str]:
+    """The network fields every network reads (trainer.network_fields_in_use of each type, DoRA off, attention
+    only: where none of the optional fields applies)."""
+    net = TrainConfig().network
+    nets = [dataclasses.replace(net, type=t, dora=False, unet_targets=["attention"])
+            for t in field_info("network.type").choices if t != "locon"]  # (locon always adds convolutions)
+    return set.intersection(*(network_fields_in_use(n) for n in nets))

@@ -946,3 +946,39 @@ def check(cfg: TrainConfig, check_paths: bool = True, source: str | None = None)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a network reads (network.py injects it; the app's form shows these fields)
+
+def requested_unet_targets(net) -> list[str]:
+    """network.unet_targets, plus the 'conv' group that network.type = locon adds (family-free: the metadata's
+    view; unet_target_names checks the family has the group)."""
+    names = list(net.unet_targets)
+    if net.type == "locon" and "conv" not in names:
+        names.append("conv")
+    return names
+
+
+def trains_convolutions(net) -> bool:
+    """Whether the UNet targets (with LoCon's) take a module of the 'conv' group: the group, or one of its module
+    names. The config's view, family-free (a target the family lacks fails injection)."""
+    from .models.family import UNET_GROUPS  # (torch-free)
+    return bool(set(expand_targets(requested_unet_targets(net), UNET_GROUPS)) & set(UNET_GROUPS["conv"]))
+
+
+# the network.* fields every network reads; the others belong to a type, DoRA or convolutions (network_fields_in_use)
+_ALWAYS_READ = {"type", "rank", "alpha", "dora", "unet_targets", "text_encoders", "text_encoder_targets"}
+
+
+def network_fields_in_use(net) -> set[str]:
+    """The network.* keys this network reads (what the app's form shows): input dropout and the init of A for
+    lora/locon (peft's LoHa/LoKr have neither), tucker for LoHa/LoKr, factor and decompose_both for LoKr,
+    conv_rank/conv_alpha where convolutions train (network._conv_patterns), dora_axis with DoRA. Torch-free: the
+    app asks it while its page is built."""
+    used = set(_ALWAYS_READ)
+    used |= {"dropout", "init"} if net.type in ("lora", "locon") else {"tucker"}
+    used |= {"factor", "decompose_both"} if net.type == "lokr" else set()
+    used |= {"conv_rank", "conv_alpha"} if trains_convolutions(net) else set()
+    used |= {"dora_axis"} if net.dora else set()
+    return {f"network.{key}" for key in used}

@@ -171,16 +171,7 @@ def unet_target_names(cfg: C.TrainConfig, family) -> list[str]:
         raise TargetError(f"network.type = locon adapts the UNet's convolutions, and {family.label}'s "
                           f"{family.denoiser_label} has none to adapt; use network.type = lora")
     _refuse_lycoris_layers(cfg.network, family)
-    return requested_unet_targets(cfg.network)
-
-
-def requested_unet_targets(net) -> list[str]:
-    """network.unet_targets, plus the 'conv' group that network.type = locon adds (family-free: the metadata's
-    view; unet_target_names checks the family has the group)."""
-    names = list(net.unet_targets)
-    if net.type == "locon" and "conv" not in names:
-        names.append("conv")
-    return names
+    return C.requested_unet_targets(cfg.network)
 
 
 def _refuse_lycoris_layers(net, family) -> None:

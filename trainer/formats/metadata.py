@@ -84,7 +84,8 @@ def lycoris_network_args(net) -> dict[str, str]:
     if kind == "lora" and not dora:
         return {}
     args = {"algo": _ALGOS[kind]}
-    if _trains_convolutions(net):  # the k x k convolutions' rank and alpha (0: the linear layers')
+    from trainer.config import trains_convolutions
+    if trains_convolutions(net):  # the k x k convolutions' rank and alpha (0: the linear layers')
         args["conv_dim"] = str(net.conv_rank or net.rank)
         args["conv_alpha"] = str(net.conv_alpha or net.alpha)
     else:  # said, not left out: LyCORIS reads a missing conv_dim as network_dim (kohya.py:50), 0 as none (:376)
@@ -99,14 +100,3 @@ def lycoris_network_args(net) -> dict[str, str]:
         # LyCORIS normalises per output row unless wd_on_output=False (kohya.py:68, modules/locon.py:116-135)
         args["wd_on_output"] = str(net.dora_axis != "in")
     return args
-
-
-def _trains_convolutions(net) -> bool:
-    """Whether the expanded UNet targets take a module of the 'conv' group (network.requested_unet_targets: the
-    group, LoCon's, or one of its module names). LyCORIS reads conv_dim as the rank of the k x k convolutions it
-    trains (lycoris/kohya.py:50, 433-436), so it is written only then. The config's view: the metadata writer has
-    no family object, and a target the family lacks fails injection before any metadata is written."""
-    from trainer.config import expand_targets
-    from trainer.models.family import UNET_GROUPS
-    from trainer.network import requested_unet_targets
-    return bool(set(expand_targets(requested_unet_targets(net), UNET_GROUPS)) & set(UNET_GROUPS["conv"]))
