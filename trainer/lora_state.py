@@ -16,8 +16,22 @@ def _scaled(alpha: float | None, rank: int | None) -> float:
     return 1.0 if alpha is None or not rank else alpha / rank
 
 
+class _Layer:
+    """What every layer type shares: its scale from alpha and rank, its tensors by name, DoRA-aware applied()."""
+
+    @property
+    def scale(self) -> float:
+        return _scaled(self.alpha, self.rank)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def applied(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        return applied(self, weight, strength)
+
+
 @dataclass
-class LoraLayer:
+class LoraLayer(_Layer):
     """One adapted module: delta = (alpha / rank) * up @ down (Hu et al. 2021, eq. 3). LoCon's Tucker form for a
     k x k convolution (LyCORIS lora_mid) puts a [r, r, kh, kw] core between 1x1 down and up."""
     down: torch.Tensor  # A: [r, in] or [r, in, kh, kw] ([r, in, 1, 1] with mid)
@@ -30,14 +44,6 @@ class LoraLayer:
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return _scaled(self.alpha, self.rank)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("down", self.down), ("up", self.up), ("mid", self.mid),
-                                  ("dora_scale", self.dora_scale)) if v is not None}
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full update in the shape of the adapted weight: [out, in] or [out, in, kh, kw] (DoRA's
@@ -52,12 +58,9 @@ class LoraLayer:
         out = up.flatten(1) @ down.flatten(1)
         return self.scale * out.reshape(up.shape[0], *down.shape[1:])
 
-    def applied(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        return applied(self, weight, strength)
-
 
 @dataclass
-class LohaLayer:
+class LohaLayer(_Layer):
     """LoHa (LyCORIS; Hyeon-Woo et al. 2022, FedPara): delta = (alpha / r) (w1a w1b) o (w2a w2b), a Hadamard
     product of two rank-r products, so rank up to r^2 for the parameters of two rank-r LoRAs. With t1/t2 (Tucker,
     k x k convolutions) each product is rebuilt through its core."""
@@ -76,23 +79,13 @@ class LohaLayer:
     def rank(self) -> int:
         return self.w1b.shape[0]
 
-    @property
-    def scale(self) -> float:
-        return _scaled(self.alpha, self.rank)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         product = _product(self.w1a, self.w1b, self.t1, dtype) * _product(self.w2a, self.w2b, self.t2, dtype)
         return self.scale * (product.reshape(self.shape) if self.shape else product)
 
-    def applied(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        return applied(self, weight, strength)
-
 
 @dataclass
-class LokrLayer:
+class LokrLayer(_Layer):
     """LoKr (LyCORIS; Yeh et al. 2024, "Navigating Text-To-Image Customization"): delta = scale kron(w1, w2), each
     side a full matrix or a rank-r product (w*a w*b; w2 also through a Tucker core t2). LyCORIS's scale is
     alpha / r where a side is low-rank (r = that side's inner size) and 1 when both are full matrices
@@ -119,13 +112,6 @@ class LokrLayer:
             return self.w2b.shape[0]
         return None
 
-    @property
-    def scale(self) -> float:
-        return _scaled(self.alpha, self.rank)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The update, in `shape` where set (else kron's own 2-D or 4-D shape)."""
         w1 = self.w1.to(dtype) if self.w1 is not None else self.w1a.to(dtype) @ self.w1b.to(dtype)
@@ -140,9 +126,6 @@ class LokrLayer:
             w1 = w1.unsqueeze(-1)
         product = torch.kron(w1, w2.contiguous())
         return self.scale * (product.reshape(self.shape) if self.shape else product)
-
-    def applied(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        return applied(self, weight, strength)
 
 
 def _product(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None, dtype) -> torch.Tensor:
