@@ -115,6 +115,14 @@ def test_while_a_run_trains_captions_are_made_on_the_cpu(settings, data, models,
     assert [key[2] for key in device._generators] == ["cpu"]
 
 
+def test_while_the_queue_runs_captions_are_made_on_the_cpu(settings, data, models, monkeypatch):
+    """The queue's runner may start a training at any moment: the captioner keeps off the device meanwhile."""
+    monkeypatch.setattr(tab, "runner_active", lambda runs_dir: True)
+    text = tab.write_captions(settings, "d", str(models / "tagger"))
+    assert "on the CPU (the queue may start a training on the device)" in text
+    assert [key[2] for key in device._generators] == ["cpu"]
+
+
 def one_line(error: BaseException) -> str:
     text = str(error)
     assert "\n" not in text.strip() and "Traceback" not in text

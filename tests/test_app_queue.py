@@ -137,3 +137,20 @@ def test_the_started_queue_runs_its_jobs_and_the_live_view_follows_the_one_that_
     assert 1 <= stopped_at < 400 and "queue resume" in job(long.id).message
     assert Q.resume(settings, long.id).endswith("Press **Start the queue** to run it.")
     assert job(long.id).state == "queued" and job(long.id).run_dir == str(second)
+
+
+def test_starting_the_queue_says_so_only_when_a_runner_holds_it(settings, image_dir, monkeypatch):
+    """A runner that ends before it takes the queue (exit 1 here) is an error naming its exit and its last line,
+    with no server path; not "Started the queue"."""
+    import subprocess
+    import sys
+    tab.add_to_queue(settings, form(settings, image_dir, run__name="waits"))
+    log = Path(settings.runs_dir) / "queue-runner.log"
+
+    def failing(runs_dir, gpus=None):
+        log.write_text(f"error: {Path(settings.runs_dir).resolve()}/queue: something went wrong\n")
+        return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])
+    monkeypatch.setattr(Q, "start_runner", failing)
+    with pytest.raises(AppError, match=r"could not start \(exit 1\): error: .*something went wrong") as e:
+        Q.start_queue(settings, wait_s=10)
+    assert str(Path(settings.runs_dir).resolve()) not in str(e.value)

@@ -457,3 +457,23 @@ def test_the_queue_waits_for_a_run_started_outside_it_and_starts_from_any_folder
     assert queued.state == "done" and min(began) >= max(ended)  # it waited for the outside run to end
     log = (runs / "queue-runner.log").read_text(encoding="utf-8")
     assert "outside" in log and "training" in log, log
+
+
+def test_a_look_at_whether_a_runner_runs_never_keeps_one_from_starting(tmp_path):
+    """runner_active takes the runner's lock for an instant to look (the app's Queue tab every few seconds); a
+    runner starting in that instant waits it out instead of refusing as if another runner held the queue."""
+    from trainer import runner_active
+    looking = threading.Event()
+
+    def look():
+        while not looking.is_set():
+            runner_active(tmp_path)
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    try:
+        for _ in range(100):
+            with runner_lock(tmp_path, None):
+                pass
+    finally:
+        looking.set()
+        watcher.join()

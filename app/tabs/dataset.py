@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import gradio as gr
 
 from trainer import (CAPTIONER_MEMORY, UserError, active_run, caption_dataset, dataset_trigger, load_captioner,
-                     native_resolution, preview_captions)
+                     native_resolution, preview_captions, runner_active)
 
 from .. import datasets as D
 from ..device import free_device, get_captioner, release_models
@@ -179,9 +179,10 @@ def _captioning(settings: AppSettings, model: str, mode, prefix, suffix, overwri
     """(captioner, options, where) under the device lock: a generation waits and a training start is refused
     meanwhile, and while a run trains the captioner runs on the CPU so the training keeps the device memory."""
     source = D.caption_model(model, settings.readable_dirs())
-    training = active_run(settings.runs_dir)
-    options = D.caption_options(mode, prefix, suffix, overwrite, "cpu" if training else None)
-    where = f" on the CPU (run {training.name} is training on the device)" if training else ""
+    training, queue = active_run(settings.runs_dir), runner_active(settings.runs_dir)
+    options = D.caption_options(mode, prefix, suffix, overwrite, "cpu" if training or queue else None)
+    where = (f" on the CPU (run {training.name} is training on the device)" if training
+             else " on the CPU (the queue may start a training on the device)" if queue else "")
     take_device(progress)
     try:
         def load():

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import (RUNNER_LOG, UserError, active_run, list_queue, move_job, remove_job, resume_job, run_info,
-                     runner_active, start_runner, stop_job)
+from trainer import (RUNNER_LOG, UserError, list_queue, move_job, remove_job, resume_job, run_info, runner_active,
+                     start_runner, stop_job)
 
+from ..datasets import short_message
+from ..device import free_device, hold_device, release_models
 from ..errors import AppError, guarded
 from ..settings import AppSettings
 
@@ -26,9 +28,6 @@ HELP = ("### Queue\nJobs wait here in order and run one after another, each in i
         "A stopped or failed job can be resumed from its last checkpoint.")
 HEADERS = ["#", "job", "state", "kind", "name", "progress", "message"]
 REFRESH_S = 3.0
-# the CLI's exit code for a user error (another runner holds the queue, a bad folder); 1 is a job that failed,
-# after the runner ran
-CANNOT_START = 2
 RUNNER_START_S = 20.0  # a runner that has not taken the queue's lock by then is reported as still starting
 _runners: list[subprocess.Popen] = []  # the runners this app started: polled, so none is left a zombie
 
@@ -80,25 +79,32 @@ def job_choices(settings: AppSettings) -> list[tuple[str, str]]:
 
 
 def start_queue(settings: AppSettings, wait_s: float = RUNNER_START_S) -> str:
-    """Start `python -m trainer queue run` as its own process (a closed app leaves it running), and wait until it
-    holds the queue's lock, so the panel can say it runs; its output goes to RUNS_DIR/queue-runner.log."""
+    """Start `python -m trainer queue run` as its own process (a closed app leaves it running), with the device
+    freed of the app's models as Start frees it, and wait until it holds the queue's lock; its output goes to
+    RUNS_DIR/queue-runner.log. (A run trained outside the queue makes the runner wait: the engine's rule.)"""
     runs_dir = Path(settings.runs_dir)
     if runner_active(runs_dir):
         return "The queue is already running."
     jobs, _ = list_queue(runs_dir)
     if not any(j.state in ("queued", "running") for j in jobs):
         raise AppError("Nothing waits in the queue: add a training with **Add to queue** in the Train tab first.")
-    busy = active_run(runs_dir)
-    if busy is not None:  # one device, one job: a training started with Start is not the queue's
-        raise AppError(f"Run {busy.run_dir.name} is training; start the queue when it ends (one device, one job).")
-    process = _spawn_runner(runs_dir)
+    if not hold_device():
+        raise AppError("Images are being generated; start the queue when they are done (one device, one job).")
+    try:
+        process = _spawn_runner(runs_dir)
+        release_models()  # its trainings get the device memory the Generate and caption models held
+    finally:
+        free_device()
     deadline = time.monotonic() + wait_s
     while not runner_active(runs_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    if process.poll() == CANNOT_START:
-        raise AppError(f"The queue could not start: {_last_line(runs_dir / RUNNER_LOG)} (see {RUNNER_LOG} in the "
-                       f"runs folder)")
-    return "Started the queue: its jobs run one after another, also when this page or the app is closed."
+    if runner_active(runs_dir):
+        return "Started the queue: its jobs run one after another, also when this page or the app is closed."
+    last = short_message(runs_dir, _last_line(runs_dir / RUNNER_LOG))
+    if process.poll() is None:
+        raise AppError(f"The queue is still starting ({last}); see {RUNNER_LOG} in the runs folder.")
+    raise AppError(f"The queue could not start (exit {process.poll()}): {last} (see {RUNNER_LOG} in the runs "
+                   f"folder)")
 
 
 def _spawn_runner(runs_dir: Path) -> subprocess.Popen:

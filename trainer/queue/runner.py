@@ -52,6 +52,7 @@ except ImportError:  # Windows
 
 RUNNER_LOCK = ".run.lock"  # exclusive: `queue run` over every lane; shared: a lane runner
 POLL_S = 1.0
+LOCK_WAIT_S = 1.5  # how long a starting runner waits out another process's look at its lock (runner_active)
 
 
 def lane_of(gpus: str) -> str:
@@ -102,13 +103,22 @@ def runner_lock(runs_dir: str | Path, lane: str | None):
         wanted.append((qdir / f".lane-{lane.replace(',', '_') or 'default'}.lock", True))
     with ExitStack() as stack:
         for path, exclusive in wanted:
-            f = _flock(path, exclusive)
+            f = _flock_patiently(path, exclusive)
             if f is None:
                 which = "every lane" if lane is None else f"lane --gpus {lane or 'default'}"
                 raise QueueError(f"another `python -m trainer queue run` already works through {qdir} ({which}); "
                                  f"one runner per lane: stop that one first, or let it go on")
             stack.enter_context(f)
         yield
+
+
+def _flock_patiently(path: Path, exclusive: bool, wait_s: float = LOCK_WAIT_S):
+    """_flock, tried again for a moment: runner_active takes the same lock for an instant to look (the app's Queue
+    tab does every few seconds), and a runner starting in that instant must not take it for another runner."""
+    deadline = time.monotonic() + wait_s
+    while (f := _flock(path, exclusive)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return f
 
 
 def runner_active(runs_dir: str | Path) -> bool | None:
