@@ -471,6 +471,8 @@ def caption_report_text(folder: Path, report, where: str = "") -> str:
     text = ", ".join(parts) + "."
     if report.trigger and report.written:
         text += f" Training puts the trigger **{report.trigger}** in front of each."
+    if report.backup is not None:
+        text += f" The captions it replaced are kept in {_rel_or_name(report.backup, folder)}."
     return text
 
 

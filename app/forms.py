@@ -9,11 +9,9 @@ covers is the engine's rule (trainer.named_text_encoders: SD3's T5 only when nam
 """
 from __future__ import annotations
 
-import dataclasses
-
-from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, field_info, fields, get_value,
-                     layout_choices, leaves_folder, model_summary, named_text_encoders, network_fields_in_use,
-                     set_value, text_encoder_lr)
+from trainer import (TEXT_ENCODER_NAMES, FieldInfo, TrainConfig, config_problems, fields, get_value, layout_choices,
+                     leaves_folder, model_summary, named_text_encoders, network_fields_always_read,
+                     network_fields_in_use, set_value, text_encoder_lr)
 
 ELSEWHERE = ("dataset.trigger", "saving.runs_dir", "dataset.cache_dir")
 READ_KEYS = ("dataset.path", "dataset.regularization_path", "validation.path")  # folders it reads images from
@@ -142,7 +140,7 @@ NETWORK_SWITCHES = ("network.type", "network.dora", "network.unet_targets")  # w
 def switched_fields() -> list[str]:
     """The network fields whose place in the form depends on the network: those some network does not read."""
     return [i.key for i in form_fields() if i.section == "network" and i.key not in NETWORK_SWITCHES
-            and i.key not in _always_read()]
+            and i.key not in network_fields_always_read()]
 
 
 def network_fields_shown(cfg: TrainConfig, errors: dict[str, str] | None = None) -> dict[str, bool]:
@@ -150,12 +148,3 @@ def network_fields_shown(cfg: TrainConfig, errors: dict[str, str] | None = None)
     rule, trainer.network_fields_in_use), and always while it has a problem (a refused value stays in view)."""
     used = network_fields_in_use(cfg.network)
     return {key: key in (errors or {}) or key in used for key in switched_fields()}
-
-
-def _always_read() -> set[str]:
-    """The network fields every network reads (trainer.network_fields_in_use of each type, DoRA off, attention
-    only: where none of the optional fields applies)."""
-    net = TrainConfig().network
-    nets = [dataclasses.replace(net, type=t, dora=False, unet_targets=["attention"])
-            for t in field_info("network.type").choices if t != "locon"]  # (locon always adds convolutions)
-    return set.intersection(*(network_fields_in_use(n) for n in nets))

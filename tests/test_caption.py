@@ -109,6 +109,13 @@ def test_overwrite_thresholds_prefix_suffix(tmp_path, tagger, capsys):
         "zqx style, general, zqx (artist), red background, simple background, best\n"
     assert (data / "blue.txt").read_text(encoding="utf-8") == \
         "zqx style, general, zqx (artist), simple background, best\n"
+    # the caption --overwrite replaced is kept, once, under the dataset's hidden backup folder (never trained on)
+    backups = list((data / ".caption-backup").rglob("*.txt"))
+    assert [b.relative_to(b.parents[1]) for b in backups] == [Path(backups[0].parent.name) / "old.txt"]
+    assert backups[0].read_text(encoding="utf-8") == "kept caption\n" and "are kept in" in out
+    from trainer.data import scan_dataset
+    from trainer.config import DatasetSection
+    assert not any(".caption-backup" in str(i.path) for i in scan_dataset(DatasetSection(path=str(data))).items)
 
 
 def test_trigger_rule_is_the_typed_captions_rule(tmp_path, tagger):

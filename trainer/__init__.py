@@ -19,7 +19,8 @@ Base models
   TEXT_ENCODER_NAMES (te, te1, te2, te3: how the config names text encoders), named_text_encoders(names, model)
   (which of them network.text_encoders gives a LoRA: 'all' leaves SD3's T5 out), layout_choices(model or run)
   ((layout, the programs that read it) for its adapters, saving.format "auto"'s first),
-  network_fields_in_use(cfg.network) (the network.* keys that network reads: the form shows those)
+  network_fields_in_use(cfg.network) (the network.* keys that network reads: the form shows those),
+  network_fields_always_read() (those every network reads)
 Datasets
   scan_dataset(ds) -> DatasetScan (items, skipped, warnings, trigger), DatasetError, ImageLoadError, probe_image(),
   IMAGE_EXTENSIONS, CAPTION_EXTENSIONS, DATASET_FILE, is_image_file(), is_ignored(), read_caption(),
@@ -104,7 +105,7 @@ _EXPORTS = {
     **dict.fromkeys(["Adapter", "LoraLayer", "LohaLayer", "LokrLayer"], "lora_state"),
     **dict.fromkeys(["consumer_warnings", "aligned_names"], "formats.check"),
     "export_plain_lora": "formats.export",
-    "network_fields_in_use": "config",
+    **dict.fromkeys(["network_fields_in_use", "network_fields_always_read"], "config"),
     "base_weights": "adapters.delta",
     # (from their modules: trainer.adapters.analyze and .bake are submodules, shadowing the package's names)
     **dict.fromkeys(["merge_exact", "merge_svd", "save_merged"], "adapters.merge"),

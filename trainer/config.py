@@ -971,6 +971,11 @@ def trains_convolutions(net) -> bool:
 _ALWAYS_READ = {"type", "rank", "alpha", "dora", "unet_targets", "text_encoders", "text_encoder_targets"}
 
 
+def network_fields_always_read() -> set[str]:
+    """The network.* keys every network reads, whatever its type (the rest: network_fields_in_use)."""
+    return {f"network.{key}" for key in _ALWAYS_READ}
+
+
 def network_fields_in_use(net) -> set[str]:
     """The network.* keys this network reads (what the app's form shows): input dropout and the init of A for
     lora/locon (peft's LoHa/LoKr have neither), tucker for LoHa/LoKr, factor and decompose_both for LoKr,

@@ -78,6 +78,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
           + (" (--overwrite replaces them)" if report.kept else "")
           + (f", skipped {len(report.skipped)} (named above)" if report.skipped else "")
           + (f"; training puts the trigger {report.trigger!r} in front" if report.trigger else ""))
+    if report.backup is not None:
+        print(f"the captions it replaced are kept in {report.backup}")
     return 0
 
 

@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer.data import (ImageLoadError, Skipped, load_image, read_caption, scan_dataset, with_trigger,
+from trainer.atomic import write_text_atomic
+from trainer.data import (ImageLoadError, Skipped, caption_file, load_image, read_caption, scan_dataset, with_trigger,
                           write_caption)
 
 from .detect import find_caption_model
 from .errors import CaptionError
 
+# where --overwrite keeps the captions it replaces (hidden: never scanned as part of the dataset, data.is_ignored)
+BACKUP_FOLDER = ".caption-backup"
 NO_TEXT = "the captioner gave no text (a tagger: no tag reached its threshold); nothing written"
 
 
@@ -35,6 +38,7 @@ class CaptionReport:
     kept: list[Path] = field(default_factory=list)         # images whose caption was kept (no --overwrite)
     skipped: list[Skipped] = field(default_factory=list)   # unreadable images, or no text: each with its reason
     trigger: str = ""
+    backup: Path | None = None  # with overwrite: the folder holding copies of the captions it replaced
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ def _run(dataset, model, options, progress, message, limit, write) -> CaptionRep
             if write and not options.overwrite and _typed_since_scan(result.image):
                 _keep(report, message, result.image)
             else:
+                if write:
+                    _back_up(report, Path(dataset), result.image)
                 report.written.append(_write(result) if write else result)
         done += len(batch)
         if progress is not None:
@@ -168,6 +174,19 @@ def _typed_since_scan(image: Path) -> bool:
 def _keep(report: CaptionReport, message, image: Path) -> None:
     report.kept.append(image)
     _say(message, f"kept {image}: its caption was written while captioning ran (--overwrite replaces it)")
+
+
+def _back_up(report: CaptionReport, dataset: Path, image: Path) -> None:
+    """A caption about to be replaced is copied first (atomically) under DATASET/.caption-backup/<time>/, at its
+    path in the dataset: typed work is never lost to --overwrite."""
+    old = caption_file(image)
+    text = old.read_text(encoding="utf-8", errors="replace") if old.is_file() else ""
+    if not text.strip():
+        return
+    if report.backup is None:
+        import time
+        report.backup = dataset / BACKUP_FOLDER / time.strftime("%Y%m%d-%H%M%S")
+    write_text_atomic(report.backup / old.resolve().relative_to(dataset.resolve()), text)
 
 
 def _write(result: CaptionResult) -> CaptionResult:
