@@ -288,7 +288,8 @@ def _write_blend(gen, out: Path, rank: int | None, lycoris_rank: int | None) -> 
         return gen.export_blend(out), None
     except AdapterFormatError:
         if lycoris_rank is None:
-            raise
+            raise AppError("This blend holds LyCORIS layers (LoHa, LoKr or DoRA), which are written as a plain LoRA: "
+                           "give the rank for LyCORIS layers (32, say).") from None
         return gen.export_blend(out, rank=lycoris_rank), lycoris_rank
 
 

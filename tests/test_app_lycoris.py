@@ -161,6 +161,11 @@ def test_a_plain_blend_still_exports_exactly(gen_env):
     path, kept = G.export_blend_report(s, s.base_model, [G.Slot(str(a), 0.5), G.Slot(str(b), -1.0)],
                                        rank=None, lycoris_rank=G.LYCORIS_BLEND_RANK)
     assert kept == "" and G.export_blend(s, s.base_model, [G.Slot(str(a), 1.0)]).exists()
+    # an empty LyCORIS rank box is no reason to refuse a plain blend; a LyCORIS blend then asks for a rank
+    assert gen_tab.lycoris_rank("") is None
+    assert G.export_blend_report(s, s.base_model, [G.Slot(str(a), 1.0)], rank=None, lycoris_rank=None)[1] == ""
+    with pytest.raises(AppError, match="give the rank for LyCORIS layers"):
+        G.export_blend_report(s, s.base_model, [G.Slot(str(gen_env[1]), 1.0)], rank=None, lycoris_rank=None)
     blend, la, lb = load_adapter(path), load_adapter(a), load_adapter(b)
     for name in LAYERS:  # the ranks add up (2 + 2), no SVD
         assert blend.layers[name].rank == 4

@@ -32,9 +32,12 @@ def blend_rank(value) -> int | None:
     return rank or None
 
 
-def lycoris_rank(value) -> int:
-    """The LyCORIS rank box: the rank a blend that cannot be written exactly becomes a plain LoRA at."""
-    if value in (None, "") or int(value) < 1:
+def lycoris_rank(value) -> int | None:
+    """The LyCORIS rank box: the rank a blend that cannot be written exactly becomes a plain LoRA at (empty: none;
+    only a blend that needs it asks for it)."""
+    if value in (None, ""):
+        return None
+    if int(value) < 1:
         raise AppError("The rank for LyCORIS layers must be at least 1 (32, say): a blend holding LoHa, LoKr or DoRA "
                        "layers is written as a plain LoRA of that rank.")
     return int(value)
@@ -219,8 +222,8 @@ def _wire_tools(settings: AppSettings, c: dict) -> None:
         return gr.update(value=str(path), visible=True), blend_status(path, kept), *_choices(s)
 
     blend_outputs = [c["blend_file"], c["status"], *paths, c["run"]]
-    c["blend_btn"].click(guarded(on_blend, blend_outputs, c["status"]), inputs + [c["rank"], c["lycoris_rank"]], blend_outputs,
-                         concurrency_limit=1, concurrency_id="device")
+    c["blend_btn"].click(guarded(on_blend, blend_outputs, c["status"]), inputs + [c["rank"], c["lycoris_rank"]],
+                         blend_outputs, concurrency_limit=1, concurrency_id="device")
 
     def on_analyze(progress=gr.Progress(), *slot_values):
         images, text = G.analyze_slots(s, slots_from(list(slot_values)),
