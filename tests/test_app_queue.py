@@ -98,9 +98,12 @@ def test_the_queue_refresh_never_writes_the_picked_job_back(settings):
     ticks = [f for f in demo.fns.values() if any(ev == "tick" for _, ev in f.targets)
              and "queue-picker" in [getattr(o, "elem_id", None) for o in f.outputs]]
     assert len(ticks) == 1, "the queue panel is refreshed by a timer"
-    out = dict(zip([getattr(o, "elem_id", None) for o in ticks[0].outputs], ticks[0].fn(None)))
+    out = dict(zip([getattr(o, "elem_id", None) for o in ticks[0].outputs], ticks[0].fn(None, None)))
     assert "choices" in out["queue-picker"] and "value" not in out["queue-picker"]
     assert out["queue-status"].startswith("The queue is not running")
+    # a picked job that is gone (removed) is cleared, or the next button would send a value the list lacks
+    out = dict(zip([getattr(o, "elem_id", None) for o in ticks[0].outputs], ticks[0].fn(None, "gone123")))
+    assert out["queue-picker"]["value"] is None
 
 
 def test_the_started_queue_runs_its_jobs_and_the_live_view_follows_the_one_that_trains(settings, image_dir,

@@ -179,17 +179,19 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
 
 
 def _wire(s, demo, status, table, picked, shown, timer, start_btn, buttons, reply) -> None:
-    def refresh(before):
+    def refresh(before, chosen):
         # choices only, and nothing when nothing changed: a tick that wrote the picked value back could undo a
-        # pick made while it was in flight (as the Train tab's runs list learned)
+        # pick made while it was in flight (as the Train tab's runs list learned); a picked job that is gone (removed)
+        # is cleared, or the next button would send a value the list no longer has
         now = (queue_status(s), queue_rows(s), job_choices(s))
         if now == before:
             return gr.skip(), gr.skip(), gr.skip(), before
-        return now[0], now[1], gr.update(choices=now[2]), now
+        gone = chosen is not None and chosen not in {job_id for _, job_id in now[2]}
+        return now[0], now[1], gr.update(choices=now[2], **({"value": None} if gone else {})), now
 
     listing = [status, table, picked, shown]
-    timer.tick(refresh, [shown], listing, show_progress="hidden")
-    demo.load(refresh, [shown], listing, show_progress="hidden")
+    timer.tick(refresh, [shown, picked], listing, show_progress="hidden")
+    demo.load(refresh, [shown, picked], listing, show_progress="hidden")
 
     def on_row(evt: gr.SelectData):
         row = evt.row_value or []
@@ -197,9 +199,9 @@ def _wire(s, demo, status, table, picked, shown, timer, start_btn, buttons, repl
     table.select(on_row, None, [picked], show_progress="hidden")
 
     start_btn.click(guarded(lambda: start_queue(s), reply, reply), None, reply, concurrency_limit=1).then(
-        refresh, [shown], listing, show_progress="hidden")
+        refresh, [shown, picked], listing, show_progress="hidden")
     actions = {"up": lambda j: move(s, j, -1), "down": lambda j: move(s, j, +1), "remove": lambda j: remove(s, j),
                "resume": lambda j: resume(s, j), "stop": lambda j: stop(s, j)}
     for name, button in buttons.items():
         button.click(guarded(actions[name], reply, reply), [picked], reply, concurrency_limit=1).then(
-            refresh, [shown], listing, show_progress="hidden")
+            refresh, [shown, picked], listing, show_progress="hidden")
