@@ -18,7 +18,6 @@ caption is forced to a fixed number of new tokens, about a real caption's length
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,18 +34,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 WD_TAGS = 10861  # wd-vit-tagger-v3's selected_tags.csv rows
 
 
-def byte_bpe(folder: Path, specials: list[str]) -> Path:
-    from tiny import _bytes_to_unicode
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = specials + [c for c in _bytes_to_unicode().values() if c not in specials]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
-
-
 def build_florence2_base(folder: Path) -> Path:
     from transformers import (BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
                               Florence2Processor)
+    from tiny import byte_bpe
     tok_dir = byte_bpe(folder / "bpe", ["<s>", "<pad>", "</s>", "<unk>"])
     tok = BartTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
                         extra_special_tokens={"image_token": "<image>"})

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tiny import byte_bpe
 from trainer import CaptionError, CaptionOptions, caption_dataset, preview_captions, set_dataset_trigger, with_trigger
 from trainer.__main__ import main
 
@@ -270,21 +271,11 @@ def test_tag_list_that_does_not_match_the_model(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------------
 # tiny transformers captioners (random weights), saved with a synthesized tokenizer and processor
 
-def _byte_bpe(folder: Path, specials: list[str]) -> Path:
-    """A byte-level BPE vocabulary (GPT-2/BART style) with no merges: every byte is a token."""
-    from tiny import _bytes_to_unicode
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = specials + [c for c in _bytes_to_unicode().values() if c not in specials]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
-
-
 def write_tiny_florence2(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import (BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
                               Florence2Processor)
-    tok_dir = _byte_bpe(folder / "bpe", ["<s>", "<pad>", "</s>", "<unk>"])
+    tok_dir = byte_bpe(folder / "bpe", ["<s>", "<pad>", "</s>", "<unk>"])
     tok = BartTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
                         extra_special_tokens={"image_token": "<image>"})
     images = CLIPImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},

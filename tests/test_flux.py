@@ -191,19 +191,10 @@ def test_bfl_single_files_load_and_a_bake_writes_bfls_transformer_file(flux_run,
     saves FLUX, which reads back fused (diffusers reads only FLUX.1-wide transformers: its converter fixes 3072)."""
     from safetensors.torch import save_file
 
+    from tiny_flux import write_bfl_files
     from trainer.__main__ import main
-    from trainer.adapters.original_layout import vae_to_original
-    from trainer.models.flux_layout import transformer_to_original
-    from trainer.models.sd3_bake import clip_to_original, t5_to_original
     folder = load_base_model(str(tiny_flux_dir))
-    files = {"transformer": transformer_to_original(folder.denoiser.state_dict(), folder.denoiser.config),
-             "ae": vae_to_original(folder.vae.state_dict()),
-             "clip_l": clip_to_original(folder.text_encoders["lora_te1"].state_dict()),
-             "t5xxl": t5_to_original(folder.text_encoders["lora_te3"].state_dict())}
-    for name, state in files.items():
-        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
-    options = {"vae_path": str(tmp_path / "ae.safetensors"), "clip_l_path": str(tmp_path / "clip_l.safetensors"),
-               "t5_path": str(tmp_path / "t5xxl.safetensors"), "t5_length": 16}
+    options = write_bfl_files(folder, tmp_path)
     loaded = load_base_model(str(tmp_path / "transformer.safetensors"), config_dir=tiny_flux_dir, options=options)
     assert loaded.family.name == "flux"
     for a, b in zip(loaded.components, folder.components):

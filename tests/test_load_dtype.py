@@ -37,21 +37,11 @@ def test_folders_load_the_denoiser_and_text_encoders_in_bf16_and_the_vae_in_fp32
 def test_single_files_load_the_vae_in_its_own_dtype(tiny_model_dir, tiny_flux_dir, tmp_path):
     from safetensors.torch import save_file
     from test_models import copy_configs, to_original_layout
-    from trainer.adapters.original_layout import vae_to_original
-    from trainer.models.flux_layout import transformer_to_original
-    from trainer.models.sd3_bake import clip_to_original, t5_to_original
+    from tiny_flux import write_bfl_files
     sd1 = load_base_model(str(tiny_model_dir))
     save_file(to_original_layout(sd1.denoiser, sd1.vae, sd1.text_encoder), str(tmp_path / "sd1.safetensors"))
     copy_configs(tiny_model_dir, tmp_path / "sd1.config")
-    flux = load_base_model(str(tiny_flux_dir))
-    files = {"transformer": transformer_to_original(flux.denoiser.state_dict(), flux.denoiser.config),
-             "ae": vae_to_original(flux.vae.state_dict()),
-             "clip_l": clip_to_original(flux.text_encoders["lora_te1"].state_dict()),
-             "t5xxl": t5_to_original(flux.text_encoders["lora_te3"].state_dict())}
-    for name, state in files.items():
-        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
-    options = {"vae_path": str(tmp_path / "ae.safetensors"), "clip_l_path": str(tmp_path / "clip_l.safetensors"),
-               "t5_path": str(tmp_path / "t5xxl.safetensors"), "t5_length": 16}
+    options = write_bfl_files(load_base_model(str(tiny_flux_dir)), tmp_path)
     for base in (load_base_model(str(tmp_path / "sd1.safetensors"), dtype="bf16", vae_dtype="fp32"),
                  load_base_model(str(tmp_path / "transformer.safetensors"), config_dir=tiny_flux_dir,
                                  options=options, dtype="bf16", vae_dtype="fp32")):

@@ -47,6 +47,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def byte_bpe(folder: Path, specials: list[str]) -> Path:
+    """A byte-level BPE vocabulary (GPT-2/BART style) with no merges: every byte is a token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = specials + [c for c in _bytes_to_unicode().values() if c not in specials]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return folder
+
+
 def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
     """unet, vae, text_encoder, tokenizer, scheduler: the SD1.x layout at toy size."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -132,3 +132,21 @@ def _name_fast_t5_tokenizer(index_file: Path) -> None:
         if index.get(name) in ([None, None], None):
             index.pop(name, None)
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_bfl_files(base, dest: Path) -> dict:
+    """A loaded tiny FLUX (trainer BaseModel) as BFL's separate files, as ComfyUI users keep them: transformer (BFL
+    names), ae, clip_l, t5xxl .safetensors in `dest`; the model options that name the last three (T5 at 16 tokens)."""
+    from safetensors.torch import save_file
+
+    from trainer.adapters.original_layout import vae_to_original
+    from trainer.models.flux_layout import transformer_to_original
+    from trainer.models.sd3_bake import clip_to_original, t5_to_original
+    files = {"transformer": transformer_to_original(base.denoiser.state_dict(), base.denoiser.config),
+             "ae": vae_to_original(base.vae.state_dict()),
+             "clip_l": clip_to_original(base.text_encoders["lora_te1"].state_dict()),
+             "t5xxl": t5_to_original(base.text_encoders["lora_te3"].state_dict())}
+    for name, state in files.items():
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(Path(dest) / f"{name}.safetensors"))
+    return {"vae_path": str(Path(dest) / "ae.safetensors"), "clip_l_path": str(Path(dest) / "clip_l.safetensors"),
+            "t5_path": str(Path(dest) / "t5xxl.safetensors"), "t5_length": 16}
